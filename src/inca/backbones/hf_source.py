@@ -1,0 +1,89 @@
+"""transformers backbones: layers are the encoder blocks, as in ``output_hidden_states``.
+
+``hidden_states[i + 1]`` of a transformers vision model is the output of encoder block
+``i``; hooking the blocks gives the same tensors while letting the pass stop early.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from inca.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from inca.backbones.hooks import HookBackbone
+from inca.errors import BackboneError
+
+
+def _find_blocks(model: nn.Module, depth: int) -> str:
+    """The dotted name of the ModuleList holding the model's ``depth`` encoder blocks."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == depth and name:
+            return name
+    raise BackboneError(f"cannot find the {depth} encoder blocks of {type(model).__name__}")
+
+
+def _hf_preprocessing(path: str, config: Any, input_size: int | None) -> Preprocessing:
+    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, getattr(config, "image_size", 224)
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(path)
+        mean = tuple(proc.image_mean) if getattr(proc, "image_mean", None) else mean
+        std = tuple(proc.image_std) if getattr(proc, "image_std", None) else std
+    except Exception:  # noqa: BLE001 - a model saved without a processor keeps the defaults
+        pass
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return Preprocessing(input_size=input_size or int(size), mean=mean, std=std)
+
+
+def create_hf_backbone(
+    id_or_path: str, *, pretrained: bool = True, input_size: int | None = None, **kwargs: Any
+) -> HookBackbone:
+    """Load a transformers vision model (``AutoModel``) and wrap its encoder blocks.
+
+    Args:
+        id_or_path: a hub id (needs internet or a populated cache) or a local folder
+            written by ``save_pretrained``.
+        pretrained: load the saved weights; ``False`` builds the architecture at random.
+        input_size: image side; position embeddings are interpolated when it differs.
+    """
+    try:
+        from transformers import AutoConfig, AutoModel
+    except ImportError as e:  # pragma: no cover - optional extra
+        raise BackboneError("hf backbones need transformers: pip install 'inca[hf]'") from e
+    try:
+        config = AutoConfig.from_pretrained(id_or_path)
+        if pretrained:
+            model = AutoModel.from_pretrained(id_or_path, **kwargs)
+        else:
+            model = AutoModel.from_config(config)
+    except Exception as e:
+        raise BackboneError(
+            f"could not load transformers model {id_or_path!r}: {e}. Offline? pass a local "
+            "folder written by save_pretrained()."
+        ) from e
+    depth = int(config.num_hidden_layers)
+    blocks = _find_blocks(model, depth)
+    layers = [f"{blocks}.{i}" for i in range(depth)]
+    prep = _hf_preprocessing(id_or_path, config, input_size)
+    patch = int(getattr(config, "patch_size", 16))
+    num_patches = (prep.input_size // patch) ** 2
+
+    def forward_fn(m: nn.Module, x):
+        kw = {"interpolate_pos_encoding": True} if _takes_interp(m) else {}
+        return m(pixel_values=x, **kw)
+
+    bb = HookBackbone(
+        model, layers, name=f"hf:{id_or_path}", preprocessing=prep, forward_fn=forward_fn
+    )
+    n_tokens = bb.token_shape(layers[0])[0]
+    bb.num_prefix_tokens = max(n_tokens - num_patches, 0)
+    return bb
+
+
+def _takes_interp(m: nn.Module) -> bool:
+    import inspect
+
+    return "interpolate_pos_encoding" in inspect.signature(m.forward).parameters

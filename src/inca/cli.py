@@ -1,0 +1,125 @@
+"""The ``inca`` command line: a thin layer over the typed Python functions."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from inca.errors import InCAError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Adapt frozen vision backbones with parallel cross-attention adapters (InCA).",
+)
+
+
+def _friendly(fn):
+    """Print user-facing errors as one clear message (exit code 2), not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InCAError as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted; completed work is kept (re-run to resume)", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _backbone_kwargs(input_size: int | None, pretrained: bool) -> dict:
+    kw: dict = {"pretrained": pretrained}
+    if input_size is not None:
+        kw["input_size"] = input_size
+    return kw
+
+
+@app.command("backbones")
+@_friendly
+def backbones_cmd() -> None:
+    """List the bundled backbones and the sources of others."""
+    from inca.backbones import list_backbones
+
+    for entry in list_backbones():
+        typer.echo(f"{entry['name']:<22} {entry['description']}")
+
+
+@app.command("extract")
+@_friendly
+def extract_cmd(
+    backbone: Annotated[str, typer.Option(help="e.g. dinov2_vits14, timm:<name>, hf:<path>")],
+    data: Annotated[str, typer.Option(help="fashion-mnist, digits, an image folder, hf:<path>")],
+    out: Annotated[Path, typer.Option(help="cache folder to write (resumed if interrupted)")],
+    layers: Annotated[str, typer.Option(help="'all', 'last', or comma-separated names")] = "all",
+    split: Annotated[str, typer.Option(help="data split: train or test")] = "train",
+    limit: Annotated[int | None, typer.Option(help="use at most this many samples")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per backbone pass")] = 32,
+    token_grid: Annotated[
+        int | None, typer.Option(help="pool patch tokens to a GRIDxGRID grid (smaller cache)")
+    ] = None,
+    input_size: Annotated[int | None, typer.Option(help="image side fed to the backbone")] = None,
+    dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
+    skip_unreadable: Annotated[bool, typer.Option(help="skip unreadable images")] = False,
+    pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace a cache made differently")] = False,
+    num_workers: Annotated[int, typer.Option(help="image-decoding workers")] = 0,
+) -> None:
+    """Extract many layers' tokens in one pass into a resumable activation cache."""
+    from inca.backbones import create_backbone
+    from inca.data import load_dataset
+    from inca.features import extract_to_cache
+
+    bb = create_backbone(backbone, **_backbone_kwargs(input_size, pretrained))
+    ds = load_dataset(data, split=split, limit=limit, skip_unreadable=skip_unreadable)
+    cache = extract_to_cache(
+        bb, ds, out, layers=layers, batch_size=batch_size, token_grid=token_grid, dtype=dtype,
+        overwrite=overwrite, num_workers=num_workers,
+    )
+    print_cache_summary(cache)
+
+
+def print_cache_summary(cache) -> None:
+    """A per-layer table of what a cache holds."""
+    import numpy as np
+
+    m = cache.manifest
+    typer.echo(
+        f"\ncache {cache.path}: {len(cache)} samples of {m['dataset_name']} "
+        f"({len(cache.classes)} classes) through {m['backbone']} "
+        f"[{m['fingerprint']}] at {m['preprocessing']['input_size']} px, {m['dtype']}"
+    )
+    sample = np.arange(min(len(cache), 64))
+    typer.echo(f"{'layer':<16}{'tokens':>8}{'dim':>6}{'KiB/img':>9}{'mean |x|':>10}{'std':>9}")
+    for layer in cache.layers:
+        n, d = cache.token_shape(layer)
+        x = cache.get_numpy(layer, sample).astype(np.float32)
+        kib = n * d * np.dtype(m["dtype"]).itemsize / 1024
+        typer.echo(
+            f"{layer:<16}{n:>8}{d:>6}{kib:>9.1f}{np.abs(x).mean():>10.3f}{x.std():>9.3f}"
+        )
+    total = cache.nbytes()
+    typer.echo(
+        f"total {total / 2**20:.1f} MiB on disk, {total / max(len(cache), 1) / 1024:.1f} KiB "
+        "per image"
+    )
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except InCAError as e:  # pragma: no cover - commands catch their own
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,246 @@
+"""The activation cache: sharded ``.npy`` files per layer plus a self-describing manifest.
+
+Layout of a cache folder::
+
+    manifest.json                 identity, layers, shapes, dtype, shards done, complete flag
+    shards/00000/<layer>.npy      (n, N, D) tokens of the shard's samples, fp16 by default
+    shards/00000/labels.npy       (n,) int64 labels
+
+Every file is written to a temporary name and renamed into place; a shard is recorded in
+the manifest only after all its files exist, and ``complete`` is set only after the last
+shard. An interrupted extraction therefore resumes at the first unrecorded shard and never
+serves a partial cache as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inca.errors import CacheError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+# Keys that must match for a cache to be reused (resumed or read for a given backbone/data).
+IDENTITY_KEYS = (
+    "format_version",
+    "backbone",
+    "fingerprint",
+    "preprocessing",
+    "dataset",
+    "layers",
+    "token_grid",
+    "dtype",
+    "shard_size",
+    "num_samples",
+)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _layer_file(layer: str) -> str:
+    return layer.replace("/", "_") + ".npy"
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The manifest of a cache folder, or ``None`` when there is none."""
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{f} is not valid JSON ({e}); delete the folder to re-extract") from e
+
+
+def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Identity fields that differ between two manifests, as readable lines."""
+    lines = []
+    for k in IDENTITY_KEYS:
+        if found.get(k) != wanted.get(k):
+            lines.append(f"{k}: cache has {found.get(k)!r}, asked for {wanted.get(k)!r}")
+    return lines
+
+
+class CacheWriter:
+    """Writes shards of a cache and records them in the manifest (internal to extraction)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    def done_shards(self) -> set[int]:
+        return {s["index"] for s in self.manifest["shards"]}
+
+    def write_shard(
+        self, index: int, start: int, tokens: dict[str, np.ndarray], labels: np.ndarray
+    ) -> None:
+        folder = self.root / "shards" / f"{index:05d}"
+        for layer, arr in tokens.items():
+            _atomic_save_npy(folder / _layer_file(layer), arr)
+        _atomic_save_npy(folder / "labels.npy", labels.astype(np.int64))
+        # The shard counts only once the manifest says so: written after its files.
+        self.manifest["shards"].append({"index": index, "start": start, "count": len(labels)})
+        self.manifest["shards"].sort(key=lambda s: s["index"])
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    def finish(self) -> None:
+        counted = sum(s["count"] for s in self.manifest["shards"])
+        if counted != self.manifest["num_samples"]:
+            raise CacheError(
+                f"cache {self.root} holds {counted} of {self.manifest['num_samples']} samples"
+            )
+        self.manifest["complete"] = True
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+
+class ActivationCache:
+    """Read a complete activation cache; arrays are memory-mapped, not loaded.
+
+    Args:
+        path: the cache folder.
+        expect: identity fields the cache must have (e.g. ``{"fingerprint": ...}``); a
+            mismatch raises :class:`~inca.errors.CacheError` rather than reusing the cache.
+
+    Example:
+        >>> cache = ActivationCache("runs/fmnist/cache/train")  # doctest: +SKIP
+        >>> cache.get("blocks.7", [0, 5, 9]).shape  # doctest: +SKIP
+        torch.Size([3, 65, 384])
+    """
+
+    def __init__(self, path: str | Path, expect: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise CacheError(f"no activation cache at {self.path} (missing {MANIFEST})")
+        if not manifest.get("complete"):
+            raise CacheError(
+                f"the cache at {self.path} is incomplete (an extraction was interrupted); "
+                "run the same extract command again to resume it"
+            )
+        if expect:
+            bad = [
+                f"{k}: cache has {manifest.get(k)!r}, expected {v!r}"
+                for k, v in expect.items()
+                if manifest.get(k) != v
+            ]
+            if bad:
+                raise CacheError(
+                    f"the cache at {self.path} was made differently:\n  " + "\n  ".join(bad)
+                    + "\nextract again into another folder"
+                )
+        self.manifest = manifest
+        shards = sorted(manifest["shards"], key=lambda s: s["start"])
+        self._starts = np.array([s["start"] for s in shards])
+        self._folders = [self.path / "shards" / f"{s['index']:05d}" for s in shards]
+        self._mmaps: dict[tuple[int, str], np.ndarray] = {}
+        self.labels = np.concatenate(
+            [np.load(f / "labels.npy") for f in self._folders]
+        ) if shards else np.zeros(0, dtype=np.int64)
+
+    # -- description -----------------------------------------------------------------
+    @property
+    def layers(self) -> list[str]:
+        return list(self.manifest["layers"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.manifest["num_prefix_tokens"])
+
+    def token_shape(self, layer: str) -> tuple[int, int]:
+        n, d = self.manifest["token_shapes"][layer]
+        return int(n), int(d)
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    def nbytes(self) -> int:
+        """Bytes of token arrays on disk."""
+        return sum(
+            (f / _layer_file(layer)).stat().st_size
+            for f in self._folders
+            for layer in self.layers
+        )
+
+    # -- reading -----------------------------------------------------------------------
+    def _shard(self, i: int, layer: str) -> np.ndarray:
+        key = (i, layer)
+        if key not in self._mmaps:
+            if layer not in self.manifest["layers"]:
+                raise CacheError(f"layer {layer!r} is not in the cache at {self.path}; "
+                                 f"it has {', '.join(self.layers)}")
+            self._mmaps[key] = np.load(self._folders[i] / _layer_file(layer), mmap_mode="r")
+        return self._mmaps[key]
+
+    def get_numpy(self, layer: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Tokens ``(len(indices), N, D)`` of ``layer`` for the given samples, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise CacheError(f"sample index out of range for a cache of {len(self)} samples")
+        n, d = self.token_shape(layer)
+        out = np.empty((idx.size, n, d), dtype=self.manifest["dtype"])
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        for s in np.unique(shard_of):
+            sel = np.nonzero(shard_of == s)[0]
+            local = idx[sel] - self._starts[s]
+            out[sel] = self._shard(int(s), layer)[local]  # reads only these rows
+        return out
+
+    def get(
+        self,
+        layer: str,
+        indices: Sequence[int] | np.ndarray,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Like :meth:`get_numpy`, as a tensor converted to ``dtype`` for computation."""
+        arr = self.get_numpy(layer, indices)
+        return torch.from_numpy(arr).to(device=device, dtype=dtype)
+
+    def load(self, layer: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Every sample's tokens of one layer."""
+        return self.get(layer, np.arange(len(self)), dtype=dtype)

@@ -1,0 +1,217 @@
+"""One-pass multi-layer extraction, live or into a resumable activation cache."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from inca._version import __version__
+from inca.backbones.base import Backbone
+from inca.errors import CacheError
+from inca.features.cache import (
+    FORMAT_VERSION,
+    IDENTITY_KEYS,
+    ActivationCache,
+    CacheWriter,
+    atomic_write_json,
+    describe_mismatch,
+    read_manifest,
+)
+from inca.features.tokens import reduce_tokens
+
+_NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def extract_features(
+    backbone: Backbone,
+    images: torch.Tensor,
+    layers: str | Sequence[str] | None = None,
+    token_grid: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokens of several layers from one pass, reduced as a cache would store them.
+
+    Args:
+        backbone: the frozen backbone.
+        images: preprocessed images ``(B, 3, H, W)``.
+        layers: layers to return (see :meth:`Backbone.resolve_layers`).
+        token_grid: pool patch tokens to this grid side (``None`` keeps all tokens).
+
+    Returns:
+        ``{layer: (B, N, D)}`` in forward order.
+    """
+    images = images.to(device=backbone.device, dtype=backbone.dtype)
+    feats = backbone.extract(images, layers)
+    return {k: reduce_tokens(v, backbone.num_prefix_tokens, token_grid) for k, v in feats.items()}
+
+
+def _wanted_manifest(
+    backbone: Backbone,
+    dataset: Any,
+    layers: list[str],
+    token_grid: int | None,
+    dtype: str,
+    shard_size: int,
+) -> dict[str, Any]:
+    s = backbone.preprocessing.input_size
+    probe = torch.zeros(1, 3, s, s)
+    shapes = {k: list(v.shape[1:]) for k, v in
+              extract_features(backbone, probe, layers, token_grid).items()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone.name,
+        "fingerprint": backbone.fingerprint(),
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "dataset": dataset.fingerprint(),
+        "layers": layers,
+        "token_grid": token_grid,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "num_samples": len(dataset),
+        # Description, not identity:
+        "dataset_name": getattr(dataset, "name", type(dataset).__name__),
+        "classes": list(dataset.classes),
+        "num_prefix_tokens": backbone.num_prefix_tokens,
+        "token_shapes": shapes,
+        "bytes_per_sample": int(sum(np.prod(v) for v in shapes.values())
+                                * np.dtype(_NP_DTYPES[dtype]).itemsize),
+        "inca_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "shards": [],
+        "complete": False,
+    }
+
+
+def extract_to_cache(
+    backbone: Backbone,
+    dataset: Any,
+    out: str | Path,
+    *,
+    layers: str | Sequence[str] | None = "all",
+    batch_size: int = 32,
+    token_grid: int | None = None,
+    dtype: str = "float16",
+    shard_size: int = 256,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ActivationCache:
+    """Extract every sample of ``dataset`` through ``backbone`` into a cache folder.
+
+    Re-running the same call resumes an interrupted extraction at the first shard not yet
+    recorded, and returns a complete cache at once. A folder holding a cache of another
+    backbone, preprocessing, data set, layer list or reduction is refused unless
+    ``overwrite=True``.
+
+    Args:
+        backbone: the frozen backbone.
+        dataset: an :class:`inca.data.ImageDataset` (or split) yielding ``(image, label)``.
+        out: the cache folder.
+        layers: layers to store (all by default).
+        batch_size: images per backbone pass.
+        token_grid: pool patch tokens to ``token_grid x token_grid`` to bound the cache size.
+        dtype: ``"float16"`` (default, half the disk) or ``"float32"``.
+        shard_size: samples per shard; an interruption loses at most one shard.
+        num_workers: DataLoader workers decoding images.
+        overwrite: replace a cache made differently instead of refusing.
+        progress: show a progress bar.
+
+    Returns:
+        The complete :class:`ActivationCache`.
+
+    Example:
+        >>> import inca
+        >>> from inca.data import load_dataset
+        >>> bb = inca.create_backbone("dinov2_vits14")  # doctest: +SKIP
+        >>> ds = load_dataset("fashion-mnist", limit=300)  # doctest: +SKIP
+        >>> cache = extract_to_cache(bb, ds, "cache/fmnist", layers="all")  # doctest: +SKIP
+    """
+    from inca.data import TransformedDataset, build_transform
+
+    if dtype not in _NP_DTYPES:
+        raise CacheError(f"dtype must be one of {sorted(_NP_DTYPES)}, got {dtype!r}")
+    if shard_size <= 0 or batch_size <= 0:
+        raise CacheError("shard_size and batch_size must be positive")
+    root = Path(out)
+    names = backbone.resolve_layers(layers)
+    wanted = _wanted_manifest(backbone, dataset, names, token_grid, dtype, shard_size)
+    found = read_manifest(root)
+    if found is not None:
+        mismatch = describe_mismatch(found, wanted)
+        if mismatch and not overwrite:
+            raise CacheError(
+                f"{root} holds a cache made differently:\n  " + "\n  ".join(mismatch)
+                + "\nchoose another output folder, or pass overwrite=True (--overwrite)"
+            )
+        if mismatch:
+            shutil.rmtree(root)
+            found = None
+        elif found.get("complete"):
+            return ActivationCache(root)
+    elif root.exists() and any(root.iterdir()) and not overwrite:
+        raise CacheError(f"{root} exists, is not empty and holds no cache; choose another folder")
+    manifest = found if found is not None else wanted
+    if found is None:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / "manifest.json", manifest)
+    writer = CacheWriter(root, manifest)
+
+    n = len(dataset)
+    shard_bounds = [(k, k * shard_size, min((k + 1) * shard_size, n))
+                    for k in range((n + shard_size - 1) // shard_size)]
+    pending = [b for b in shard_bounds if b[0] not in writer.done_shards()]
+    pending_idx = [i for _, a, b in pending for i in range(a, b)]
+    loader = DataLoader(
+        Subset(TransformedDataset(dataset, build_transform(backbone.preprocessing)), pending_idx),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+    )
+    np_dtype = _NP_DTYPES[dtype]
+    bufs: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    labels: list[np.ndarray] = []
+    buffered = 0
+    shard_iter = iter(pending)
+    shard = next(shard_iter, None)
+    bar = tqdm(total=n, initial=n - len(pending_idx), unit="img", desc="extract",
+               disable=not progress)
+    for images, y in loader:
+        feats = extract_features(backbone, images, names, token_grid)
+        for k, v in feats.items():
+            bufs[k].append(v.to("cpu", torch.float32).numpy().astype(np_dtype))
+        labels.append(np.asarray(y))
+        buffered += len(y)
+        bar.update(len(y))
+        # A batch may span shard boundaries: flush every shard the buffer now covers.
+        while shard is not None and buffered >= shard[2] - shard[1]:
+            count = shard[2] - shard[1]
+            tokens = {k: np.concatenate(v) for k, v in bufs.items()}
+            lab = np.concatenate(labels)
+            _check_finite(tokens, dtype)
+            writer.write_shard(shard[0], shard[1], {k: v[:count] for k, v in tokens.items()},
+                               lab[:count])
+            bufs = {k: [v[count:]] for k, v in tokens.items()}
+            labels = [lab[count:]]
+            buffered -= count
+            shard = next(shard_iter, None)
+    bar.close()
+    writer.finish()
+    return ActivationCache(root)
+
+
+def _check_finite(tokens: dict[str, np.ndarray], dtype: str) -> None:
+    for k, v in tokens.items():
+        if not np.isfinite(v).all():
+            hint = " (values exceed float16's range: use dtype='float32')" if dtype == "float16" \
+                else ""
+            raise CacheError(f"layer {k} produced non-finite activations{hint}")
+
+
+__all__ = ["IDENTITY_KEYS", "extract_features", "extract_to_cache"]
