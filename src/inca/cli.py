@@ -86,6 +86,94 @@ def extract_cmd(
     print_cache_summary(cache)
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InCAError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@app.command("fit")
+@_friendly
+def fit_cmd(
+    backbone: Annotated[str, typer.Option(help="e.g. dinov2_vits14, timm:<name>, hf:<path>")],
+    data: Annotated[str, typer.Option(help="fashion-mnist, digits, an image folder, hf:<path>")],
+    out: Annotated[Path, typer.Option(help="run folder: task/, report.*, cache/")],
+    layers: Annotated[str, typer.Option(help="'all', 'last', or comma-separated names")] = "all",
+    kinds: Annotated[str, typer.Option(help="adapter kinds in the bank")] = "inca,linear",
+    lrs: Annotated[str, typer.Option(help="learning-rate grid")] = "1e-3,3e-3",
+    epochs: Annotated[int, typer.Option(help="passes over the training data")] = 15,
+    batch_size: Annotated[int, typer.Option(help="samples per step")] = 64,
+    limit: Annotated[int | None, typer.Option(help="use at most this many training samples")]
+    = None,
+    test_limit: Annotated[
+        int | None, typer.Option(help="evaluate on this many test samples (0: none)")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="share held out for selection")] = 0.15,
+    mode: Annotated[str, typer.Option(help="cached or streaming")] = "cached",
+    ensemble_k: Annotated[int, typer.Option(help="top-k ensemble size")] = 3,
+    soup: Annotated[bool, typer.Option(help="also try weight-averaged soups")] = False,
+    token_grid: Annotated[int | None, typer.Option(help="pool patch tokens to a grid")] = None,
+    input_size: Annotated[int | None, typer.Option(help="image side fed to the backbone")] = None,
+    seed: Annotated[int, typer.Option(help="seed of splits, init and batch order")] = 0,
+    patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")] = 5,
+    skip_unreadable: Annotated[bool, typer.Option(help="skip unreadable images")] = False,
+    pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
+    num_workers: Annotated[int, typer.Option(help="image-decoding workers")] = 0,
+) -> None:
+    """Train a bank of adapters in parallel, select on validation, save the task and report."""
+    from inca.backbones import create_backbone
+    from inca.data import load_dataset
+    from inca.training import FitConfig, fit
+
+    config = FitConfig(
+        layers=layers, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+        lrs=_floats(lrs), epochs=epochs, batch_size=batch_size, val_fraction=val_fraction,
+        mode=mode, ensemble_k=ensemble_k, soup=soup, token_grid=token_grid, seed=seed,
+        patience=patience,
+    )
+    bb = create_backbone(backbone, **_backbone_kwargs(input_size, pretrained))
+    train = load_dataset(data, split="train", limit=limit, skip_unreadable=skip_unreadable,
+                         seed=seed)
+    test = None
+    if test_limit != 0:
+        try:
+            test = load_dataset(data, split="test", limit=test_limit,
+                                skip_unreadable=skip_unreadable, seed=seed)
+        except InCAError as e:
+            typer.echo(f"no test split evaluated ({e})")
+    task = fit(bb, train, test=test, config=config, cache_dir=out / "cache",
+               num_workers=num_workers)
+    task.save(out / "task")
+    files = task.report.write(out)
+    typer.echo(task.report.to_markdown())
+    typer.echo(f"task saved to {out / 'task'}; report: {files['markdown']}, {files['plot']}")
+
+
+@app.command("predict")
+@_friendly
+def predict_cmd(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    task: Annotated[list[Path], typer.Option(help="task folder(s) written by inca fit")],
+    top_k: Annotated[int, typer.Option(help="labels shown per image")] = 3,
+) -> None:
+    """Predict labels and probabilities of images with one or more fitted tasks."""
+    from inca.runtime import load_task
+
+    backbone = None
+    for path in task:
+        t = load_task(path, backbone=backbone) if backbone is not None else load_task(path)
+        backbone = t.backbone
+        probs = t.predict_proba([str(p) for p in images])
+        k = min(top_k, len(t.classes))
+        typer.echo(f"task {path}:")
+        for img, p in zip(images, probs, strict=True):
+            values, idx = p.topk(k)
+            shown = ", ".join(f"{t.classes[i]} {v:.3f}" for v, i in
+                              zip(values.tolist(), idx.tolist(), strict=True))
+            typer.echo(f"  {img}: {shown}")
+
+
 def print_cache_summary(cache) -> None:
     """A per-layer table of what a cache holds."""
     import numpy as np

@@ -1,0 +1,60 @@
+"""Shared plumbing for benchmark scripts: environment record and result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import inca
+
+    env = {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "inca": inca.__version__,
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def command_line() -> str:
+    return "python " + " ".join([Path(sys.argv[0]).as_posix().split("/benchmarks/")[-1]
+                                 if "/benchmarks/" in sys.argv[0] else sys.argv[0],
+                                 *sys.argv[1:]])
+
+
+def timed(fn, repeats: int, sync=None) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    path = RESULTS / f"{name}.md"
+    path.write_text(markdown)
+    return path

@@ -1,0 +1,5 @@
+"""Inference: fitted tasks, and many tasks on one backbone pass."""
+
+from inca.runtime.task import Task, TaskError, load_task
+
+__all__ = ["Task", "TaskError", "load_task"]

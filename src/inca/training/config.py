@@ -1,0 +1,88 @@
+"""The typed configuration of a fit: which adapters form the bank and how they train."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from inca.errors import InCAError
+
+
+class ConfigError(InCAError):
+    """A fit configuration value is invalid."""
+
+
+@dataclass
+class FitConfig:
+    """How to train a bank of adapters.
+
+    Attributes:
+        layers: backbone layers to read (``"all"``, ``"last"``, or names).
+        kinds: adapter kinds in the bank (see :func:`inca.adapters.list_adapters`);
+            ``multilayer_linear`` reads every requested layer at once.
+        lrs: learning-rate grid; every (kind, layer) pair is trained at each.
+        epochs: passes over the training data.
+        batch_size: samples per step.
+        weight_decay: AdamW weight decay.
+        label_smoothing: cross-entropy label smoothing.
+        warmup_epochs: linear warm-up before the cosine schedule.
+        patience: stop when no adapter improved validation accuracy for this many epochs
+            (0 disables early stopping).
+        seed: seeds initialisation and batch order.
+        mode: ``"cached"`` (extract once, read the activation cache) or ``"streaming"`` (run
+            the backbone on every batch, with augmentation; for data too big to cache).
+        augment: random crops and flips in streaming mode.
+        ensemble_k: size of the top-k ensemble evaluated (and used if better on validation).
+        soup: also evaluate weight-averaged "soups" of same-layer adapters over the lr grid.
+        token_grid: pool patch tokens to this grid side before the adapters (bounds memory).
+        val_fraction: share of the training data held out for selection.
+        adapter_options: per-kind adapter settings, e.g. ``{"inca": {"num_heads": 4}}``.
+    """
+
+    layers: str | list[str] = "all"
+    kinds: tuple[str, ...] = ("inca", "linear")
+    lrs: tuple[float, ...] = (1e-3, 3e-3)
+    epochs: int = 15
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    patience: int = 5
+    seed: int = 0
+    mode: str = "cached"
+    augment: bool = True
+    ensemble_k: int = 3
+    soup: bool = False
+    token_grid: int | None = None
+    val_fraction: float = 0.15
+    adapter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kinds = tuple(self.kinds)
+        self.lrs = tuple(float(v) for v in self.lrs)
+        if not self.kinds:
+            raise ConfigError("kinds must name at least one adapter kind")
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise ConfigError(f"lrs must be positive, got {self.lrs}")
+        for name in ("epochs", "batch_size", "ensemble_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.patience < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ConfigError("patience, weight_decay and warmup_epochs must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mode not in ("cached", "streaming"):
+            raise ConfigError(f"mode must be 'cached' or 'streaming', got {self.mode!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.token_grid is not None and self.token_grid < 1:
+            raise ConfigError(f"token_grid must be positive, got {self.token_grid}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kinds"], d["lrs"] = list(self.kinds), list(self.lrs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitConfig:
+        return cls(**d)

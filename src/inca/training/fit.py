@@ -1,0 +1,193 @@
+"""``inca.fit``: extract once, train the whole bank in parallel, select, return a Task."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inca.adapters import parameter_report
+from inca.backbones.base import Backbone
+from inca.errors import InCAError
+from inca.features import extract_features, extract_to_cache
+from inca.runtime.task import Task
+from inca.training.bank import AdapterBank, build_adapter, plan_members
+from inca.training.config import FitConfig
+from inca.training.loop import BankResult, train_bank
+from inca.training.report import FitReport
+from inca.training.selection import Candidate, rank_members, soups, top_k_ensemble
+from inca.training.sources import CachedSource, MemorySource, StreamingSource
+
+
+def _indices_of(part: Any, parent: Any) -> np.ndarray:
+    idx = getattr(part, "indices", None)
+    if idx is None:
+        raise InCAError("a validation split must carry .indices into its parent data set")
+    return np.asarray(idx, dtype=np.int64)
+
+
+def _sources(backbone: Backbone, train: Any, val: Any, test: Any, layers: list[str],
+             config: FitConfig, cache_dir: Path, progress: bool, num_workers: int):
+    """Training, validation and test sources, and the seconds spent extracting."""
+    from inca.data import build_transform, split_train_val
+
+    if val is None:
+        train_part, val_part = split_train_val(train, config.val_fraction, config.seed)
+        splits = {"train": (train, _indices_of(train_part, train)),
+                  "val": (train, _indices_of(val_part, train))}
+    else:
+        splits = {"train": (train, np.arange(len(train))), "val": (val, np.arange(len(val)))}
+    if test is not None:
+        splits["test"] = (test, np.arange(len(test)))
+
+    eval_tf = build_transform(backbone.preprocessing)
+    if config.mode == "streaming":
+        train_tf = build_transform(backbone.preprocessing, train=config.augment)
+        ds, idx = splits["train"]
+        train_src = StreamingSource(backbone, ds, idx, layers, train_tf, config.token_grid,
+                                    num_workers)
+        t = time.perf_counter()
+        others = {name: MemorySource.collect(
+            StreamingSource(backbone, ds, idx, layers, eval_tf, config.token_grid, num_workers),
+            config.batch_size) for name, (ds, idx) in splits.items() if name != "train"}
+        return train_src, others["val"], others.get("test"), time.perf_counter() - t
+
+    caches: dict[int, Any] = {}
+    t = time.perf_counter()
+    for name, (ds, _) in splits.items():
+        if id(ds) not in caches:
+            caches[id(ds)] = extract_to_cache(
+                backbone, ds, cache_dir / name, layers=layers, token_grid=config.token_grid,
+                batch_size=config.batch_size, num_workers=num_workers, progress=progress)
+    extract_s = time.perf_counter() - t
+    src = {name: CachedSource(caches[id(ds)], idx, layers, backbone.device)
+           for name, (ds, idx) in splits.items()}
+    return src["train"], src["val"], src.get("test"), extract_s
+
+
+def _task_from(candidate: Candidate, bank: AdapterBank, result: BankResult, classes: list[str],
+               backbone: Backbone, config: FitConfig) -> Task:
+    states = candidate.states or [result.members[i].state for i in candidate.member_indices]
+    members = [bank.export(i, s) for i, s in zip(candidate.member_indices, states, strict=True)]
+    return Task(
+        members, [list(bank.specs[i].layers) for i in candidate.member_indices], classes,
+        backbone.describe(), token_grid=config.token_grid, backbone=backbone,
+        keys=[candidate.name if candidate.states else bank.specs[i].key
+              for i in candidate.member_indices],
+    )
+
+
+def _accuracy(task: Task, source: Any, batch_size: int) -> float:
+    correct = total = 0
+    for feats, y in source.batches(batch_size):
+        correct += int((task.proba_from_features(feats).argmax(-1) == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def fit(
+    backbone: Backbone,
+    train: Any,
+    val: Any = None,
+    *,
+    test: Any = None,
+    config: FitConfig | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+    **overrides: Any,
+) -> Task:
+    """Train a bank of adapters on a frozen backbone and return the selected task.
+
+    Args:
+        backbone: the frozen backbone.
+        train: training data (an :class:`inca.data.ImageDataset`).
+        val: validation data; by default a seeded, stratified split of ``train``.
+        test: optional held-out data, evaluated for the report only (never for selection).
+        config: a :class:`FitConfig`; keyword ``overrides`` change its fields.
+        cache_dir: where the activation caches go (cached mode); a temporary folder when
+            omitted. Reusing a folder reuses (or resumes) its caches.
+        progress: show progress bars.
+        num_workers: DataLoader workers decoding images.
+
+    Returns:
+        The :class:`~inca.runtime.task.Task` chosen on validation (the best adapter, or
+        the top-k ensemble when it is better), with ``task.report`` describing every
+        adapter of the bank.
+
+    Example:
+        >>> import inca
+        >>> from inca.data import load_dataset
+        >>> bb = inca.create_backbone("dinov2_vits14")  # doctest: +SKIP
+        >>> task = inca.fit(bb, load_dataset("fashion-mnist", limit=1000),
+        ...                 layers="all", epochs=10)  # doctest: +SKIP
+        >>> task.report.to_markdown()  # doctest: +SKIP
+    """
+    config = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
+    config.__post_init__()
+    layers = backbone.resolve_layers(config.layers)
+    classes = list(train.classes)
+    with tempfile.TemporaryDirectory(prefix="inca-cache-") as tmp:
+        root = Path(cache_dir) if cache_dir is not None else Path(tmp)
+        train_src, val_src, test_src, extract_s = _sources(
+            backbone, train, val, test, layers, config, root, progress, num_workers)
+
+        dims = {k: backbone.embed_dims[k] for k in layers}
+        specs = plan_members(layers, config)
+        adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=backbone.num_prefix_tokens,
+                                  num_classes=len(classes), options=config.adapter_options,
+                                  seed=config.seed) for s in specs]
+        bank = AdapterBank(specs, adapters, _token_counts(backbone, layers, config.token_grid))
+        bank.to(backbone.device)
+        result = train_bank(bank, train_src, val_src, config, progress=progress)
+
+        order = rank_members(result.members)
+        best = Candidate("best", order[:1], result.members[order[0]].val_accuracy)
+        candidates = [best]
+        if len(order) > 1 and config.ensemble_k > 1:
+            candidates.append(top_k_ensemble(result, config.ensemble_k))
+        if config.soup:
+            candidates += soups(bank, result, val_src, config.batch_size)
+        chosen = max(candidates, key=lambda c: (c.val_accuracy, c.name == "best"))
+        task = _task_from(chosen, bank, result, classes, backbone, config)
+
+        baseline = _linear_probe_baseline(bank, result, layers)
+        tests: dict[str, float] = {}
+        if test_src is not None:
+            for c in candidates:
+                tests[c.name] = _accuracy(_task_from(c, bank, result, classes, backbone,
+                                                     config), test_src, config.batch_size)
+            if baseline is not None:
+                tests["linear_probe"] = _accuracy(
+                    _task_from(Candidate("linear_probe", [baseline], 0.0), bank, result,
+                               classes, backbone, config), test_src, config.batch_size)
+
+    params = [parameter_report(bank.members[i], backbone) for i in range(len(specs))]
+    report = FitReport.build(
+        backbone=backbone.describe(), config=config, specs=specs, result=result,
+        params=params, candidates=candidates, chosen=chosen, baseline=baseline, tests=tests,
+        extract_seconds=extract_s, num_train=len(train_src), num_val=len(val_src),
+        classes=classes, task_parameters=task.num_parameters(),
+    )
+    task.metrics = report.summary()
+    task.report = report
+    return task
+
+
+def _token_counts(backbone: Backbone, layers: list[str], grid: int | None) -> dict[str, int]:
+    s = backbone.preprocessing.input_size
+    feats = extract_features(backbone, torch.zeros(1, 3, s, s), layers, grid)
+    return {k: int(v.shape[1]) for k, v in feats.items()}
+
+
+def _linear_probe_baseline(bank: AdapterBank, result: BankResult, layers: list[str]):
+    """The best last-layer linear probe of the bank (over the lr grid), if there is one."""
+    idx = [i for i, s in enumerate(bank.specs) if s.kind == "linear" and s.layers == (layers[-1],)]
+    if not idx:
+        return None
+    return max(idx, key=lambda i: (result.members[i].val_accuracy, -i))

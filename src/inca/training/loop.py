@@ -1,0 +1,129 @@
+"""The training loop of a bank: one pass over the data feeds every adapter."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from inca.training.bank import AdapterBank, TrainingError, bank_loss, cosine_with_warmup
+from inca.training.config import FitConfig
+
+
+@dataclass
+class MemberResult:
+    """How one member of the bank did: its best epoch on validation, and that state."""
+
+    key: str
+    val_accuracy: float = -1.0
+    val_loss: float = float("inf")
+    best_epoch: int = -1
+    state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    val_probs: torch.Tensor | None = field(default=None, repr=False)  # (N_val, C)
+
+
+@dataclass
+class BankResult:
+    """Outcome of :func:`train_bank`."""
+
+    members: list[MemberResult]
+    history: list[dict[str, Any]]
+    epochs_run: int
+    train_seconds: float
+    val_labels: torch.Tensor
+
+
+@torch.no_grad()
+def evaluate(bank: AdapterBank, source: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every member's probabilities ``(K, N, C)`` on a source, and the labels ``(N,)``."""
+    was_training = bank.training
+    bank.eval()
+    probs, labels = [], []
+    for feats, y in source.batches(batch_size):
+        probs.append(bank.logits(feats).float().softmax(-1).cpu())
+        labels.append(y.cpu())
+    bank.train(was_training)
+    return torch.cat(probs, dim=1), torch.cat(labels)
+
+
+def train_bank(
+    bank: AdapterBank,
+    train: Any,
+    val: Any,
+    config: FitConfig,
+    *,
+    progress: bool = True,
+) -> BankResult:
+    """Train every member of ``bank`` together, keeping each one's best validation state.
+
+    Args:
+        bank: the adapters.
+        train: a source of training batches (cached or streaming).
+        val: a source of validation batches.
+        config: epochs, schedule, regularisation, early stopping, seed.
+        progress: show a progress bar.
+
+    Raises:
+        TrainingError: the loss of some member became NaN or infinite.
+    """
+    gen = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(bank.param_groups(), weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(train) // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        cosine_with_warmup(total, round(config.warmup_epochs * steps_per_epoch)),
+    )
+    results = [MemberResult(k) for k in bank.keys]
+    history: list[dict[str, Any]] = []
+    stale = 0
+    start = time.perf_counter()
+    bar = tqdm(total=total, unit="step", desc=f"train {len(bank.keys)} adapters",
+               disable=not progress)
+    epoch = 0
+    val_labels = torch.zeros(0, dtype=torch.long)
+    for epoch in range(config.epochs):
+        bank.train()
+        loss_sum, seen = torch.zeros(len(bank.keys)), 0
+        for feats, y in train.batches(config.batch_size, shuffle=True, generator=gen):
+            losses = bank_loss(bank.logits(feats), y, config.label_smoothing)  # (K,)
+            if not torch.isfinite(losses).all():
+                bad = [k for k, v in zip(bank.keys, losses.tolist(), strict=True)
+                       if not torch.isfinite(torch.tensor(v))]
+                raise TrainingError(
+                    f"the training loss became {losses[~torch.isfinite(losses)][0].item()} "
+                    f"at epoch {epoch + 1} for {', '.join(bad)}; lower those learning rates "
+                    "(--lrs) or check the inputs for NaN/inf"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()  # members are independent: each gets its own gradient
+            optimizer.step()
+            schedule.step()
+            loss_sum += losses.detach().cpu() * len(y)
+            seen += len(y)
+            bar.update(1)
+        probs, val_labels = evaluate(bank, val, config.batch_size)  # (K, N, C)
+        accs = (probs.argmax(-1) == val_labels).float().mean(-1)
+        nll = -(probs.clamp_min(1e-12).log().gather(
+            -1, val_labels.expand(len(bank.keys), -1).unsqueeze(-1))).mean((1, 2))
+        improved = False
+        for i, r in enumerate(results):
+            acc, loss = float(accs[i]), float(nll[i])
+            if acc > r.val_accuracy or (acc == r.val_accuracy and loss < r.val_loss):
+                r.val_accuracy, r.val_loss, r.best_epoch = acc, loss, epoch
+                r.state, r.val_probs = bank.member_state(i), probs[i].clone()
+                improved = True
+        history.append({
+            "epoch": epoch + 1,
+            "train_loss": (loss_sum / max(seen, 1)).tolist(),
+            "val_accuracy": accs.tolist(),
+        })
+        bar.set_postfix(best_val=f"{max(r.val_accuracy for r in results):.3f}")
+        stale = 0 if improved else stale + 1
+        if config.patience and stale >= config.patience:
+            break
+    bar.close()
+    return BankResult(results, history, epoch + 1, time.perf_counter() - start, val_labels)

@@ -1,0 +1,147 @@
+"""The fit report: every adapter's validation accuracy, the choice, baselines; JSON/MD/PNG."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inca.features.cache import atomic_write_bytes, atomic_write_json
+
+
+@dataclass
+class FitReport:
+    """What a fit measured. Build with :meth:`build`; write with :meth:`write`."""
+
+    backbone: dict[str, Any]
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    candidates: list[dict[str, Any]]
+    chosen: str
+    chosen_members: list[str]
+    val_accuracy: float
+    linear_probe: dict[str, Any] | None
+    test_accuracy: dict[str, float]
+    timings: dict[str, float]
+    data: dict[str, Any]
+    task_parameters: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, *, backbone, config, specs, result, params, candidates, chosen, baseline,
+              tests, extract_seconds, num_train, num_val, classes, task_parameters) -> FitReport:
+        rows = [
+            {
+                "key": s.key, "kind": s.kind, "layers": list(s.layers), "lr": s.lr,
+                "val_accuracy": m.val_accuracy, "val_loss": m.val_loss,
+                "best_epoch": m.best_epoch + 1, "parameters": p["parameters"],
+                "percent_of_backbone": p["percent_of_backbone"],
+            }
+            for s, m, p in zip(specs, result.members, params, strict=True)
+        ]
+        keys = [s.key for s in specs]
+        lp = None
+        if baseline is not None:
+            lp = {"key": keys[baseline], "val_accuracy": result.members[baseline].val_accuracy}
+        return cls(
+            backbone=backbone, config=config.to_dict(), rows=rows,
+            candidates=[{"name": c.name, "members": [keys[i] for i in c.member_indices],
+                         "val_accuracy": c.val_accuracy} for c in candidates],
+            chosen=chosen.name, chosen_members=[keys[i] for i in chosen.member_indices],
+            val_accuracy=chosen.val_accuracy, linear_probe=lp, test_accuracy=dict(tests),
+            timings={"extract_seconds": extract_seconds, "train_seconds": result.train_seconds,
+                     "epochs_run": result.epochs_run},
+            data={"num_train": num_train, "num_val": num_val, "classes": list(classes)},
+            task_parameters=task_parameters, history=result.history,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The few numbers stored in the task file."""
+        return {"chosen": self.chosen, "members": self.chosen_members,
+                "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
+                "linear_probe": self.linear_probe}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def to_markdown(self) -> str:
+        bb = self.backbone
+        lines = [
+            f"# inca fit: {bb['name']} [{bb['fingerprint']}]",
+            "",
+            f"{self.data['num_train']} training / {self.data['num_val']} validation samples, "
+            f"{len(self.data['classes'])} classes; extraction {self.timings['extract_seconds']:.1f}"
+            f" s, training {self.timings['train_seconds']:.1f} s "
+            f"({self.timings['epochs_run']} epochs, {len(self.rows)} adapters in one bank).",
+            "",
+            "| adapter | val acc | best epoch | params | % of backbone |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in sorted(self.rows, key=lambda r: -r["val_accuracy"]):
+            mark = " **(chosen)**" if r["key"] in self.chosen_members and \
+                self.chosen == "best" else ""
+            lines.append(f"| {r['key']}{mark} | {r['val_accuracy']:.4f} | {r['best_epoch']} | "
+                         f"{r['parameters']:,} | {r['percent_of_backbone']:.3f} |")
+        lines += ["", "| candidate | val acc | test acc | members |", "|---|---:|---:|---|"]
+        for c in self.candidates:
+            test = self.test_accuracy.get(c["name"])
+            lines.append(f"| {c['name']}{' (chosen)' if c['name'] == self.chosen else ''} | "
+                         f"{c['val_accuracy']:.4f} | {'' if test is None else f'{test:.4f}'} | "
+                         f"{', '.join(c['members'])} |")
+        if self.linear_probe:
+            test = self.test_accuracy.get("linear_probe")
+            lines.append(f"| last-layer linear probe (baseline) | "
+                         f"{self.linear_probe['val_accuracy']:.4f} | "
+                         f"{'' if test is None else f'{test:.4f}'} | {self.linear_probe['key']} |")
+        lines += ["", f"Task file: {self.task_parameters:,} trained parameters.", ""]
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """A PNG of the best validation accuracy per layer (over the lr grid), per kind."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import io
+
+        import matplotlib.pyplot as plt
+
+        layers = self.backbone["layers"]
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+        kinds = sorted({r["kind"] for r in self.rows})
+        for kind in kinds:
+            best: dict[str, float] = {}
+            for r in self.rows:
+                if r["kind"] == kind and len(r["layers"]) == 1:
+                    best[r["layers"][0]] = max(best.get(r["layers"][0], 0.0), r["val_accuracy"])
+            if best:
+                xs = [layers.index(k) for k in best]
+                ax.plot(xs, list(best.values()), marker="o", label=kind)
+            else:  # a multi-layer probe reads every layer: a horizontal line
+                acc = max(r["val_accuracy"] for r in self.rows if r["kind"] == kind)
+                ax.axhline(acc, linestyle=":", color="gray", label=f"{kind} (all layers)")
+        for c in self.candidates:
+            if c["name"] == "ensemble":
+                ax.axhline(c["val_accuracy"], linestyle="--", color="black",
+                           label=f"top-{len(c['members'])} ensemble")
+        used = sorted({layers.index(r["layers"][0]) for r in self.rows if len(r["layers"]) == 1})
+        ax.set_xticks(used, [layers[i] for i in used], rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"{self.backbone['name']}: accuracy per layer per adapter kind")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        atomic_write_bytes(Path(path), buf.getvalue())
+        return Path(path)
+
+    def write(self, folder: str | Path) -> dict[str, Path]:
+        """Write ``report.json``, ``report.md`` and ``accuracy_per_layer.png``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "report.json", json.loads(json.dumps(self.to_dict())))
+        atomic_write_bytes(folder / "report.md", self.to_markdown().encode())
+        return {"json": folder / "report.json", "markdown": folder / "report.md",
+                "plot": self.plot(folder / "accuracy_per_layer.png")}

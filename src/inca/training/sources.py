@@ -1,0 +1,129 @@
+"""Where the bank's inputs come from: the activation cache, or the live backbone.
+
+Both sources yield ``({layer: tokens (B, N, D)}, labels (B,))`` batches in the same order
+for the same seed, so the bank trains identically on either (up to the cache's fp16
+rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from inca.backbones.base import Backbone
+from inca.features import ActivationCache, extract_features
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+def _order(n: int, shuffle: bool, generator: torch.Generator | None) -> np.ndarray:
+    if shuffle:
+        return torch.randperm(n, generator=generator).numpy()
+    return np.arange(n)
+
+
+class CachedSource:
+    """Batches of tokens read from an activation cache (no backbone cost).
+
+    Args:
+        cache: a complete cache.
+        indices: which of its samples form this source (e.g. the train split).
+        layers: layers to read.
+        device: where batches go.
+    """
+
+    def __init__(self, cache: ActivationCache, indices: Sequence[int], layers: list[str],
+                 device: torch.device | str = "cpu") -> None:
+        self.cache = cache
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.layers = layers
+        self.device = torch.device(device)
+        self.labels = torch.from_numpy(cache.labels[self.indices]).long()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
+        order = _order(len(self), shuffle, generator)
+        for start in range(0, len(order), batch_size):
+            pos = order[start:start + batch_size]
+            # Sorted reads are sequential on disk; the batch keeps the shuffled order.
+            idx = self.indices[pos]
+            feats = {k: self.cache.get(k, idx, device=self.device) for k in self.layers}
+            yield feats, self.labels[pos].to(self.device)
+
+
+class StreamingSource:
+    """Batches of tokens computed live by the backbone, one pass for every layer.
+
+    Args:
+        backbone: the frozen backbone.
+        dataset: yields ``(image, label)``.
+        indices: which samples form this source.
+        layers: layers to extract.
+        transform: image -> tensor (with augmentation for training if wanted).
+        token_grid: pool patch tokens as the cache would.
+        num_workers: DataLoader workers decoding images.
+    """
+
+    def __init__(self, backbone: Backbone, dataset: Any, indices: Sequence[int],
+                 layers: list[str], transform: Any, token_grid: int | None = None,
+                 num_workers: int = 0) -> None:
+        from inca.data import TransformedDataset
+
+        self.backbone = backbone
+        self.data = TransformedDataset(dataset, transform)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.layers = layers
+        self.token_grid = token_grid
+        self.num_workers = num_workers
+        targets = np.asarray(dataset.targets)
+        self.labels = torch.from_numpy(targets[self.indices]).long()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
+        order = self.indices[_order(len(self), shuffle, generator)]
+        loader = DataLoader(Subset(self.data, order.tolist()), batch_size=batch_size,
+                            shuffle=False, num_workers=self.num_workers)
+        for images, y in loader:
+            feats = extract_features(self.backbone, images, self.layers, self.token_grid)
+            # Out of inference mode: adapters need ordinary tensors to build their graphs.
+            yield {k: v.clone() for k, v in feats.items()}, y.long().to(self.backbone.device)
+
+
+class MemorySource:
+    """Batches from tokens held in memory (e.g. a validation split extracted once)."""
+
+    def __init__(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        self.feats = feats
+        self.labels = labels
+        self.layers = list(feats)
+
+    @classmethod
+    def collect(cls, source: Any, batch_size: int) -> MemorySource:
+        """Materialise another source (no shuffling)."""
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in source.layers}
+        labels = []
+        for feats, y in source.batches(batch_size):
+            for k, v in feats.items():
+                parts[k].append(v)
+            labels.append(y)
+        return cls({k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
+        order = torch.from_numpy(_order(len(self), shuffle, generator))
+        for start in range(0, len(order), batch_size):
+            pos = order[start:start + batch_size]
+            yield {k: v[pos] for k, v in self.feats.items()}, self.labels[pos]

@@ -1,0 +1,118 @@
+"""The adapter bank: batched == one by one, NaN stops, Open-InCA class-incremental."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inca.training import AdapterBank, FitConfig, TrainingError, plan_members, train_bank
+from inca.training.bank import build_adapter
+from inca.training.incremental import add_classes
+from inca.training.sources import MemorySource
+
+LAYERS = ["l0", "l1", "l2"]
+D, N, C = 16, 9, 4
+
+
+def _source(n: int, seed: int, classes: int = C, signal_layer: str = "l1") -> MemorySource:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    feats = {k: torch.randn(n, N, D, generator=g) for k in LAYERS}
+    # the label is a bump on some channels of every token of one layer
+    feats[signal_layer][:, :, :classes] += 2.0 * torch.nn.functional.one_hot(y, classes)[:, None]
+    return MemorySource(feats, y)
+
+
+def _bank(config: FitConfig, specs=None) -> AdapterBank:
+    specs = specs or plan_members(LAYERS, config)
+    adapters = [build_adapter(s, embed_dims=dict.fromkeys(LAYERS, D), num_prefix_tokens=1,
+                              num_classes=C, seed=config.seed) for s in specs]
+    return AdapterBank(specs, adapters, dict.fromkeys(LAYERS, N))
+
+
+def test_bank_keys_and_stacking():
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear", "multilayer_linear"),
+                       lrs=(1e-3, 1e-2))
+    bank = _bank(config)
+    assert bank.keys[:2] == ["inca/l0/lr=0.001", "inca/l0/lr=0.01"]
+    assert "multilayer_linear/3layers/lr=0.01" in bank.keys
+    stacked = [g for g in bank._groups if g.stack is not None]
+    assert len(stacked) == 2 and all(g.layers == LAYERS for g in stacked)
+    feats, y = next(_source(8, 0).batches(8))
+    logits = bank.logits(feats)
+    assert logits.shape == (len(bank.keys), 8, C)
+    for i, (s, m) in enumerate(zip(bank.specs, bank.members, strict=True)):
+        x = [feats[k] for k in s.layers] if len(s.layers) > 1 else feats[s.layers[0]]
+        torch.testing.assert_close(logits[i], m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_batched_bank_equals_adapters_trained_one_by_one():
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(1e-3, 1e-2), epochs=2,
+                       batch_size=16, patience=0)
+    train, val = _source(64, 0), _source(32, 1)
+    bank = _bank(config)
+    together = train_bank(bank, train, val, config, progress=False)
+    for i, spec in enumerate(bank.specs):
+        alone = _bank(config, [spec])
+        res = train_bank(alone, train, val, config, progress=False)
+        assert res.members[0].val_accuracy == pytest.approx(together.members[i].val_accuracy)
+        for k, v in res.members[0].state.items():
+            torch.testing.assert_close(v, together.members[i].state[k], atol=1e-5, rtol=1e-4)
+
+
+def test_bank_finds_the_informative_layer_and_is_reproducible():
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=6,
+                       batch_size=32)
+    train, val = _source(256, 0), _source(128, 1)
+    a = train_bank(_bank(config), train, val, config, progress=False)
+    b = train_bank(_bank(config), train, val, config, progress=False)
+    accs = {r.key: r.val_accuracy for r in a.members}
+    assert accs["inca/l1/lr=0.003"] > 0.9 > accs["inca/l2/lr=0.003"] + 0.3
+    assert [r.val_accuracy for r in a.members] == [r.val_accuracy for r in b.members]
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    config = FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-3,), epochs=1)
+    train = _source(32, 0)
+    train.feats["l2"][3, 0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"became nan .*linear/l2/lr=0.001"):
+        train_bank(_bank(config), train, _source(16, 1), config, progress=False)
+
+
+def test_open_inca_adds_classes_without_hurting_old_ones():
+    torch.manual_seed(0)
+    old, total = 3, 6
+    config = FitConfig(layers=["l1"], kinds=("open_inca",), lrs=(1e-2,), epochs=8,
+                       batch_size=32)
+
+    def split(src: MemorySource, keep) -> MemorySource:
+        m = keep(src.labels)
+        return MemorySource({k: v[m] for k, v in src.feats.items()}, src.labels[m])
+
+    full_train, full_val = _source(600, 0, total), _source(300, 1, total)
+    first = [plan_members(["l1"], config)[0]]
+    adapter = build_adapter(first[0], embed_dims={"l1": D}, num_prefix_tokens=1,
+                            num_classes=old)
+    bank = AdapterBank(first, [adapter])
+    res = train_bank(bank, split(full_train, lambda y: y < old),
+                     split(full_val, lambda y: y < old), config, progress=False)
+    phase1 = bank.export(0, res.members[0].state)
+    old_val = split(full_val, lambda y: y < old)
+    feats, y = next(old_val.batches(len(old_val)))
+    with torch.no_grad():
+        before = phase1(feats["l1"])
+    acc_before = float((before.argmax(-1) == y).float().mean())
+    assert acc_before > 0.9
+
+    extended = add_classes(phase1, "l1", total - old, full_train, full_val, config)
+    with torch.no_grad():
+        after = extended(feats["l1"])
+    assert after.shape[1] == total
+    torch.testing.assert_close(after[:, :old], before)  # old logits exactly unchanged
+    acc_after = float((after.argmax(-1) == y).float().mean())  # now a 6-way decision
+    assert acc_after >= acc_before - 0.02
+    new_val = split(full_val, lambda y: y >= old)
+    nf, ny = next(new_val.batches(len(new_val)))
+    with torch.no_grad():
+        # new classes are learned through the frozen shared attention: well above chance (1/6)
+        assert float((extended(nf["l1"]).argmax(-1) == ny).float().mean()) > 0.6
