@@ -1,0 +1,133 @@
+"""Cost of InCA's phases on the demo setting: extraction, the whole bank, one adapter.
+
+Usage: python benchmarks/fit.py [--backbone dinov2_vits14] [--train 2000] [--epochs 12]
+
+All phases run in one process on the same data: (a) extraction of every layer into the
+activation cache, (b) training the whole bank (every layer x adapter kind x lr) in one
+loop, (c) training one adapter alone with the same loop. Targets: (b) < (a), and
+(b) <= K/3 x (c). Results: benchmarks/results/fit.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import PeakRSS, command_line, environment, write_results
+
+import inca
+from inca.data import load_dataset, split_train_val
+from inca.features import extract_to_cache
+from inca.training import AdapterBank, FitConfig, plan_members, train_bank
+from inca.training.bank import build_adapter
+from inca.training.sources import CachedSource
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="dinov2_vits14")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--train", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--kinds", default="inca,linear")
+    ap.add_argument("--lrs", default="1e-3,3e-3")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    bb = inca.create_backbone(args.backbone, device=device)
+    data = load_dataset(args.data, split="train", limit=args.train)
+    config = FitConfig(kinds=tuple(args.kinds.split(",")),
+                       lrs=tuple(float(v) for v in args.lrs.split(",")),
+                       epochs=args.epochs, patience=0)
+    train_part, val_part = split_train_val(data, config.val_fraction, config.seed)
+    layers = bb.layers
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with PeakRSS() as mem_a:
+            t = time.perf_counter()
+            cache = extract_to_cache(bb, data, Path(tmp) / "cache", layers=layers,
+                                     progress=False)
+            sync()
+            extract_s = time.perf_counter() - t
+        train = CachedSource(cache, train_part.indices, layers, device)
+        val = CachedSource(cache, val_part.indices, layers, device)
+        dims = dict(bb.embed_dims)
+        counts = {k: cache.token_shape(k)[0] for k in layers}
+
+        def run(specs):
+            adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=bb.num_prefix_tokens,
+                                      num_classes=len(data.classes), seed=0) for s in specs]
+            bank = AdapterBank(specs, adapters, counts).to(device)
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                result = train_bank(bank, train, val, config, progress=False)
+                sync()
+                seconds = time.perf_counter() - t
+            return bank, result, seconds, mem
+
+        specs = plan_members(layers, config)
+        bank, result, bank_s, mem_b = run(specs)
+        best = max(range(len(specs)), key=lambda i: result.members[i].val_accuracy)
+        one = [s for s in specs if s.kind == "inca"][len(layers) // 2 * len(config.lrs)]
+        _, _, one_s, mem_c = run([one])
+
+    k = len(specs)
+    rows = [{"key": s.key, "val_accuracy": m.val_accuracy}
+            for s, m in zip(specs, result.members, strict=True)]
+    payload = {
+        "benchmark": "fit", "command": command_line(), "environment": environment(),
+        "backbone": bb.name, "input_size": bb.preprocessing.input_size,
+        "samples": len(data), "train": len(train), "val": len(val), "epochs": args.epochs,
+        "adapters_in_bank": k,
+        "extract": {"seconds": extract_s, "peak_rss_mib": mem_a.peak_mib,
+                    "rss_growth_mib": mem_a.growth_mib},
+        "bank": {"seconds": bank_s, "peak_rss_mib": mem_b.peak_mib,
+                 "rss_growth_mib": mem_b.growth_mib},
+        "one_adapter": {"key": one.key, "seconds": one_s, "peak_rss_mib": mem_c.peak_mib,
+                        "rss_growth_mib": mem_c.growth_mib},
+        "bank_over_extract": bank_s / extract_s,
+        "bank_over_one_adapter": bank_s / one_s,
+        "target_bank_over_one_adapter": k / 3,
+        "best": rows[best],
+        "accuracy": rows,
+    }
+    env = payload["environment"]
+    md = [
+        f"# Fit cost: {bb.name} at {bb.preprocessing.input_size} px on {args.data}, "
+        f"{env['device']}",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"torch {env['torch']}, {env['cpu_threads']} threads; {len(train)} train / "
+        f"{len(val)} val samples, {args.epochs} epochs, {k} adapters in the bank.",
+        "",
+        "| phase | wall s | peak RSS MiB | RSS growth MiB |",
+        "|---|---:|---:|---:|",
+        f"| (a) extraction, {len(layers)} layers | {extract_s:.1f} | {mem_a.peak_mib:.0f} | "
+        f"{mem_a.growth_mib:.0f} |",
+        f"| (b) bank of {k} adapters | {bank_s:.1f} | {mem_b.peak_mib:.0f} | "
+        f"{mem_b.growth_mib:.0f} |",
+        f"| (c) one adapter ({one.key}) | {one_s:.1f} | {mem_c.peak_mib:.0f} | "
+        f"{mem_c.growth_mib:.0f} |",
+        "",
+        f"- bank / extraction: **{bank_s / extract_s:.2f}** (target < 1)",
+        f"- bank / one adapter: **{bank_s / one_s:.2f}** for K={k} (target <= K/3 = {k / 3:.1f})",
+        f"- best adapter: {rows[best]['key']} at {rows[best]['val_accuracy']:.4f} val accuracy",
+        "",
+        "| adapter | val acc |",
+        "|---|---:|",
+        *[f"| {r['key']} | {r['val_accuracy']:.4f} |" for r in rows],
+        "",
+    ]
+    suffix = "" if device.type == "cpu" else f"-{device.type}"
+    path = write_results(f"fit{suffix}", payload, "\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Data: image folders, built-ins (Fashion-MNIST, digits), HF sets on disk; splits; transforms."""
+
+from inca.data.datasets import (
+    ArrayDataset,
+    ImageDataset,
+    ImageFolderDataset,
+    SubsetDataset,
+    limit_dataset,
+    list_datasets,
+    load_dataset,
+    split_train_val,
+)
+from inca.data.transforms import TransformedDataset, build_transform
+
+__all__ = [
+    "ArrayDataset",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "SubsetDataset",
+    "TransformedDataset",
+    "build_transform",
+    "limit_dataset",
+    "list_datasets",
+    "load_dataset",
+    "split_train_val",
+]
