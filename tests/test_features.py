@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny import SIZE, SOURCES, make_backbone
 
-from inca.data import TransformedDataset, build_transform, load_dataset
+from inca.data import build_transform, load_dataset
 from inca.errors import CacheError
 from inca.features import ActivationCache, extract_features, extract_to_cache, reduce_tokens
 from inca.features import cache as cache_mod

@@ -117,7 +117,8 @@ class Backbone(nn.Module):
     Example:
         >>> import inca, torch
         >>> bb = inca.create_backbone("dinov2_vits14")  # doctest: +SKIP
-        >>> feats = bb.extract(torch.randn(2, 3, 112, 112), ["blocks.3", "blocks.11"])  # doctest: +SKIP
+        >>> x = torch.randn(2, 3, 112, 112)
+        >>> feats = bb.extract(x, ["blocks.3", "blocks.11"])  # doctest: +SKIP
         >>> feats["blocks.3"].shape  # doctest: +SKIP
         torch.Size([2, 65, 384])
     """

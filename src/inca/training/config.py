@@ -35,6 +35,7 @@ class FitConfig:
         ensemble_k: size of the top-k ensemble evaluated (and used if better on validation).
         soup: also evaluate weight-averaged "soups" of same-layer adapters over the lr grid.
         token_grid: pool patch tokens to this grid side before the adapters (bounds memory).
+        cache_dtype: storage of the activation cache, ``"float16"`` or ``"float32"``.
         val_fraction: share of the training data held out for selection.
         adapter_options: per-kind adapter settings, e.g. ``{"inca": {"num_heads": 4}}``.
     """
@@ -54,6 +55,7 @@ class FitConfig:
     ensemble_k: int = 3
     soup: bool = False
     token_grid: int | None = None
+    cache_dtype: str = "float16"
     val_fraction: float = 0.15
     adapter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -75,6 +77,8 @@ class FitConfig:
             raise ConfigError(f"mode must be 'cached' or 'streaming', got {self.mode!r}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.cache_dtype not in ("float16", "float32"):
+            raise ConfigError(f"cache_dtype must be float16 or float32, got {self.cache_dtype!r}")
         if self.token_grid is not None and self.token_grid < 1:
             raise ConfigError(f"token_grid must be positive, got {self.token_grid}")
 

@@ -63,6 +63,7 @@ def _sources(backbone: Backbone, train: Any, val: Any, test: Any, layers: list[s
         if id(ds) not in caches:
             caches[id(ds)] = extract_to_cache(
                 backbone, ds, cache_dir / name, layers=layers, token_grid=config.token_grid,
+                dtype=config.cache_dtype,
                 batch_size=config.batch_size, num_workers=num_workers, progress=progress)
     extract_s = time.perf_counter() - t
     src = {name: CachedSource(caches[id(ds)], idx, layers, backbone.device)

@@ -1,0 +1,160 @@
+"""inca.fit end to end on tiny backbones: layer choice, cached == streaming, task files, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import inca
+from inca.backbones import Preprocessing
+from inca.data import ArrayDataset
+from inca.runtime import TaskError, load_task
+
+D, PATCH, SIZE, CLASSES = 16, 4, 16, 4
+
+
+class PlantedNet(nn.Module):
+    """The label (image brightness) is linear in ``stem``/``block1`` and gone after ``wash``.
+
+    Brightness moves every stem token along one direction ``v``; ``wash`` projects the
+    tokens onto v's orthogonal complement, so what is left depends on the noise alone.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.stem = nn.Conv2d(3, D, PATCH, stride=PATCH)
+        self.block1 = nn.Conv2d(D, D, 1)
+        self.wash = nn.Conv2d(D, D, 1)
+        self.block3 = nn.Conv2d(D, D, 1)
+        with torch.no_grad():
+            for m in (self.stem, self.block1, self.wash, self.block3):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel()**.5)
+                m.bias.zero_()
+            a = self.block1.weight[:, :, 0, 0] * 0.3
+            self.block1.weight[:, :, 0, 0] = torch.eye(D) + a  # linear residual block
+            v = (torch.eye(D) + a) @ self.stem.weight.sum((1, 2, 3))  # brightness direction
+            v = v / v.norm()
+            rot = torch.linalg.qr(torch.randn(D, D, generator=g))[0]
+            self.wash.weight[:, :, 0, 0] = rot @ (torch.eye(D) - torch.outer(v, v))
+
+    def forward(self, x):
+        return self.block3(self.wash(self.block1(self.stem(x))))
+
+
+def planted_data(n: int, seed: int) -> ArrayDataset:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % CLASSES
+    rng.shuffle(y)
+    base = (0.3 + 0.13 * y)[:, None, None]
+    img = np.clip(base + rng.normal(0, 0.12, (n, SIZE, SIZE)), 0, 1)
+    return ArrayDataset((img * 255).astype(np.uint8), y, [f"c{i}" for i in range(CLASSES)],
+                        f"planted-{seed}")
+
+
+def planted_backbone(seed: int = 0):
+    return inca.from_module(PlantedNet(seed), ["stem", "block1", "wash", "block3"],
+                            name="planted", preprocessing=Preprocessing(
+                                input_size=SIZE, mean=(0.5,) * 3, std=(0.25,) * 3))
+
+
+@pytest.fixture(scope="module")
+def planted_fit(tmp_path_factory):
+    bb = planted_backbone()
+    train, test = planted_data(480, 0), planted_data(200, 1)
+    task = inca.fit(bb, train, test=test, layers="all", kinds=("inca", "linear"),
+                    lrs=(3e-3, 1e-2), epochs=10, batch_size=32, progress=False,
+                    cache_dir=tmp_path_factory.mktemp("cache"))
+    return bb, task, test
+
+
+def test_bank_picks_the_planted_layer_and_beats_last_layer_probe(planted_fit):
+    _, task, _ = planted_fit
+    report = task.report
+    assert {r["layers"][0] for r in report.rows} == {"stem", "block1", "wash", "block3"}
+    chosen_layers = {ly for ls in task.member_layers for ly in ls}
+    assert chosen_layers <= {"stem", "block1"}
+    assert report.linear_probe["key"].startswith("linear/block3/")
+    assert report.val_accuracy > 0.85
+    assert report.val_accuracy > report.linear_probe["val_accuracy"] + 0.3
+    assert report.test_accuracy[report.chosen] > report.test_accuracy["linear_probe"] + 0.3
+
+
+def test_task_round_trip_and_backbone_mismatch(planted_fit, tmp_path):
+    bb, task, test = planted_fit
+    images = [test[i][0] for i in range(16)]
+    before = task.predict_proba(images)
+    task.save(tmp_path / "task")
+    meta = json.loads((tmp_path / "task" / "task.json").read_text())
+    assert meta["backbone"]["fingerprint"] == bb.fingerprint()
+    assert not list(tmp_path.glob("task/*.pt")) and not list(tmp_path.glob("task/*.pkl"))
+    loaded = load_task(tmp_path / "task", backbone=bb)
+    torch.testing.assert_close(loaded.predict_proba(images), before)
+    assert loaded.predict(images) == task.predict(images)
+    with pytest.raises(TaskError, match="does not fit"):
+        load_task(tmp_path / "task", backbone=planted_backbone(seed=1))
+    with pytest.raises(TaskError, match="not a task folder"):
+        load_task(tmp_path / "nothing", backbone=bb)
+
+
+def test_report_files(planted_fit, tmp_path):
+    _, task, _ = planted_fit
+    files = task.report.write(tmp_path)
+    assert json.loads(files["json"].read_text())["chosen"] == task.report.chosen
+    assert "last-layer linear probe" in files["markdown"].read_text()
+    assert files["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cached_mode_equals_streaming_mode(tmp_path):
+    bb = planted_backbone()
+    train = planted_data(160, 0)
+    common = dict(layers=["stem", "wash"], kinds=("inca", "linear"), lrs=(3e-3,), epochs=3,
+                  batch_size=32, patience=0, progress=False)
+    cached = inca.fit(bb, train, cache_dtype="float32", cache_dir=tmp_path, **common)
+    streamed = inca.fit(bb, train, mode="streaming", augment=False, **common)
+    a = {r["key"]: r["val_accuracy"] for r in cached.report.rows}
+    b = {r["key"]: r["val_accuracy"] for r in streamed.report.rows}
+    assert a == pytest.approx(b, abs=1e-6)
+    for ma, mb in zip(cached.members, streamed.members, strict=True):
+        for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values(), strict=True):
+            torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_streaming_with_augmentation_runs(tmp_path):
+    task = inca.fit(planted_backbone(), planted_data(96, 0), mode="streaming", layers="stem",
+                    kinds=("linear",), lrs=(1e-2,), epochs=1, progress=False)
+    assert task.report.timings["epochs_run"] == 1
+
+
+def test_cli_fit_and_predict(tmp_path):
+    from tiny import save_tiny_hf_vit
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+    from inca.data import load_dataset
+
+    folder = save_tiny_hf_vit(tmp_path / "vit")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [
+        "fit", "--backbone", f"hf:{folder}", "--data", "digits", "--limit", "120",
+        "--test-limit", "40", "--epochs", "2", "--out", str(out), "--kinds",
+        "inca,linear,multilayer_linear"])
+    assert res.exit_code == 0, res.output
+    assert "last-layer linear probe" in res.output
+    for name in ("task/task.json", "task/adapter_model.safetensors", "report.json",
+                 "report.md", "accuracy_per_layer.png"):
+        assert (out / name).is_file(), name
+    img = tmp_path / "x.png"
+    load_dataset("digits", split="test")[0][0].save(img)
+    res = CliRunner().invoke(app, ["predict", "--task", str(out / "task"), str(img)])
+    assert res.exit_code == 0, res.output
+    assert "x.png:" in res.output
+    res = CliRunner().invoke(app, ["predict", "--task", str(tmp_path), str(img)])
+    assert res.exit_code == 2 and "not a task folder" in res.output
+    res = CliRunner().invoke(app, ["fit", "--backbone", f"hf:{folder}", "--data", "digits",
+                                   "--out", str(out), "--lrs", "-1"])
+    assert res.exit_code == 2 and "lrs must be positive" in res.output
