@@ -23,5 +23,9 @@ class CacheError(InCAError):
     """An activation cache is missing, incomplete, or made by another backbone/preprocessing."""
 
 
+class AdapterError(InCAError):
+    """An adapter cannot be created, or its config or input is invalid."""
+
+
 class AssetError(InCAError):
     """An offline asset (bundled weights or data) is not installed."""

@@ -1,0 +1,201 @@
+"""The InCA adapter: learned queries cross-attend to one layer's tokens, then classify.
+
+Dukler et al., "Your representations are in the network" (NeurIPS 2023). The attention is
+computed in the folded form of :mod:`inca.adapters._folded`, O(N·D) per query-head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inca.adapters._folded import (
+    AttentionParams,
+    attend_single,
+    stacked_linear,
+)
+from inca.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    check,
+    resolve_num_heads,
+)
+from inca.adapters.registry import register_adapter
+
+QUERY_REDUCE = ("mean", "concat")
+
+
+@dataclass(frozen=True)
+class InCAConfig(AdapterConfig):
+    """Hyper-parameters of :class:`InCAAdapter`.
+
+    Attributes:
+        num_heads: attention heads H, a divisor of D. ``None`` picks heads of at least 64
+            channels, at most 8 (4 for D=384, 8 for D=768); the adapter's ``config``
+            records the value chosen.
+        num_queries: learned queries Q. The paper uses one.
+        query_reduce: how Q query outputs become one feature after the LayerNorm:
+            ``"mean"`` averages them (feature D, classifier size independent of Q),
+            ``"concat"`` concatenates them (feature Q·D).
+        dropout: dropout rate on the normalized feature, before the classifier.
+        init_std: standard deviation of the truncated-normal query init. Small queries
+            give near-uniform attention, so a fresh adapter starts close to mean pooling.
+        norm_eps: epsilon of the token LayerNorm and of the output LayerNorm.
+    """
+
+    num_heads: int | None = None
+    num_queries: int = 1
+    query_reduce: str = "mean"
+    dropout: float = 0.0
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check(
+            self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads > 0),
+            f"num_heads must be a positive int or None, got {self.num_heads!r}",
+        )
+        check(self.num_queries >= 1, f"num_queries must be >= 1, got {self.num_queries}")
+        check(
+            self.query_reduce in QUERY_REDUCE,
+            f"query_reduce must be one of {QUERY_REDUCE}, got {self.query_reduce!r}",
+        )
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
+        check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+
+
+class HeadParams(NamedTuple):
+    """Output LayerNorm and classifier of K adapters, stacked along a leading dimension."""
+
+    norm_weight: torch.Tensor  # (K, D)
+    norm_bias: torch.Tensor  # (K, D)
+    weight: torch.Tensor  # (K, C, F)
+    bias: torch.Tensor  # (K, C)
+
+
+def inca_head(
+    out: torch.Tensor, p: HeadParams, config: InCAConfig, training: bool
+) -> torch.Tensor:
+    """Logits ``(K, B, C)`` from K adapters' attention outputs ``out (K, B, Q, D)``."""
+    d = out.shape[-1]
+    feat = F.layer_norm(out, (d,), eps=config.norm_eps)  # (K, B, Q, D)
+    feat = feat * p.norm_weight[:, None, None, :] + p.norm_bias[:, None, None, :]
+    feat = feat.mean(dim=2) if config.query_reduce == "mean" else feat.flatten(2)  # (K, B, F)
+    feat = F.dropout(feat, config.dropout, training)
+    return stacked_linear(feat, p.weight, p.bias)
+
+
+@register_adapter("inca")
+class InCAAdapter(Adapter):
+    """Learned queries cross-attend to a layer's tokens; LayerNorm; linear classifier (InCA).
+
+    ``logits = Linear(LN(MHA(q, LN(z), LN(z))))``, with the attention folded so that keys
+    and values of the N tokens are never formed. Parameters are laid out as in
+    ``nn.MultiheadAttention`` (``in_proj_weight`` ``(3D, D)``, ``in_proj_bias``,
+    ``out_proj``), so weights copy across in either direction.
+
+    Args:
+        embed_dim: token width D.
+        num_classes: number of logits C.
+        config: hyper-parameters (defaults: one query, heads from D).
+        device: where to create the parameters.
+        dtype: parameter dtype.
+
+    Example:
+        >>> import torch
+        >>> from inca.adapters import InCAAdapter, InCAConfig
+        >>> adapter = InCAAdapter(384, 10, InCAConfig(num_queries=2))
+        >>> tokens = torch.randn(8, 65, 384)  # (B, N, D) from one frozen layer
+        >>> adapter(tokens).shape
+        torch.Size([8, 10])
+        >>> out, weights = adapter.attend(tokens, need_weights=True)
+        >>> tuple(out.shape), tuple(weights.shape)  # (B, Q, D), (B, H, Q, N)
+        ((8, 2, 384), (8, 4, 2, 65))
+    """
+
+    config_class = InCAConfig
+    config: InCAConfig
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        config: InCAConfig | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        config = InCAConfig() if config is None else config
+        super().__init__(embed_dim, num_classes, config)
+        self.config = config.replace(num_heads=resolve_num_heads(config.num_heads, embed_dim))
+        fk = {"device": device, "dtype": dtype}
+        d, q = embed_dim, self.config.num_queries
+        feat_dim = d if self.config.query_reduce == "mean" else q * d
+        self.query = nn.Parameter(torch.empty(q, d, **fk))  # (Q, D)
+        self.token_norm = nn.LayerNorm(d, eps=self.config.norm_eps, **fk)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d, **fk))  # [W_q; W_k; W_v]
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * d, **fk))
+        self.out_proj = nn.Linear(d, d, **fk)
+        self.norm = nn.LayerNorm(d, eps=self.config.norm_eps, **fk)
+        self.head = nn.Linear(feat_dim, num_classes, **fk)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialize as ``nn.MultiheadAttention`` does; small queries; a near-zero head."""
+        nn.init.trunc_normal_(self.query, std=self.config.init_std)
+        self.token_norm.reset_parameters()
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        self.out_proj.reset_parameters()
+        nn.init.zeros_(self.out_proj.bias)
+        self.norm.reset_parameters()
+        nn.init.normal_(self.head.weight, std=0.01)  # as dinov2's linear heads
+        nn.init.zeros_(self.head.bias)
+
+    def attention_params(self) -> AttentionParams:
+        """The attention parameters as views with a leading adapter dimension of 1."""
+        return AttentionParams(
+            self.query.unsqueeze(0),
+            self.token_norm.weight.unsqueeze(0),
+            self.token_norm.bias.unsqueeze(0),
+            *self.in_proj_weight.unsqueeze(0).chunk(3, dim=1),  # W_q, W_k, W_v
+            self.in_proj_bias.unsqueeze(0),
+            self.out_proj.weight.unsqueeze(0),
+            self.out_proj.bias.unsqueeze(0),
+        )
+
+    def head_params(self) -> HeadParams:
+        """The output LayerNorm and classifier as views with a leading dimension of 1."""
+        return HeadParams(
+            self.norm.weight.unsqueeze(0),
+            self.norm.bias.unsqueeze(0),
+            self.head.weight.unsqueeze(0),
+            self.head.bias.unsqueeze(0),
+        )
+
+    def attend(
+        self, tokens: torch.Tensor, need_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The attention output, equal to ``nn.MultiheadAttention(q, LN(z), LN(z))``.
+
+        Args:
+            tokens: ``(B, N, D)``.
+            need_weights: also return the attention weights ``(B, H, Q, N)`` (per head,
+                as ``nn.MultiheadAttention(..., average_attn_weights=False)``).
+
+        Returns:
+            ``(B, Q, D)``, or that and the weights.
+        """
+        return attend_single(tokens, self.attention_params(), self.config.num_heads,
+                             self.config.norm_eps, need_weights)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C)`` from tokens ``(B, N, D)``."""
+        out = self.attend(tokens).unsqueeze(0)  # (1, B, Q, D)
+        return inca_head(out, self.head_params(), self.config, self.training)[0]

@@ -1,0 +1,422 @@
+"""Adapters: folded attention == nn.MultiheadAttention, shapes of every kind, configs,
+stacked == unstacked (forward and training), Open-InCA class-incremental invariance,
+parameter counts, safetensors round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from inca.adapters import (
+    AdapterError,
+    InCAAdapter,
+    InCAConfig,
+    LinearConfig,
+    LinearProbe,
+    MultiLayerLinearConfig,
+    OpenInCAAdapter,
+    OpenInCAConfig,
+    StackedInCA,
+    StackedLinear,
+    adapter_from_spec,
+    create_adapter,
+    default_num_heads,
+    list_adapters,
+    parameter_report,
+)
+
+B, N, D, C = 3, 9, 32, 5
+LAYERS = ["blocks.1", "blocks.3"]
+
+# Every registered kind with the config it is tested under; the matrix tests below fail
+# for a kind registered without an entry here.
+KINDS: dict[str, dict] = {
+    "inca": {"num_heads": 4, "num_queries": 2},
+    "open_inca": {"num_heads": 2},
+    "linear": {"pool": "cls_mean"},
+    "multilayer_linear": {"layers": LAYERS, "pool": "mean", "num_prefix_tokens": 1},
+}
+
+
+def _inputs(kind: str, dtype: torch.dtype = torch.float32, b: int = B):
+    if kind == "multilayer_linear":
+        return {name: torch.randn(b, N, D, dtype=dtype) for name in LAYERS}
+    return torch.randn(b, N, D, dtype=dtype)
+
+
+def _randomize(module: nn.Module, seed: int = 1) -> nn.Module:
+    """Random values everywhere (LN affine and biases included), so folds are exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.4)
+    return module
+
+
+def _mha_like(adapter: InCAAdapter | OpenInCAAdapter) -> nn.MultiheadAttention:
+    w = adapter.in_proj_weight
+    mha = nn.MultiheadAttention(adapter.embed_dim, adapter.config.num_heads, batch_first=True,
+                                dtype=w.dtype)
+    mha.load_state_dict({
+        "in_proj_weight": adapter.in_proj_weight, "in_proj_bias": adapter.in_proj_bias,
+        "out_proj.weight": adapter.out_proj.weight, "out_proj.bias": adapter.out_proj.bias,
+    })
+    return mha.eval()
+
+
+def test_registry_lists_every_kind_tested():
+    assert sorted(a["name"] for a in list_adapters()) == sorted(KINDS)
+
+
+# -- the folded attention against nn.MultiheadAttention ------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("num_heads,num_queries", [(1, 1), (4, 1), (4, 3), (8, 2)])
+def test_folded_attention_equals_multihead_attention(dtype, tol, num_heads, num_queries):
+    cfg = InCAConfig(num_heads=num_heads, num_queries=num_queries)
+    adapter = _randomize(InCAAdapter(D, C, cfg, dtype=dtype)).eval()
+    torch.manual_seed(2)
+    z = torch.randn(B, N, D, dtype=dtype) * 3 + 1
+    out, weights = adapter.attend(z, need_weights=True)
+
+    mha = _mha_like(adapter)
+    x = adapter.token_norm(z)  # LN(z)
+    q = adapter.query.expand(B, -1, -1)  # the same learned queries for every image
+    ref, ref_weights = mha(q, x, x, need_weights=True, average_attn_weights=False)
+    assert out.shape == (B, num_queries, D) and weights.shape == (B, num_heads, num_queries, N)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(weights, ref_weights, atol=tol, rtol=tol)
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+
+
+def test_folded_float32_is_accurate_for_tokens_with_an_offset():
+    # The folded form computes LayerNorm statistics in one pass (E[z²] - μ²), whose error
+    # grows with |mean| / std of a token; real layers stay below 2, test 5.
+    adapter = _randomize(InCAAdapter(D, C, InCAConfig(num_heads=4))).eval()
+    exact = InCAAdapter(D, C, InCAConfig(num_heads=4), dtype=torch.float64)
+    exact.load_state_dict({k: v.double() for k, v in adapter.state_dict().items()})
+    z = torch.randn(B, N, D) + 5.0
+    ref = exact.attend(z.double())
+    torch.testing.assert_close(adapter.attend(z).double(), ref, rtol=1e-5,
+                               atol=1e-5 * ref.abs().max().item())
+
+
+def test_open_inca_attention_equals_multihead_attention():
+    adapter = _randomize(OpenInCAAdapter(D, C, OpenInCAConfig(num_heads=4),
+                                         dtype=torch.float64)).eval()
+    adapter.add_classes(2)
+    z = torch.randn(B, N, D, dtype=torch.float64)
+    x = adapter.token_norm(z)
+    queries = torch.cat(list(adapter.queries)).expand(B, -1, -1)  # (B, C, D): one per class
+    ref, _ = _mha_like(adapter)(queries, x, x)
+    torch.testing.assert_close(adapter.attend(z), ref, atol=1e-10, rtol=1e-10)
+
+
+# -- one matrix over every kind ------------------------------------------------------------
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_shapes_gradients_and_half_inputs(kind):
+    torch.manual_seed(0)
+    adapter = create_adapter(kind, embed_dim=D, num_classes=C, **KINDS[kind])
+    logits = adapter(_inputs(kind))
+    assert logits.shape == (B, C) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    logits.square().sum().backward()
+    assert all(p.grad is not None for p in adapter.parameters())
+    # fp16 tokens (as the activation cache stores them) feed an fp32 adapter.
+    assert adapter(_inputs(kind, torch.float16)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_config_json_round_trip(kind):
+    adapter = create_adapter(kind, embed_dim=D, num_classes=C, **KINDS[kind])
+    cfg = adapter.config
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert type(cfg).from_dict(data) == cfg
+    spec = json.loads(json.dumps(adapter.spec()))
+    assert spec["kind"] == kind
+    assert adapter_from_spec(spec).config == cfg
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_safetensors_round_trip(kind, tmp_path):
+    torch.manual_seed(0)
+    adapter = create_adapter(kind, embed_dim=D, num_classes=C, **KINDS[kind]).eval()
+    if kind == "open_inca":
+        adapter.add_classes(2)  # several class groups: the layout must survive too
+    path = tmp_path / "adapter.safetensors"
+    save_file(adapter.state_dict(), path)
+    (tmp_path / "adapter.json").write_text(json.dumps(adapter.spec()))
+
+    loaded = adapter_from_spec(json.loads((tmp_path / "adapter.json").read_text())).eval()
+    loaded.load_state_dict(load_file(path))
+    x = _inputs(kind)
+    assert torch.equal(adapter(x), loaded(x))
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_parameter_counts(kind):
+    adapter = create_adapter(kind, embed_dim=D, num_classes=C, **KINDS[kind])
+    total = sum(p.numel() for p in adapter.parameters())
+    assert adapter.num_parameters() == total
+    report = parameter_report(adapter, 100 * total)
+    assert report["parameters"] == total == report["trainable_parameters"]
+    assert report["percent_of_backbone"] == pytest.approx(1.0)
+    assert report["kind"] == kind
+
+
+def test_parameter_counts_by_formula():
+    q, c, d = 2, 7, 64
+    inca = InCAAdapter(d, c, InCAConfig(num_queries=q))
+    # query, token LN, in_proj, out_proj, output LN, classifier
+    assert inca.num_parameters() == q * d + 2 * d + 3 * d * d + 3 * d + d * d + d + 2 * d + (
+        d * c + c)
+    concat = InCAAdapter(d, c, InCAConfig(num_queries=q, query_reduce="concat"))
+    assert concat.num_parameters() - inca.num_parameters() == (q - 1) * d * c
+    assert LinearProbe(d, c).num_parameters() == d * c + c
+    assert LinearProbe(d, c, LinearConfig(pool="cls_mean")).num_parameters() == 2 * d * c + c
+    ml = create_adapter("multilayer_linear", embed_dim=d, num_classes=c, layers=["a", "b"],
+                        layer_dims=[d, 2 * d])
+    assert ml.num_parameters() == 3 * d * c + c
+    open_inca = OpenInCAAdapter(d, c)
+    shared = 2 * d + 3 * d * d + 3 * d + d * d + d
+    assert open_inca.num_parameters() == shared + c * (2 * d + 1)
+    open_inca.add_classes(3)
+    assert open_inca.num_parameters(trainable_only=True) == 3 * (2 * d + 1)
+    stack = StackedInCA(4, d, c)
+    assert stack.num_parameters() == 4 * InCAAdapter(d, c).num_parameters()
+    assert parameter_report(inca, nn.Linear(100, 100))["backbone_parameters"] == 10100
+
+
+# -- configs -------------------------------------------------------------------------------
+def test_default_heads():
+    assert [default_num_heads(d) for d in (384, 768, 1024, 192, 32, 2048)] == [4, 8, 8, 2, 1, 8]
+    assert InCAAdapter(384, 10).config.num_heads == 4
+
+
+def test_config_classes_round_trip_and_refuse_unknown_fields():
+    cfg = MultiLayerLinearConfig(layers=["a", "b"], layer_dims=[8, 16], norm=False)
+    assert cfg.to_dict()["layers"] == ["a", "b"]
+    assert MultiLayerLinearConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert OpenInCAConfig.from_dict({"class_groups": [3, 2]}).class_groups == (3, 2)
+    assert InCAConfig().replace(num_queries=4).num_queries == 4
+    with pytest.raises(AdapterError, match="num_queries"):
+        InCAConfig().replace(num_queries=-1)
+    with pytest.raises(AdapterError, match="unknown LinearConfig field"):
+        LinearConfig.from_dict({"pooling": "cls"})
+
+
+@pytest.mark.parametrize(
+    "kind,cfg,match",
+    [
+        ("inca", {"num_heads": 5}, "not divisible"),
+        ("inca", {"num_heads": 0}, "num_heads"),
+        ("inca", {"num_queries": 0}, "num_queries"),
+        ("inca", {"query_reduce": "max"}, "query_reduce"),
+        ("inca", {"dropout": 1.0}, "dropout"),
+        ("inca", {"heads": 4}, "unknown InCAConfig field"),
+        ("open_inca", {"class_groups": [2, 2]}, "add up to"),
+        ("linear", {"pool": "max"}, "pool"),
+        ("linear", {"pool": "cls", "num_prefix_tokens": 0}, "no CLS"),
+        ("linear", {"num_prefix_tokens": -1}, "num_prefix_tokens"),
+        ("multilayer_linear", {}, "needs layers"),
+        ("multilayer_linear", {"layers": ["a", "a"]}, "distinct"),
+        ("multilayer_linear", {"layers": ["a", "b"], "layer_dims": [4]}, "layer_dims"),
+        ("nope", {}, "unknown adapter kind"),
+    ],
+)
+def test_invalid_configs_are_refused(kind, cfg, match):
+    with pytest.raises(AdapterError, match=match):
+        create_adapter(kind, embed_dim=D, num_classes=C, **cfg)
+
+
+def test_invalid_inputs_are_refused():
+    with pytest.raises(AdapterError, match="embed_dim"):
+        create_adapter("inca", embed_dim=0, num_classes=C)
+    with pytest.raises(AdapterError, match=r"must be \(B, N, 32\)"):
+        InCAAdapter(D, C)(torch.randn(B, N, D + 1))
+    with pytest.raises(AdapterError, match="needs patch tokens"):
+        LinearProbe(D, C, LinearConfig(pool="mean"))(torch.randn(B, 1, D))
+    probe = create_adapter("multilayer_linear", embed_dim=D, num_classes=C, layers=LAYERS)
+    with pytest.raises(AdapterError, match="missing layers"):
+        probe({"blocks.1": torch.randn(B, N, D)})
+    with pytest.raises(AdapterError, match="list of 2"):
+        probe([torch.randn(B, N, D)])
+    with pytest.raises(AdapterError, match="either config= or"):
+        create_adapter("inca", embed_dim=D, num_classes=C, config=InCAConfig(), num_heads=2)
+
+
+def test_create_adapter_with_config_object_and_dtype():
+    a = create_adapter("inca", embed_dim=D, num_classes=C, config=InCAConfig(num_heads=2),
+                       dtype=torch.float64)
+    assert a.config.num_heads == 2 and a.query.dtype == torch.float64
+    assert a(torch.randn(B, N, D)).dtype == torch.float64
+
+
+# -- pooling semantics ---------------------------------------------------------------------
+def test_linear_pooling_reads_the_right_tokens():
+    x = torch.randn(B, N, D)
+    y = x.clone()
+    y[:, 1:] += 1.0  # patch tokens change, CLS does not
+    cls_probe = LinearProbe(D, C, LinearConfig(pool="cls"))
+    assert torch.equal(cls_probe(x), cls_probe(y))
+    y = x.clone()
+    y[:, :2] += 1.0  # prefix tokens change, patches do not
+    mean_probe = LinearProbe(D, C, LinearConfig(pool="mean", num_prefix_tokens=2))
+    assert torch.equal(mean_probe(x), mean_probe(y))
+    torch.testing.assert_close(
+        mean_probe(x), mean_probe.head(x[:, 2:].mean(1)), atol=1e-6, rtol=1e-6
+    )
+
+
+def test_multilayer_linear_dict_and_list_agree_and_dims_may_differ():
+    probe = create_adapter("multilayer_linear", embed_dim=D, num_classes=C, layers=LAYERS,
+                           layer_dims=[D, 2 * D], pool="mean", num_prefix_tokens=0)
+    feats = {"blocks.1": torch.randn(B, N, D), "blocks.3": torch.randn(B, 4, 2 * D),
+             "blocks.9": torch.randn(B, N, D)}  # an extra layer is ignored
+    assert torch.equal(probe(feats), probe([feats["blocks.1"], feats["blocks.3"]]))
+    # Per-layer standardization: rescaling one layer's tokens leaves the logits alone.
+    scaled = dict(feats, **{"blocks.3": feats["blocks.3"] * 1000})
+    torch.testing.assert_close(probe(feats), probe(scaled), atol=1e-4, rtol=1e-4)
+
+
+# -- stacked adapters ----------------------------------------------------------------------
+def _adapters(k: int, cfg: InCAConfig, dtype=torch.float32) -> list[InCAAdapter]:
+    return [_randomize(InCAAdapter(D, C, cfg, dtype=dtype), seed=i) for i in range(k)]
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 6])  # shared, grid layers x 3, one layer each
+@pytest.mark.parametrize("reduce", ["mean", "concat"])
+def test_stacked_inca_equals_each_adapter(n_layers, reduce):
+    k = 6
+    adapters = _adapters(k, InCAConfig(num_heads=4, num_queries=2, query_reduce=reduce))
+    stack = StackedInCA.from_adapters(adapters)
+    tokens = torch.randn(n_layers, B, N, D)  # (L, B, N, D)
+    logits = stack(tokens if n_layers > 1 else tokens[0])
+    assert logits.shape == (k, B, C)
+    for i, a in enumerate(adapters):
+        expected = a(tokens[i // (k // n_layers)])
+        torch.testing.assert_close(logits[i], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stack.unstack(i)(tokens[i // (k // n_layers)]), expected,
+                                   atol=0, rtol=0)
+    out, weights = stack.attend(list(tokens), need_weights=True)  # a list of layers works too
+    assert out.shape == (k, B, 2, D) and weights.shape == (k, B, 4, 2, N)
+
+
+def test_stacked_linear_equals_each_probe():
+    torch.manual_seed(0)
+    probes = [LinearProbe(D, C, LinearConfig(pool="cls_mean", norm=True)) for _ in range(4)]
+    stack = StackedLinear.from_adapters(probes)
+    tokens = torch.randn(2, B, N, D)
+    logits = stack(tokens)
+    for i, p in enumerate(probes):
+        torch.testing.assert_close(logits[i], p(tokens[i // 2]), atol=1e-5, rtol=1e-5)
+    assert StackedLinear(3, D, C)(tokens[0]).shape == (3, B, C)
+
+
+def test_from_adapters_refuses_mixed_stacks():
+    a = InCAAdapter(D, C, InCAConfig(num_heads=2))
+    with pytest.raises(AdapterError, match="differs"):
+        StackedInCA.from_adapters([a, InCAAdapter(D, C, InCAConfig(num_heads=4))])
+    with pytest.raises(AdapterError, match="not a InCAAdapter"):
+        StackedInCA.from_adapters([a, LinearProbe(D, C)])
+    with pytest.raises(AdapterError, match="split evenly"):
+        StackedInCA(3, D, C)(torch.randn(2, B, N, D))
+    with pytest.raises(AdapterError, match="3 adapters"):
+        StackedInCA(3, D, C).param_groups([1e-3, 1e-3])
+
+
+def test_from_adapters_copies():
+    adapters = _adapters(2, InCAConfig(num_heads=2))
+    stack = StackedInCA.from_adapters(adapters)
+    assert stack.adapters[0].query.device.type == "cpu"
+    assert stack.adapters[0].query.data_ptr() != adapters[0].query.data_ptr()
+
+
+@pytest.mark.parametrize("stack_class", [StackedInCA, StackedLinear])
+def test_stacked_safetensors_round_trip(stack_class, tmp_path):
+    torch.manual_seed(0)
+    stack = stack_class(3, D, C).eval()
+    save_file(stack.state_dict(), tmp_path / "stack.safetensors")
+    fresh = stack_class(3, D, C).eval()
+    fresh.load_state_dict(load_file(tmp_path / "stack.safetensors"))
+    x = torch.randn(3, B, N, D)
+    assert torch.equal(stack(x), fresh(x))
+    assert parameter_report(stack, 10**6)["kind"] == stack.kind
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda groups: torch.optim.AdamW(groups, betas=(0.9, 0.99)),
+    lambda groups: torch.optim.SGD(groups, momentum=0.9),
+])
+def test_stacked_training_equals_separate_training(make_opt):
+    k, steps = 3, 4
+    lrs, wds = [1e-2, 3e-3, 3e-2], [0.0, 0.1, 0.05]
+    adapters = _adapters(k, InCAConfig(num_heads=4), dtype=torch.float64)
+    stack = StackedInCA.from_adapters(adapters).train()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(k, B, N, D, generator=gen, dtype=torch.float64),
+                torch.randint(0, C, (B,), generator=gen)) for _ in range(steps)]
+
+    opt = make_opt(stack.param_groups(lrs, wds))
+    for x, y in batches:
+        logits = stack(x)  # (K, B, C)
+        # The sum over adapters: each one's gradient is exactly its own loss's gradient.
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none")
+        loss.view(k, B).mean(1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for i, a in enumerate(adapters):
+        a.train()
+        opt_i = make_opt([{"params": list(a.parameters()), "lr": lrs[i], "weight_decay": wds[i]}])
+        for x, y in batches:
+            nn.functional.cross_entropy(a(x[i]), y).backward()
+            opt_i.step()
+            opt_i.zero_grad()
+        for (name, p), q in zip(a.named_parameters(), stack.adapters[i].parameters(),
+                                strict=True):
+            torch.testing.assert_close(q, p, atol=1e-9, rtol=1e-9, msg=f"adapter {i} {name}")
+        assert not torch.equal(a.query, adapters[(i + 1) % k].query)
+
+
+# -- Open-InCA: class-incremental training leaves old classes alone ------------------------
+def _train(adapter: nn.Module, params, x, y, steps: int, offset: int = 0) -> None:
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        logits = adapter(x)
+        nn.functional.cross_entropy(logits[:, offset:], y - offset).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_open_inca_new_classes_leave_old_logits_unchanged():
+    torch.manual_seed(0)
+    adapter = OpenInCAAdapter(D, C, OpenInCAConfig(num_heads=4))
+    x_old, y_old = torch.randn(8, N, D), torch.randint(0, C, (8,))
+    _train(adapter, adapter.parameters(), x_old, y_old, steps=3)  # phase 1: everything
+    probe = torch.randn(6, N, D)
+    with torch.no_grad():
+        phase1 = adapter(probe)
+    shared_before = [p.clone() for p in adapter.shared_parameters()]
+
+    adapter.add_classes(3)  # freezes the shared part and classes 0..C-1
+    assert adapter.num_classes == C + 3 and adapter.config.class_groups == (C, 3)
+    with torch.no_grad():
+        before = adapter(probe)[:, :C]
+    # Adding queries changes matmul shapes, hence rounding, but not the function.
+    torch.testing.assert_close(before, phase1, atol=1e-6, rtol=1e-6)
+    x_new, y_new = torch.randn(8, N, D), torch.randint(C, C + 3, (8,))
+    # All parameters to the optimizer, with weight decay: frozen ones still must not move.
+    _train(adapter, adapter.parameters(), x_new, y_new, steps=5, offset=C)
+
+    with torch.no_grad():
+        after = adapter(probe)
+    assert after.shape == (6, C + 3)
+    assert torch.equal(after[:, :C], before)
+    assert all(torch.equal(p, q) for p, q in zip(adapter.shared_parameters(), shared_before,
+                                                 strict=True))
+    assert adapter.queries[1].requires_grad and not adapter.queries[0].requires_grad
+    assert adapter.num_parameters(trainable_only=True) == 3 * (2 * D + 1)
