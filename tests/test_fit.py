@@ -158,3 +158,21 @@ def test_cli_fit_and_predict(tmp_path):
     res = CliRunner().invoke(app, ["fit", "--backbone", f"hf:{folder}", "--data", "digits",
                                    "--out", str(out), "--lrs", "-1"])
     assert res.exit_code == 2 and "lrs must be positive" in res.output
+
+
+def test_soup_and_ensemble_candidates(tmp_path):
+    task = inca.fit(planted_backbone(), planted_data(160, 0), layers=["stem", "block1"],
+                    kinds=("inca",), lrs=(3e-3, 1e-2), epochs=3, soup=True, ensemble_k=2,
+                    progress=False, cache_dir=tmp_path)
+    names = [c["name"] for c in task.report.candidates]
+    assert names[:2] == ["best", "ensemble"]
+    assert {"soup:inca/stem", "soup:inca/block1"} <= set(names)
+    chosen = next(c for c in task.report.candidates if c["name"] == task.report.chosen)
+    assert chosen["val_accuracy"] == max(c["val_accuracy"] for c in task.report.candidates)
+    ens = next(c for c in task.report.candidates if c["name"] == "ensemble")
+    assert len(ens["members"]) == 2
+    # a soup is one adapter whose weights average the lr grid's members
+    soup = inca.fit(planted_backbone(), planted_data(160, 0), layers=["stem"], kinds=("inca",),
+                    lrs=(3e-3, 1e-2), epochs=1, soup=True, ensemble_k=1, progress=False,
+                    cache_dir=tmp_path / "s", patience=0)
+    assert {c["name"] for c in soup.report.candidates} == {"best", "soup:inca/stem"}
