@@ -105,3 +105,19 @@ class PeakRSS:
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+
+def make_backbone(spec: str, *, input_size: int | None, device, random_weights: bool = False):
+    """The benchmark's backbone; ``random_weights`` builds the same architecture untrained
+    (for machines without the offline asset: timings do not depend on the weights)."""
+    import inca
+
+    kwargs = {} if input_size is None else {"input_size": input_size}
+    if random_weights and spec == "dinov2_vits14":
+        from inca.backbones.dinov2 import DinoV2Backbone, DinoV2ViT
+
+        torch.manual_seed(0)
+        return DinoV2Backbone(DinoV2ViT(), **kwargs).to(device)
+    if random_weights:
+        kwargs["pretrained"] = False
+    return inca.create_backbone(spec, device=device, **kwargs)

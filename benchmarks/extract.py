@@ -13,9 +13,7 @@ import argparse
 import statistics
 
 import torch
-from _common import command_line, environment, timed, write_results
-
-import inca
+from _common import command_line, environment, make_backbone, timed, write_results
 
 
 def main() -> None:
@@ -26,10 +24,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--input-size", type=int, default=112)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="same architecture, untrained (no offline asset needed)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    bb = inca.create_backbone(args.backbone, input_size=args.input_size, device=device)
+    bb = make_backbone(args.backbone, input_size=args.input_size, device=device,
+                       random_weights=args.random_weights)
     s = bb.preprocessing.input_size
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(args.batch_size, 3, s, s, generator=gen).to(device)

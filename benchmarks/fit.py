@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import PeakRSS, command_line, environment, write_results
+from _common import PeakRSS, command_line, environment, make_backbone, write_results
 
-import inca
 from inca.data import load_dataset, split_train_val
 from inca.features import extract_to_cache
 from inca.training import AdapterBank, FitConfig, plan_members, train_bank
@@ -35,46 +34,65 @@ def main() -> None:
     ap.add_argument("--kinds", default="inca,linear")
     ap.add_argument("--lrs", default="1e-3,3e-3")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--random-weights", action="store_true",
+                    help="same architecture, untrained (timings only; accuracy meaningless)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    bb = inca.create_backbone(args.backbone, device=device)
+    bb = make_backbone(args.backbone, input_size=None, device=device,
+                       random_weights=args.random_weights)
     data = load_dataset(args.data, split="train", limit=args.train)
     config = FitConfig(kinds=tuple(args.kinds.split(",")),
                        lrs=tuple(float(v) for v in args.lrs.split(",")),
-                       epochs=args.epochs, patience=0)
+                       epochs=args.epochs, batch_size=args.batch_size, patience=0)
     train_part, val_part = split_train_val(data, config.val_fraction, config.seed)
     layers = bb.layers
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def gpu_peak_mib(reset: bool = False) -> float | None:
+        if not cuda:
+            return None
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+            return None
+        return torch.cuda.max_memory_allocated() / 2**20
 
     with tempfile.TemporaryDirectory() as tmp:
+        gpu_peak_mib(reset=True)
         with PeakRSS() as mem_a:
             t = time.perf_counter()
             cache = extract_to_cache(bb, data, Path(tmp) / "cache", layers=layers,
                                      progress=False)
             sync()
             extract_s = time.perf_counter() - t
-        train = CachedSource(cache, train_part.indices, layers, device)
-        val = CachedSource(cache, val_part.indices, layers, device)
+        gpu_a = gpu_peak_mib()
         dims = dict(bb.embed_dims)
         counts = {k: cache.token_shape(k)[0] for k in layers}
 
         def run(specs):
+            # Each run reads only the layers its adapters read, as inca.fit does.
+            used = [k for k in layers if any(k in s.layers for s in specs)]
+            train = CachedSource(cache, train_part.indices, used, device)
+            val = CachedSource(cache, val_part.indices, used, device)
             adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=bb.num_prefix_tokens,
                                       num_classes=len(data.classes), seed=0) for s in specs]
             bank = AdapterBank(specs, adapters, counts).to(device)
+            gpu_peak_mib(reset=True)
             with PeakRSS() as mem:
                 t = time.perf_counter()
                 result = train_bank(bank, train, val, config, progress=False)
                 sync()
                 seconds = time.perf_counter() - t
-            return bank, result, seconds, mem
+            mem.gpu_mib = gpu_peak_mib()
+            return bank, result, seconds, mem, len(train), len(val)
 
         specs = plan_members(layers, config)
-        bank, result, bank_s, mem_b = run(specs)
+        bank, result, bank_s, mem_b, n_train, n_val = run(specs)
         best = max(range(len(specs)), key=lambda i: result.members[i].val_accuracy)
         one = [s for s in specs if s.kind == "inca"][len(layers) // 2 * len(config.lrs)]
-        _, _, one_s, mem_c = run([one])
+        _, _, one_s, mem_c, _, _ = run([one])
 
     k = len(specs)
     rows = [{"key": s.key, "val_accuracy": m.val_accuracy}
@@ -82,14 +100,16 @@ def main() -> None:
     payload = {
         "benchmark": "fit", "command": command_line(), "environment": environment(),
         "backbone": bb.name, "input_size": bb.preprocessing.input_size,
-        "samples": len(data), "train": len(train), "val": len(val), "epochs": args.epochs,
+        "samples": len(data), "train": n_train, "val": n_val, "epochs": args.epochs,
         "adapters_in_bank": k,
         "extract": {"seconds": extract_s, "peak_rss_mib": mem_a.peak_mib,
-                    "rss_growth_mib": mem_a.growth_mib},
+                    "rss_growth_mib": mem_a.growth_mib, "cuda_max_allocated_mib": gpu_a},
         "bank": {"seconds": bank_s, "peak_rss_mib": mem_b.peak_mib,
-                 "rss_growth_mib": mem_b.growth_mib},
+                 "rss_growth_mib": mem_b.growth_mib, "cuda_max_allocated_mib": mem_b.gpu_mib},
         "one_adapter": {"key": one.key, "seconds": one_s, "peak_rss_mib": mem_c.peak_mib,
-                        "rss_growth_mib": mem_c.growth_mib},
+                        "rss_growth_mib": mem_c.growth_mib,
+                        "cuda_max_allocated_mib": mem_c.gpu_mib},
+        "random_weights": args.random_weights,
         "bank_over_extract": bank_s / extract_s,
         "bank_over_one_adapter": bank_s / one_s,
         "target_bank_over_one_adapter": k / 3,
@@ -102,17 +122,18 @@ def main() -> None:
         f"{env['device']}",
         "",
         f"Command: `{payload['command']}`  ",
-        f"torch {env['torch']}, {env['cpu_threads']} threads; {len(train)} train / "
-        f"{len(val)} val samples, {args.epochs} epochs, {k} adapters in the bank.",
+        f"torch {env['torch']}, {env['cpu_threads']} threads"
+        f"{'; random weights (timings only)' if args.random_weights else ''}; {n_train} train / "
+        f"{n_val} val samples, {args.epochs} epochs, {k} adapters in the bank.",
         "",
-        "| phase | wall s | peak RSS MiB | RSS growth MiB |",
-        "|---|---:|---:|---:|",
+        "| phase | wall s | peak RSS MiB | RSS growth MiB | CUDA max allocated MiB |",
+        "|---|---:|---:|---:|---:|",
         f"| (a) extraction, {len(layers)} layers | {extract_s:.1f} | {mem_a.peak_mib:.0f} | "
-        f"{mem_a.growth_mib:.0f} |",
+        f"{mem_a.growth_mib:.0f} | {_mib(gpu_a)} |",
         f"| (b) bank of {k} adapters | {bank_s:.1f} | {mem_b.peak_mib:.0f} | "
-        f"{mem_b.growth_mib:.0f} |",
+        f"{mem_b.growth_mib:.0f} | {_mib(mem_b.gpu_mib)} |",
         f"| (c) one adapter ({one.key}) | {one_s:.1f} | {mem_c.peak_mib:.0f} | "
-        f"{mem_c.growth_mib:.0f} |",
+        f"{mem_c.growth_mib:.0f} | {_mib(mem_c.gpu_mib)} |",
         "",
         f"- bank / extraction: **{bank_s / extract_s:.2f}** (target < 1)",
         f"- bank / one adapter: **{bank_s / one_s:.2f}** for K={k} (target <= K/3 = {k / 3:.1f})",
@@ -127,6 +148,10 @@ def main() -> None:
     path = write_results(f"fit{suffix}", payload, "\n".join(md))
     print("\n".join(md))
     print(f"wrote {path}")
+
+
+def _mib(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
 
 
 if __name__ == "__main__":

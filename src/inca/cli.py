@@ -157,21 +157,18 @@ def predict_cmd(
     task: Annotated[list[Path], typer.Option(help="task folder(s) written by inca fit")],
     top_k: Annotated[int, typer.Option(help="labels shown per image")] = 3,
 ) -> None:
-    """Predict labels and probabilities of images with one or more fitted tasks."""
-    from inca.runtime import load_task
+    """Predict labels and probabilities of images with one or more fitted tasks.
 
-    backbone = None
-    for path in task:
-        t = load_task(path, backbone=backbone) if backbone is not None else load_task(path)
-        backbone = t.backbone
-        probs = t.predict_proba([str(p) for p in images])
-        k = min(top_k, len(t.classes))
-        typer.echo(f"task {path}:")
-        for img, p in zip(images, probs, strict=True):
-            values, idx = p.topk(k)
-            shown = ", ".join(f"{t.classes[i]} {v:.3f}" for v, i in
-                              zip(values.tolist(), idx.tolist(), strict=True))
-            typer.echo(f"  {img}: {shown}")
+    Several tasks share one backbone pass (they must have been trained on the same
+    backbone weights).
+    """
+    from inca.runtime import MultiTaskModel
+
+    model = MultiTaskModel.from_paths(list(task))
+    for name, per_image in model.predict([str(p) for p in images], top_k=top_k).items():
+        typer.echo(f"task {name}:")
+        for img, top in zip(images, per_image, strict=True):
+            typer.echo(f"  {img}: " + ", ".join(f"{label} {p:.3f}" for label, p in top))
 
 
 def print_cache_summary(cache) -> None:

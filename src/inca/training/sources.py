@@ -29,20 +29,31 @@ def _order(n: int, shuffle: bool, generator: torch.Generator | None) -> np.ndarr
 class CachedSource:
     """Batches of tokens read from an activation cache (no backbone cost).
 
+    When the selected samples' tokens fit in ``preload_bytes`` they are read once into
+    memory (on ``device``, in the cache's dtype) and batches are gathered there; otherwise
+    every batch is read from the memory-mapped shards.
+
     Args:
         cache: a complete cache.
         indices: which of its samples form this source (e.g. the train split).
         layers: layers to read.
         device: where batches go.
+        preload_bytes: largest token volume held in memory (default 4 GiB).
     """
 
     def __init__(self, cache: ActivationCache, indices: Sequence[int], layers: list[str],
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", preload_bytes: int = 4 << 30) -> None:
         self.cache = cache
         self.indices = np.asarray(indices, dtype=np.int64)
         self.layers = layers
         self.device = torch.device(device)
         self.labels = torch.from_numpy(cache.labels[self.indices]).long()
+        itemsize = np.dtype(cache.manifest["dtype"]).itemsize
+        volume = sum(np.prod(cache.token_shape(k)) for k in layers) * itemsize * len(self)
+        self._tokens: dict[str, torch.Tensor] | None = None
+        if volume <= preload_bytes:
+            self._tokens = {k: torch.from_numpy(cache.get_numpy(k, self.indices)).to(self.device)
+                            for k in layers}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -52,9 +63,12 @@ class CachedSource:
         order = _order(len(self), shuffle, generator)
         for start in range(0, len(order), batch_size):
             pos = order[start:start + batch_size]
-            # Sorted reads are sequential on disk; the batch keeps the shuffled order.
-            idx = self.indices[pos]
-            feats = {k: self.cache.get(k, idx, device=self.device) for k in self.layers}
+            if self._tokens is not None:
+                p = torch.from_numpy(pos).to(self.device)
+                feats = {k: v[p].float() for k, v in self._tokens.items()}
+            else:
+                idx = self.indices[pos]
+                feats = {k: self.cache.get(k, idx, device=self.device) for k in self.layers}
             yield feats, self.labels[pos].to(self.device)
 
 

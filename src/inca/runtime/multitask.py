@@ -1,0 +1,135 @@
+"""Many tasks on one backbone pass: the union of their layers is extracted once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inca.backbones.base import Backbone
+from inca.features.tokens import reduce_tokens
+from inca.runtime.task import Task, TaskError, check_backbone, load_task
+
+
+class MultiTaskModel:
+    """Several fitted tasks sharing one frozen backbone.
+
+    One forward pass extracts the union of the tasks' layers (stopping after the deepest),
+    then every task's head runs on its own layers. Tasks are added and removed at run
+    time without reloading the backbone; a task trained on other backbone weights is
+    refused.
+
+    Args:
+        backbone: the shared backbone.
+        tasks: initial tasks, ``{name: Task or task folder}``.
+
+    Example:
+        >>> model = MultiTaskModel.from_paths(["runs/a/task", "runs/b/task"])  # doctest: +SKIP
+        >>> model.predict_proba(images)  # doctest: +SKIP
+        {'a': tensor(...), 'b': tensor(...)}
+    """
+
+    def __init__(self, backbone: Backbone,
+                 tasks: Mapping[str, Task | str | Path] | None = None) -> None:
+        self.backbone = backbone
+        self._tasks: dict[str, Task] = {}
+        for name, task in (tasks or {}).items():
+            self.add_task(name, task)
+
+    @classmethod
+    def from_paths(cls, paths: list[str | Path], backbone: Backbone | None = None,
+                   names: list[str] | None = None) -> MultiTaskModel:
+        """Load task folders onto one backbone (created from the first task's record)."""
+        if not paths:
+            raise TaskError("give at least one task folder")
+        names = names or [_default_name(p) for p in paths]
+        if len(set(names)) != len(names):
+            raise TaskError(f"task names must be distinct, got {names}; name them explicitly")
+        first = load_task(paths[0], backbone=backbone)
+        model = cls(first.backbone, {names[0]: first})
+        for name, path in zip(names[1:], paths[1:], strict=True):
+            model.add_task(name, path)
+        return model
+
+    # -- managing tasks -------------------------------------------------------------
+    @property
+    def tasks(self) -> dict[str, Task]:
+        return dict(self._tasks)
+
+    def add_task(self, name: str, task: Task | str | Path) -> Task:
+        """Add (or replace) a task; refused if it was trained on other backbone weights."""
+        if not isinstance(task, Task):
+            task = load_task(task, backbone=self.backbone)
+        check_backbone(task.backbone_info, self.backbone, what=f"task {name!r}")
+        task.backbone = self.backbone
+        self._tasks[name] = task
+        return task
+
+    def remove_task(self, name: str) -> Task:
+        if name not in self._tasks:
+            raise TaskError(f"no task named {name!r}; tasks: {', '.join(self._tasks) or 'none'}")
+        return self._tasks.pop(name)
+
+    def layers(self, names: list[str] | None = None) -> list[str]:
+        """Union of the selected tasks' layers, in the backbone's order."""
+        wanted = {ly for n in self._select(names) for ly in self._tasks[n].layers}
+        return [ly for ly in self.backbone.layers if ly in wanted]
+
+    def _select(self, names: list[str] | None) -> list[str]:
+        if not self._tasks:
+            raise TaskError("no tasks loaded")
+        names = list(self._tasks) if names is None else list(names)
+        unknown = [n for n in names if n not in self._tasks]
+        if unknown:
+            raise TaskError(f"unknown task(s) {unknown}; tasks: {', '.join(self._tasks)}")
+        return names
+
+    # -- inference ------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_proba(self, images: Any, tasks: list[str] | None = None,
+                      batch_size: int = 64) -> dict[str, torch.Tensor]:
+        """``{task: probabilities (B, C)}`` from one backbone pass per batch.
+
+        Args:
+            images: a preprocessed tensor ``(B, 3, H, W)``, or PIL images / file paths.
+            tasks: which tasks to run (all by default).
+            batch_size: images per backbone pass.
+        """
+        names = self._select(tasks)
+        first = self._tasks[names[0]]
+        x = first._images_to_tensor(images)
+        layers = self.layers(names)
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size].to(self.backbone.device, self.backbone.dtype)
+            raw = self.backbone.extract(batch, layers)
+            reduced: dict[int | None, dict[str, torch.Tensor]] = {}
+            for n in names:
+                task = self._tasks[n]
+                grid = task.token_grid
+                if grid not in reduced:  # tasks trained with the same reduction share it
+                    reduced[grid] = {k: reduce_tokens(v, self.backbone.num_prefix_tokens, grid)
+                                     for k, v in raw.items()}
+                out[n].append(task.proba_from_features(reduced[grid]).cpu())
+        return {n: torch.cat(v) for n, v in out.items()}
+
+    def predict(self, images: Any, tasks: list[str] | None = None, top_k: int = 1,
+                batch_size: int = 64) -> dict[str, list[list[tuple[str, float]]]]:
+        """``{task: [[(label, probability), ...top_k] per image]}``."""
+        result = {}
+        for name, probs in self.predict_proba(images, tasks, batch_size).items():
+            classes = self._tasks[name].classes
+            k = min(top_k, len(classes))
+            values, idx = probs.topk(k, dim=-1)
+            result[name] = [
+                [(classes[i], float(v)) for v, i in zip(vs, ids, strict=True)]
+                for vs, ids in zip(values.tolist(), idx.tolist(), strict=True)
+            ]
+        return result
+
+
+def _default_name(path: str | Path) -> str:
+    p = Path(path)
+    return p.parent.name if p.name == "task" else p.name

@@ -1,0 +1,58 @@
+"""Many tasks on one backbone pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fit import planted_backbone, planted_data
+
+import inca
+from inca.runtime import MultiTaskModel, TaskError
+
+
+@pytest.fixture(scope="module")
+def two_tasks():
+    bb = planted_backbone()
+    common = dict(kinds=("linear",), lrs=(1e-2,), epochs=2, progress=False)
+    a = inca.fit(bb, planted_data(96, 0), layers=["stem"], **common)
+    b = inca.fit(bb, planted_data(96, 1), layers=["block1"], ensemble_k=1, **common)
+    return bb, a, b
+
+
+def test_one_pass_serves_every_task(two_tasks, tmp_path):
+    bb, a, b = two_tasks
+    images = [planted_data(8, 2)[i][0] for i in range(8)]
+    model = MultiTaskModel(bb, {"a": a, "b": b})
+    assert model.layers() == ["stem", "block1"]
+    passes, deep = [], []
+    h1 = bb.model.register_forward_pre_hook(lambda m, i: passes.append(1))
+    h2 = bb.model.get_submodule("block3").register_forward_hook(lambda *x: deep.append(1))
+    try:
+        out = model.predict_proba(images, batch_size=8)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert len(passes) == 1 and not deep  # one pass, stopped after block1
+    torch.testing.assert_close(out["a"], a.predict_proba(images))
+    torch.testing.assert_close(out["b"], b.predict_proba(images))
+    top = model.predict(images, top_k=2)
+    assert len(top["a"]) == 8 and len(top["a"][0]) == 2
+    assert top["a"][0][0][0] in a.classes
+
+
+def test_add_remove_and_refuse(two_tasks, tmp_path):
+    bb, a, b = two_tasks
+    b.save(tmp_path / "b" / "task")
+    model = MultiTaskModel.from_paths([tmp_path / "b" / "task"], backbone=bb)
+    assert list(model.tasks) == ["b"]
+    model.add_task("a", a)
+    assert set(model.tasks) == {"a", "b"}
+    model.remove_task("b")
+    assert model.layers() == ["stem"]
+    with pytest.raises(TaskError, match="no task named"):
+        model.remove_task("b")
+    with pytest.raises(TaskError, match="unknown task"):
+        model.predict_proba(torch.zeros(1, 3, 16, 16), tasks=["zzz"])
+    other = MultiTaskModel(planted_backbone(seed=1))
+    with pytest.raises(TaskError, match="does not fit"):
+        other.add_task("a", a)
