@@ -42,6 +42,7 @@ lint: $(DEPS)
 
 bench: $(ASSETS)
 	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/fit.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
