@@ -171,6 +171,35 @@ def predict_cmd(
             typer.echo(f"  {img}: " + ", ".join(f"{label} {p:.3f}" for label, p in top))
 
 
+@app.command("serve")
+@_friendly
+def serve_cmd(
+    task: Annotated[list[Path], typer.Option(help="task folder(s) written by inca fit")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="most images per backbone pass")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="batching wait for the first request")]
+    = 5.0,
+    batching: Annotated[bool, typer.Option(help="batch concurrent requests")] = True,
+    max_upload_mb: Annotated[float, typer.Option(help="largest request body (413 above)")]
+    = 10.0,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="INCA_API_KEY", help="require this X-API-Key header")
+    ] = None,
+) -> None:
+    """Serve tasks over HTTP: POST /predict, GET /tasks, GET /health (docs at /docs)."""
+    import uvicorn
+
+    from inca.runtime import MultiTaskModel
+    from inca.runtime.server import ServerConfig, create_app
+
+    model = MultiTaskModel.from_paths(list(task))
+    config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching,
+                          max_upload_bytes=int(max_upload_mb * 2**20), api_key=api_key)
+    typer.echo(f"serving {', '.join(model.tasks)} on http://{host}:{port} (docs: /docs)")
+    uvicorn.run(create_app(model, config), host=host, port=port, log_level="warning")
+
+
 def print_cache_summary(cache) -> None:
     """A per-layer table of what a cache holds."""
     import numpy as np
