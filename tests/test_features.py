@@ -106,7 +106,7 @@ from tiny import make_backbone
 from inca.data import load_dataset
 from inca.features import extract_to_cache
 bb = make_backbone("module", Path({tmp!r}))
-bb.model.register_forward_hook(lambda *a: time.sleep(0.15))
+bb.model.register_forward_pre_hook(lambda *a: time.sleep(0.15))
 extract_to_cache(bb, load_dataset("digits", limit={n}), {out!r}, batch_size=4, shard_size=8,
                  progress=False)
 """
@@ -202,3 +202,14 @@ def test_cli_extract_and_backbones(tmp_path):
     res = runner.invoke(app, ["extract", "--backbone", "nope", "--data", "digits",
                               "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "unknown backbone" in res.output
+
+
+def test_cache_of_more_layers_serves_a_subset(tmp_path, digits):
+    bb = make_backbone("module", tmp_path)
+    full = extract_to_cache(bb, digits, tmp_path / "c", progress=False)
+    seen = []
+    bb.model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    sub = extract_to_cache(bb, digits, tmp_path / "c", layers=[bb.layers[1]], progress=False)
+    assert sum(seen) <= 1 and sub.layers == full.layers  # reused, no extraction pass
+    with pytest.raises(CacheError, match="token_grid"):  # other identity: still refused
+        extract_to_cache(bb, digits, tmp_path / "c", token_grid=1, progress=False)

@@ -143,6 +143,8 @@ def extract_to_cache(
     names = backbone.resolve_layers(layers)
     wanted = _wanted_manifest(backbone, dataset, names, token_grid, dtype, shard_size)
     found = read_manifest(root)
+    if found is not None and found.get("complete") and _serves(found, wanted):
+        return ActivationCache(root)  # a complete cache of these layers (or more)
     if found is not None:
         mismatch = describe_mismatch(found, wanted)
         if mismatch and not overwrite:
@@ -204,6 +206,12 @@ def extract_to_cache(
     bar.close()
     writer.finish()
     return ActivationCache(root)
+
+
+def _serves(found: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a cache can serve a request: same identity, and every layer asked for."""
+    same = all(found.get(k) == wanted.get(k) for k in IDENTITY_KEYS if k != "layers")
+    return same and set(wanted["layers"]) <= set(found.get("layers", []))
 
 
 def _check_finite(tokens: dict[str, np.ndarray], dtype: str) -> None:
