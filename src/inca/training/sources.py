@@ -20,6 +20,19 @@ from inca.features import ActivationCache, extract_features
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
+class StackedFeats(dict):
+    """``{layer: (B, N, D)}`` whose tensors are slices of one block ``(L, B, N, D)``.
+
+    Sources that can gather every layer at once return this, so that stacked adapters read
+    the block as it is instead of stacking the layers again at every step.
+    """
+
+    def __init__(self, block: torch.Tensor, layers: list[str]) -> None:
+        super().__init__(zip(layers, block.unbind(0), strict=True))
+        self.block = block
+        self.order = list(layers)
+
+
 def _order(n: int, shuffle: bool, generator: torch.Generator | None) -> np.ndarray:
     if shuffle:
         return torch.randperm(n, generator=generator).numpy()
@@ -38,7 +51,8 @@ class CachedSource:
         indices: which of its samples form this source (e.g. the train split).
         layers: layers to read.
         device: where batches go.
-        preload_bytes: largest token volume held in memory (default 4 GiB).
+        preload_bytes: largest token volume held in memory (default 4 GiB), in fp32 when
+            it fits, else in the cache's dtype.
     """
 
     def __init__(self, cache: ActivationCache, indices: Sequence[int], layers: list[str],
@@ -48,12 +62,21 @@ class CachedSource:
         self.layers = layers
         self.device = torch.device(device)
         self.labels = torch.from_numpy(cache.labels[self.indices]).long()
-        itemsize = np.dtype(cache.manifest["dtype"]).itemsize
-        volume = sum(np.prod(cache.token_shape(k)) for k in layers) * itemsize * len(self)
+        count = sum(np.prod(cache.token_shape(k)) for k in layers) * len(self)
         self._tokens: dict[str, torch.Tensor] | None = None
-        if volume <= preload_bytes:
-            self._tokens = {k: torch.from_numpy(cache.get_numpy(k, self.indices)).to(self.device)
-                            for k in layers}
+        self._block: torch.Tensor | None = None  # (L, M, N, D) when every layer has one shape
+        # Converting fp16 to fp32 costs as much as a bank's forward on CPU: do it once, at
+        # load, when fp32 fits; else hold the cache's dtype and convert each batch.
+        dtype = None
+        if count * 4 <= preload_bytes:
+            dtype = torch.float32
+        elif count * np.dtype(cache.manifest["dtype"]).itemsize <= preload_bytes:
+            dtype = getattr(torch, cache.manifest["dtype"])
+        if dtype is not None:
+            self._tokens = {k: torch.from_numpy(cache.get_numpy(k, self.indices))
+                            .to(self.device, dtype) for k in layers}
+            if len({cache.token_shape(k) for k in layers}) == 1:
+                self._block = torch.stack([self._tokens.pop(k) for k in layers])
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -63,7 +86,14 @@ class CachedSource:
         order = _order(len(self), shuffle, generator)
         for start in range(0, len(order), batch_size):
             pos = order[start:start + batch_size]
-            if self._tokens is not None:
+            if self._block is not None:  # every layer gathered into one block
+                p = torch.from_numpy(pos).to(self.device)
+                block = self._block.new_empty((len(self.layers), len(pos),
+                                               *self._block.shape[2:]))
+                for i in range(len(self.layers)):  # row gathers: far faster than block[:, p]
+                    torch.index_select(self._block[i], 0, p, out=block[i])
+                feats: dict[str, torch.Tensor] = StackedFeats(block.float(), self.layers)
+            elif self._tokens is not None:
                 p = torch.from_numpy(pos).to(self.device)
                 feats = {k: v[p].float() for k, v in self._tokens.items()}
             else:
