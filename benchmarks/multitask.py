@@ -1,0 +1,222 @@
+"""Many tasks on one backbone pass vs a separate backbone copy per task: images/s and memory.
+
+Usage: python benchmarks/multitask.py [--backbone dinov2_vits14] [--input-size 112]
+           [--tasks 1,2,4,8] [--batch-size 32] [--batches 2] [--repeats 3] [--device cpu]
+           [--random-weights]
+
+Task heads are untrained InCA adapters (throughput does not depend on their weights), each
+reading one layer spread over the depth, so the union of layers grows with the number of
+tasks. The first task reads the deepest block, so every shared pass runs to the same depth
+and the ratio to one task measures what the extra tasks cost.
+
+- shared: ``MultiTaskModel(backbone, tasks).predict_proba`` (one pass, union of layers).
+- separate: one backbone per task (the original plus deep copies, as fine-tuned copies
+  would be), each running its own pass (up to its task's layer: a lower bound on what a
+  fine-tuned copy, which runs to the end, would cost) and its own head.
+
+Both run in one process on the same batches, interleaved per task count. Memory: parameter
+bytes, and RSS growth over the one-backbone process while building and running.
+Target: shared images/s for 8 tasks >= 0.85 x for 1 task.
+Results: benchmarks/results/multitask[-<device>].{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import torch
+from _common import PeakRSS, command_line, environment, make_backbone, timed, write_results
+
+from inca.adapters import create_adapter
+from inca.features import extract_features
+from inca.runtime import MultiTaskModel, Task
+
+# Deepest first, then spread over the second half of the depth.
+LAYER_ORDER = (11, 5, 8, 10, 6, 9, 7, 11, 4, 3, 2, 1)
+TARGET = 0.85
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="dinov2_vits14")
+    ap.add_argument("--input-size", type=int, default=112)
+    ap.add_argument("--tasks", default="1,2,4,8", help="task counts to measure")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=2,
+                    help="batches per measurement (same images for shared and separate)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="same architecture, untrained (no offline asset needed)")
+    args = ap.parse_args()
+
+    counts = sorted({int(v) for v in args.tasks.split(",")})
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    bb = make_backbone(args.backbone, input_size=args.input_size, device=device,
+                       random_weights=args.random_weights)
+    blocks = [ly for ly in bb.layers if ly.startswith("blocks.")] or list(bb.layers)
+    info = bb.describe()
+    dim = next(iter(bb.embed_dims.values()))
+    classes = [f"class{i}" for i in range(args.num_classes)]
+
+    torch.manual_seed(0)
+    tasks: dict[str, Task] = {}
+    for i in range(max(counts)):
+        depth = LAYER_ORDER[i % len(LAYER_ORDER)] * len(blocks) // 12
+        layer = blocks[min(depth, len(blocks) - 1)]
+        head = create_adapter("inca", embed_dim=bb.embed_dims.get(layer, dim),
+                              num_classes=args.num_classes, device=device)
+        tasks[f"task{i}"] = Task([head], [[layer]], classes, info, backbone=bb)
+    names = list(tasks)
+
+    s = bb.preprocessing.input_size
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(args.batch_size, 3, s, s, generator=gen).to(device)
+               for _ in range(args.batches)]
+    n_images = args.batch_size * args.batches
+
+    def shared_run(model: MultiTaskModel):
+        def run():
+            return [model.predict_proba(x, batch_size=args.batch_size) for x in batches]
+        return run
+
+    def separate_run(models: list, selected: list[str]):
+        @torch.no_grad()
+        def run():
+            out = []
+            for x in batches:
+                out.append({n: tasks[n].proba_from_features(
+                    extract_features(m, x, tasks[n].layers, tasks[n].token_grid)).cpu()
+                    for m, n in zip(models, selected, strict=True)})
+            return out
+        return run
+
+    # Warm-up (allocator, kernels) on the largest shared model.
+    shared_run(MultiTaskModel(bb, tasks))()
+
+    backbone_bytes = _param_bytes(bb)
+    rss_one_backbone = PeakRSS.rss()
+    # Shared memory first, while the process holds one backbone and no copies.
+    shared_peak = {}
+    for t in counts:
+        with PeakRSS() as mem:
+            shared_run(MultiTaskModel(bb, {n: tasks[n] for n in names[:t]}))()
+        shared_peak[t] = mem.peak
+    models = [bb]  # separate models: the original backbone plus deep copies
+    rows = []
+    for t in counts:
+        selected = names[:t]
+        model = MultiTaskModel(bb, {n: tasks[n] for n in selected})
+        run = shared_run(model)
+        with PeakRSS() as mem_sep:
+            while len(models) < t:
+                models.append(copy.deepcopy(bb))
+            sep = separate_run(models[:t], selected)
+            sep()  # warm-up of the new copies
+        layers = model.layers()
+
+        @torch.no_grad()
+        def backbone_only(layers=layers):
+            for x in batches:
+                bb.extract(x, layers)
+
+        # Interleave so drifts in machine speed hit all alike.
+        t_shared, t_sep, t_pass = [], [], []
+        for _ in range(args.repeats):
+            t_shared += timed(run, 1, sync)
+            t_sep += timed(sep, 1, sync)
+            t_pass += timed(backbone_only, 1, sync)
+        a, b = run(), sep()
+        max_diff = max(float((a[i][n] - b[i][n]).abs().max())
+                       for i in range(len(batches)) for n in selected)
+        shared_s, sep_s = statistics.median(t_shared), statistics.median(t_sep)
+        pass_s = statistics.median(t_pass)
+        head_bytes = sum(_param_bytes(m) for n in selected for m in tasks[n].members)
+        rows.append({
+            "tasks": t,
+            "layers": layers,
+            "deepest": layers[-1],
+            "shared_s": shared_s,
+            "separate_s": sep_s,
+            "shared_backbone_pass_s": pass_s,
+            "shared_heads_fraction": max(0.0, 1 - pass_s / shared_s),
+            "shared_images_per_s": n_images / shared_s,
+            "separate_images_per_s": n_images / sep_s,
+            "shared_params_mib": (backbone_bytes + head_bytes) / 2**20,
+            "separate_params_mib": (t * backbone_bytes + head_bytes) / 2**20,
+            "heads_params_mib": head_bytes / 2**20,
+            "shared_rss_growth_mib": (shared_peak[t] - rss_one_backbone) / 2**20,
+            "separate_rss_growth_mib": (mem_sep.peak - rss_one_backbone) / 2**20,
+            "max_abs_diff_shared_vs_separate": max_diff,
+        })
+    base = rows[0]["shared_images_per_s"]
+    for r in rows:
+        r["shared_ratio_to_1"] = r["shared_images_per_s"] / base
+        r["shared_over_separate"] = r["shared_images_per_s"] / r["separate_images_per_s"]
+    top = rows[-1]
+    met = top["shared_ratio_to_1"] >= TARGET
+    max_diff_all = max(r["max_abs_diff_shared_vs_separate"] for r in rows)
+
+    payload = {
+        "benchmark": "multitask", "command": command_line(), "environment": environment(),
+        "backbone": bb.name, "input_size": s, "random_weights": args.random_weights,
+        "images_per_measurement": n_images, "batch_size": args.batch_size,
+        "repeats": args.repeats, "backbone_params_mib": backbone_bytes / 2**20,
+        "head": "inca adapter, untrained, one layer per task",
+        "separate_pass": "each copy runs to its own task's layer (early stop): a lower "
+                         "bound on a fine-tuned copy's cost",
+        "target_shared_ratio": TARGET, "target_tasks": top["tasks"],
+        "target_met": met, "rows": rows,
+    }
+    env = payload["environment"]
+    md = [
+        f"# Many tasks on one pass: {bb.name} at {s} px, {env['device']}",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"torch {env['torch']}, {env['cpu_threads']} threads"
+        f"{'; random weights' if args.random_weights else ''}; {n_images} images per "
+        f"measurement (batch {args.batch_size}), median of {args.repeats}, shared and "
+        "separate interleaved. Heads: untrained InCA adapters, one layer each; task 0 reads "
+        f"the deepest block ({rows[0]['deepest']}).",
+        "",
+        "| tasks | layers (deepest) | shared images/s | ratio to 1 task | separate images/s "
+        "| shared / separate | params MiB shared / separate | RSS growth MiB shared / "
+        "separate | heads' share of shared time |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {r['tasks']} | {len(r['layers'])} ({r['deepest']}) | "
+          f"{r['shared_images_per_s']:.1f} | {r['shared_ratio_to_1']:.3f} | "
+          f"{r['separate_images_per_s']:.1f} | {r['shared_over_separate']:.2f} | "
+          f"{r['shared_params_mib']:.1f} / {r['separate_params_mib']:.1f} | "
+          f"{r['shared_rss_growth_mib']:.0f} / {r['separate_rss_growth_mib']:.0f} | "
+          f"{r['shared_heads_fraction']:.0%} |"
+          for r in rows],
+        "",
+        f"- target: shared images/s for {top['tasks']} tasks >= {TARGET} x 1 task: "
+        f"**{top['shared_ratio_to_1']:.3f}** ({'met' if met else 'NOT met'})",
+        f"- one backbone: {backbone_bytes / 2**20:.1f} MiB of parameters; one head: "
+        f"{rows[0]['heads_params_mib'] * 1024:.0f} KiB",
+        "- separate: the original backbone plus deep copies (as fine-tuned copies would be), "
+        "each running up to its own task's layer, a lower bound on a fine-tuned copy's cost.",
+        "- heads' share: 1 - (the union's backbone pass alone) / (shared predict_proba), "
+        "measured interleaved with the others.",
+        "- RSS growth: peak resident memory while building and running, over the process "
+        "holding one backbone (shared measured first, before any copy exists).",
+        f"- shared and separate predictions agree to {max_diff_all:.1e} (max abs difference).",
+        "",
+    ]
+    suffix = "" if device.type == "cpu" else f"-{device.type}"
+    path = write_results(f"multitask{suffix}", payload, "\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
