@@ -24,6 +24,7 @@ def test_one_pass_serves_every_task(two_tasks, tmp_path):
     images = [planted_data(8, 2)[i][0] for i in range(8)]
     model = MultiTaskModel(bb, {"a": a, "b": b})
     assert model.layers() == ["stem", "block1"]
+    model.predict_proba(images[:1])  # plans the heads once (one probe pass)
     passes, deep = [], []
     h1 = bb.model.register_forward_pre_hook(lambda m, i: passes.append(1))
     h2 = bb.model.get_submodule("block3").register_forward_hook(lambda *x: deep.append(1))
@@ -56,3 +57,23 @@ def test_add_remove_and_refuse(two_tasks, tmp_path):
     other = MultiTaskModel(planted_backbone(seed=1))
     with pytest.raises(TaskError, match="does not fit"):
         other.add_task("a", a)
+
+
+def test_inca_heads_of_several_tasks_share_one_attention_pass():
+    bb = planted_backbone()
+    common = dict(kinds=("inca",), lrs=(1e-2,), epochs=1, progress=False, ensemble_k=1)
+    tasks = {
+        "c": inca.fit(bb, planted_data(64, 0), layers=["stem"], **common),
+        "d": inca.fit(bb, planted_data(64, 1), layers=["block1"], **common),
+        "e": inca.fit(bb, planted_data(64, 2), layers=["stem"], **common),
+    }
+    model = MultiTaskModel(bb, tasks)
+    images = [planted_data(6, 3)[i][0] for i in range(6)]
+    out = model.predict_proba(images)
+    shared, alone = model._plan(("c", "d", "e"))
+    assert len(shared) == 1 and len(shared[0][1].members) == 3 and not alone
+    for name, task in tasks.items():
+        torch.testing.assert_close(out[name], task.predict_proba(images), atol=1e-5,
+                                   rtol=1e-4)
+    model.remove_task("d")
+    torch.testing.assert_close(model.predict_proba(images)["e"], out["e"])

@@ -8,9 +8,35 @@ from typing import Any
 
 import torch
 
+from inca.adapters import InCAAdapter
+from inca.adapters._folded import cat_params, fold_attention, folded_cross_attention
+from inca.adapters.inca import inca_head
 from inca.backbones.base import Backbone
 from inca.features.tokens import reduce_tokens
 from inca.runtime.task import Task, TaskError, check_backbone, load_task
+
+
+class _SharedAttention:
+    """The InCA members of several tasks (same width and attention config), whose
+    cross-attention runs as one batched computation; each keeps its own classifier.
+
+    Weights do not change at inference, so the stacked, folded parameters are built once.
+    """
+
+    def __init__(self, members: list[tuple[str, InCAAdapter, str]]) -> None:
+        self.members = members  # (task name, adapter, layer)
+        first = members[0][1]
+        self.config = first.config
+        with torch.no_grad():
+            self.folded = fold_attention(cat_params([m.attention_params() for _, m, _ in
+                                                     members]), self.config.num_heads)
+
+    def logits(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        dtype = self.folded.norm_weight.dtype
+        tokens = torch.stack([feats[layer] for _, _, layer in self.members]).to(dtype)
+        out, _ = folded_cross_attention(tokens, self.folded, self.config.norm_eps)  # (K,B,Q,D)
+        return [inca_head(out[i:i + 1], m.head_params(), m.config, False)[0]
+                for i, (_, m, _) in enumerate(self.members)]
 
 
 class MultiTaskModel:
@@ -35,6 +61,7 @@ class MultiTaskModel:
                  tasks: Mapping[str, Task | str | Path] | None = None) -> None:
         self.backbone = backbone
         self._tasks: dict[str, Task] = {}
+        self._plans: dict[tuple[str, ...], Any] = {}
         for name, task in (tasks or {}).items():
             self.add_task(name, task)
 
@@ -65,11 +92,13 @@ class MultiTaskModel:
         check_backbone(task.backbone_info, self.backbone, what=f"task {name!r}")
         task.backbone = self.backbone
         self._tasks[name] = task
+        self._plans.clear()
         return task
 
     def remove_task(self, name: str) -> Task:
         if name not in self._tasks:
             raise TaskError(f"no task named {name!r}; tasks: {', '.join(self._tasks) or 'none'}")
+        self._plans.clear()
         return self._tasks.pop(name)
 
     def layers(self, names: list[str] | None = None) -> list[str]:
@@ -101,19 +130,69 @@ class MultiTaskModel:
         first = self._tasks[names[0]]
         x = first._images_to_tensor(images)
         layers = self.layers(names)
+        shared, alone = self._plan(tuple(names))
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].to(self.backbone.device, self.backbone.dtype)
             raw = self.backbone.extract(batch, layers)
-            reduced: dict[int | None, dict[str, torch.Tensor]] = {}
+            reduced = {grid: {k: reduce_tokens(v, self.backbone.num_prefix_tokens, grid)
+                              for k, v in raw.items()}
+                       for grid in {self._tasks[n].token_grid for n in names}}
+            probs: dict[str, torch.Tensor] = {n: 0.0 for n in names}  # type: ignore[misc]
+            for grid, group in shared:
+                for (name, _, _), logits in zip(group.members, group.logits(reduced[grid]),
+                                                strict=True):
+                    probs[name] = probs[name] + self._share(name, logits)
+            for name, member, member_layers in alone:
+                feats = reduced[self._tasks[name].token_grid]
+                x_in = (feats[member_layers[0]] if len(member_layers) == 1
+                        else [feats[k] for k in member_layers])
+                probs[name] = probs[name] + self._share(name, member(x_in))
             for n in names:
-                task = self._tasks[n]
-                grid = task.token_grid
-                if grid not in reduced:  # tasks trained with the same reduction share it
-                    reduced[grid] = {k: reduce_tokens(v, self.backbone.num_prefix_tokens, grid)
-                                     for k, v in raw.items()}
-                out[n].append(task.proba_from_features(reduced[grid]).cpu())
+                out[n].append(probs[n].cpu())
         return {n: torch.cat(v) for n, v in out.items()}
+
+    def _token_counts(self, names: tuple[str, ...]) -> dict[tuple[str, int | None], int]:
+        """Tokens N of each (layer, grid) the tasks read, from one probe pass."""
+        size = self.backbone.preprocessing.input_size
+        probe = torch.zeros(1, 3, size, size, device=self.backbone.device,
+                            dtype=self.backbone.dtype)
+        raw = self.backbone.extract(probe, self.layers(list(names)))
+        grids = {self._tasks[n].token_grid for n in names}
+        return {(k, g): reduce_tokens(v, self.backbone.num_prefix_tokens, g).shape[1]
+                for k, v in raw.items() for g in grids}
+
+    def _share(self, name: str, logits: torch.Tensor) -> torch.Tensor:
+        """One member's probabilities, weighted for its task's average over members."""
+        return logits.float().softmax(-1) / len(self._tasks[name].members)
+
+    def _plan(self, names: tuple[str, ...]) -> tuple[list[tuple[Any, _SharedAttention]],
+                                                     list[tuple[str, Any, list[str]]]]:
+        """Which members share one batched attention, and which run alone (cached)."""
+        if names not in self._plans:
+            counts = self._token_counts(names)
+            groups: dict[tuple, list[tuple[str, InCAAdapter, str]]] = {}
+            alone = []
+            for name in names:
+                task = self._tasks[name]
+                for member, member_layers in zip(task.members, task.member_layers,
+                                                 strict=True):
+                    if type(member) is InCAAdapter and len(member_layers) == 1:
+                        # stacking needs one token count: CNN stages of equal width may differ
+                        key = (task.token_grid, member.embed_dim, repr(member.config),
+                               counts[(member_layers[0], task.token_grid)])
+                        groups.setdefault(key, []).append((name, member, member_layers[0]))
+                    else:
+                        alone.append((name, member, member_layers))
+            shared = []
+            for key, members in groups.items():
+                if len(members) == 1:
+                    name, member, layer = members[0]
+                    alone.append((name, member, [layer]))
+                else:
+                    shared.append((key[0], _SharedAttention(members)))
+            self._plans[names] = (shared, alone)
+        return self._plans[names]
 
     def predict(self, images: Any, tasks: list[str] | None = None, top_k: int = 1,
                 batch_size: int = 64) -> dict[str, list[list[tuple[str, float]]]]:
