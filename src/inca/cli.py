@@ -200,6 +200,39 @@ def serve_cmd(
     uvicorn.run(create_app(model, config), host=host, port=port, log_level="warning")
 
 
+@app.command("compare")
+@_friendly
+def compare_cmd(
+    backbone: Annotated[str, typer.Option(help="e.g. dinov2_vits14, timm:<name>, hf:<path>")],
+    data: Annotated[str, typer.Option(help="data with train and test splits")],
+    out: Annotated[Path, typer.Option(help="folder for compare.{json,md,png}")],
+    methods: Annotated[str, typer.Option(help="full,last,lora,linear,multilayer,inca")]
+    = "full,last,lora,linear,multilayer,inca",
+    epochs: Annotated[int, typer.Option(help="epoch budget of every method")] = 3,
+    limit: Annotated[int | None, typer.Option(help="training samples")] = 2000,
+    test_limit: Annotated[int | None, typer.Option(help="test samples")] = 1000,
+    seeds: Annotated[int, typer.Option(help="seeds of the probes and InCA")] = 3,
+    expensive_seeds: Annotated[int, typer.Option(help="seeds of full/last/LoRA")] = 1,
+    batch_size: Annotated[int, typer.Option(help="batch size of every method")] = 32,
+    lrs: Annotated[str, typer.Option(help="lr grid of the probes and InCA")] = "1e-3,3e-3",
+    input_size: Annotated[int | None, typer.Option(help="image side")] = None,
+    token_grid: Annotated[int | None, typer.Option(help="pool patch tokens to a grid")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Compare InCA with full/last-layer fine-tuning, LoRA and probes: one table, one run."""
+    from inca.baselines.compare import CompareConfig, run_compare, to_markdown, write
+
+    config = CompareConfig(
+        backbone=backbone, data=data, methods=tuple(m.strip() for m in methods.split(",")),
+        epochs=epochs, limit=limit, test_limit=test_limit, seeds=seeds,
+        expensive_seeds=expensive_seeds, batch_size=batch_size, lrs=_floats(lrs),
+        input_size=input_size, token_grid=token_grid, device=device)
+    result = run_compare(config)
+    files = write(result, out)
+    typer.echo(to_markdown(result))
+    typer.echo(f"wrote {files['markdown']}, {files['json']}, {files['plot']}")
+
+
 def print_cache_summary(cache) -> None:
     """A per-layer table of what a cache holds."""
     import numpy as np

@@ -72,7 +72,6 @@ class HookBackbone(Backbone):
                 f"{name}: no submodule named {', '.join(missing)}; "
                 "pass names as listed by model.named_modules()"
             )
-        self._modules_by_layer = {n: modules[n] for n in self.layers}
         self.freeze()
         self.embed_dims = embed_dims or self._measure_dims()
 
@@ -95,7 +94,9 @@ class HookBackbone(Backbone):
             return hook
 
         for layer in layers:
-            handles.append(self._modules_by_layer[layer].register_forward_hook(make_hook(layer)))
+            # Looked up by name at every call: a wrapper (e.g. LoRA) may have replaced it.
+            module = self.model.get_submodule(layer)
+            handles.append(module.register_forward_hook(make_hook(layer)))
         try:
             self._forward_fn(self.model, x)
         except _StopForward:

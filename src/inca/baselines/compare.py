@@ -1,0 +1,329 @@
+"""``inca compare``: InCA against fine-tuning, LoRA and probes, side by side, on one split.
+
+Every method runs in its own child process (spawned), so that its peak resident memory is
+measured the same way for all: sampled during its training phase. Every method sees the
+same backbone, data, split (seed 0), preprocessing and epoch budget; seeds vary the
+initialisation and batch order. Costs are counted honestly: the probes and InCA share one
+extraction pass (run once, in its own process, into one cache of every layer), and its
+wall time and peak memory are added to each of them; fine-tuning's cost includes every
+epoch's forward and backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inca.errors import InCAError
+
+METHODS = ("full", "last", "lora", "linear", "multilayer", "inca")
+EXPENSIVE = ("full", "last", "lora")
+# What each cheap method asks of inca.fit.
+_FIT_ARGS = {
+    "linear": {"kinds": ("linear",), "layers": "last"},
+    "multilayer": {"kinds": ("multilayer_linear",), "layers": "all"},
+    "inca": {"kinds": ("inca",), "layers": "all"},
+}
+
+
+@dataclass
+class CompareConfig:
+    """What ``inca compare`` runs.
+
+    Attributes:
+        backbone: backbone spec (``dinov2_vits14``, ``timm:<name>``, ...).
+        data: data spec (``fashion-mnist``, a folder, ...); its test split is the test set.
+        methods: methods to compare (see :data:`METHODS`).
+        epochs: the epoch budget of every method.
+        limit: training samples (a seeded, class-balanced subset).
+        test_limit: test samples.
+        seeds: seeds of the cheap methods (probes, InCA): mean and spread are reported.
+        expensive_seeds: seeds of full, last-layer and LoRA fine-tuning.
+        batch_size: batch size of every method.
+        lrs: learning-rate grid of the probes and InCA.
+        input_size: image side (the backbone's default when ``None``).
+        val_fraction: held-out share for selection and early choice of epoch.
+        token_grid: pool patch tokens of the probes' and InCA's inputs to this grid.
+        device: where to run.
+        workdir: where the shared activation cache goes (a temporary folder if ``None``).
+    """
+
+    backbone: str = "dinov2_vits14"
+    data: str = "fashion-mnist"
+    methods: tuple[str, ...] = METHODS
+    epochs: int = 3
+    limit: int | None = 2000
+    test_limit: int | None = 1000
+    seeds: int = 3
+    expensive_seeds: int = 1
+    batch_size: int = 32
+    lrs: tuple[float, ...] = (1e-3, 3e-3)
+    input_size: int | None = None
+    val_fraction: float = 0.15
+    token_grid: int | None = None
+    device: str = "cpu"
+    workdir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise InCAError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if self.epochs < 1 or self.seeds < 1 or self.expensive_seeds < 1:
+            raise InCAError("epochs, seeds and expensive_seeds must be at least 1")
+
+
+@dataclass
+class Run:
+    """One method at one seed."""
+
+    method: str
+    seed: int
+    test_accuracy: float
+    val_accuracy: float
+    train_seconds: float
+    peak_rss_mib: float
+    cuda_peak_mib: float | None
+    trainable_parameters: int
+    stored_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _backbone(config: CompareConfig):
+    import inca
+
+    kwargs = {} if config.input_size is None else {"input_size": config.input_size}
+    return inca.create_backbone(config.backbone, device=config.device, **kwargs)
+
+
+def _setup(config: CompareConfig):
+    from inca.data import load_dataset
+
+    backbone = _backbone(config)
+    train = load_dataset(config.data, split="train", limit=config.limit, seed=0)
+    test = load_dataset(config.data, split="test", limit=config.test_limit, seed=0)
+    return backbone, train, test
+
+
+def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """A child process: one method at one seed (or the shared extraction); returns dicts."""
+    import torch
+
+    from inca._memory import PeakMemory
+    from inca.data import split_train_val
+
+    config = CompareConfig(**job["config"])
+    method, seed = job["method"], job["seed"]
+    torch.manual_seed(seed)
+    backbone, train, test = _setup(config)
+    tr, val = split_train_val(train, config.val_fraction, 0)  # one split for every method
+    device = torch.device(config.device)
+    cache_root = Path(job["cache_root"])
+    if method == "extract":
+        from inca.features import extract_to_cache
+
+        with PeakMemory(device=device) as mem:
+            t = time.perf_counter()
+            for name, ds in (("train", tr), ("val", val), ("test", test)):
+                extract_to_cache(backbone, ds, cache_root / name, layers="all",
+                                 batch_size=config.batch_size, token_grid=config.token_grid,
+                                 progress=False)
+            seconds = time.perf_counter() - t
+        return [{"seconds": seconds, "peak_rss_mib": mem.peak_rss_mib,
+                 "cuda_peak_mib": mem.cuda_peak_mib}]
+    if method in EXPENSIVE:
+        from inca.baselines.finetune import FineTuneConfig, finetune
+
+        ft = FineTuneConfig(method=method, epochs=config.epochs, batch_size=config.batch_size,
+                            seed=seed)
+        with PeakMemory(device=device) as mem:
+            t = time.perf_counter()
+            res = finetune(backbone, tr, val, test, ft, progress=False)
+            seconds = time.perf_counter() - t
+        return [asdict(Run(method, seed, res.test_accuracy or 0.0, res.val_accuracy, seconds,
+                           mem.peak_rss_mib, mem.cuda_peak_mib, res.trainable_parameters,
+                           res.stored_bytes, {"epochs_run": res.epochs_run}))]
+
+    import inca
+
+    ext = job["extraction"]
+    with PeakMemory(device=device) as mem:
+        t = time.perf_counter()
+        task = inca.fit(backbone, tr, val, test=test, epochs=config.epochs, seed=seed,
+                        batch_size=config.batch_size, lrs=config.lrs, patience=0,
+                        token_grid=config.token_grid, progress=False, cache_dir=cache_root,
+                        **_FIT_ARGS[method])
+        seconds = time.perf_counter() - t
+    rep = task.report
+    if rep.timings["extract_seconds"] > 0.5 * ext["seconds"]:
+        raise InCAError("the shared activation cache was not reused; costs would count "
+                        "extraction twice")
+    runs = []
+    names = ["best", "ensemble"] if method == "inca" else ["best"]
+    for name in names:
+        cand = next((c for c in rep.candidates if c["name"] == name), None)
+        if cand is None:
+            continue
+        members = [r for r in rep.rows if r["key"] in cand["members"]]
+        label = method if name == "best" else f"{method}-ensemble"
+        cuda = None if mem.cuda_peak_mib is None else max(mem.cuda_peak_mib,
+                                                          ext["cuda_peak_mib"] or 0)
+        runs.append(asdict(Run(
+            label, seed, rep.test_accuracy[name], cand["val_accuracy"],
+            ext["seconds"] + seconds, max(ext["peak_rss_mib"], mem.peak_rss_mib), cuda,
+            sum(r["parameters"] for r in rep.rows),  # the whole bank was trained
+            sum(r["parameters"] for r in members) * 4,  # fp32 safetensors of the chosen
+            {"members": cand["members"], "extract_seconds": ext["seconds"],
+             "fit_seconds": seconds, "bank_size": len(rep.rows)})))
+    return runs
+
+
+def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every method (each in a fresh child process) and summarise.
+
+    Returns:
+        ``{"config", "runs", "summary", "backbone"}``; see :func:`to_markdown`.
+    """
+    ctx = mp.get_context("spawn")
+
+    def child(job: dict[str, Any]) -> list[dict[str, Any]]:
+        with ctx.Pool(1) as pool:  # a fresh process: peak memory of this job alone
+            return pool.apply(_run_one, (job,))
+
+    runs: list[dict[str, Any]] = []
+    extraction: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="inca-compare-") as tmp:
+        root = Path(config.workdir or tmp) / "cache"
+        base = {"config": asdict(config), "cache_root": str(root)}
+        cheap = [m for m in config.methods if m not in EXPENSIVE]
+        if cheap:
+            if progress:
+                print("extracting every layer once for " + ", ".join(cheap), flush=True)
+            extraction = child({**base, "method": "extract", "seed": 0})[0]
+        jobs = []
+        for method in config.methods:
+            n = config.expensive_seeds if method in EXPENSIVE else config.seeds
+            jobs += [{**base, "method": method, "seed": s, "extraction": extraction}
+                     for s in range(n)]
+        for i, job in enumerate(jobs):
+            if progress:
+                print(f"[{i + 1}/{len(jobs)}] {job['method']} seed {job['seed']}", flush=True)
+            runs += child(job)
+    backbone = _backbone(config)
+    backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters())
+    return {"config": asdict(config), "runs": runs, "extraction": extraction,
+            "backbone": {**backbone.describe(), "bytes": backbone_bytes},
+            "summary": summarise(runs, backbone_bytes)}
+
+
+def summarise(runs: list[dict[str, Any]], backbone_bytes: int) -> list[dict[str, Any]]:
+    """Per method: accuracy mean and spread over seeds, costs of the first seed, ratios."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    rows = []
+    for method, rs in by.items():
+        accs = [r["test_accuracy"] for r in rs]
+        first = min(rs, key=lambda r: r["seed"])  # costs of seed 0: extraction included
+        rows.append({
+            "method": method, "seeds": len(rs), "test_accuracy_mean": statistics.mean(accs),
+            "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "train_seconds": first["train_seconds"], "peak_rss_mib": first["peak_rss_mib"],
+            "cuda_peak_mib": first["cuda_peak_mib"],
+            "trainable_parameters": first["trainable_parameters"],
+            "stored_bytes": first["stored_bytes"],
+            "stored_percent_of_backbone": 100 * first["stored_bytes"] / backbone_bytes,
+        })
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for r in rows:
+        if full:
+            r["time_vs_full"] = r["train_seconds"] / full["train_seconds"]
+            r["memory_vs_full"] = r["peak_rss_mib"] / full["peak_rss_mib"]
+            r["storage_vs_full"] = r["stored_bytes"] / full["stored_bytes"]
+            r["accuracy_minus_full"] = r["test_accuracy_mean"] - full["test_accuracy_mean"]
+    return rows
+
+
+def to_markdown(result: dict[str, Any], command: str = "") -> str:
+    """The comparison table."""
+    c = result["config"]
+    has_full = any("time_vs_full" in r for r in result["summary"])
+    lines = [
+        f"# inca compare: {result['backbone']['name']} on {c['data']}",
+        "",
+        *([f"Command: `{command}`  "] if command else []),
+        f"{c['limit']} training images ({c['val_fraction']:.0%} held out for validation), "
+        f"{c['test_limit']} test images, {c['epochs']} epochs for every method, batch "
+        f"{c['batch_size']}, device {c['device']}. Accuracy: mean ± std over the seeds shown. "
+        "Costs: the first seed's run, each method in its own process; the probes and InCA "
+        f"include the shared extraction pass ({result['extraction'].get('seconds', 0):.1f} s).",
+        "",
+        "| method | seeds | test acc | Δ vs full | train s | time vs full | peak RSS MiB | "
+        "memory vs full | trainable params | stored per task | % of backbone |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["summary"]:
+        def ratio(key: str, row: dict[str, Any] = r) -> str:
+            return f"{row[key]:.3f}" if has_full and key in row else "n/a"
+
+        delta = f"{100 * r['accuracy_minus_full']:+.2f}" if "accuracy_minus_full" in r else "n/a"
+        lines.append(
+            f"| {r['method']} | {r['seeds']} | {100 * r['test_accuracy_mean']:.2f} ± "
+            f"{100 * r['test_accuracy_std']:.2f} | {delta} | {r['train_seconds']:.1f} | "
+            f"{ratio('time_vs_full')} | {r['peak_rss_mib']:.0f} | {ratio('memory_vs_full')} | "
+            f"{r['trainable_parameters']:,} | {_size(r['stored_bytes'])} | "
+            f"{r['stored_percent_of_backbone']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy against training cost, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in result["summary"]:
+        ax.errorbar(r["train_seconds"], 100 * r["test_accuracy_mean"],
+                    yerr=100 * r["test_accuracy_std"], fmt="o", capsize=3)
+        ax.annotate(r["method"], (r["train_seconds"], 100 * r["test_accuracy_mean"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training wall time, s (log; extraction included)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title(f"{result['backbone']['name']} on {result['config']['data']}: "
+                 "accuracy vs training cost")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def write(result: dict[str, Any], folder: str | Path, name: str = "compare",
+          command: str = "") -> dict[str, Path]:
+    """``<name>.json``, ``<name>.md`` and ``<name>.png`` in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    from inca.features.cache import atomic_write_bytes
+
+    payload = {**result, "command": command}
+    atomic_write_bytes(folder / f"{name}.json", (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write_bytes(folder / f"{name}.md", to_markdown(result, command).encode())
+    return {"json": folder / f"{name}.json", "markdown": folder / f"{name}.md",
+            "plot": plot(result, folder / f"{name}.png")}

@@ -1,0 +1,265 @@
+"""Baselines that back-propagate through the backbone: full, last-block and LoRA fine-tuning.
+
+For comparisons only (``inca compare``): each trains a deep copy of the backbone (the
+caller's stays frozen and unchanged) and a new linear head on the pooled features of the
+deepest layer, with AdamW, a cosine schedule with warm-up and label smoothing, keeping the
+best epoch on validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from inca.backbones.base import Backbone, to_tokens
+from inca.errors import InCAError
+
+FINETUNE_METHODS = ("full", "last", "lora")
+_NORMS = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm, nn.BatchNorm1d)
+
+
+@dataclass
+class FineTuneConfig:
+    """How a fine-tuning baseline trains.
+
+    Attributes:
+        method: ``"full"`` (every backbone weight), ``"last"`` (the final block, and the
+            final norm when that is the last layer) or ``"lora"`` (LoRA through peft).
+        epochs: passes over the training data.
+        batch_size: images per step.
+        lr_head: learning rate of the new linear head.
+        lr_backbone: learning rate of backbone weights (full, last): lower than the head's,
+            as usual when fine-tuning pretrained weights.
+        lr_lora: learning rate of the LoRA weights.
+        weight_decay: AdamW weight decay.
+        label_smoothing: cross-entropy label smoothing.
+        warmup_epochs: linear warm-up before the cosine decay.
+        seed: seeds the head, LoRA initialisation and batch order.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+        lora_targets: module names to adapt; ``None`` finds the attention projections
+            (``qkv``, or ``query``/``key``/``value``), else the 1x1 convolutions of a CNN.
+        augment: random crops and flips (as ``inca.fit`` in streaming mode).
+        num_workers: DataLoader workers decoding images.
+    """
+
+    method: str = "full"
+    epochs: int = 3
+    batch_size: int = 32
+    lr_head: float = 1e-3
+    lr_backbone: float = 5e-5
+    lr_lora: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 0.5
+    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] | None = None
+    augment: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in FINETUNE_METHODS:
+            raise InCAError(f"method must be one of {FINETUNE_METHODS}, got {self.method!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lora_r < 1:
+            raise InCAError("epochs, batch_size and lora_r must be at least 1")
+        if min(self.lr_head, self.lr_backbone, self.lr_lora) <= 0:
+            raise InCAError("learning rates must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FineTuneResult:
+    """What a fine-tuning run measured."""
+
+    method: str
+    val_accuracy: float
+    test_accuracy: float | None
+    train_seconds: float
+    epochs_run: int
+    trainable_parameters: int
+    stored_bytes: int  # what a per-task file must hold beyond the shared backbone
+    history: list[dict[str, Any]] = field(default_factory=list)
+    model_: Backbone | None = field(default=None, repr=False)  # the fine-tuned copy
+    head_: nn.Module | None = field(default=None, repr=False)
+
+
+def _lora_targets(model: nn.Module) -> list[str]:
+    names = [n for n, _ in model.named_modules()]
+    attn = [n for n in names if n.rsplit(".", 1)[-1] in ("qkv", "query", "key", "value")]
+    if attn:
+        return attn
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
+
+
+def _last_block_modules(backbone: Backbone) -> list[str]:
+    last = backbone.layers[-1]
+    names = [last]
+    if isinstance(backbone.model.get_submodule(last), _NORMS) and len(backbone.layers) > 1:
+        names.insert(0, backbone.layers[-2])  # e.g. dinov2: blocks.11 + the final norm
+    return names
+
+
+def prepare(backbone: Backbone, config: FineTuneConfig) -> tuple[Backbone, list[str]]:
+    """A trainable copy of ``backbone`` for ``config.method`` and the names of the
+    parameters (in ``copy.model.named_parameters()``) it trains."""
+    tuned = copy.deepcopy(backbone)
+    model = tuned.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif config.method == "last":
+        for name in _last_block_modules(tuned):
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+    else:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as e:  # pragma: no cover - optional extra
+            raise InCAError("LoRA needs peft: pip install 'inca[baselines]'") from e
+        targets = list(config.lora_targets or _lora_targets(model))
+        if not targets:
+            raise InCAError(f"{backbone.name}: no attention projections or 1x1 convolutions "
+                            "to put LoRA on; name them with lora_targets")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            inject_adapter_in_model(LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                               target_modules=targets), model)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return tuned, names
+
+
+def _features(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features of the deepest layer, with gradients (not ``extract``'s
+    inference mode): the CLS token, or the mean of the tokens of a CNN."""
+    layer = backbone.layers[-1]
+    tokens = to_tokens(backbone._extract(x, [layer])[layer])  # (B, N, D)
+    return tokens[:, 0] if backbone.num_prefix_tokens else tokens.mean(1)
+
+
+def _set_mode(tuned: Backbone, config: FineTuneConfig, training: bool) -> None:
+    # Frozen parts stay in eval mode (BatchNorm statistics untouched); trained parts train.
+    nn.Module.train(tuned.model, False)
+    if not training:
+        return
+    if config.method == "full":
+        nn.Module.train(tuned.model, True)
+    elif config.method == "last":
+        for name in _last_block_modules(tuned):
+            tuned.model.get_submodule(name).train(True)
+
+
+@torch.no_grad()
+def _accuracy(tuned: Backbone, head: nn.Module, loader: DataLoader) -> float:
+    correct = total = 0
+    for x, y in loader:
+        x = x.to(tuned.device)
+        correct += int((head(_features(tuned, x)).argmax(-1).cpu() == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
+             config: FineTuneConfig | None = None, *, progress: bool = True) -> FineTuneResult:
+    """Fine-tune a copy of ``backbone`` with a new head; the caller's backbone is unchanged.
+
+    Args:
+        backbone: the pretrained backbone (left frozen and unchanged).
+        train: training data yielding ``(image, label)`` with ``classes``.
+        val: validation data (best epoch kept).
+        test: optional test data, evaluated with the best epoch's weights.
+        config: method and hyper-parameters.
+        progress: show a progress bar.
+    """
+    from inca.data import TransformedDataset, build_transform
+    from inca.training.bank import cosine_with_warmup
+
+    config = config or FineTuneConfig()
+    tuned, names = prepare(backbone, config)
+    model, device = tuned.model, tuned.device
+    params = dict(model.named_parameters())
+    trained = [params[n] for n in names]
+    dim = _features(tuned, torch.zeros(1, 3, tuned.preprocessing.input_size,
+                                       tuned.preprocessing.input_size, device=device)).shape[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        head = nn.Linear(dim, len(train.classes)).to(device)
+    prep = tuned.preprocessing
+    gen = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(TransformedDataset(train, build_transform(prep, train=config.augment)),
+                        batch_size=config.batch_size, shuffle=True, generator=gen,
+                        num_workers=config.num_workers, drop_last=len(train) > config.batch_size)
+
+    def eval_loader(ds: Any) -> DataLoader:
+        return DataLoader(TransformedDataset(ds, build_transform(prep)),
+                          batch_size=config.batch_size, num_workers=config.num_workers)
+
+    lr_backbone = config.lr_lora if config.method == "lora" else config.lr_backbone
+    optimizer = torch.optim.AdamW(
+        [{"params": trained, "lr": lr_backbone}, {"params": head.parameters(),
+                                                  "lr": config.lr_head}],
+        weight_decay=config.weight_decay)
+    total = len(loader) * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total, round(config.warmup_epochs * len(loader))))
+    best_acc, best_state, history = -1.0, None, []
+    bar = tqdm(total=total, desc=f"fine-tune ({config.method})", unit="step",
+               disable=not progress)
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        _set_mode(tuned, config, True)
+        for x, y in loader:
+            logits = head(_features(tuned, x.to(device)))
+            loss = F.cross_entropy(logits, y.to(device), label_smoothing=config.label_smoothing)
+            if not torch.isfinite(loss):
+                raise InCAError(f"{config.method} fine-tuning: the loss became {loss.item()} "
+                                f"at epoch {epoch + 1}; lower the learning rates")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update(1)
+        _set_mode(tuned, config, False)
+        acc = _accuracy(tuned, head, eval_loader(val))
+        history.append({"epoch": epoch + 1, "val_accuracy": acc})
+        if acc > best_acc:
+            best_acc = acc
+            best_state = ([p.detach().clone() for p in trained],
+                          {k: v.detach().clone() for k, v in head.state_dict().items()})
+    train_seconds = time.perf_counter() - start
+    bar.close()
+    with torch.no_grad():
+        for p, v in zip(trained, best_state[0], strict=True):
+            p.copy_(v)
+    head.load_state_dict(best_state[1])
+    test_acc = _accuracy(tuned, head, eval_loader(test)) if test is not None else None
+    head_params = sum(p.numel() for p in head.parameters())
+    stored = sum(p.numel() * p.element_size() for p in trained) + head_params * 4
+    if config.method == "full":  # the whole backbone is the task's own copy, buffers too
+        stored = sum(v.numel() * v.element_size() for v in model.state_dict().values()) \
+            + head_params * 4
+    return FineTuneResult(config.method, best_acc, test_acc, train_seconds, config.epochs,
+                          sum(p.numel() for p in trained) + head_params, stored, history,
+                          tuned, head)
+
+
+def trainable_parameter_names(backbone: Backbone, method: str) -> list[str]:
+    """Names of the backbone parameters a method trains (in ``backbone.model``'s naming;
+    LoRA's are the injected ``lora_`` weights)."""
+    return prepare(backbone, FineTuneConfig(method=method))[1]

@@ -1,0 +1,56 @@
+"""inca compare: one run, every method in its own process, one table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import save_tiny_hf_vit
+from typer.testing import CliRunner
+
+from inca.baselines.compare import CompareConfig, summarise
+from inca.cli import app
+from inca.errors import InCAError
+
+
+def test_compare_cli_end_to_end(tmp_path):
+    folder = save_tiny_hf_vit(tmp_path / "vit")
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, [
+        "compare", "--backbone", f"hf:{folder}", "--data", "digits", "--out", str(out),
+        "--methods", "full,linear,inca", "--epochs", "1", "--limit", "120", "--test-limit",
+        "60", "--seeds", "2", "--batch-size", "16"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "compare.json").read_text())
+    rows = {r["method"]: r for r in result["summary"]}
+    assert set(rows) == {"full", "linear", "inca", "inca-ensemble"}
+    assert rows["linear"]["seeds"] == 2 and rows["full"]["seeds"] == 1
+    assert rows["full"]["time_vs_full"] == 1.0
+    assert rows["inca"]["stored_bytes"] < rows["full"]["stored_bytes"]
+    for r in result["runs"]:
+        if r["method"] in ("linear", "inca"):  # the shared extraction is counted in
+            assert r["train_seconds"] >= r["extra"]["extract_seconds"]
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| inca |" in (out / "compare.md").read_text()
+
+
+def test_config_and_summary():
+    with pytest.raises(InCAError, match="unknown method"):
+        CompareConfig(methods=("full", "magic"))
+    runs = [
+        {"method": "full", "seed": 0, "test_accuracy": 0.9, "train_seconds": 100.0,
+         "peak_rss_mib": 1000.0, "cuda_peak_mib": None, "trainable_parameters": 10,
+         "stored_bytes": 1000},
+        {"method": "inca", "seed": 0, "test_accuracy": 0.88, "train_seconds": 10.0,
+         "peak_rss_mib": 300.0, "cuda_peak_mib": None, "trainable_parameters": 5,
+         "stored_bytes": 20},
+        {"method": "inca", "seed": 1, "test_accuracy": 0.86, "train_seconds": 99.0,
+         "peak_rss_mib": 999.0, "cuda_peak_mib": None, "trainable_parameters": 5,
+         "stored_bytes": 20},
+    ]
+    rows = {r["method"]: r for r in summarise(runs, backbone_bytes=1000)}
+    assert rows["inca"]["test_accuracy_mean"] == pytest.approx(0.87)
+    assert rows["inca"]["time_vs_full"] == pytest.approx(0.1)  # seed 0's cost
+    assert rows["inca"]["memory_vs_full"] == pytest.approx(0.3)
+    assert rows["inca"]["accuracy_minus_full"] == pytest.approx(-0.03)
+    assert rows["inca"]["stored_percent_of_backbone"] == pytest.approx(2.0)
