@@ -43,6 +43,9 @@ lint: $(DEPS)
 bench: $(ASSETS)
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/fit.py
+	$(BIN)/python benchmarks/multitask.py
+	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/compare.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
