@@ -60,53 +60,6 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
     return path
 
 
-class PeakRSS:
-    """Peak resident memory of this process during a ``with`` block, sampled every 5 ms.
-
-    Reports the peak and the growth over the RSS at entry, so phases run one after another
-    in one process can be compared.
-    """
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
-        self.start = self.peak = 0
-
-    @staticmethod
-    def rss() -> int:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakRSS:
-        import threading
-
-        self.start = self.peak = self.rss()
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                self.peak = max(self.peak, self.rss())
-                self._stop.wait(self.interval)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def growth_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak / 2**20
-
-
 def make_backbone(spec: str, *, input_size: int | None, device, random_weights: bool = False):
     """The benchmark's backbone; ``random_weights`` builds the same architecture untrained
     (for machines without the offline asset: timings do not depend on the weights)."""

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import PeakRSS, command_line, environment, make_backbone, write_results
+from _common import command_line, environment, make_backbone, write_results
 
+from inca._memory import PeakMemory
 from inca.data import load_dataset, split_train_val
 from inca.features import extract_to_cache
 from inca.training import AdapterBank, FitConfig, plan_members, train_bank
@@ -48,26 +49,15 @@ def main() -> None:
                        epochs=args.epochs, batch_size=args.batch_size, patience=0)
     train_part, val_part = split_train_val(data, config.val_fraction, config.seed)
     layers = bb.layers
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def gpu_peak_mib(reset: bool = False) -> float | None:
-        if not cuda:
-            return None
-        if reset:
-            torch.cuda.reset_peak_memory_stats()
-            return None
-        return torch.cuda.max_memory_allocated() / 2**20
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        gpu_peak_mib(reset=True)
-        with PeakRSS() as mem_a:
+        with PeakMemory(device=device) as mem_a:
             t = time.perf_counter()
             cache = extract_to_cache(bb, data, Path(tmp) / "cache", layers=layers,
                                      progress=False)
             sync()
             extract_s = time.perf_counter() - t
-        gpu_a = gpu_peak_mib()
         dims = dict(bb.embed_dims)
         counts = {k: cache.token_shape(k)[0] for k in layers}
 
@@ -79,13 +69,11 @@ def main() -> None:
             adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=bb.num_prefix_tokens,
                                       num_classes=len(data.classes), seed=0) for s in specs]
             bank = AdapterBank(specs, adapters, counts).to(device)
-            gpu_peak_mib(reset=True)
-            with PeakRSS() as mem:
+            with PeakMemory(device=device) as mem:
                 t = time.perf_counter()
                 result = train_bank(bank, train, val, config, progress=False)
                 sync()
                 seconds = time.perf_counter() - t
-            mem.gpu_mib = gpu_peak_mib()
             return bank, result, seconds, mem, len(train), len(val)
 
         specs = plan_members(layers, config)
@@ -102,13 +90,14 @@ def main() -> None:
         "backbone": bb.name, "input_size": bb.preprocessing.input_size,
         "samples": len(data), "train": n_train, "val": n_val, "epochs": args.epochs,
         "adapters_in_bank": k,
-        "extract": {"seconds": extract_s, "peak_rss_mib": mem_a.peak_mib,
-                    "rss_growth_mib": mem_a.growth_mib, "cuda_max_allocated_mib": gpu_a},
-        "bank": {"seconds": bank_s, "peak_rss_mib": mem_b.peak_mib,
-                 "rss_growth_mib": mem_b.growth_mib, "cuda_max_allocated_mib": mem_b.gpu_mib},
-        "one_adapter": {"key": one.key, "seconds": one_s, "peak_rss_mib": mem_c.peak_mib,
+        "extract": {"seconds": extract_s, "peak_rss_mib": mem_a.peak_rss_mib,
+                    "rss_growth_mib": mem_a.growth_mib,
+                    "cuda_max_allocated_mib": mem_a.cuda_peak_mib},
+        "bank": {"seconds": bank_s, "peak_rss_mib": mem_b.peak_rss_mib,
+                 "rss_growth_mib": mem_b.growth_mib, "cuda_max_allocated_mib": mem_b.cuda_peak_mib},
+        "one_adapter": {"key": one.key, "seconds": one_s, "peak_rss_mib": mem_c.peak_rss_mib,
                         "rss_growth_mib": mem_c.growth_mib,
-                        "cuda_max_allocated_mib": mem_c.gpu_mib},
+                        "cuda_max_allocated_mib": mem_c.cuda_peak_mib},
         "random_weights": args.random_weights,
         "bank_over_extract": bank_s / extract_s,
         "bank_over_one_adapter": bank_s / one_s,
@@ -128,12 +117,12 @@ def main() -> None:
         "",
         "| phase | wall s | peak RSS MiB | RSS growth MiB | CUDA max allocated MiB |",
         "|---|---:|---:|---:|---:|",
-        f"| (a) extraction, {len(layers)} layers | {extract_s:.1f} | {mem_a.peak_mib:.0f} | "
-        f"{mem_a.growth_mib:.0f} | {_mib(gpu_a)} |",
-        f"| (b) bank of {k} adapters | {bank_s:.1f} | {mem_b.peak_mib:.0f} | "
-        f"{mem_b.growth_mib:.0f} | {_mib(mem_b.gpu_mib)} |",
-        f"| (c) one adapter ({one.key}) | {one_s:.1f} | {mem_c.peak_mib:.0f} | "
-        f"{mem_c.growth_mib:.0f} | {_mib(mem_c.gpu_mib)} |",
+        f"| (a) extraction, {len(layers)} layers | {extract_s:.1f} | {mem_a.peak_rss_mib:.0f} | "
+        f"{mem_a.growth_mib:.0f} | {_mib(mem_a.cuda_peak_mib)} |",
+        f"| (b) bank of {k} adapters | {bank_s:.1f} | {mem_b.peak_rss_mib:.0f} | "
+        f"{mem_b.growth_mib:.0f} | {_mib(mem_b.cuda_peak_mib)} |",
+        f"| (c) one adapter ({one.key}) | {one_s:.1f} | {mem_c.peak_rss_mib:.0f} | "
+        f"{mem_c.growth_mib:.0f} | {_mib(mem_c.cuda_peak_mib)} |",
         "",
         f"- bank / extraction: **{bank_s / extract_s:.2f}** (target < 1)",
         f"- bank / one adapter: **{bank_s / one_s:.2f}** for K={k} (target <= K/3 = {k / 3:.1f})",
