@@ -228,7 +228,7 @@ def compare_cmd(
         expensive_seeds=expensive_seeds, batch_size=batch_size, lrs=_floats(lrs),
         input_size=input_size, token_grid=token_grid, device=device)
     result = run_compare(config)
-    files = write(result, out)
+    files = write(result, out, command=" ".join(["inca", *sys.argv[1:]]))
     typer.echo(to_markdown(result))
     typer.echo(f"wrote {files['markdown']}, {files['json']}, {files['plot']}")
 
