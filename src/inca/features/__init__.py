@@ -1,7 +1,7 @@
 """One-pass multi-layer extraction and the resumable, memory-mapped activation cache."""
 
 from inca.features.cache import ActivationCache, read_manifest
-from inca.features.extract import extract_features, extract_to_cache
+from inca.features.extract import extract_features, extract_to_cache, token_shapes
 from inca.features.tokens import reduce_tokens
 
 __all__ = [
@@ -10,4 +10,5 @@ __all__ = [
     "extract_to_cache",
     "read_manifest",
     "reduce_tokens",
+    "token_shapes",
 ]

@@ -52,6 +52,15 @@ def extract_features(
     return {k: reduce_tokens(v, backbone.num_prefix_tokens, token_grid) for k, v in feats.items()}
 
 
+def token_shapes(backbone: Backbone, layers: str | Sequence[str] | None = None,
+                 token_grid: int | None = None) -> dict[str, tuple[int, int]]:
+    """``{layer: (N, D)}`` of the tokens :func:`extract_features` returns, from one pass
+    of a blank image at the backbone's input size."""
+    s = backbone.preprocessing.input_size
+    feats = extract_features(backbone, torch.zeros(1, 3, s, s), layers, token_grid)
+    return {k: (int(v.shape[1]), int(v.shape[2])) for k, v in feats.items()}
+
+
 def _wanted_manifest(
     backbone: Backbone,
     dataset: Any,
@@ -60,10 +69,7 @@ def _wanted_manifest(
     dtype: str,
     shard_size: int,
 ) -> dict[str, Any]:
-    s = backbone.preprocessing.input_size
-    probe = torch.zeros(1, 3, s, s)
-    shapes = {k: list(v.shape[1:]) for k, v in
-              extract_features(backbone, probe, layers, token_grid).items()}
+    shapes = {k: list(v) for k, v in token_shapes(backbone, layers, token_grid).items()}
     return {
         "format_version": FORMAT_VERSION,
         "backbone": backbone.name,
@@ -222,4 +228,4 @@ def _check_finite(tokens: dict[str, np.ndarray], dtype: str) -> None:
             raise CacheError(f"layer {k} produced non-finite activations{hint}")
 
 
-__all__ = ["IDENTITY_KEYS", "extract_features", "extract_to_cache"]
+__all__ = ["IDENTITY_KEYS", "extract_features", "extract_to_cache", "token_shapes"]

@@ -12,6 +12,7 @@ from inca.adapters import InCAAdapter
 from inca.adapters._folded import cat_params, fold_attention, folded_cross_attention
 from inca.adapters.inca import inca_head
 from inca.backbones.base import Backbone
+from inca.features import token_shapes
 from inca.features.tokens import reduce_tokens
 from inca.runtime.task import Task, TaskError, check_backbone, load_task
 
@@ -153,14 +154,10 @@ class MultiTaskModel:
         return {n: torch.cat(v) for n, v in out.items()}
 
     def _token_counts(self, names: tuple[str, ...]) -> dict[tuple[str, int | None], int]:
-        """Tokens N of each (layer, grid) the tasks read, from one probe pass."""
-        size = self.backbone.preprocessing.input_size
-        probe = torch.zeros(1, 3, size, size, device=self.backbone.device,
-                            dtype=self.backbone.dtype)
-        raw = self.backbone.extract(probe, self.layers(list(names)))
-        grids = {self._tasks[n].token_grid for n in names}
-        return {(k, g): reduce_tokens(v, self.backbone.num_prefix_tokens, g).shape[1]
-                for k, v in raw.items() for g in grids}
+        """Tokens N of each (layer, grid) the tasks read (one probe pass per grid)."""
+        layers = self.layers(list(names))
+        return {(k, g): n for g in {self._tasks[t].token_grid for t in names}
+                for k, (n, _) in token_shapes(self.backbone, layers, g).items()}
 
     def _share(self, name: str, logits: torch.Tensor) -> torch.Tensor:
         """One member's probabilities, weighted for its task's average over members."""

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from inca.adapters import parameter_report
 from inca.backbones.base import Backbone
 from inca.errors import InCAError
-from inca.features import extract_features, extract_to_cache
+from inca.features import extract_to_cache, token_shapes
 from inca.runtime.task import Task
 from inca.training.bank import AdapterBank, build_adapter, plan_members
 from inca.training.config import FitConfig
@@ -143,7 +142,8 @@ def fit(
         adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=backbone.num_prefix_tokens,
                                   num_classes=len(classes), options=config.adapter_options,
                                   seed=config.seed) for s in specs]
-        bank = AdapterBank(specs, adapters, _token_counts(backbone, layers, config.token_grid))
+        shapes = token_shapes(backbone, layers, config.token_grid)
+        bank = AdapterBank(specs, adapters, {k: n for k, (n, _) in shapes.items()})
         bank.to(backbone.device)
         result = train_bank(bank, train_src, val_src, config, progress=progress)
 
@@ -178,12 +178,6 @@ def fit(
     task.metrics = report.summary()
     task.report = report
     return task
-
-
-def _token_counts(backbone: Backbone, layers: list[str], grid: int | None) -> dict[str, int]:
-    s = backbone.preprocessing.input_size
-    feats = extract_features(backbone, torch.zeros(1, 3, s, s), layers, grid)
-    return {k: int(v.shape[1]) for k, v in feats.items()}
 
 
 def _linear_probe_baseline(bank: AdapterBank, result: BankResult, layers: list[str]):
