@@ -52,10 +52,11 @@ def timed(fn, repeats: int, sync=None) -> list[float]:
     return times
 
 
-def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    path = RESULTS / f"{name}.md"
+def write_results(name: str, payload: dict[str, Any], markdown: str,
+                  folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    path = folder / f"{name}.md"
     path.write_text(markdown)
     return path
 

@@ -27,8 +27,9 @@ import copy
 import statistics
 
 import torch
-from _common import PeakRSS, command_line, environment, make_backbone, timed, write_results
+from _common import command_line, environment, make_backbone, timed, write_results
 
+from inca._memory import PeakMemory, rss_bytes
 from inca.adapters import create_adapter
 from inca.features import extract_features
 from inca.runtime import MultiTaskModel, Task
@@ -103,11 +104,11 @@ def main() -> None:
     shared_run(MultiTaskModel(bb, tasks))()
 
     backbone_bytes = _param_bytes(bb)
-    rss_one_backbone = PeakRSS.rss()
+    rss_one_backbone = rss_bytes()
     # Shared memory first, while the process holds one backbone and no copies.
     shared_peak = {}
     for t in counts:
-        with PeakRSS() as mem:
+        with PeakMemory() as mem:
             shared_run(MultiTaskModel(bb, {n: tasks[n] for n in names[:t]}))()
         shared_peak[t] = mem.peak
     models = [bb]  # separate models: the original backbone plus deep copies
@@ -116,7 +117,7 @@ def main() -> None:
         selected = names[:t]
         model = MultiTaskModel(bb, {n: tasks[n] for n in selected})
         run = shared_run(model)
-        with PeakRSS() as mem_sep:
+        with PeakMemory() as mem_sep:
             while len(models) < t:
                 models.append(copy.deepcopy(bb))
             sep = separate_run(models[:t], selected)

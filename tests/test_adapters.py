@@ -324,15 +324,38 @@ def test_from_adapters_refuses_mixed_stacks():
         StackedInCA.from_adapters([a, LinearProbe(D, C)])
     with pytest.raises(AdapterError, match="split evenly"):
         StackedInCA(3, D, C)(torch.randn(2, B, N, D))
-    with pytest.raises(AdapterError, match="3 adapters"):
-        StackedInCA(3, D, C).param_groups([1e-3, 1e-3])
+    with pytest.raises(AdapterError, match="one layer in"):
+        StackedInCA(3, D, C)(torch.randn(2, B, N, D), layer_index=[0, 1, 2])
 
 
 def test_from_adapters_copies():
     adapters = _adapters(2, InCAConfig(num_heads=2))
     stack = StackedInCA.from_adapters(adapters)
-    assert stack.adapters[0].query.device.type == "cpu"
-    assert stack.adapters[0].query.data_ptr() != adapters[0].query.data_ptr()
+    assert stack.query.shape == (2, 1, D) and stack.in_proj_weight.shape == (2, 3 * D, D)
+    assert stack.query.data_ptr() != adapters[0].query.data_ptr()
+    # The registered stacked tensors are all there is: what the optimizer sees is what the
+    # forward reads.
+    assert {n for n, _ in stack.named_parameters()} == {
+        "query", "token_norm_weight", "token_norm_bias", "in_proj_weight", "in_proj_bias",
+        "out_proj_weight", "out_proj_bias", "norm_weight", "norm_bias", "head_weight",
+        "head_bias"}
+
+
+def test_stacks_share_token_passes_with_any_layer_assignment():
+    """Several stacks and single adapters computed together (as the bank and the multi-task
+    runtime do), each member reading any layer, equal each adapter alone."""
+    cfg = InCAConfig(num_heads=4, num_queries=2)
+    adapters = _adapters(5, cfg)
+    tokens = torch.randn(3, B, N, D)
+    parts = [StackedInCA.from_adapters(adapters[:3]), adapters[3], adapters[4]]
+    index = [[2, 0, 2], [1], [2]]
+    logits = StackedInCA.run(tokens, parts, index)
+    assert [tuple(x.shape) for x in logits] == [(3, B, C), (1, B, C), (1, B, C)]
+    flat = torch.cat(logits)
+    for a, layer, out in zip(adapters, [2, 0, 2, 1, 2], flat, strict=True):
+        torch.testing.assert_close(out, a(tokens[layer]), atol=1e-5, rtol=1e-5)
+    stack = StackedInCA.from_adapters(adapters[:3])
+    torch.testing.assert_close(stack(tokens, layer_index=[2, 0, 2]), logits[0])
 
 
 @pytest.mark.parametrize("stack_class", [StackedInCA, StackedLinear])
@@ -353,14 +376,14 @@ def test_stacked_safetensors_round_trip(stack_class, tmp_path):
 ])
 def test_stacked_training_equals_separate_training(make_opt):
     k, steps = 3, 4
-    lrs, wds = [1e-2, 3e-3, 3e-2], [0.0, 0.1, 0.05]
+    lr, wd = 1e-2, 0.05
     adapters = _adapters(k, InCAConfig(num_heads=4), dtype=torch.float64)
     stack = StackedInCA.from_adapters(adapters).train()
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(k, B, N, D, generator=gen, dtype=torch.float64),
                 torch.randint(0, C, (B,), generator=gen)) for _ in range(steps)]
 
-    opt = make_opt(stack.param_groups(lrs, wds))
+    opt = make_opt([{"params": list(stack.parameters()), "lr": lr, "weight_decay": wd}])
     for x, y in batches:
         logits = stack(x)  # (K, B, C)
         # The sum over adapters: each one's gradient is exactly its own loss's gradient.
@@ -371,14 +394,15 @@ def test_stacked_training_equals_separate_training(make_opt):
 
     for i, a in enumerate(adapters):
         a.train()
-        opt_i = make_opt([{"params": list(a.parameters()), "lr": lrs[i], "weight_decay": wds[i]}])
+        opt_i = make_opt([{"params": list(a.parameters()), "lr": lr, "weight_decay": wd}])
         for x, y in batches:
             nn.functional.cross_entropy(a(x[i]), y).backward()
             opt_i.step()
             opt_i.zero_grad()
-        for (name, p), q in zip(a.named_parameters(), stack.adapters[i].parameters(),
-                                strict=True):
-            torch.testing.assert_close(q, p, atol=1e-9, rtol=1e-9, msg=f"adapter {i} {name}")
+        trained = stack.member_state(i)
+        for name, p in a.named_parameters():
+            torch.testing.assert_close(trained[name], p.detach(), atol=1e-9, rtol=1e-9,
+                                       msg=f"adapter {i} {name}")
         assert not torch.equal(a.query, adapters[(i + 1) % k].query)
 
 

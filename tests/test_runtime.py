@@ -71,7 +71,8 @@ def test_inca_heads_of_several_tasks_share_one_attention_pass():
     images = [planted_data(6, 3)[i][0] for i in range(6)]
     out = model.predict_proba(images)
     shared, alone = model._plan(("c", "d", "e"))
-    assert len(shared) == 1 and len(shared[0][1].members) == 3 and not alone
+    assert len(shared) == 1 and len(shared[0].members) == 3 and not alone
+    assert shared[0].layers == ["stem", "block1"] and shared[0].layer_index == [[0], [1], [0]]
     for name, task in tasks.items():
         torch.testing.assert_close(out[name], task.predict_proba(images), atol=1e-5,
                                    rtol=1e-4)

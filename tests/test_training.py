@@ -36,14 +36,20 @@ def test_bank_keys_and_stacking():
     bank = _bank(config)
     assert bank.keys[:2] == ["inca/l0/lr=0.001", "inca/l0/lr=0.01"]
     assert "multilayer_linear/3layers/lr=0.01" in bank.keys
-    stacked = [g for g in bank._groups if g.stack is not None]
-    assert len(stacked) == 2 and all(g.layers == LAYERS for g in stacked)
+    # one stack per (kind, lr), each holding a member per layer; single multi-layer probes
+    assert [type(s).__name__ for s in bank.stacks] == ["StackedInCA"] * 2 + \
+        ["StackedLinear"] * 2 + ["MultiLayerLinearProbe"] * 2
+    assert [len(s) for s in bank.stacks[:4]] == [3] * 4
+    assert [g["lr"] for g in bank.param_groups()] == [1e-3, 1e-2] * 3
+    stacked = [f for f in bank._families if f.kind is not None]
+    assert len(stacked) == 2 and all(f.layers == LAYERS for f in stacked)
     feats, y = next(_source(8, 0).batches(8))
+    bank.eval()
     logits = bank.logits(feats)
     assert logits.shape == (len(bank.keys), 8, C)
-    for i, (s, m) in enumerate(zip(bank.specs, bank.members, strict=True)):
+    for i, s in enumerate(bank.specs):
         x = [feats[k] for k in s.layers] if len(s.layers) > 1 else feats[s.layers[0]]
-        torch.testing.assert_close(logits[i], m(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[i], bank.export(i)(x), atol=1e-5, rtol=1e-5)
 
 
 def test_batched_bank_equals_adapters_trained_one_by_one():

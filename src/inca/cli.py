@@ -35,6 +35,12 @@ def _friendly(fn):
     return wrapper
 
 
+Device = Annotated[str, typer.Option(help="auto (CUDA when available, else cpu), cpu, cuda, "
+                                            "cuda:N")]
+Precision = Annotated[str, typer.Option(help="auto (bf16-mixed on a GPU, 32 on the CPU), 32, "
+                                              "bf16-mixed, 16-mixed")]
+
+
 def _backbone_kwargs(input_size: int | None, pretrained: bool) -> dict:
     kw: dict = {"pretrained": pretrained}
     if input_size is not None:
@@ -71,17 +77,21 @@ def extract_cmd(
     pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
     overwrite: Annotated[bool, typer.Option(help="replace a cache made differently")] = False,
     num_workers: Annotated[int, typer.Option(help="image-decoding workers")] = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
 ) -> None:
     """Extract many layers' tokens in one pass into a resumable activation cache."""
+    from inca._precision import resolve_device
     from inca.backbones import create_backbone
     from inca.data import load_dataset
     from inca.features import extract_to_cache
 
-    bb = create_backbone(backbone, **_backbone_kwargs(input_size, pretrained))
+    bb = create_backbone(backbone, device=resolve_device(device),
+                         **_backbone_kwargs(input_size, pretrained))
     ds = load_dataset(data, split=split, limit=limit, skip_unreadable=skip_unreadable)
     cache = extract_to_cache(
         bb, ds, out, layers=layers, batch_size=batch_size, token_grid=token_grid, dtype=dtype,
-        overwrite=overwrite, num_workers=num_workers,
+        overwrite=overwrite, num_workers=num_workers, precision=precision,
     )
     print_cache_summary(cache)
 
@@ -120,6 +130,8 @@ def fit_cmd(
     skip_unreadable: Annotated[bool, typer.Option(help="skip unreadable images")] = False,
     pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
     num_workers: Annotated[int, typer.Option(help="image-decoding workers")] = 0,
+    device: Device = "auto",
+    precision: Precision = "auto",
 ) -> None:
     """Train a bank of adapters in parallel, select on validation, save the task and report."""
     from inca.backbones import create_backbone
@@ -130,9 +142,12 @@ def fit_cmd(
         layers=layers, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
         lrs=_floats(lrs), epochs=epochs, batch_size=batch_size, val_fraction=val_fraction,
         mode=mode, ensemble_k=ensemble_k, soup=soup, token_grid=token_grid, seed=seed,
-        patience=patience,
+        patience=patience, precision=precision,
     )
-    bb = create_backbone(backbone, **_backbone_kwargs(input_size, pretrained))
+    from inca._precision import resolve_device
+
+    dev = resolve_device(device)  # checked before any work
+    bb = create_backbone(backbone, device=dev, **_backbone_kwargs(input_size, pretrained))
     train = load_dataset(data, split="train", limit=limit, skip_unreadable=skip_unreadable,
                          seed=seed)
     test = None
@@ -143,7 +158,7 @@ def fit_cmd(
         except InCAError as e:
             typer.echo(f"no test split evaluated ({e})")
     task = fit(bb, train, test=test, config=config, cache_dir=out / "cache",
-               num_workers=num_workers)
+               num_workers=num_workers, device=dev)
     task.save(out / "task")
     files = task.report.write(out)
     typer.echo(task.report.to_markdown())
@@ -156,6 +171,8 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="image files")],
     task: Annotated[list[Path], typer.Option(help="task folder(s) written by inca fit")],
     top_k: Annotated[int, typer.Option(help="labels shown per image")] = 3,
+    device: Device = "auto",
+    precision: Precision = "auto",
 ) -> None:
     """Predict labels and probabilities of images with one or more fitted tasks.
 
@@ -164,7 +181,7 @@ def predict_cmd(
     """
     from inca.runtime import MultiTaskModel
 
-    model = MultiTaskModel.from_paths(list(task))
+    model = MultiTaskModel.from_paths(list(task), device=device, precision=precision)
     for name, per_image in model.predict([str(p) for p in images], top_k=top_k).items():
         typer.echo(f"task {name}:")
         for img, top in zip(images, per_image, strict=True):
@@ -186,6 +203,8 @@ def serve_cmd(
     api_key: Annotated[
         str | None, typer.Option(envvar="INCA_API_KEY", help="require this X-API-Key header")
     ] = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
 ) -> None:
     """Serve tasks over HTTP: POST /predict, GET /tasks, GET /health (docs at /docs)."""
     import uvicorn
@@ -193,7 +212,7 @@ def serve_cmd(
     from inca.runtime import MultiTaskModel
     from inca.runtime.server import ServerConfig, create_app
 
-    model = MultiTaskModel.from_paths(list(task))
+    model = MultiTaskModel.from_paths(list(task), device=device, precision=precision)
     config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching,
                           max_upload_bytes=int(max_upload_mb * 2**20), api_key=api_key)
     typer.echo(f"serving {', '.join(model.tasks)} on http://{host}:{port} (docs: /docs)")
@@ -217,7 +236,8 @@ def compare_cmd(
     lrs: Annotated[str, typer.Option(help="lr grid of the probes and InCA")] = "1e-3,3e-3",
     input_size: Annotated[int | None, typer.Option(help="image side")] = None,
     token_grid: Annotated[int | None, typer.Option(help="pool patch tokens to a grid")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    device: Device = "auto",
+    precision: Precision = "auto",
 ) -> None:
     """Compare InCA with full/last-layer fine-tuning, LoRA and probes: one table, one run."""
     from inca.baselines.compare import CompareConfig, run_compare, to_markdown, write
@@ -226,7 +246,7 @@ def compare_cmd(
         backbone=backbone, data=data, methods=tuple(m.strip() for m in methods.split(",")),
         epochs=epochs, limit=limit, test_limit=test_limit, seeds=seeds,
         expensive_seeds=expensive_seeds, batch_size=batch_size, lrs=_floats(lrs),
-        input_size=input_size, token_grid=token_grid, device=device)
+        input_size=input_size, token_grid=token_grid, device=device, precision=precision)
     result = run_compare(config)
     files = write(result, out, command=" ".join(["inca", *sys.argv[1:]]))
     typer.echo(to_markdown(result))

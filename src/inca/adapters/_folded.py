@@ -30,7 +30,7 @@ layer, and autograd keeps no copy of it. The variance is ``E[z²] - μ²``, whos
 grows with ``|μ| / σ``: against float64, float32 outputs are off by about 1e-6 relative at
 ``|μ| = σ``, 4e-5 at ``10 σ`` and 4e-3 at ``100 σ``. Real activations sit at the low end:
 ``|μ| / σ`` is at most 0.15 over DINOv2 ViT-S/14's blocks and 1.3 over MobileNetV2's
-stages (random images; per token, worst case). Run adapters in float32 or float64.
+stages (random images; per token, worst case).
 
 Cost per layer: three passes over its tokens (score matmul, squared norms, pooling
 matmul), shared by every query-head of every adapter reading that layer, plus O(D²) per
@@ -38,11 +38,17 @@ query for the value and output projections; instead of O(N·D²) per adapter to 
 keys and values.
 
 Every function here takes parameters with a leading adapter dimension K, so one adapter
-(K = 1) and a stack of K adapters run the very same code.
+(K = 1), a stack of K adapters, the several stacks of a training bank and the members of
+many tasks at inference run the very same code (:func:`cross_attention`). Adapters that
+read the same layer share its passes over the tokens.
+
+Precision: under autocast the matmuls run in 16 bits; the token statistics, scores and
+softmax are computed in float32 (float64 stays float64).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -65,48 +71,18 @@ class AttentionParams(NamedTuple):
     out_bias: torch.Tensor  # (K, D) b_o
 
 
-class FoldedParams(NamedTuple):
-    """K adapters' cross-attention folded for computing from raw tokens, leading K."""
-
-    keys: torch.Tensor  # (K, Q, H, D): γ * W_k,hᵀ q_h / sqrt(d), the folded query-keys
-    norm_weight: torch.Tensor  # (K, D) γ
-    norm_bias: torch.Tensor  # (K, D) β
-    value_weight: torch.Tensor  # (K, D, D) W_v
-    value_bias: torch.Tensor  # (K, D) b_v
-    out_weight: torch.Tensor  # (K, D, D) W_o
-    out_bias: torch.Tensor  # (K, D) b_o
-
-
-def cat_params(params: Sequence[AttentionParams]) -> AttentionParams:
-    """Stack several adapters' parameters (each with K = 1) along K: one copy per field."""
-    return AttentionParams(*(torch.cat(field) for field in zip(*params, strict=True)))
-
-
-def fold_attention(p: AttentionParams, num_heads: int) -> FoldedParams:
-    """Fold the query and key projections into one key vector per query-head.
-
-    O(K·Q·D²), independent of the tokens. ``b_k`` is dropped: it cancels in the softmax.
-    """
-    k, q_count, d = p.query.shape
-    h, dh = num_heads, d // num_heads
-    b_q, _, b_v = p.in_proj_bias.chunk(3, dim=1)  # (K, D) each
-    q = torch.baddbmm(b_q.unsqueeze(1), p.query, p.q_weight.transpose(1, 2))  # (K, Q, D)
-    q = q.view(k, q_count, h, dh) * dh**-0.5
-    keys = torch.einsum("kqhe,khed->kqhd", q, p.k_weight.reshape(k, h, dh, d))  # W_k,hᵀ q_h
-    keys = keys * p.norm_weight[:, None, None, :]  # fold γ; β·keys is constant over tokens
-    return FoldedParams(
-        keys, p.norm_weight, p.norm_bias, p.v_weight, b_v, p.out_weight, p.out_bias
-    )
+def regular_layers(k: int, n_layers: int) -> list[int]:
+    """The default assignment of K adapters to L token tensors: adapter ``i`` reads layer
+    ``i // (K // L)`` (a layers × hyper-parameters grid laid out layer-major)."""
+    check(n_layers > 0 and k % n_layers == 0,
+          f"{k} adapters cannot be split evenly over {n_layers} token tensors")
+    return [i // (k // n_layers) for i in range(k)]
 
 
 def as_layers(tokens: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...],
-              k: int, embed_dim: int) -> torch.Tensor:
-    """Lay out the input of K stacked adapters as tokens ``(L, B, N, D)``, K a multiple of L.
-
-    A 3-D tensor is one layer read by all K adapters (L = 1); a sequence of L tensors is
-    stacked. Adapters are assigned to layers in contiguous blocks: adapter ``i`` reads
-    layer ``i // (K // L)`` (a layers × hyper-parameters grid laid out layer-major).
-    """
+              embed_dim: int) -> torch.Tensor:
+    """Lay out adapters' input as tokens ``(L, B, N, D)``: a 3-D tensor is one layer
+    (L = 1), a sequence of L ``(B, N, D)`` tensors is stacked."""
     if isinstance(tokens, (list, tuple)):
         check(len(tokens) > 0, "got an empty sequence of token tensors")
         tokens = torch.stack(list(tokens))
@@ -117,81 +93,144 @@ def as_layers(tokens: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ..
         f"tokens must be (B, N, {embed_dim}) or (L, B, N, {embed_dim}), "
         f"got {tuple(tokens.shape)}",
     )
-    check(
-        k % tokens.shape[0] == 0,
-        f"{k} adapters cannot be split evenly over {tokens.shape[0]} token tensors",
-    )
     return tokens
+
+
+def compute_input(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Tokens ready for the adapters' matmuls: as they are under autocast (which casts
+    per op, without a float32 copy of the tokens), else in the parameters' dtype."""
+    if torch.is_autocast_enabled(tokens.device.type):
+        return tokens
+    return tokens.to(like.dtype)
+
+
+def _accumulate(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit tensors, their own dtype otherwise (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _slots(layer_of: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor,
+                                                                      torch.Tensor, int]:
+    """Each adapter's (layer, slot within the layer) and the most adapters on one layer."""
+    seen: dict[int, int] = {}
+    slots = []
+    for layer in layer_of:
+        slots.append(seen.get(layer, 0))
+        seen[layer] = slots[-1] + 1
+    return (torch.tensor(layer_of, device=device), torch.tensor(slots, device=device),
+            max(seen.values()))
+
+
+def fold_keys(p: AttentionParams, num_heads: int) -> torch.Tensor:
+    """The query and key projections folded into one key vector per query-head,
+    ``γ * W_k,hᵀ q_h / sqrt(d)``: ``(K, Q*H, D)``, ordered query-major.
+
+    O(K·Q·D²), independent of the tokens. ``b_k`` is dropped: it cancels in the softmax.
+    """
+    k, q_count, d = p.query.shape
+    h, dh = num_heads, d // num_heads
+    b_q = p.in_proj_bias[:, :d]  # (K, D)
+    q = torch.baddbmm(b_q.unsqueeze(1), p.query, p.q_weight.transpose(1, 2))  # (K, Q, D)
+    q = q.view(k, q_count, h, dh) * dh**-0.5
+    keys = torch.einsum("kqhe,khed->kqhd", q, p.k_weight.reshape(k, h, dh, d))  # W_k,hᵀ q_h
+    keys = keys * p.norm_weight[:, None, None, :]  # fold γ; β·keys is constant over tokens
+    return keys.reshape(k, q_count * h, d)
 
 
 def token_inv_std(tokens: torch.Tensor, mean: torch.Tensor, eps: float) -> torch.Tensor:
     """``1 / sqrt(var + eps)`` of each token's channels, as ``F.layer_norm`` computes it.
 
-    One fast pass, ``var = E[z²] - μ²`` (see the module docstring on its accuracy):
-    ``torch.var_mean`` is exact but 20x slower on CPU, and subtracting the mean first
-    would materialize the very tensor the folding avoids.
+    One fast pass, ``var = E[z²] - μ²`` (see the module docstring on its accuracy), in
+    float32 at least: ``torch.var_mean`` is exact but 20x slower on CPU, and subtracting
+    the mean first would materialize the very tensor the folding avoids.
 
     Args:
         tokens: ``(..., N, D)``.
         mean: the tokens' means over channels ``(..., N)``.
         eps: the LayerNorm's epsilon.
     """
-    mean_sq = torch.linalg.vector_norm(tokens, dim=-1).square() / tokens.shape[-1]  # E[z²]
-    return ((mean_sq - mean.square()).clamp_min(0.0) + eps).rsqrt()
+    acc = _accumulate(tokens.dtype)
+    norm = torch.linalg.vector_norm(tokens, dim=-1, dtype=acc)
+    mean_sq = norm.square() / tokens.shape[-1]  # E[z²]
+    return ((mean_sq - mean.to(acc).square()).clamp_min(0.0) + eps).rsqrt()
 
 
-def folded_cross_attention(
-    tokens: torch.Tensor, p: FoldedParams, eps: float, need_weights: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cross-attention of K adapters' queries to LN(tokens), folded (see module docstring).
+def cross_attention(
+    tokens: torch.Tensor,
+    parts: Sequence[AttentionParams],
+    layer_index: Sequence[Sequence[int]],
+    num_heads: int,
+    eps: float,
+    need_weights: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Cross-attention of several groups of adapters to LN(tokens), folded (module docstring).
+
+    All groups share one query count, head count and width; each pass over a layer's
+    tokens are shared by every adapter reading that layer, whichever group it is in.
 
     Args:
-        tokens: ``(L, B, N, D)``; adapter ``i`` reads ``tokens[i // (K // L)]``.
-        p: the K adapters' folded parameters.
+        tokens: ``(L, B, N, D)``.
+        parts: groups of adapters' parameters, ``K_p`` adapters each.
+        layer_index: for each group, the layer (index into ``tokens``) each adapter reads.
+        num_heads: attention heads H.
         eps: epsilon of the token LayerNorm.
         need_weights: also return the attention weights.
 
     Returns:
-        ``out`` ``(K, B, Q, D)``, equal to ``nn.MultiheadAttention(q, LN(z), LN(z))``, and
-        the weights ``(K, B, H, Q, N)`` (``None`` unless asked for).
+        Per group, ``out (K_p, B, Q, D)`` equal to ``nn.MultiheadAttention(q, LN(z), LN(z))``;
+        and the weights ``(K_p, B, H, Q, N)`` per group (``None`` unless asked for).
     """
     n_layers, b, n, d = tokens.shape
-    k, q_count, h, _ = p.keys.shape
-    r = k // n_layers  # adapters per layer
+    q_count, h = parts[0].query.shape[1], num_heads
     m = q_count * h  # query-heads per adapter
-    # One matmul per layer scores all of that layer's adapters' query-heads at once; an
-    # extra row of 1/D makes the same pass over the tokens yield their means.
-    u = p.keys.reshape(n_layers, r * m, d)  # (L, R*M, D)
+    sizes = [p.query.shape[0] for p in parts]
+    layer_of = tuple(int(i) for idx in layer_index for i in idx)
+    check(len(layer_of) == sum(sizes) and all(0 <= i < n_layers for i in layer_of),
+          f"each adapter needs one layer in [0, {n_layers}); got {list(layer_index)}")
+    layer_t, slot_t, r = _slots(layer_of, tokens.device)
+
+    # Keys of every adapter, laid out per layer: (L, R*M, D), R the most adapters on one
+    # layer (slots left empty score nothing that is read). One matmul per layer scores all
+    # of its adapters' query-heads; an extra row of 1/D yields the tokens' means too.
+    keys = torch.cat([fold_keys(p, h) for p in parts])  # (K, M, D)
+    u = keys.new_zeros(n_layers, r, m, d).index_put((layer_t, slot_t), keys)
+    u = u.view(n_layers, r * m, d)
     u_and_mean = torch.cat([u, u.new_full((n_layers, 1, d), 1.0 / d)], dim=1)
     raw = torch.bmm(tokens.reshape(n_layers, b * n, d), u_and_mean.transpose(1, 2))
     raw, mean = raw[..., :-1], raw[..., -1:]  # (L, B*N, R*M), (L, B*N, 1)
-    inv_std = token_inv_std(tokens, mean.view(n_layers, b, n), eps)  # (L, B, N)
+    inv_std = token_inv_std(tokens, mean.reshape(n_layers, b, n), eps)  # (L, B, N)
     centre = mean * u.sum(-1).unsqueeze(1)  # μ_n Σ_d u_d
     scores = (raw - centre) * inv_std.reshape(n_layers, b * n, 1)  # LN(z)·u, β·u dropped
-    scores = scores.view(n_layers, b, n, r, m).permute(0, 3, 1, 4, 2)  # (L, R, B, M, N)
-    attn = scores.reshape(k, b, m, n).softmax(dim=-1)  # (K, B, M, N)
+    scores = scores.view(n_layers, b, n, r * m).transpose(2, 3)  # (L, B, R*M, N)
+    attn = scores.softmax(dim=-1, dtype=_accumulate(scores.dtype))
 
     # Weights on normalized tokens = weights / σ on raw tokens, minus the weighted mean.
-    a = attn.view(n_layers, r, b, m, n) * inv_std.view(n_layers, 1, b, 1, n)
-    a = a.transpose(1, 2).reshape(n_layers * b, r * m, n)  # (L*B, R*M, N)
+    a = compute_input(attn * inv_std.unsqueeze(2), tokens).view(n_layers * b, r * m, n)
     pooled = torch.bmm(a, tokens.reshape(n_layers * b, n, d))  # (L*B, R*M, D)
     pooled = pooled - torch.bmm(a, mean.reshape(n_layers * b, n, 1))  # Σ_n a_n μ_n / σ_n
-    pooled = pooled.view(n_layers, b, r, m, d).transpose(1, 2).reshape(k, b, m, d)
-    # The weights sum to 1, so LN's affine applies after the weighted sum.
-    pooled = pooled * p.norm_weight[:, None, None, :] + p.norm_bias[:, None, None, :]
+    pooled = pooled.view(n_layers, b, r, m, d)[layer_t, :, slot_t]  # (K, B, M, D)
 
-    heads = torch.einsum(  # per head, W_v,h after the weighted sum: (K, B, Q, H, d)
-        "kbqhd,khed->kbqhe", pooled.view(k, b, q_count, h, d),
-        p.value_weight.reshape(k, h, d // h, d),
-    )
-    heads = heads.reshape(k, b * q_count, d) + p.value_bias.unsqueeze(1)  # (K, B*Q, D)
-    out = torch.baddbmm(p.out_bias.unsqueeze(1), heads, p.out_weight.transpose(1, 2))
-    out = out.view(k, b, q_count, d)  # (K, B, Q, D)
+    outs = []
+    for p, x in zip(parts, pooled.split(sizes), strict=True):
+        k = x.shape[0]
+        # The weights sum to 1, so LN's affine applies after the weighted sum.
+        x = x * p.norm_weight[:, None, None, :] + p.norm_bias[:, None, None, :]
+        heads = torch.einsum(  # per head, W_v,h after the weighted sum: (K, B, Q, H, d)
+            "kbqhd,khed->kbqhe", x.view(k, b, q_count, h, d),
+            p.v_weight.reshape(k, h, d // h, d),
+        )
+        b_v = p.in_proj_bias[:, 2 * d:]  # (K, D)
+        heads = heads.reshape(k, b * q_count, d) + b_v.unsqueeze(1)  # (K, B*Q, D)
+        out = torch.baddbmm(p.out_bias.unsqueeze(1), heads, p.out_weight.transpose(1, 2))
+        outs.append(out.view(k, b, q_count, d))
 
     weights = None
     if need_weights:  # nn.MultiheadAttention's (B, H, Q, N) layout, per adapter
-        weights = attn.view(k, b, q_count, h, n).transpose(2, 3)  # (K, B, H, Q, N)
-    return out, weights
+        w = attn.view(n_layers, b, r, m, n)[layer_t, :, slot_t]  # (K, B, M, N)
+        w = w.view(-1, b, q_count, h, n).transpose(2, 3)  # (K, B, H, Q, N)
+        weights = list(w.split(sizes))
+    return outs, weights
 
 
 def attend_single(
@@ -206,11 +245,9 @@ def attend_single(
         tokens.ndim == 3 and tokens.shape[-1] == params.query.shape[-1] and tokens.shape[1] > 0,
         f"tokens must be (B, N, {params.query.shape[-1]}), got {tuple(tokens.shape)}",
     )
-    tokens = tokens.to(params.query.dtype).unsqueeze(0)  # (1, B, N, D); caches store fp16
-    out, weights = folded_cross_attention(
-        tokens, fold_attention(params, num_heads), eps, need_weights
-    )
-    return (out[0], weights[0]) if need_weights else out[0]
+    tokens = compute_input(tokens, params.query).unsqueeze(0)  # (1, B, N, D)
+    outs, weights = cross_attention(tokens, [params], [[0]], num_heads, eps, need_weights)
+    return (outs[0][0], weights[0][0]) if weights is not None else outs[0][0]
 
 
 def stacked_linear(
@@ -221,9 +258,3 @@ def stacked_linear(
     Returns logits ``(K, B, C)``.
     """
     return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
-
-
-def expand_layers(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``(L, ...) -> (K, ...)``: block ``i`` of K // L adapters gets layer ``i``'s slice."""
-    r = k // x.shape[0]
-    return x if r == 1 else x.repeat_interleave(r, dim=0)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inca.adapters._folded import expand_layers, stacked_linear
+from inca.adapters._folded import compute_input
 from inca.adapters.base import (
     Adapter,
     AdapterConfig,
@@ -59,21 +59,6 @@ def linear_features(
     return feat
 
 
-def linear_logits(
-    tokens: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    config: LinearConfig,
-    training: bool,
-) -> torch.Tensor:
-    """Logits ``(K, B, C)`` of K probes over tokens ``(L, B, N, D)`` (probe i reads layer
-    ``i // (K // L)``), with ``weight (K, C, F)`` and ``bias (K, C)``."""
-    feat = linear_features(tokens, config)  # (L, B, F): pooled once per layer
-    feat = expand_layers(feat, weight.shape[0])  # (K, B, F)
-    feat = F.dropout(feat, config.dropout, training)
-    return stacked_linear(feat, weight, bias)
-
-
 def _init_head(head: nn.Linear) -> None:
     nn.init.normal_(head.weight, std=0.01)  # as dinov2's linear heads
     nn.init.zeros_(head.bias)
@@ -118,9 +103,8 @@ class LinearProbe(Adapter):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C)`` from tokens ``(B, N, D)``."""
         check_tokens(tokens, self.embed_dim)
-        tokens = tokens.to(self.head.weight.dtype).unsqueeze(0)  # (1, B, N, D)
-        weight, bias = self.head.weight.unsqueeze(0), self.head.bias.unsqueeze(0)
-        return linear_logits(tokens, weight, bias, self.config, self.training)[0]
+        feat = linear_features(compute_input(tokens, self.head.weight), self.config)
+        return self.head(F.dropout(feat, self.config.dropout, self.training))
 
 
 @dataclass(frozen=True)
@@ -237,7 +221,7 @@ class MultiLayerLinearProbe(Adapter):
             self.config.layers, self.layer_dims, self._layer_tokens(features), strict=True
         ):
             check_tokens(tokens, d, what=f"tokens of layer {name!r}")
-            pooled.append(linear_features(tokens.to(self.head.weight.dtype), self.config))
+            pooled.append(linear_features(compute_input(tokens, self.head.weight), self.config))
         feat = torch.cat(pooled, dim=-1)  # (B, sum of F_l)
         feat = F.dropout(feat, self.config.dropout, self.training)
         return self.head(feat)

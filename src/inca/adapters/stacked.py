@@ -1,60 +1,57 @@
-"""K adapters of one shape run as one batched computation, for training many in parallel.
+"""K adapters of one kind and shape as one module with stacked, registered parameters.
 
-Design: a stack holds K ordinary adapters (``adapters``, a ``ModuleList``). At each
-forward it concatenates their parameters along a new leading K dimension (one copy per
-parameter field, about 4·D² numbers per adapter: 2.4 MB at D = 384) and runs the token
-side as batched matmuls, with no Python loop over K. Keeping K separate parameter
-tensors, rather than one ``(K, ...)`` tensor per field, is what makes per-adapter
-hyper-parameters exact with one optimizer: :meth:`param_groups` gives one group per
-adapter, each with its own learning rate and weight decay. (Scaling one stacked tensor's
-gradient per slice would be exact for SGD only: Adam-type updates are invariant to
-gradient scale, and decoupled weight decay would still be shared.)
+A stack is an ordinary ``nn.Module``: each parameter of the adapter it stacks becomes one
+registered ``(K, ...)`` parameter (``in_proj_weight`` -> ``(K, 3D, D)``), which is what
+the forward reads and what an optimizer updates. ``.to(device, dtype)``, ``state_dict()``,
+DDP and ``torch.compile`` therefore work as for any module, at any time, also between
+optimizer steps (``.to`` keeps the parameter objects the optimizer holds).
 
-Measured, K = 24 adapters of D = 384 against a Python loop over the same 24 (B = 64,
-N = 65; forward + backward): 6-7x faster on an H100 (the loop is bound by kernel
-launches); on 2 CPU cores 1.2-1.3x when each adapter reads its own layer and 1.7-2.8x
-when all read one. A CPU forward alone is 0.8-1.1x per-layer: both are then bound by
-reading the tokens, the loop keeps one layer's tokens in cache, and the stack pays for
-copying the weights. Adapters sharing a layer share its passes over the tokens.
+One stack has one learning rate: Adam-type updates are invariant to the scale of a
+gradient, so per-slice learning rates inside one tensor could not be exact. A bank with a
+learning-rate grid holds one stack per rate; :meth:`_Stacked.run` computes several stacks
+of a kind together, sharing each layer's passes over its tokens between them.
 
 Train with the *sum* of the K adapters' losses: each adapter's gradient is then exactly
 its own loss's gradient (a mean would scale it by 1/K, which matters for SGD).
+
+Measured (before stacking was registered), K = 24 adapters of D = 384 against a Python
+loop over the same 24 (B = 64, N = 65; forward + backward): 6-7x faster on an H100 (the
+loop is bound by kernel launches); 1.2-2.8x on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inca.adapters._folded import (
     AttentionParams,
     as_layers,
-    cat_params,
-    fold_attention,
-    folded_cross_attention,
+    compute_input,
+    cross_attention,
+    regular_layers,
+    stacked_linear,
 )
 from inca.adapters.base import Adapter, AdapterConfig, check, count_parameters
 from inca.adapters.inca import HeadParams, InCAAdapter, InCAConfig, inca_head
-from inca.adapters.linear import LinearConfig, LinearProbe, linear_logits
+from inca.adapters.linear import LinearConfig, LinearProbe, linear_features
 
 Tokens = torch.Tensor | Sequence[torch.Tensor]
-A = TypeVar("A", bound=Adapter)
 S = TypeVar("S", bound="_Stacked")
 
 
-def _per_adapter(value: float | Sequence[float], k: int, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * k
-    check(len(value) == k, f"{name} has {len(value)} values for {k} adapters")
-    return [float(v) for v in value]
+def _flat(key: str) -> str:
+    """The stacked parameter's name for an adapter's state-dict key (``out_proj.weight`` ->
+    ``out_proj_weight``)."""
+    return key.replace(".", "_")
 
 
-class _Stacked(nn.Module, Generic[A]):
-    """What stacks of every kind share: building, unstacking, optimizer groups."""
+class _Stacked(nn.Module):
+    """What stacks of every kind share: building, (un)stacking members, the input layout."""
 
     adapter_class: ClassVar[type[Adapter]] = Adapter
     kind: ClassVar[str] = ""
@@ -71,19 +68,32 @@ class _Stacked(nn.Module, Generic[A]):
     ) -> None:
         super().__init__()
         check(k >= 1, f"k must be >= 1, got {k}")
-        self.adapters = nn.ModuleList(
-            self.adapter_class(embed_dim, num_classes, config, device=device, dtype=dtype)
-            for _ in range(k)
-        )
+        template = self.adapter_class(embed_dim, num_classes, config, device="meta")
+        self.embed_dim, self.num_classes = template.embed_dim, template.num_classes
+        self.config = template.config  # resolved (e.g. num_heads chosen)
+        self.member_keys = [name for name, _ in template.named_parameters()]
+        for name, p in template.named_parameters():
+            self.register_parameter(_flat(name), nn.Parameter(
+                torch.empty((k, *p.shape), device=device, dtype=dtype)))
+        if device is None or torch.device(device).type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every member as a freshly created adapter would be."""
+        p = self.stacked(self.member_keys[0])
+        for i in range(len(self)):
+            fresh = self.adapter_class(self.embed_dim, self.num_classes, self.config,
+                                       device=p.device, dtype=p.dtype)
+            self.load_member(i, fresh.state_dict())
 
     @classmethod
-    def from_adapters(cls: type[S], adapters: Sequence[A]) -> S:
-        """Stack copies of ``adapters`` (same class, width, classes, config, dtype, device).
-
-        The stack trains its own copies; the adapters given are left alone.
-        """
+    def from_adapters(cls: type[S], adapters: Sequence[Adapter]) -> S:
+        """A stack holding copies of ``adapters``' weights (same class, width, classes,
+        config, dtype and device); the adapters given are left alone."""
         check(len(adapters) > 0, "from_adapters needs at least one adapter")
         first = adapters[0]
+        p0 = next(first.parameters())
         for i, a in enumerate(adapters):
             check(
                 type(a) is cls.adapter_class,
@@ -95,144 +105,149 @@ class _Stacked(nn.Module, Generic[A]):
                 f"adapter {i} differs in shape or config from adapter 0: "
                 f"{a.spec()} != {first.spec()}",
             )
-            p, p0 = next(a.parameters()), next(first.parameters())
+            p = next(a.parameters())
             check(
                 (p.dtype, p.device) == (p0.dtype, p0.device),
                 f"adapter {i} is {p.dtype} on {p.device}, adapter 0 {p0.dtype} on {p0.device}",
             )
-        # Build the shell on the meta device (no memory, no init) and put the copies in.
-        stacked = cls(1, first.embed_dim, first.num_classes, first.config, device="meta")
-        stacked.adapters = nn.ModuleList(copy.deepcopy(a) for a in adapters)
-        return stacked
+        # Built on the meta device (no throw-away init), then filled with the copies.
+        stack = cls(len(adapters), first.embed_dim, first.num_classes, first.config,
+                    device="meta", dtype=p0.dtype).to_empty(device=p0.device)
+        with torch.no_grad():
+            for key in stack.member_keys:
+                stack.stacked(key).copy_(torch.stack([a.get_parameter(key) for a in adapters]))
+        return stack
 
     def __len__(self) -> int:
-        return len(self.adapters)
+        return self.stacked(self.member_keys[0]).shape[0]
 
-    @property
-    def embed_dim(self) -> int:
-        return self.adapters[0].embed_dim
+    def stacked(self, key: str) -> nn.Parameter:
+        """The ``(K, ...)`` parameter holding every member's ``key`` (an adapter's name)."""
+        return getattr(self, _flat(key))
 
-    @property
-    def num_classes(self) -> int:
-        return self.adapters[0].num_classes
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Member ``i``'s weights as a standalone adapter's state dict (copies)."""
+        return {key: self.stacked(key)[i].detach().clone() for key in self.member_keys}
 
-    @property
-    def config(self) -> AdapterConfig:
-        return self.adapters[0].config
+    @torch.no_grad()
+    def load_member(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        """Load an adapter's state dict into member ``i``."""
+        missing = set(self.member_keys) - set(state)
+        check(not missing, f"state lacks {sorted(missing)}")
+        for key in self.member_keys:
+            self.stacked(key)[i].copy_(state[key])
 
-    def unstack(self, i: int) -> A:
-        """A standalone copy of the ``i``-th adapter."""
-        return copy.deepcopy(self.adapters[i])
-
-    def param_groups(
-        self, lr: float | Sequence[float], weight_decay: float | Sequence[float] = 0.0
-    ) -> list[dict[str, Any]]:
-        """One optimizer parameter group per adapter, named ``adapter=<i>``.
-
-        Args:
-            lr: one learning rate for all, or one per adapter.
-            weight_decay: one weight decay for all, or one per adapter.
-
-        Example:
-            >>> import torch
-            >>> from inca.adapters import StackedInCA
-            >>> stack = StackedInCA(3, 64, 5)
-            >>> opt = torch.optim.AdamW(stack.param_groups([1e-3, 3e-3, 1e-2], 1e-4))
-            >>> [g["lr"] for g in opt.param_groups]
-            [0.001, 0.003, 0.01]
-        """
-        lrs = _per_adapter(lr, len(self), "lr")
-        wds = _per_adapter(weight_decay, len(self), "weight_decay")
-        return [
-            {"params": list(a.parameters()), "lr": lr_i, "weight_decay": wd_i,
-             "name": f"adapter={i}"}
-            for i, (a, lr_i, wd_i) in enumerate(zip(self.adapters, lrs, wds, strict=True))
-        ]
+    def unstack(self, i: int) -> Adapter:
+        """A standalone copy of member ``i``, on the stack's device and dtype."""
+        p = self.stacked(self.member_keys[0])
+        adapter = self.adapter_class(self.embed_dim, self.num_classes, self.config,
+                                     device=p.device, dtype=p.dtype)
+        adapter.load_state_dict(self.member_state(i))
+        return adapter.train(self.training)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameter elements of all K adapters together."""
         return count_parameters(self, trainable_only)
 
+    def forward(self, tokens: Tokens, layer_index: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits ``(K, B, C)``.
+
+        Args:
+            tokens: ``(B, N, D)`` read by every member, or ``(L, B, N, D)`` (or a list of L
+                ``(B, N, D)``).
+            layer_index: the layer each member reads; by default member ``i`` reads layer
+                ``i // (K // L)`` (a layers × hyper-parameters grid laid out layer-major).
+        """
+        layers = as_layers(tokens, self.embed_dim)  # (L, B, N, D)
+        if layer_index is None:
+            layer_index = regular_layers(len(self), layers.shape[0])
+        return self.run(layers, [self], [layer_index])[0]
+
+    @classmethod
+    def run(cls, tokens: torch.Tensor, stacks: Sequence[Any],
+            layer_index: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Several stacks (or single adapters) of this kind and shape on one token block.
+
+        Args:
+            tokens: ``(L, B, N, D)``.
+            stacks: stacks, or adapters of :attr:`adapter_class` (one member each).
+            layer_index: for each stack, the layer each of its members reads.
+
+        Returns:
+            Logits ``(K_s, B, C)`` for each stack.
+        """
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
-        return f"k={len(self)}"
+        return f"k={len(self)}, embed_dim={self.embed_dim}, num_classes={self.num_classes}"
 
 
-class StackedInCA(_Stacked[InCAAdapter]):
+class StackedInCA(_Stacked):
     """K InCA adapters of the same shape, run as one batched folded attention.
-
-    Each adapter may read a different layer (same N and D) or all may read one: tokens
-    ``(L, B, N, D)`` (or a list of L ``(B, N, D)`` tensors) with K a multiple of L, adapter
-    ``i`` reading layer ``i // (K // L)`` — so a layers × hyper-parameters grid laid out
-    layer-major shares each layer's passes over its tokens. A single ``(B, N, D)`` is read
-    by all K.
 
     Args:
         k: number of adapters K.
         embed_dim: token width D.
         num_classes: number of logits C.
-        config: the config of every adapter (same shape is what makes stacking possible;
-            learning rates and weight decays may differ: see :meth:`param_groups`).
+        config: the config of every adapter (the same shape is what makes stacking
+            possible).
         device: where to create the parameters.
         dtype: parameter dtype.
 
     Example:
         >>> import torch
         >>> from inca.adapters import StackedInCA
-        >>> stack = StackedInCA(6, 384, 10)  # e.g. 3 layers x 2 learning rates
+        >>> stack = StackedInCA(6, 384, 10)  # e.g. one adapter per layer of 6
         >>> layers = torch.randn(3, 8, 65, 384)  # (L, B, N, D)
-        >>> stack(layers).shape  # (K, B, C)
+        >>> stack(layers).shape  # (K, B, C); adapter i reads layer i // 2
         torch.Size([6, 8, 10])
-        >>> best = stack.unstack(4)  # a standalone InCAAdapter reading layer 4 // 2 = 2
+        >>> stack(layers, layer_index=[0, 0, 1, 2, 2, 2]).shape  # any assignment
+        torch.Size([6, 8, 10])
+        >>> best = stack.unstack(4)  # a standalone InCAAdapter
     """
 
     adapter_class = InCAAdapter
     kind = "stacked_inca"
-    adapters: nn.ModuleList
-
-    def __init__(
-        self,
-        k: int,
-        embed_dim: int,
-        num_classes: int,
-        config: InCAConfig | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(k, embed_dim, num_classes, config, device=device, dtype=dtype)
+    config: InCAConfig
 
     def attention_params(self) -> AttentionParams:
-        """Every adapter's attention parameters stacked along a leading K dimension."""
-        return cat_params([a.attention_params() for a in self.adapters])
+        """Every member's attention parameters, stacked along K (views, no copies)."""
+        return AttentionParams(
+            self.query, self.token_norm_weight, self.token_norm_bias,
+            *self.in_proj_weight.chunk(3, dim=1), self.in_proj_bias,
+            self.out_proj_weight, self.out_proj_bias,
+        )
 
     def head_params(self) -> HeadParams:
-        """Every adapter's output LayerNorm and classifier, stacked along K."""
-        fields = zip(*(a.head_params() for a in self.adapters), strict=True)
-        return HeadParams(*(torch.cat(f) for f in fields))
+        """Every member's output LayerNorm and classifier, stacked along K."""
+        return HeadParams(self.norm_weight, self.norm_bias, self.head_weight, self.head_bias)
 
-    def attend(
-        self, tokens: Tokens, need_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, tokens: Tokens, layer_index: Sequence[int] | None = None,
+               need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention outputs ``(K, B, Q, D)`` (and weights ``(K, B, H, Q, N)``)."""
-        layers = as_layers(tokens, len(self), self.embed_dim)
-        layers = layers.to(self.adapters[0].query.dtype)  # (L, B, N, D)
-        out, weights = folded_cross_attention(
-            layers, fold_attention(self.attention_params(), self.config.num_heads),
-            self.config.norm_eps, need_weights,
-        )
-        return (out, weights) if need_weights else out
+        layers = compute_input(as_layers(tokens, self.embed_dim), self.query)
+        if layer_index is None:
+            layer_index = regular_layers(len(self), layers.shape[0])
+        outs, weights = cross_attention(layers, [self.attention_params()], [layer_index],
+                                        self.config.num_heads, self.config.norm_eps,
+                                        need_weights)
+        return (outs[0], weights[0]) if weights is not None else outs[0]
 
-    def forward(self, tokens: Tokens) -> torch.Tensor:
-        """Logits ``(K, B, C)`` from tokens ``(B, N, D)`` or ``(L, B, N, D)``."""
-        out = self.attend(tokens)  # (K, B, Q, D)
-        return inca_head(out, self.head_params(), self.config, self.training)
+    @classmethod
+    def run(cls, tokens: torch.Tensor, stacks: Sequence[Any],
+            layer_index: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        first = stacks[0]
+        tokens = compute_input(tokens, first.query)
+        outs, _ = cross_attention(tokens, [s.attention_params() for s in stacks], layer_index,
+                                  first.config.num_heads, first.config.norm_eps)
+        return [inca_head(out, s.head_params(), s.config, s.training)
+                for out, s in zip(outs, stacks, strict=True)]
 
 
-class StackedLinear(_Stacked[LinearProbe]):
+class StackedLinear(_Stacked):
     """K linear probes of the same shape, run as one batched matmul.
 
-    Input as :class:`StackedInCA`: ``(B, N, D)`` read by all, or ``(L, B, N, D)`` with
-    probe ``i`` reading layer ``i // (K // L)``; each layer is pooled once.
+    Input as :class:`StackedInCA`; each layer is pooled once for every probe reading it.
 
     Example:
         >>> import torch
@@ -244,23 +259,24 @@ class StackedLinear(_Stacked[LinearProbe]):
 
     adapter_class = LinearProbe
     kind = "stacked_linear"
+    config: LinearConfig
 
-    def __init__(
-        self,
-        k: int,
-        embed_dim: int,
-        num_classes: int,
-        config: LinearConfig | None = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(k, embed_dim, num_classes, config, device=device, dtype=dtype)
+    @staticmethod
+    def _weights(s: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(s, StackedLinear):
+            return s.head_weight, s.head_bias
+        return s.head.weight.unsqueeze(0), s.head.bias.unsqueeze(0)  # one LinearProbe
 
-    def forward(self, tokens: Tokens) -> torch.Tensor:
-        """Logits ``(K, B, C)`` from tokens ``(B, N, D)`` or ``(L, B, N, D)``."""
-        layers = as_layers(tokens, len(self), self.embed_dim)
-        layers = layers.to(self.adapters[0].head.weight.dtype)  # (L, B, N, D)
-        weight = torch.stack([a.head.weight for a in self.adapters])  # (K, C, F)
-        bias = torch.stack([a.head.bias for a in self.adapters])  # (K, C)
-        return linear_logits(layers, weight, bias, self.config, self.training)
+    @classmethod
+    def run(cls, tokens: torch.Tensor, stacks: Sequence[Any],
+            layer_index: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        first = stacks[0]
+        weight0, _ = cls._weights(first)
+        feat = linear_features(compute_input(tokens, weight0), first.config)  # (L, B, F)
+        out = []
+        for s, idx in zip(stacks, layer_index, strict=True):
+            weight, bias = cls._weights(s)
+            x = feat[torch.as_tensor(list(idx), device=feat.device)]  # (K, B, F)
+            x = F.dropout(x, s.config.dropout, s.training)
+            out.append(stacked_linear(x, weight, bias))
+        return out

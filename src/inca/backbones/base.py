@@ -86,15 +86,20 @@ def to_tokens(t: torch.Tensor) -> torch.Tensor:
 
 
 def weights_fingerprint(module: nn.Module) -> str:
-    """A sha256 over the names, shapes, dtypes and values of a module's parameters and buffers."""
+    """A sha256 over the names, shapes and values of a module's parameters and buffers.
+
+    Floating-point values are hashed rounded to bfloat16, so the same weights held in
+    float32 or bfloat16, on any device, have one fingerprint. (A :class:`Backbone` also
+    computes it before its first conversion, so a float16 copy keeps it too.)
+    """
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
+        t = t.detach()
+        if t.is_floating_point():
+            t = t.to(torch.bfloat16).view(torch.int16)
+        t = t.to("cpu").contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -154,10 +159,22 @@ class Backbone(nn.Module):
         return super().train(False)
 
     def fingerprint(self) -> str:
-        """A short hash of the weights; task files and caches record it to refuse mismatches."""
+        """A short hash of the weights; task files and caches record it to refuse mismatches.
+
+        It names the weights, not where or how they are held: moving or casting the
+        backbone (``.to(device, dtype)``) keeps it.
+        """
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self)
         return self._fingerprint
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Every .to() / .cuda() / .half() comes through here: fix the fingerprint on the
+        # weights as they were given, before a conversion rounds them.
+        params = list(self.parameters())
+        if self._fingerprint is None and params and params[0].device.type != "meta":
+            self.fingerprint()
+        return super()._apply(fn, recurse)
 
     def resolve_layers(self, layers: str | Sequence[str] | None) -> list[str]:
         """Turn a request into layer names in forward order.

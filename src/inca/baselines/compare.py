@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inca._precision import resolve_device, resolve_precision
 from inca.errors import InCAError
 
 METHODS = ("full", "last", "lora", "linear", "multilayer", "inca")
@@ -50,7 +51,9 @@ class CompareConfig:
         input_size: image side (the backbone's default when ``None``).
         val_fraction: held-out share for selection and early choice of epoch.
         token_grid: pool patch tokens of the probes' and InCA's inputs to this grid.
-        device: where to run.
+        device: where to run (``"auto"``: CUDA when available).
+        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` or ``"auto"`` (bf16-mixed on a
+            GPU), the same for every method.
         workdir: where the shared activation cache goes (a temporary folder if ``None``).
     """
 
@@ -67,7 +70,8 @@ class CompareConfig:
     input_size: int | None = None
     val_fraction: float = 0.15
     token_grid: int | None = None
-    device: str = "cpu"
+    device: str = "auto"
+    precision: str = "auto"
     workdir: str | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +81,10 @@ class CompareConfig:
             raise InCAError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if self.epochs < 1 or self.seeds < 1 or self.expensive_seeds < 1:
             raise InCAError("epochs, seeds and expensive_seeds must be at least 1")
+        # Resolved once, here: every method and every child process runs the same.
+        device = resolve_device(self.device)
+        self.device = str(device)
+        self.precision = resolve_precision(self.precision, device)
 
 
 @dataclass
@@ -133,7 +141,7 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
             for name, ds in (("train", tr), ("val", val), ("test", test)):
                 extract_to_cache(backbone, ds, cache_root / name, layers="all",
                                  batch_size=config.batch_size, token_grid=config.token_grid,
-                                 progress=False)
+                                 progress=False, precision=config.precision)
             seconds = time.perf_counter() - t
         return [{"seconds": seconds, "peak_rss_mib": mem.peak_rss_mib,
                  "cuda_peak_mib": mem.cuda_peak_mib}]
@@ -141,7 +149,7 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
         from inca.baselines.finetune import FineTuneConfig, finetune
 
         ft = FineTuneConfig(method=method, epochs=config.epochs, batch_size=config.batch_size,
-                            seed=seed)
+                            seed=seed, precision=config.precision)
         with PeakMemory(device=device) as mem:
             t = time.perf_counter()
             res = finetune(backbone, tr, val, test, ft, progress=False)
@@ -158,7 +166,7 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
         task = inca.fit(backbone, tr, val, test=test, epochs=config.epochs, seed=seed,
                         batch_size=config.batch_size, lrs=config.lrs, patience=0,
                         token_grid=config.token_grid, progress=False, cache_dir=cache_root,
-                        **_FIT_ARGS[method])
+                        precision=config.precision, **_FIT_ARGS[method])
         seconds = time.perf_counter() - t
     rep = task.report
     if rep.timings["extract_seconds"] > 0.5 * ext["seconds"]:
@@ -260,7 +268,8 @@ def to_markdown(result: dict[str, Any], command: str = "") -> str:
         *([f"Command: `{command}`  "] if command else []),
         f"{c['limit']} training images ({c['val_fraction']:.0%} held out for validation), "
         f"{c['test_limit']} test images, {c['epochs']} epochs for every method, batch "
-        f"{c['batch_size']}, device {c['device']}. Accuracy: mean ± std over the seeds shown. "
+        f"{c['batch_size']}, device {c['device']}, precision {c.get('precision', '32')}. "
+        "Accuracy: mean ± std over the seeds shown. "
         "Costs: the first seed's run, each method in its own process; the probes and InCA "
         f"include the shared extraction pass ({result['extraction'].get('seconds', 0):.1f} s).",
         "",

@@ -9,6 +9,7 @@ best epoch on validation.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from inca._precision import PRECISIONS, Precision, resolve_device
 from inca.backbones.base import Backbone, to_tokens
 from inca.errors import InCAError
 
@@ -49,6 +51,9 @@ class FineTuneConfig:
             (``qkv``, or ``query``/``key``/``value``), else the 1x1 convolutions of a CNN.
         augment: random crops and flips (as ``inca.fit`` in streaming mode).
         num_workers: DataLoader workers decoding images.
+        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (autocast forward, float32
+            master weights and optimizer state, float32 loss, a gradient scaler for
+            float16) or ``"auto"`` (bf16-mixed on a GPU, 32 on the CPU).
     """
 
     method: str = "full"
@@ -66,6 +71,7 @@ class FineTuneConfig:
     lora_targets: tuple[str, ...] | None = None
     augment: bool = False
     num_workers: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in FINETUNE_METHODS:
@@ -74,6 +80,9 @@ class FineTuneConfig:
             raise InCAError("epochs, batch_size and lora_r must be at least 1")
         if min(self.lr_head, self.lr_backbone, self.lr_lora) <= 0:
             raise InCAError("learning rates must be positive")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise InCAError(f"precision must be one of auto, {', '.join(PRECISIONS)}; "
+                            f"got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +125,7 @@ def prepare(backbone: Backbone, config: FineTuneConfig) -> tuple[Backbone, list[
     """A trainable copy of ``backbone`` for ``config.method`` and the names of the
     parameters (in ``copy.model.named_parameters()``) it trains."""
     tuned = copy.deepcopy(backbone)
+    tuned._fingerprint = None  # its weights will change
     model = tuned.model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -166,18 +176,26 @@ def _set_mode(tuned: Backbone, config: FineTuneConfig, training: bool) -> None:
 
 
 @torch.no_grad()
-def _accuracy(tuned: Backbone, head: nn.Module, loader: DataLoader) -> float:
-    correct = total = 0
+def _accuracy(tuned: Backbone, head: nn.Module, loader: DataLoader,
+              precision: Precision) -> float:
+    correct = torch.zeros((), dtype=torch.long, device=tuned.device)
+    total = 0
     for x, y in loader:
-        x = x.to(tuned.device)
-        correct += int((head(_features(tuned, x)).argmax(-1).cpu() == y).sum())
+        x, y = x.to(tuned.device, non_blocking=True), y.to(tuned.device, non_blocking=True)
+        with precision.autocast():
+            logits = head(_features(tuned, x))
+        correct += (logits.argmax(-1) == y).sum()
         total += len(y)
-    return correct / max(total, 1)
+    return int(correct) / max(total, 1)
 
 
 def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
-             config: FineTuneConfig | None = None, *, progress: bool = True) -> FineTuneResult:
+             config: FineTuneConfig | None = None, *, progress: bool = True,
+             device: str | torch.device | None = None) -> FineTuneResult:
     """Fine-tune a copy of ``backbone`` with a new head; the caller's backbone is unchanged.
+
+    Every step runs its forward and loss in its own autocast region (``config.precision``):
+    don't wrap this in ``torch.autocast`` yourself (see :mod:`inca._precision`).
 
     Args:
         backbone: the pretrained backbone (left frozen and unchanged).
@@ -186,13 +204,18 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         test: optional test data, evaluated with the best epoch's weights.
         config: method and hyper-parameters.
         progress: show a progress bar.
+        device: where the copy trains (``"auto"``: CUDA when available); the backbone's
+            device when omitted.
     """
     from inca.data import TransformedDataset, build_transform
     from inca.training.bank import cosine_with_warmup
 
     config = config or FineTuneConfig()
     tuned, names = prepare(backbone, config)
+    if device is not None:
+        tuned.to(resolve_device(device))
     model, device = tuned.model, tuned.device
+    precision = Precision(config.precision, device)
     params = dict(model.named_parameters())
     trained = [params[n] for n in names]
     dim = _features(tuned, torch.zeros(1, 3, tuned.preprocessing.input_size,
@@ -202,13 +225,16 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         head = nn.Linear(dim, len(train.classes)).to(device)
     prep = tuned.preprocessing
     gen = torch.Generator().manual_seed(config.seed)
+    pin = device.type == "cuda"
     loader = DataLoader(TransformedDataset(train, build_transform(prep, train=config.augment)),
                         batch_size=config.batch_size, shuffle=True, generator=gen,
-                        num_workers=config.num_workers, drop_last=len(train) > config.batch_size)
+                        num_workers=config.num_workers, drop_last=len(train) > config.batch_size,
+                        pin_memory=pin)
 
     def eval_loader(ds: Any) -> DataLoader:
         return DataLoader(TransformedDataset(ds, build_transform(prep)),
-                          batch_size=config.batch_size, num_workers=config.num_workers)
+                          batch_size=config.batch_size, num_workers=config.num_workers,
+                          pin_memory=pin)
 
     lr_backbone = config.lr_lora if config.method == "lora" else config.lr_backbone
     optimizer = torch.optim.AdamW(
@@ -222,22 +248,29 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
     bar = tqdm(total=total, desc=f"fine-tune ({config.method})", unit="step",
                disable=not progress)
     start = time.perf_counter()
+    scaler = precision.grad_scaler()
     for epoch in range(config.epochs):
         _set_mode(tuned, config, True)
+        loss_sum = torch.zeros((), device=device)
         for x, y in loader:
-            logits = head(_features(tuned, x.to(device)))
-            loss = F.cross_entropy(logits, y.to(device), label_smoothing=config.label_smoothing)
-            if not torch.isfinite(loss):
-                raise InCAError(f"{config.method} fine-tuning: the loss became {loss.item()} "
-                                f"at epoch {epoch + 1}; lower the learning rates")
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with precision.autocast():
+                logits = head(_features(tuned, x))
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
+            loss_sum += loss.detach()
             bar.update(1)
+        epoch_loss = float(loss_sum) / max(len(loader), 1)  # the epoch's one wait
+        if not math.isfinite(epoch_loss):
+            raise InCAError(f"{config.method} fine-tuning: the loss became {epoch_loss} "
+                            f"at epoch {epoch + 1}; lower the learning rates")
         _set_mode(tuned, config, False)
-        acc = _accuracy(tuned, head, eval_loader(val))
-        history.append({"epoch": epoch + 1, "val_accuracy": acc})
+        acc = _accuracy(tuned, head, eval_loader(val), precision)
+        history.append({"epoch": epoch + 1, "train_loss": epoch_loss, "val_accuracy": acc})
         if acc > best_acc:
             best_acc = acc
             best_state = ([p.detach().clone() for p in trained],
@@ -248,7 +281,8 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         for p, v in zip(trained, best_state[0], strict=True):
             p.copy_(v)
     head.load_state_dict(best_state[1])
-    test_acc = _accuracy(tuned, head, eval_loader(test)) if test is not None else None
+    test_acc = _accuracy(tuned, head, eval_loader(test), precision) if test is not None \
+        else None
     head_params = sum(p.numel() for p in head.parameters())
     stored = sum(p.numel() * p.element_size() for p in trained) + head_params * 4
     if config.method == "full":  # the whole backbone is the task's own copy, buffers too

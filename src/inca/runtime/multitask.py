@@ -2,55 +2,52 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
-from inca.adapters import InCAAdapter
-from inca.adapters._folded import cat_params, fold_attention, folded_cross_attention
-from inca.adapters.inca import inca_head
+from inca._precision import Precision
+from inca.adapters import InCAAdapter, StackedInCA
 from inca.backbones.base import Backbone
 from inca.features import token_shapes
 from inca.features.tokens import reduce_tokens
 from inca.runtime.task import Task, TaskError, check_backbone, load_task
 
 
-class _SharedAttention:
-    """The InCA members of several tasks (same width and attention config), whose
-    cross-attention runs as one batched computation; each keeps its own classifier.
+class _SharedGroup(NamedTuple):
+    """InCA members of several tasks (same width, config and token count) whose attention
+    runs as one batched computation (:meth:`StackedInCA.run`, as in training); each keeps
+    its own projections and classifier. Holds the members themselves, not copies, so the
+    group always computes with the model's current device, dtype and weights."""
 
-    Weights do not change at inference, so the stacked, folded parameters are built once.
-    """
-
-    def __init__(self, members: list[tuple[str, InCAAdapter, str]]) -> None:
-        self.members = members  # (task name, adapter, layer)
-        first = members[0][1]
-        self.config = first.config
-        with torch.no_grad():
-            self.folded = fold_attention(cat_params([m.attention_params() for _, m, _ in
-                                                     members]), self.config.num_heads)
+    grid: int | None
+    layers: list[str]  # the token block it reads
+    members: list[tuple[str, InCAAdapter]]  # (task name, adapter)
+    layer_index: list[list[int]]  # per member, its layer in ``layers``
 
     def logits(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        dtype = self.folded.norm_weight.dtype
-        tokens = torch.stack([feats[layer] for _, _, layer in self.members]).to(dtype)
-        out, _ = folded_cross_attention(tokens, self.folded, self.config.norm_eps)  # (K,B,Q,D)
-        return [inca_head(out[i:i + 1], m.head_params(), m.config, False)[0]
-                for i, (_, m, _) in enumerate(self.members)]
+        block = torch.stack([feats[k] for k in self.layers])  # (L, B, N, D)
+        outs = StackedInCA.run(block, [m for _, m in self.members], self.layer_index)
+        return [o[0] for o in outs]  # (B, C) each
 
 
-class MultiTaskModel:
+class MultiTaskModel(nn.Module):
     """Several fitted tasks sharing one frozen backbone.
 
     One forward pass extracts the union of the tasks' layers (stopping after the deepest),
     then every task's head runs on its own layers. Tasks are added and removed at run
     time without reloading the backbone; a task trained on other backbone weights is
-    refused.
+    refused. An ``nn.Module``: ``.to(device, dtype)`` moves the backbone and every task's
+    members together.
 
     Args:
         backbone: the shared backbone.
         tasks: initial tasks, ``{name: Task or task folder}``.
+        precision: autocast of predictions (``"auto"``: bf16-mixed on a GPU, 32 on CPU).
 
     Example:
         >>> model = MultiTaskModel.from_paths(["runs/a/task", "runs/b/task"])  # doctest: +SKIP
@@ -59,8 +56,12 @@ class MultiTaskModel:
     """
 
     def __init__(self, backbone: Backbone,
-                 tasks: Mapping[str, Task | str | Path] | None = None) -> None:
+                 tasks: Mapping[str, Task | str | Path] | None = None,
+                 precision: str = "auto") -> None:
+        super().__init__()
         self.backbone = backbone
+        self.precision = precision
+        self.heads = nn.ModuleDict()  # every task's members, registered once
         self._tasks: dict[str, Task] = {}
         self._plans: dict[tuple[str, ...], Any] = {}
         for name, task in (tasks or {}).items():
@@ -68,15 +69,17 @@ class MultiTaskModel:
 
     @classmethod
     def from_paths(cls, paths: list[str | Path], backbone: Backbone | None = None,
-                   names: list[str] | None = None) -> MultiTaskModel:
-        """Load task folders onto one backbone (created from the first task's record)."""
+                   names: list[str] | None = None, *, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None, precision: str = "auto") -> MultiTaskModel:
+        """Load task folders onto one backbone (created from the first task's record, on
+        ``device`` in ``dtype``; see :func:`~inca.runtime.task.load_task`)."""
         if not paths:
             raise TaskError("give at least one task folder")
         names = names or [_default_name(p) for p in paths]
         if len(set(names)) != len(names):
             raise TaskError(f"task names must be distinct, got {names}; name them explicitly")
-        first = load_task(paths[0], backbone=backbone)
-        model = cls(first.backbone, {names[0]: first})
+        first = load_task(paths[0], backbone=backbone, device=device, dtype=dtype)
+        model = cls(first.backbone, {names[0]: first}, precision=precision)
         for name, path in zip(names[1:], paths[1:], strict=True):
             model.add_task(name, path)
         return model
@@ -91,8 +94,11 @@ class MultiTaskModel:
         if not isinstance(task, Task):
             task = load_task(task, backbone=self.backbone)
         check_backbone(task.backbone_info, self.backbone, what=f"task {name!r}")
-        task.backbone = self.backbone
+        task.attach(self.backbone)
+        if name in self._tasks:
+            self.remove_task(name)
         self._tasks[name] = task
+        self.heads[_module_key(name, self.heads)] = task.members
         self._plans.clear()
         return task
 
@@ -100,7 +106,11 @@ class MultiTaskModel:
         if name not in self._tasks:
             raise TaskError(f"no task named {name!r}; tasks: {', '.join(self._tasks) or 'none'}")
         self._plans.clear()
-        return self._tasks.pop(name)
+        task = self._tasks.pop(name)
+        for key, members in list(self.heads.items()):
+            if members is task.members:
+                del self.heads[key]
+        return task
 
     def layers(self, names: list[str] | None = None) -> list[str]:
         """Union of the selected tasks' layers, in the backbone's order."""
@@ -128,27 +138,31 @@ class MultiTaskModel:
             batch_size: images per backbone pass.
         """
         names = self._select(tasks)
+        for n in names:
+            self._tasks[n].follow_backbone()  # the backbone may have been moved alone
         first = self._tasks[names[0]]
         x = first._images_to_tensor(images)
         layers = self.layers(names)
         shared, alone = self._plan(tuple(names))
+        prec = Precision(self.precision, self.backbone.device)
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].to(self.backbone.device, self.backbone.dtype)
-            raw = self.backbone.extract(batch, layers)
-            reduced = {grid: {k: reduce_tokens(v, self.backbone.num_prefix_tokens, grid)
-                              for k, v in raw.items()}
-                       for grid in {self._tasks[n].token_grid for n in names}}
             probs: dict[str, torch.Tensor] = {n: 0.0 for n in names}  # type: ignore[misc]
-            for grid, group in shared:
-                for (name, _, _), logits in zip(group.members, group.logits(reduced[grid]),
-                                                strict=True):
-                    probs[name] = probs[name] + self._share(name, logits)
-            for name, member, member_layers in alone:
-                feats = reduced[self._tasks[name].token_grid]
-                x_in = (feats[member_layers[0]] if len(member_layers) == 1
-                        else [feats[k] for k in member_layers])
-                probs[name] = probs[name] + self._share(name, member(x_in))
+            with prec.autocast():
+                raw = self.backbone.extract(batch, layers)
+                reduced = {grid: {k: reduce_tokens(v, self.backbone.num_prefix_tokens, grid)
+                                  for k, v in raw.items()}
+                           for grid in {self._tasks[n].token_grid for n in names}}
+                for group in shared:
+                    for (name, _), logits in zip(group.members, group.logits(reduced[group.grid]),
+                                                 strict=True):
+                        probs[name] = probs[name] + self._share(name, logits)
+                for name, member, member_layers in alone:
+                    feats = reduced[self._tasks[name].token_grid]
+                    x_in = (feats[member_layers[0]] if len(member_layers) == 1
+                            else [feats[k] for k in member_layers])
+                    probs[name] = probs[name] + self._share(name, member(x_in))
             for n in names:
                 out[n].append(probs[n].cpu())
         return {n: torch.cat(v) for n, v in out.items()}
@@ -163,7 +177,7 @@ class MultiTaskModel:
         """One member's probabilities, weighted for its task's average over members."""
         return logits.float().softmax(-1) / len(self._tasks[name].members)
 
-    def _plan(self, names: tuple[str, ...]) -> tuple[list[tuple[Any, _SharedAttention]],
+    def _plan(self, names: tuple[str, ...]) -> tuple[list[_SharedGroup],
                                                      list[tuple[str, Any, list[str]]]]:
         """Which members share one batched attention, and which run alone (cached)."""
         if names not in self._plans:
@@ -186,8 +200,12 @@ class MultiTaskModel:
                 if len(members) == 1:
                     name, member, layer = members[0]
                     alone.append((name, member, [layer]))
-                else:
-                    shared.append((key[0], _SharedAttention(members)))
+                    continue
+                group_layers = [ly for ly in self.backbone.layers
+                                if ly in {layer for _, _, layer in members}]
+                shared.append(_SharedGroup(key[0], group_layers,
+                                           [(name, m) for name, m, _ in members],
+                                           [[group_layers.index(ly)] for _, _, ly in members]))
             self._plans[names] = (shared, alone)
         return self._plans[names]
 
@@ -204,6 +222,15 @@ class MultiTaskModel:
                 for vs, ids in zip(values.tolist(), idx.tolist(), strict=True)
             ]
         return result
+
+
+def _module_key(name: str, taken: Mapping[str, Any]) -> str:
+    """A submodule name for a task name (which may hold dots or be taken)."""
+    base = re.sub(r"\W", "_", name) or "task"
+    key, i = base, 1
+    while key in taken:
+        key, i = f"{base}_{i}", i + 1
+    return key
 
 
 def _default_name(path: str | Path) -> str:

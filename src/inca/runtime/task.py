@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from inca._precision import Precision, resolve_device
 from inca.adapters import Adapter, adapter_from_spec
 from inca.backbones.base import Backbone, Preprocessing
 from inca.errors import InCAError
@@ -31,8 +33,12 @@ class TaskError(InCAError):
     """A task file is missing, malformed, or does not fit the backbone."""
 
 
-class Task:
+class Task(nn.Module):
     """A fitted classifier: members (adapters) reading backbone layers; probabilities averaged.
+
+    An ``nn.Module`` holding the members and the backbone: ``task.to(device, dtype)`` moves
+    both. The members always run on the device and dtype of the backbone they are attached
+    to (they follow it if it was moved alone).
 
     Args:
         members: trained adapters (one, or several for an ensemble).
@@ -43,6 +49,7 @@ class Task:
         metrics: validation (and test) metrics recorded at fit time.
         keys: the bank keys of the members (``inca/blocks.7/lr=0.001``).
         backbone: the live backbone, needed for :meth:`predict` on images.
+        precision: autocast of predictions (``"auto"``: bf16-mixed on a GPU, 32 on the CPU).
 
     Example:
         >>> task = inca.fit(backbone, train, layers="all")  # doctest: +SKIP
@@ -62,10 +69,12 @@ class Task:
         metrics: dict[str, Any] | None = None,
         keys: Sequence[str] | None = None,
         backbone: Backbone | None = None,
+        precision: str = "auto",
     ) -> None:
+        super().__init__()
         if not members or len(members) != len(member_layers):
             raise TaskError("a task needs at least one member, each with its layers")
-        self.members = [m.eval() for m in members]
+        self.members = nn.ModuleList(members).eval()
         self.member_layers = [list(ls) for ls in member_layers]
         self.classes = list(classes)
         self.backbone_info = dict(backbone_info)
@@ -73,6 +82,7 @@ class Task:
         self.metrics = dict(metrics or {})
         self.keys = list(keys) if keys is not None else [f"member{i}" for i in
                                                          range(len(members))]
+        self.precision = precision
         self.backbone = backbone
         self.report: Any = None  # the FitReport when produced by inca.fit
 
@@ -91,25 +101,42 @@ class Task:
     def num_parameters(self) -> int:
         return sum(m.num_parameters() for m in self.members)
 
-    def __repr__(self) -> str:
-        return (f"Task({len(self.classes)} classes, members={self.keys}, "
-                f"backbone={self.backbone_info.get('name')})")
+    def extra_repr(self) -> str:
+        return (f"{len(self.classes)} classes, keys={self.keys}, "
+                f"backbone={self.backbone_info.get('name')!r}")
 
     # -- inference -----------------------------------------------------------------
     def attach(self, backbone: Backbone) -> Task:
-        """Use ``backbone`` for predictions; refused if its weights differ from training."""
+        """Use ``backbone`` for predictions; refused if its weights differ from training.
+        The members move to the backbone's device and dtype."""
         check_backbone(self.backbone_info, backbone, what="this task")
         self.backbone = backbone
+        self.follow_backbone()
         return self
+
+    def follow_backbone(self) -> None:
+        """Put the members on the backbone's device and dtype (a no-op when they are)."""
+        if self.backbone is None:
+            return
+        p = next(self.members.parameters())
+        device, dtype = self.backbone.device, self.backbone.dtype
+        if (p.device, p.dtype) != (device, dtype):
+            self.members.to(device=device, dtype=dtype)
+
+    def _precision(self) -> Precision:
+        device = self.backbone.device if self.backbone is not None else \
+            next(self.members.parameters()).device
+        return Precision(self.precision, device)
 
     @torch.no_grad()
     def proba_from_features(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Class probabilities ``(B, C)`` from extracted (and reduced) tokens."""
+        """Class probabilities ``(B, C)`` (float32) from extracted (and reduced) tokens."""
         probs = None
-        for member, layers in zip(self.members, self.member_layers, strict=True):
-            x = feats[layers[0]] if len(layers) == 1 else [feats[k] for k in layers]
-            p = member(x).float().softmax(-1)
-            probs = p if probs is None else probs + p
+        with self._precision().autocast():
+            for member, layers in zip(self.members, self.member_layers, strict=True):
+                x = feats[layers[0]] if len(layers) == 1 else [feats[k] for k in layers]
+                p = member(x).float().softmax(-1)
+                probs = p if probs is None else probs + p
         return probs / len(self.members)
 
     def _images_to_tensor(self, images: Any) -> torch.Tensor:
@@ -127,11 +154,13 @@ class Task:
         if self.backbone is None:
             raise TaskError("no backbone attached: use task.attach(backbone) or "
                             "inca.load_task(path) which creates it")
+        self.follow_backbone()
         x = self._images_to_tensor(images)
         out = []
         for start in range(0, len(x), batch_size):
-            feats = extract_features(self.backbone, x[start:start + batch_size], self.layers,
-                                     self.token_grid)
+            with self._precision().autocast():
+                feats = extract_features(self.backbone, x[start:start + batch_size],
+                                         self.layers, self.token_grid)
             out.append(self.proba_from_features(feats).cpu())
         return torch.cat(out)
 
@@ -196,12 +225,21 @@ def _open_image(im: Any) -> Image.Image:
         raise TaskError(f"cannot read image {im}: {e}") from e
 
 
-def load_task(path: str | Path, backbone: Backbone | None = None, **backbone_kwargs: Any) -> Task:
+def load_task(path: str | Path, backbone: Backbone | None = None, *,
+              device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+              precision: str = "auto", **backbone_kwargs: Any) -> Task:
     """Load a task folder written by :meth:`Task.save`.
+
+    The task runs on the device and dtype of its backbone.
 
     Args:
         path: the folder.
         backbone: the backbone to attach; created from the recorded id when omitted.
+        device: where to run (``"auto"``: CUDA when available). A given backbone is moved
+            there; by default it stays where it is, and a created one goes to ``"auto"``.
+        dtype: the backbone's and members' parameter dtype (float32 by default; a task
+            saved in float32 loads in bfloat16 too).
+        precision: autocast of predictions (``"auto"``: bf16-mixed on a GPU, 32 on CPU).
         **backbone_kwargs: passed to :func:`inca.create_backbone` when creating it.
 
     Raises:
@@ -226,11 +264,15 @@ def load_task(path: str | Path, backbone: Backbone | None = None, **backbone_kwa
         members.append(adapter)
     task = Task(members, [m["layers"] for m in meta["members"]], meta["classes"],
                 meta["backbone"], token_grid=meta.get("token_grid"),
-                metrics=meta.get("metrics"), keys=[m["key"] for m in meta["members"]])
+                metrics=meta.get("metrics"), keys=[m["key"] for m in meta["members"]],
+                precision=precision)
     if backbone is None:
         from inca.backbones import create_backbone
 
         prep = meta["backbone"].get("preprocessing", {})
         backbone_kwargs.setdefault("input_size", prep.get("input_size"))
-        backbone = create_backbone(meta["backbone"]["name"], **backbone_kwargs)
+        backbone = create_backbone(meta["backbone"]["name"], device=resolve_device(device),
+                                   dtype=dtype, **backbone_kwargs)
+    elif device is not None or dtype is not None:
+        backbone.to(device=None if device is None else resolve_device(device), dtype=dtype)
     return task.attach(backbone)

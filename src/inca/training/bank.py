@@ -1,13 +1,14 @@
 """The adapter bank: K adapters (kinds x layers x learning rates) trained in one loop.
 
-One optimizer holds one parameter group per adapter (its own learning rate); the loss is
-the sum of the adapters' losses, so each adapter's gradient is exactly what it would get
-alone. Adapters of the same kind and token shape are computed together with stacked
-weights (one batched matmul for all of them) rather than a Python loop over K.
+One optimizer holds one parameter group per learning rate and shape; the loss is the sum
+of the adapters' losses, so each adapter's gradient is exactly what it would get alone.
+Adapters of the same kind and token shape are computed together with stacked weights (one
+batched matmul for all of them) rather than a Python loop over K.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 from collections.abc import Sequence
@@ -20,15 +21,12 @@ from torch import nn
 
 from inca.adapters import (
     Adapter,
-    InCAAdapter,
     StackedInCA,
     StackedLinear,
     adapter_class,
-    adapter_from_spec,
     create_adapter,
 )
-from inca.adapters._folded import AttentionParams, fold_attention, folded_cross_attention
-from inca.adapters.inca import HeadParams, inca_head
+from inca.adapters.stacked import _Stacked
 from inca.errors import InCAError
 from inca.training.config import FitConfig
 from inca.training.sources import StackedFeats
@@ -95,18 +93,39 @@ def build_adapter(
                               num_classes=num_classes, **opts)
 
 
-def _inputs(adapter: Adapter, spec: MemberSpec, feats: dict[str, torch.Tensor]) -> Any:
+def _inputs(spec: MemberSpec, feats: dict[str, torch.Tensor]) -> Any:
     if spec.kind in MULTI_LAYER_KINDS:
         return [feats[k] for k in spec.layers]
     return feats[spec.layers[0]]
 
 
+_STACKS: dict[str, type[_Stacked]] = {"inca": StackedInCA, "linear": StackedLinear}
+
+
+@dataclass
+class _Family:
+    """Stacks of one kind and token shape, differing in learning rate: computed together,
+    sharing each layer's passes over its tokens."""
+
+    kind: type[_Stacked] | None  # None: a single adapter with no stacked form
+    stacks: list[int]  # indices into AdapterBank.stacks
+    layers: list[str]  # the token block the family reads, (L, B, N, D)
+    layer_index: list[list[int]]  # per stack, the layer (into ``layers``) of each member
+
+
 class AdapterBank(nn.Module):
     """K adapters trained together; ``logits(feats)`` returns ``(K, B, C)``.
 
+    Members of one kind, token shape, config and learning rate live in one stacked module
+    (:class:`~inca.adapters.StackedInCA`, :class:`~inca.adapters.StackedLinear`) whose
+    registered ``(K, ...)`` parameters are exactly what the forward reads and the optimizer
+    updates: one parameter group per stack, with that stack's learning rate. Kinds without
+    a stacked form (Open-InCA, multi-layer probes) are single adapters. The bank is an
+    ordinary module: ``.to(device, dtype)`` may be called at any time.
+
     Args:
         specs: the members.
-        adapters: one adapter per member (same order).
+        adapters: one adapter per member (same order); the bank copies their weights.
         token_counts: tokens N of each layer; only layers with equal N can be stacked
             (CNN stages of equal width may differ in resolution).
     """
@@ -117,8 +136,41 @@ class AdapterBank(nn.Module):
         if len(specs) != len(adapters) or not specs:
             raise TrainingError("a bank needs one adapter per member, and at least one")
         self.specs = list(specs)
-        self.members = nn.ModuleList(adapters)
-        self._groups = _group_members(self.specs, self.members, token_counts or {})
+        counts = token_counts or {}
+        groups: dict[tuple, list[int]] = {}
+        for i, (s, a) in enumerate(zip(self.specs, adapters, strict=True)):
+            if s.kind in _STACKS and s.kind not in MULTI_LAYER_KINDS and s.layers[0] in counts:
+                key: tuple = (s.kind, a.embed_dim, counts[s.layers[0]], repr(a.config), s.lr)
+            else:
+                key = ("single", i)
+            groups.setdefault(key, []).append(i)
+        self.stacks = nn.ModuleList()
+        self.stack_lrs: list[float] = []
+        self._place: list[tuple[int, int]] = [(0, 0)] * len(self.specs)  # (stack, position)
+        self._stack_members: list[list[int]] = []
+        families: dict[tuple, _Family] = {}
+        for key, idx in groups.items():
+            s = len(self.stacks)
+            if key[0] == "single":
+                self.stacks.append(adapters[idx[0]])
+                families[key] = _Family(None, [s], [], [])
+            else:
+                self.stacks.append(_STACKS[key[0]].from_adapters([adapters[i] for i in idx]))
+                fam = families.setdefault(key[:-1], _Family(_STACKS[key[0]], [], [], []))
+                fam.stacks.append(s)
+                for i in idx:
+                    if self.specs[i].layers[0] not in fam.layers:
+                        fam.layers.append(self.specs[i].layers[0])
+                fam.layer_index.append([fam.layers.index(self.specs[i].layers[0]) for i in idx])
+            self.stack_lrs.append(self.specs[idx[0]].lr)
+            self._stack_members.append(idx)
+            for pos, i in enumerate(idx):
+                self._place[i] = (s, pos)
+        self._families = list(families.values())
+        flat = [i for idx in self._stack_members for i in idx]  # members in stack order
+        order = None if flat == list(range(len(flat))) else \
+            torch.tensor([flat.index(i) for i in range(len(flat))])
+        self.register_buffer("_order", order, persistent=False)
 
     @property
     def keys(self) -> list[str]:
@@ -133,152 +185,53 @@ class AdapterBank(nn.Module):
 
     def logits(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Every member's logits ``(K, B, C)`` from one batch of tokens."""
-        out: list[torch.Tensor | None] = [None] * len(self.specs)
-        for group in self._groups:
-            for i, logit in zip(group.indices, group.logits(feats), strict=True):
-                out[i] = logit
-        return torch.stack(out)  # type: ignore[arg-type]
+        outs: list[torch.Tensor | None] = [None] * len(self.stacks)
+        for fam in self._families:
+            if fam.kind is None:
+                s = fam.stacks[0]
+                spec = self.specs[self._stack_members[s][0]]
+                outs[s] = self.stacks[s](_inputs(spec, feats)).unsqueeze(0)
+                continue
+            tokens = _block(feats, fam.layers)
+            stacks = [self.stacks[s] for s in fam.stacks]
+            for s, out in zip(fam.stacks, fam.kind.run(tokens, stacks, fam.layer_index),
+                              strict=True):
+                outs[s] = out
+        flat = torch.cat(outs)  # type: ignore[arg-type]  # (K, B, C), members in stack order
+        return flat if self._order is None else flat[self._order]
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """One optimizer parameter group per member, with the member's learning rate."""
+        """One optimizer parameter group per stack, with its members' learning rate."""
         return [
-            {"params": [p for p in m.parameters() if p.requires_grad], "lr": s.lr, "key": s.key}
-            for s, m in zip(self.specs, self.members, strict=True)
+            {"params": [p for p in stack.parameters() if p.requires_grad], "lr": lr,
+             "keys": [self.specs[i].key for i in idx]}
+            for stack, lr, idx in zip(self.stacks, self.stack_lrs, self._stack_members,
+                                      strict=True)
         ]
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.members[i].state_dict().items()}
+        """Member ``i``'s weights as a standalone adapter's state dict (copies)."""
+        s, pos = self._place[i]
+        stack = self.stacks[s]
+        if isinstance(stack, _Stacked):
+            return stack.member_state(pos)
+        return {k: v.detach().clone() for k, v in stack.state_dict().items()}
 
     def export(self, i: int, state: dict[str, torch.Tensor] | None = None) -> Adapter:
-        """A standalone copy of member ``i`` (with ``state`` loaded if given).
-
-        Built afresh from the member's spec: a member's parameters may be views into the
-        bank's stacked storage, which a copy must not drag along.
-        """
-        member = self.members[i]
-        p = next(member.parameters())
-        adapter = adapter_from_spec(member.spec(), device=p.device, dtype=p.dtype)
-        adapter.load_state_dict(state if state is not None else self.member_state(i))
+        """A standalone copy of member ``i`` in eval mode (with ``state`` loaded if given)."""
+        s, pos = self._place[i]
+        stack = self.stacks[s]
+        adapter = stack.unstack(pos) if isinstance(stack, _Stacked) else copy.deepcopy(stack)
+        if state is not None:
+            adapter.load_state_dict(state)
         return adapter.eval()
 
-    def collect_grads(self) -> None:
-        """Hand the stacked weights' gradients to the members' parameters (call after
-        ``backward()``, before the optimizer step)."""
-        for group in self._groups:
-            if group.fused is not None:
-                group.fused.collect_grads()
 
-
-_STACKS = {"inca": StackedInCA, "linear": StackedLinear}
-
-
-class _FusedInCA:
-    """K InCA adapters whose parameters live in stacked ``(K, ...)`` tensors.
-
-    Each member's parameters become views into one stacked tensor per field, so the
-    batched forward reads the stack directly instead of concatenating K copies of the
-    weights at every step (about a fifth of a CPU step for 26 adapters of width 384).
-    Gradients land on the stacked tensors; :meth:`collect_grads` hands each member its
-    slice, so one optimizer with one parameter group per member (its own learning rate)
-    updates the shared storage in place.
-    """
-
-    def __init__(self, adapters: list[InCAAdapter]) -> None:
-        self.adapters = adapters
-        self.config = adapters[0].config
-        self.stacked: dict[str, torch.Tensor] = {}
-        self._fuse()
-
-    def _fuse(self) -> None:
-        names = [n for n, _ in self.adapters[0].named_parameters()]
-        for name in names:
-            params = [a.get_parameter(name) for a in self.adapters]
-            big = torch.stack([p.detach() for p in params]).requires_grad_(True)
-            self.stacked[name] = big
-            for a, p, view in zip(self.adapters, params, big.detach().unbind(0), strict=True):
-                mod_name, _, attr = name.rpartition(".")
-                mod = a.get_submodule(mod_name) if mod_name else a
-                setattr(mod, attr, nn.Parameter(view, requires_grad=p.requires_grad))
-
-    def _check(self) -> None:
-        # .to(device) replaces the members' parameters: stack them again.
-        if self.adapters[0].query.data_ptr() != self.stacked["query"].data_ptr():
-            self._fuse()
-
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(K, B, C)`` from tokens ``(L, B, N, D)`` (adapter i reads layer i // (K // L))."""
-        self._check()
-        p = self.stacked
-        attn = AttentionParams(p["query"], p["token_norm.weight"], p["token_norm.bias"],
-                               *p["in_proj_weight"].chunk(3, dim=1), p["in_proj_bias"],
-                               p["out_proj.weight"], p["out_proj.bias"])
-        head = HeadParams(p["norm.weight"], p["norm.bias"], p["head.weight"], p["head.bias"])
-        out, _ = folded_cross_attention(tokens.to(p["query"].dtype),
-                                        fold_attention(attn, self.config.num_heads),
-                                        self.config.norm_eps)
-        return inca_head(out, head, self.config, self.adapters[0].training)
-
-    def collect_grads(self) -> None:
-        for name, big in self.stacked.items():
-            if big.grad is None:
-                continue
-            for a, g in zip(self.adapters, big.grad.unbind(0), strict=True):
-                a.get_parameter(name).grad = g
-            big.grad = None
-
-
-class _Group:
-    """Members computed together: stacked when the kind has a stacked form, else a loop."""
-
-    def __init__(self, indices: list[int], specs: list[MemberSpec], adapters: list[Adapter]):
-        self.indices = indices
-        self.specs = specs
-        self.adapters = adapters
-        self.stack = None
-        self.fused: _FusedInCA | None = None
-        self.layers = [s.layers[0] for s in specs]
-        stack_cls = _STACKS.get(specs[0].kind)
-        if stack_cls is not None and len(adapters) > 1:
-            first = adapters[0]
-            # A shell on the meta device holding *these* adapters (not copies), so the
-            # optimizer's per-member groups and the stack's computation share parameters.
-            self.stack = stack_cls(1, first.embed_dim, first.num_classes, first.config,
-                                   device="meta")
-            self.stack.adapters = nn.ModuleList(adapters)
-            unique = list(dict.fromkeys(self.layers))
-            r = len(adapters) // len(unique)
-            if len(adapters) == r * len(unique) and all(
-                ly == unique[i // r] for i, ly in enumerate(self.layers)
-            ):
-                self.layers = unique  # layer-major blocks: each layer read once per step
-            if isinstance(first, InCAAdapter):
-                self.fused = _FusedInCA(adapters)
-
-    def _tokens(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The group's layers as one block ``(L, B, N, D)``, without a copy when possible."""
-        if isinstance(feats, StackedFeats) and feats.order == self.layers:
-            return feats.block
-        return torch.stack([feats[k] for k in self.layers])
-
-    def logits(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        if self.fused is not None:
-            return list(self.fused.logits(self._tokens(feats)))
-        if self.stack is not None:
-            return list(self.stack(self._tokens(feats)))  # (K, B, C)
-        return [a(_inputs(a, s, feats)) for a, s in zip(self.adapters, self.specs, strict=True)]
-
-
-def _group_members(specs: list[MemberSpec], members: nn.ModuleList,
-                   token_counts: dict[str, int]) -> list[_Group]:
-    groups: dict[tuple, list[int]] = {}
-    for i, (s, m) in enumerate(zip(specs, members, strict=True)):
-        if s.kind in MULTI_LAYER_KINDS or s.layers[0] not in token_counts:
-            key: tuple = ("single", i)
-        else:
-            key = (s.kind, m.embed_dim, token_counts[s.layers[0]], repr(m.config))
-        groups.setdefault(key, []).append(i)
-    return [_Group(idx, [specs[i] for i in idx], [members[i] for i in idx])
-            for idx in groups.values()]
+def _block(feats: dict[str, torch.Tensor], layers: list[str]) -> torch.Tensor:
+    """The layers' tokens as one block ``(L, B, N, D)``, without a copy when possible."""
+    if isinstance(feats, StackedFeats) and feats.order == layers:
+        return feats.block
+    return torch.stack([feats[k] for k in layers])
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -294,8 +247,9 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 
 
 def bank_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Per-member cross-entropy ``(K,)`` of logits ``(K, B, C)`` against labels ``(B,)``."""
+    """Per-member cross-entropy ``(K,)`` of logits ``(K, B, C)`` against labels ``(B,)``,
+    in float32 whatever the logits' precision."""
     k, b, c = logits.shape
-    losses = F.cross_entropy(logits.reshape(k * b, c), y.repeat(k),
+    losses = F.cross_entropy(logits.float().reshape(k * b, c), y.repeat(k),
                              label_smoothing=label_smoothing, reduction="none")
     return losses.view(k, b).mean(dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from inca._precision import PRECISIONS
 from inca.errors import InCAError
 
 
@@ -38,6 +39,9 @@ class FitConfig:
         cache_dtype: storage of the activation cache, ``"float16"`` or ``"float32"``.
         val_fraction: share of the training data held out for selection.
         adapter_options: per-kind adapter settings, e.g. ``{"inca": {"num_heads": 4}}``.
+        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (autocast compute, float32
+            weights, optimizer state and losses), or ``"auto"``: bf16-mixed on a GPU, 32 on
+            the CPU. ``inca.fit`` records the precision it resolved to.
     """
 
     layers: str | list[str] = "all"
@@ -58,6 +62,7 @@ class FitConfig:
     cache_dtype: str = "float16"
     val_fraction: float = 0.15
     adapter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.kinds = tuple(self.kinds)
@@ -79,6 +84,9 @@ class FitConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.cache_dtype not in ("float16", "float32"):
             raise ConfigError(f"cache_dtype must be float16 or float32, got {self.cache_dtype!r}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; "
+                              f"got {self.precision!r}")
         if self.token_grid is not None and self.token_grid < 1:
             raise ConfigError(f"token_grid must be positive, got {self.token_grid}")
 

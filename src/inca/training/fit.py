@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from inca._precision import Precision, resolve_device
 from inca.adapters import parameter_report
 from inca.backbones.base import Backbone
 from inca.errors import InCAError
@@ -31,7 +33,8 @@ def _indices_of(part: Any, parent: Any) -> np.ndarray:
 
 
 def _sources(backbone: Backbone, train: Any, val: Any, test: Any, layers: list[str],
-             config: FitConfig, cache_dir: Path, progress: bool, num_workers: int):
+             config: FitConfig, cache_dir: Path, progress: bool, num_workers: int,
+             precision: Precision):
     """Training, validation and test sources, and the seconds spent extracting."""
     from inca.data import build_transform, split_train_val
 
@@ -49,10 +52,11 @@ def _sources(backbone: Backbone, train: Any, val: Any, test: Any, layers: list[s
         train_tf = build_transform(backbone.preprocessing, train=config.augment)
         ds, idx = splits["train"]
         train_src = StreamingSource(backbone, ds, idx, layers, train_tf, config.token_grid,
-                                    num_workers)
+                                    num_workers, precision)
         t = time.perf_counter()
         others = {name: MemorySource.collect(
-            StreamingSource(backbone, ds, idx, layers, eval_tf, config.token_grid, num_workers),
+            StreamingSource(backbone, ds, idx, layers, eval_tf, config.token_grid, num_workers,
+                            precision),
             config.batch_size) for name, (ds, idx) in splits.items() if name != "train"}
         return train_src, others["val"], others.get("test"), time.perf_counter() - t
 
@@ -63,7 +67,8 @@ def _sources(backbone: Backbone, train: Any, val: Any, test: Any, layers: list[s
             caches[id(ds)] = extract_to_cache(
                 backbone, ds, cache_dir / name, layers=layers, token_grid=config.token_grid,
                 dtype=config.cache_dtype,
-                batch_size=config.batch_size, num_workers=num_workers, progress=progress)
+                batch_size=config.batch_size, num_workers=num_workers, progress=progress,
+                precision=precision)
     extract_s = time.perf_counter() - t
     src = {name: CachedSource(caches[id(ds)], idx, layers, backbone.device)
            for name, (ds, idx) in splits.items()}
@@ -77,12 +82,14 @@ def _task_from(candidate: Candidate, bank: AdapterBank, result: BankResult, clas
     return Task(
         members, [list(bank.specs[i].layers) for i in candidate.member_indices], classes,
         backbone.describe(), token_grid=config.token_grid, backbone=backbone,
+        precision=config.precision,
         keys=[candidate.name if candidate.states else bank.specs[i].key
               for i in candidate.member_indices],
     )
 
 
 def _accuracy(task: Task, source: Any, batch_size: int) -> float:
+    """Accuracy of a task on a source of extracted tokens (autocast as ``task.precision``)."""
     correct = total = 0
     for feats, y in source.batches(batch_size):
         correct += int((task.proba_from_features(feats).argmax(-1) == y).sum())
@@ -100,9 +107,14 @@ def fit(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     num_workers: int = 0,
+    device: str | torch.device | None = "auto",
     **overrides: Any,
 ) -> Task:
     """Train a bank of adapters on a frozen backbone and return the selected task.
+
+    The backbone is moved to ``device``; extraction, training and scoring run there in
+    ``config.precision`` (bf16-mixed by default on a GPU). Don't wrap ``fit`` in
+    ``torch.autocast`` yourself: set the precision instead.
 
     Args:
         backbone: the frozen backbone.
@@ -114,6 +126,9 @@ def fit(
             omitted. Reusing a folder reuses (or resumes) its caches.
         progress: show progress bars.
         num_workers: DataLoader workers decoding images.
+        device: where to run: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
+            ``"cuda:1"``...; ``None`` keeps the backbone where it is.
+        **overrides: fields of :class:`FitConfig`, e.g. ``epochs=5, precision="bf16-mixed"``.
 
     Returns:
         The :class:`~inca.runtime.task.Task` chosen on validation (the best adapter, or
@@ -130,12 +145,16 @@ def fit(
     """
     config = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
     config.__post_init__()
+    if device is not None:
+        backbone.to(resolve_device(device))
+    precision = Precision(config.precision, backbone.device)
+    config = replace(config, precision=precision.name)  # recorded as resolved
     layers = backbone.resolve_layers(config.layers)
     classes = list(train.classes)
     with tempfile.TemporaryDirectory(prefix="inca-cache-") as tmp:
         root = Path(cache_dir) if cache_dir is not None else Path(tmp)
         train_src, val_src, test_src, extract_s = _sources(
-            backbone, train, val, test, layers, config, root, progress, num_workers)
+            backbone, train, val, test, layers, config, root, progress, num_workers, precision)
 
         dims = {k: backbone.embed_dims[k] for k in layers}
         specs = plan_members(layers, config)
@@ -145,7 +164,8 @@ def fit(
         shapes = token_shapes(backbone, layers, config.token_grid)
         bank = AdapterBank(specs, adapters, {k: n for k, (n, _) in shapes.items()})
         bank.to(backbone.device)
-        result = train_bank(bank, train_src, val_src, config, progress=progress)
+        result = train_bank(bank, train_src, val_src, config, progress=progress,
+                            precision=precision)
 
         order = rank_members(result.members)
         best = Candidate("best", order[:1], result.members[order[0]].val_accuracy)
@@ -153,7 +173,7 @@ def fit(
         if len(order) > 1 and config.ensemble_k > 1:
             candidates.append(top_k_ensemble(result, config.ensemble_k))
         if config.soup:
-            candidates += soups(bank, result, val_src, config.batch_size)
+            candidates += soups(bank, result, val_src, config.batch_size, precision)
         chosen = max(candidates, key=lambda c: (c.val_accuracy, c.name == "best"))
         task = _task_from(chosen, bank, result, classes, backbone, config)
 
@@ -168,7 +188,7 @@ def fit(
                     _task_from(Candidate("linear_probe", [baseline], 0.0), bank, result,
                                classes, backbone, config), test_src, config.batch_size)
 
-    params = [parameter_report(bank.members[i], backbone) for i in range(len(specs))]
+    params = [parameter_report(bank.export(i), backbone) for i in range(len(specs))]
     report = FitReport.build(
         backbone=backbone.describe(), config=config, specs=specs, result=result,
         params=params, candidates=candidates, chosen=chosen, baseline=baseline, tests=tests,

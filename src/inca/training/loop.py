@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from inca._precision import Precision
 from inca.training.bank import AdapterBank, TrainingError, bank_loss, cosine_with_warmup
 from inca.training.config import FitConfig
 
@@ -44,14 +46,26 @@ def _adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Opt
         return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
+def bank_precision(bank: AdapterBank, precision: str | Precision | None) -> Precision:
+    """``precision`` for the device the bank is on."""
+    if isinstance(precision, Precision):
+        return precision
+    return Precision(precision, next(bank.parameters()).device)
+
+
 @torch.no_grad()
-def evaluate(bank: AdapterBank, source: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every member's probabilities ``(K, N, C)`` on a source, and the labels ``(N,)``."""
+def evaluate(bank: AdapterBank, source: Any, batch_size: int,
+             precision: str | Precision | None = "32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every member's probabilities ``(K, N, C)`` on a source (on the CPU), and the labels
+    ``(N,)``."""
+    prec = bank_precision(bank, precision)
     was_training = bank.training
     bank.eval()
     probs, labels = [], []
     for feats, y in source.batches(batch_size):
-        probs.append(bank.logits(feats).float().softmax(-1).cpu())
+        with prec.autocast():
+            logits = bank.logits(feats)
+        probs.append(logits.float().softmax(-1).cpu())
         labels.append(y.cpu())
     bank.train(was_training)
     return torch.cat(probs, dim=1), torch.cat(labels)
@@ -64,21 +78,32 @@ def train_bank(
     config: FitConfig,
     *,
     progress: bool = True,
+    precision: str | Precision | None = None,
 ) -> BankResult:
     """Train every member of ``bank`` together, keeping each one's best validation state.
 
+    Each step runs its forward and loss in its own autocast region (``precision``); the
+    weights and optimizer state stay in the bank's dtype (float32 master weights), the
+    losses are float32, and float16 gets a gradient scaler. The loop never waits for the
+    device inside an epoch: losses are summed on the device and checked once per epoch.
+
     Args:
-        bank: the adapters.
+        bank: the adapters, on the device they train on.
         train: a source of training batches (cached or streaming).
         val: a source of validation batches.
         config: epochs, schedule, regularisation, early stopping, seed.
         progress: show a progress bar.
+        precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"auto"`` or a
+            :class:`~inca._precision.Precision`; ``config.precision`` when omitted.
 
     Raises:
         TrainingError: the loss of some member became NaN or infinite.
     """
+    prec = bank_precision(bank, precision if precision is not None else config.precision)
+    device = next(bank.parameters()).device
     gen = torch.Generator().manual_seed(config.seed)
     optimizer = _adamw(bank.param_groups(), config.weight_decay)
+    scaler = prec.grad_scaler()
     steps_per_epoch = -(-len(train) // config.batch_size)
     total = steps_per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -95,26 +120,29 @@ def train_bank(
     val_labels = torch.zeros(0, dtype=torch.long)
     for epoch in range(config.epochs):
         bank.train()
-        loss_sum, seen = torch.zeros(len(bank.keys)), 0
+        loss_sum, seen = torch.zeros(len(bank.keys), device=device), 0
         for feats, y in train.batches(config.batch_size, shuffle=True, generator=gen):
-            losses = bank_loss(bank.logits(feats), y, config.label_smoothing)  # (K,)
-            if not torch.isfinite(losses).all():
-                bad = [k for k, v in zip(bank.keys, losses.tolist(), strict=True)
-                       if not torch.isfinite(torch.tensor(v))]
-                raise TrainingError(
-                    f"the training loss became {losses[~torch.isfinite(losses)][0].item()} "
-                    f"at epoch {epoch + 1} for {', '.join(bad)}; lower those learning rates "
-                    "(--lrs) or check the inputs for NaN/inf"
-                )
+            with prec.autocast():
+                losses = bank_loss(bank.logits(feats), y, config.label_smoothing)  # (K,)
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()  # members are independent: each gets its own gradient
-            bank.collect_grads()
-            optimizer.step()
+            # members are independent: each gets its own gradient from the sum
+            scaler.scale(losses.sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
-            loss_sum += losses.detach().cpu() * len(y)
+            loss_sum += losses.detach() * len(y)
             seen += len(y)
             bar.update(1)
-        probs, val_labels = evaluate(bank, val, config.batch_size)  # (K, N, C)
+        epoch_loss = (loss_sum / max(seen, 1)).cpu()  # the epoch's one wait for the device
+        if not torch.isfinite(epoch_loss).all():
+            bad = [k for k, v in zip(bank.keys, epoch_loss.tolist(), strict=True)
+                   if not math.isfinite(v)]
+            raise TrainingError(
+                f"the training loss became {epoch_loss[~torch.isfinite(epoch_loss)][0].item()} "
+                f"at epoch {epoch + 1} for {', '.join(bad)}; lower those learning rates "
+                "(--lrs) or check the inputs for NaN/inf"
+            )
+        probs, val_labels = evaluate(bank, val, config.batch_size, prec)  # (K, N, C)
         accs = (probs.argmax(-1) == val_labels).float().mean(-1)
         nll = -(probs.clamp_min(1e-12).log().gather(
             -1, val_labels.expand(len(bank.keys), -1).unsqueeze(-1))).mean((1, 2))
@@ -127,7 +155,7 @@ def train_bank(
                 improved = True
         history.append({
             "epoch": epoch + 1,
-            "train_loss": (loss_sum / max(seen, 1)).tolist(),
+            "train_loss": epoch_loss.tolist(),
             "val_accuracy": accs.tolist(),
         })
         bar.set_postfix(best_val=f"{max(r.val_accuracy for r in results):.3f}")

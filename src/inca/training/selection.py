@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inca._precision import Precision
 from inca.training.bank import AdapterBank, MemberSpec
 from inca.training.loop import BankResult, MemberResult
 
@@ -39,7 +40,8 @@ def top_k_ensemble(result: BankResult, k: int) -> Candidate:
     return Candidate("ensemble", top, ensemble_accuracy(result, top))
 
 
-def soups(bank: AdapterBank, result: BankResult, val, batch_size: int) -> list[Candidate]:
+def soups(bank: AdapterBank, result: BankResult, val, batch_size: int,
+          precision: Precision | None = None) -> list[Candidate]:
     """Weight averages of the same-(kind, layer) members over the learning-rate grid.
 
     Members of one (kind, layer) start from the same initialisation (their seed ignores
@@ -58,7 +60,7 @@ def soups(bank: AdapterBank, result: BankResult, val, batch_size: int) -> list[C
                for k in states[0]}
         adapter = bank.export(idx[0], avg)
         correct = total = 0
-        with torch.no_grad():
+        with torch.no_grad(), (precision or Precision("32")).autocast():
             for feats, y in val.batches(batch_size):
                 x = feats[layers[0]] if len(layers) == 1 else [feats[k] for k in layers]
                 correct += int((adapter(x).argmax(-1) == y).sum())

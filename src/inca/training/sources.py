@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from inca._precision import Precision
 from inca.backbones.base import Backbone
 from inca.features import ActivationCache, extract_features
 
@@ -113,11 +114,12 @@ class StreamingSource:
         transform: image -> tensor (with augmentation for training if wanted).
         token_grid: pool patch tokens as the cache would.
         num_workers: DataLoader workers decoding images.
+        precision: autocast of the backbone pass.
     """
 
     def __init__(self, backbone: Backbone, dataset: Any, indices: Sequence[int],
                  layers: list[str], transform: Any, token_grid: int | None = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, precision: Precision | None = None) -> None:
         from inca.data import TransformedDataset
 
         self.backbone = backbone
@@ -126,6 +128,7 @@ class StreamingSource:
         self.layers = layers
         self.token_grid = token_grid
         self.num_workers = num_workers
+        self.precision = precision or Precision("32", backbone.device)
         targets = np.asarray(dataset.targets)
         self.labels = torch.from_numpy(targets[self.indices]).long()
 
@@ -138,7 +141,8 @@ class StreamingSource:
         loader = DataLoader(Subset(self.data, order.tolist()), batch_size=batch_size,
                             shuffle=False, num_workers=self.num_workers)
         for images, y in loader:
-            feats = extract_features(self.backbone, images, self.layers, self.token_grid)
+            with self.precision.autocast():
+                feats = extract_features(self.backbone, images, self.layers, self.token_grid)
             # Out of inference mode: adapters need ordinary tensors to build their graphs.
             yield {k: v.clone() for k, v in feats.items()}, y.long().to(self.backbone.device)
 

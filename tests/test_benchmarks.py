@@ -1,0 +1,29 @@
+"""The GPU benchmark scripts also run on the CPU, at a tiny size (the figures come from a GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_quality.py"
+
+
+def test_gpu_quality_runs_on_cpu(tmp_path):
+    assets, results = tmp_path / "assets", tmp_path / "results"
+    run = [sys.executable, str(SCRIPT), "--assets", str(assets)]
+    subprocess.run([*run, "--prepare", "--train", "48", "--test", "24"], check=True)
+    assert (assets / "dinov2_vits14_fp16.safetensors").stat().st_size > 40e6
+    subprocess.run([*run, "--device", "cpu", "--input-size", "28", "--epochs", "1",
+                    "--batch-size", "16", "--num-workers", "0", "--results-dir", str(results)],
+                   check=True)
+    payload = json.loads((results / "gpu-quality.json").read_text())
+    assert payload["device"] == "cpu" and payload["n_train"] == 48
+    runs = {(r["method"], r["precision"]): r for r in payload["runs"]}
+    assert set(runs) == {(m, p) for m in ("inca", "full") for p in ("32", "bf16-mixed")}
+    for r in runs.values():
+        assert {"test_accuracy", "chosen", "wall_s", "peak_gib", "epochs"} <= set(r)
+        assert 0 <= r["test_accuracy"] <= 1 and r["epochs"] == 1
+    assert runs[("inca", "32")]["chosen"].split("/")[0] in ("inca", "linear", "ensemble")
+    assert "| inca | bf16-mixed |" in (results / "gpu-quality.md").read_text()

@@ -1,0 +1,254 @@
+"""Devices and precision: modules that move, mixed precision that matches float32.
+
+A device axis (CPU always; CUDA where a GPU is) and a dtype axis over the bank, fit, the
+fine-tuning baseline, task files and the multi-task runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_fit import PlantedNet, planted_backbone, planted_data
+from test_training import LAYERS, _bank, _source
+from torch import nn
+
+import inca
+from inca._precision import Precision, resolve_device, resolve_precision
+from inca.baselines.finetune import FineTuneConfig, finetune
+from inca.errors import InCAError
+from inca.runtime import MultiTaskModel, Task, load_task
+from inca.training import FitConfig, train_bank
+from inca.training.bank import bank_loss
+from inca.training.sources import MemorySource
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+BANK = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3, 1e-2), epochs=4,
+                 batch_size=32, patience=0, precision="32")
+
+
+def _on(src: MemorySource, device: str) -> MemorySource:
+    return MemorySource({k: v.to(device) for k, v in src.feats.items()}, src.labels.to(device))
+
+
+def _states(bank) -> list[dict[str, torch.Tensor]]:
+    return [bank.member_state(i) for i in range(len(bank.keys))]
+
+
+def _changed(before, after) -> list[bool]:
+    return [any(not torch.equal(a[k].double().cpu(), b[k].double().cpu()) for k in a)
+            for a, b in zip(before, after, strict=True)]
+
+
+# -- the bank is an ordinary module ------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bank_moved_before_training_trains_every_member(device, dtype):
+    bank = _bank(BANK)
+    init = _states(bank)
+    bank.to(device=device, dtype=dtype)
+    res = train_bank(bank, _on(_source(256, 0), device), _on(_source(128, 1), device), BANK,
+                     progress=False)
+    assert all(_changed(init, [m.state for m in res.members]))
+    assert all(v.dtype == dtype and v.device.type == device
+               for m in res.members for v in m.state.values())
+    accs = {m.key: m.val_accuracy for m in res.members}
+    # the InCA members learn the planted layer, and their learning rates make a difference
+    assert accs["inca/l1/lr=0.003"] > 0.9 and accs["inca/l1/lr=0.01"] > 0.9
+    i, j = bank.keys.index("inca/l1/lr=0.003"), bank.keys.index("inca/l1/lr=0.01")
+    assert not torch.equal(res.members[i].state["query"], res.members[j].state["query"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bank_moved_during_training_keeps_training(device):
+    """Today's main failed this: moving re-fused the stacks behind the optimizer's back."""
+    bank = _bank(BANK).to(device)
+    feats, y = next(_on(_source(64, 0), device).batches(64))
+    opt = torch.optim.AdamW(bank.param_groups(), weight_decay=1e-4)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            bank_loss(bank.logits(feats), y, 0.0).sum().backward()
+            opt.step()
+
+    steps(3)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    bank.to(torch.float64)
+    opt.load_state_dict(opt.state_dict())  # the optimizer state follows, as for any module
+    # the optimizer holds exactly the tensors the forward reads
+    assert held == {id(p) for p in bank.parameters()}
+    before, logits = _states(bank), bank.logits(feats).detach()
+    steps(3)
+    assert all(_changed(before, _states(bank)))
+    assert all(v.dtype == torch.float64 for s in _states(bank) for v in s.values())
+    moved = (bank.logits(feats).detach() - logits).abs().amax(dim=(1, 2))
+    assert (moved > 0).all()  # every member's output moved
+
+
+# -- mixed precision -------------------------------------------------------------------------
+def test_precision_names():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "32"
+    assert resolve_precision("bf16", cpu) == "bf16-mixed"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InCAError, match="unknown precision 'bf8'"):
+        resolve_precision("bf8", cpu)
+    with pytest.raises(ConfigError := inca.training.ConfigError, match="precision"):
+        FitConfig(precision="half")
+    assert issubclass(ConfigError, InCAError)
+    with pytest.raises(InCAError, match="precision"):
+        FineTuneConfig(precision="fp8")
+
+
+def test_each_step_reads_the_current_weights_inside_an_outer_autocast():
+    """autocast caches 16-bit weight copies until its outermost region ends: one region
+    around a whole training loop froze the forward at the first step's weights."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    x = torch.randn(8, 4)
+    outs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what a user wraps fit() in
+        for _ in range(3):
+            with Precision("bf16-mixed", "cpu").autocast():
+                y = lin(x).float().sum()
+            outs.append(y.item())
+            opt.zero_grad()
+            y.backward()
+            opt.step()
+    assert len(set(outs)) == 3
+
+
+def test_bank_in_an_outer_autocast_trains_as_without_it():
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(1e-2,), epochs=2,
+                       batch_size=32, patience=0, precision="bf16-mixed")
+    train, val = _source(128, 0), _source(64, 1)
+    ref = train_bank(_bank(config), train, val, config, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wrapped = train_bank(_bank(config), train, val, config, progress=False)
+    for a, b in zip(ref.members, wrapped.members, strict=True):
+        assert a.val_accuracy == b.val_accuracy
+        for k in a.state:
+            torch.testing.assert_close(a.state[k], b.state[k])
+
+
+@pytest.fixture(scope="module")
+def planted_both(tmp_path_factory):
+    """inca.fit on the planted problem in float32 and in bf16-mixed, same data."""
+    train, test = planted_data(320, 0), planted_data(160, 1)
+    out = {}
+    for precision in ("32", "bf16-mixed"):
+        out[precision] = inca.fit(
+            planted_backbone(), train, test=test, layers="all", kinds=("inca", "linear"),
+            lrs=(3e-3, 1e-2), epochs=6, batch_size=32, precision=precision, progress=False,
+            cache_dir=tmp_path_factory.mktemp(precision))
+    return out
+
+
+def test_bf16_mixed_fit_matches_fp32(planted_both):
+    for precision, task in planted_both.items():
+        assert task.report.config["precision"] == precision
+    best = {p: {kind: max(r["val_accuracy"] for r in t.report.rows if r["kind"] == kind)
+                for kind in ("inca", "linear")} for p, t in planted_both.items()}
+    for kind in ("inca", "linear"):
+        assert best["bf16-mixed"][kind] == pytest.approx(best["32"][kind], abs=0.04), kind
+    ref, mixed = planted_both["32"].report, planted_both["bf16-mixed"].report
+    assert mixed.val_accuracy > 0.85
+    assert mixed.test_accuracy[mixed.chosen] == pytest.approx(
+        ref.test_accuracy[ref.chosen], abs=0.04)
+    # validation and test agree under bf16 (they did not inside one outer autocast)
+    assert mixed.test_accuracy[mixed.chosen] == pytest.approx(mixed.val_accuracy, abs=0.1)
+    assert {ly for ls in planted_both["bf16-mixed"].member_layers for ly in ls} <= {
+        "stem", "block1"}
+
+
+def test_bf16_mixed_full_finetuning_matches_fp32():
+    train, val = planted_data(192, 0), planted_data(96, 1)
+    acc = {}
+    for precision in ("32", "bf16-mixed"):
+        res = finetune(planted_backbone(), train, val, val, FineTuneConfig(
+            method="full", epochs=4, batch_size=32, lr_backbone=3e-3, lr_head=3e-2,
+            precision=precision), progress=False)
+        acc[precision] = res.test_accuracy
+    assert acc["32"] > 0.6  # well above chance (0.25): the backbone itself learned
+    assert acc["bf16-mixed"] == pytest.approx(acc["32"], abs=0.06)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an outer autocast changes nothing
+        wrapped = finetune(planted_backbone(), train, val, val, FineTuneConfig(
+            method="full", epochs=4, batch_size=32, lr_backbone=3e-3, lr_head=3e-2,
+            precision="bf16-mixed"), progress=False)
+    assert wrapped.test_accuracy == acc["bf16-mixed"]
+
+
+# -- tasks and the runtime move and cast ---------------------------------------------------
+def test_fingerprint_names_the_weights_not_their_dtype_or_device():
+    fp = planted_backbone().fingerprint()
+    assert planted_backbone().to(torch.bfloat16).fingerprint() == fp
+    assert planted_backbone().half().fingerprint() == fp  # fixed before the first cast
+    bf16_module = inca.from_module(PlantedNet().to(torch.bfloat16),
+                                   ["stem", "block1", "wash", "block3"], name="planted",
+                                   preprocessing=planted_backbone().preprocessing)
+    assert bf16_module.fingerprint() == fp  # bfloat16-rounded values are what is hashed
+    assert planted_backbone(seed=1).fingerprint() != fp
+
+
+def test_task_saved_in_fp32_loads_in_bf16(planted_both, tmp_path):
+    task = planted_both["32"]
+    task.save(tmp_path / "task")
+    images = [planted_data(64, 2)[i][0] for i in range(64)]
+    expected = task.predict(images)
+    loaded = load_task(tmp_path / "task", backbone=planted_backbone(), dtype=torch.bfloat16)
+    assert isinstance(loaded, nn.Module)
+    assert loaded.backbone.dtype == torch.bfloat16
+    assert {p.dtype for p in loaded.members.parameters()} == {torch.bfloat16}
+    got = loaded.predict(images)
+    agree = sum(a == b for a, b in zip(got, expected, strict=True)) / len(images)
+    assert agree >= 0.95
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multitask_model_moves_as_one_module(planted_both, device):
+    a, b = planted_both["32"], planted_both["bf16-mixed"]
+    images = [planted_data(16, 2)[i][0] for i in range(16)]
+    model = MultiTaskModel(copy.deepcopy(a.backbone), {"a": a, "b": b}, precision="32")
+    assert isinstance(model, nn.Module) and isinstance(model.tasks["a"], Task)
+    ref = model.predict_proba(images)
+    model.to(device=device, dtype=torch.float64)
+    assert model.backbone.dtype == torch.float64
+    assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.float64, device)}
+    out = model.predict_proba(images)
+    for name in ("a", "b"):
+        torch.testing.assert_close(out[name], ref[name], atol=1e-4, rtol=1e-4)
+
+
+# -- the command line ------------------------------------------------------------------------
+def test_cli_refuses_bad_device_and_precision(tmp_path):
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+
+    base = ["fit", "--backbone", "dinov2_vits14", "--data", "digits", "--out", str(tmp_path)]
+    res = CliRunner().invoke(app, [*base, "--precision", "half"])
+    assert res.exit_code == 2 and "precision must be one of" in res.output
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(app, [*base, "--device", "cuda"])
+        assert res.exit_code == 2 and "sees no CUDA GPU" in res.output
+
+
+# -- CUDA (skipped without a GPU) ---------------------------------------------------------
+@pytest.mark.cuda
+def test_fit_on_cuda_in_bf16_mixed(tmp_path):
+    bb = planted_backbone()
+    task = inca.fit(bb, planted_data(320, 0), test=planted_data(160, 1), layers="all",
+                    kinds=("inca", "linear"), lrs=(3e-3, 1e-2), epochs=6, batch_size=32,
+                    device="cuda", precision="bf16-mixed", progress=False, cache_dir=tmp_path)
+    assert bb.device.type == "cuda" and task.report.config["precision"] == "bf16-mixed"
+    assert task.report.val_accuracy > 0.85
+    inca_rows = [r for r in task.report.rows if r["kind"] == "inca"]
+    assert len({r["val_accuracy"] for r in inca_rows}) > 1  # InCA members trained
+    task.save(tmp_path / "task")
+    loaded = load_task(tmp_path / "task", backbone=planted_backbone(), device="cuda")
+    assert next(loaded.members.parameters()).device.type == "cuda"
+    images = [planted_data(32, 2)[i][0] for i in range(32)]
+    assert loaded.predict(images) == task.predict(images)
