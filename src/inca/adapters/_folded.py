@@ -109,7 +109,13 @@ def _accumulate(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=512)
+def index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An index tensor made once per device: a copy from host memory at every step would
+    make the host wait for the GPU."""
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 def _slots(layer_of: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor,
                                                                       torch.Tensor, int]:
     """Each adapter's (layer, slot within the layer) and the most adapters on one layer."""
@@ -118,8 +124,7 @@ def _slots(layer_of: tuple[int, ...], device: torch.device) -> tuple[torch.Tenso
     for layer in layer_of:
         slots.append(seen.get(layer, 0))
         seen[layer] = slots[-1] + 1
-    return (torch.tensor(layer_of, device=device), torch.tensor(slots, device=device),
-            max(seen.values()))
+    return index_tensor(layer_of, device), index_tensor(tuple(slots), device), max(seen.values())
 
 
 def fold_keys(p: AttentionParams, num_heads: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from inca.adapters._folded import (
     as_layers,
     compute_input,
     cross_attention,
+    index_tensor,
     regular_layers,
     stacked_linear,
 )
@@ -276,7 +277,7 @@ class StackedLinear(_Stacked):
         out = []
         for s, idx in zip(stacks, layer_index, strict=True):
             weight, bias = cls._weights(s)
-            x = feat[torch.as_tensor(list(idx), device=feat.device)]  # (K, B, F)
+            x = feat[index_tensor(tuple(idx), feat.device)]  # (K, B, F)
             x = F.dropout(x, s.config.dropout, s.training)
             out.append(stacked_linear(x, weight, bias))
         return out
