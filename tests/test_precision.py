@@ -134,6 +134,19 @@ def test_bank_in_an_outer_autocast_trains_as_without_it():
             torch.testing.assert_close(a.state[k], b.state[k])
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_bank_learns_like_fp32(precision):
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=3,
+                       batch_size=32, patience=0, precision=precision)
+    train, val = _source(128, 0), _source(64, 1)
+    mixed = train_bank(_bank(config), train, val, config, progress=False)
+    ref = train_bank(_bank(config), train, val, config, progress=False, precision="32")
+    for a, b in zip(mixed.members, ref.members, strict=True):
+        assert a.val_accuracy == pytest.approx(b.val_accuracy, abs=0.05), a.key
+        assert all(v.dtype == torch.float32 for v in a.state.values())  # fp32 masters
+    assert mixed.members[1].key == "inca/l1/lr=0.003" and mixed.members[1].val_accuracy > 0.9
+
+
 @pytest.fixture(scope="module")
 def planted_both(tmp_path_factory):
     """inca.fit on the planted problem in float32 and in bf16-mixed, same data."""

@@ -125,7 +125,8 @@ class AdapterBank(nn.Module):
 
     Args:
         specs: the members.
-        adapters: one adapter per member (same order); the bank copies their weights.
+        adapters: one adapter per member (same order). Stacked members are copied into
+            their stack; an adapter without a stacked form is used as it is.
         token_counts: tokens N of each layer; only layers with equal N can be stacked
             (CNN stages of equal width may differ in resolution).
     """
@@ -139,7 +140,7 @@ class AdapterBank(nn.Module):
         counts = token_counts or {}
         groups: dict[tuple, list[int]] = {}
         for i, (s, a) in enumerate(zip(self.specs, adapters, strict=True)):
-            if s.kind in _STACKS and s.kind not in MULTI_LAYER_KINDS and s.layers[0] in counts:
+            if s.kind in _STACKS and s.layers[0] in counts:
                 key: tuple = (s.kind, a.embed_dim, counts[s.layers[0]], repr(a.config), s.lr)
             else:
                 key = ("single", i)
