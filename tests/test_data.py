@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from inca.backbones import Preprocessing
-from inca.data import build_transform, list_datasets, load_dataset, split_train_val
+from inca.data import (
+    build_transform,
+    list_datasets,
+    load_dataset,
+    split_train_val,
+    to_model_input,
+)
 from inca.errors import DataError
 
 
@@ -132,6 +138,8 @@ def test_transforms():
     prep = Preprocessing(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     img = Image.new("L", (28, 20), 255)
     x = build_transform(prep)(img)
-    assert x.shape == (3, 16, 16)
-    torch.testing.assert_close(x, torch.full_like(x, 2.0))
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8  # pixels; normalized on device
+    y = to_model_input(x[None], prep, "cpu")
+    torch.testing.assert_close(y, torch.full_like(y, 2.0))
+    assert to_model_input(y, prep, "cpu", torch.float64).dtype == torch.float64  # as it is
     assert build_transform(prep, train=True)(img).shape == (3, 16, 16)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from inca._precision import PRECISIONS, Precision, resolve_device
 from inca.backbones.base import Backbone, to_tokens
+from inca.data.transforms import TransformedDataset, build_transform, to_model_input
 from inca.errors import InCAError
 
 FINETUNE_METHODS = ("full", "last", "lora")
@@ -181,7 +182,8 @@ def _accuracy(tuned: Backbone, head: nn.Module, loader: DataLoader,
     correct = torch.zeros((), dtype=torch.long, device=tuned.device)
     total = 0
     for x, y in loader:
-        x, y = x.to(tuned.device, non_blocking=True), y.to(tuned.device, non_blocking=True)
+        x = to_model_input(x, tuned.preprocessing, tuned.device)
+        y = y.to(tuned.device, non_blocking=True)
         with precision.autocast():
             logits = head(_features(tuned, x))
         correct += (logits.argmax(-1) == y).sum()
@@ -207,7 +209,6 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         device: where the copy trains (``"auto"``: CUDA when available); the backbone's
             device when omitted.
     """
-    from inca.data import TransformedDataset, build_transform
     from inca.training.bank import cosine_with_warmup
 
     config = config or FineTuneConfig()
@@ -253,7 +254,7 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         _set_mode(tuned, config, True)
         loss_sum = torch.zeros((), device=device)
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_model_input(x, prep, device), y.to(device, non_blocking=True)
             with precision.autocast():
                 logits = head(_features(tuned, x))
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)

@@ -10,7 +10,7 @@ from inca.data.datasets import (
     load_dataset,
     split_train_val,
 )
-from inca.data.transforms import TransformedDataset, build_transform
+from inca.data.transforms import TransformedDataset, build_transform, to_model_input
 
 __all__ = [
     "ArrayDataset",
@@ -19,6 +19,7 @@ __all__ = [
     "SubsetDataset",
     "TransformedDataset",
     "build_transform",
+    "to_model_input",
     "limit_dataset",
     "list_datasets",
     "load_dataset",

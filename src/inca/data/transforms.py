@@ -1,7 +1,13 @@
-"""Image transforms built from a backbone's expected preprocessing."""
+"""Image transforms built from a backbone's expected preprocessing.
+
+The CPU side (data-loading workers) decodes, resizes, crops and flips, and hands over
+``uint8`` pixels: a quarter of float32's bytes to copy to the device. The device side,
+:func:`to_model_input`, converts and normalizes there.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,21 +27,55 @@ _INTERPOLATION = {
 
 def build_transform(preprocessing: Preprocessing, train: bool = False
                     ) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalized tensor ``(3, S, S)`` as the backbone expects.
+    """PIL image -> ``uint8`` pixels ``(3, S, S)``; :func:`to_model_input` normalizes them.
 
     Evaluation: resize the shorter side to S, center-crop S (a plain resize for square
-    images), scale to [0, 1], normalize. Training adds light augmentation: a random
-    resized crop (70-100% of the area) and a horizontal flip.
+    images). Training adds light augmentation: a random resized crop (70-100% of the
+    area) and a horizontal flip.
     """
     s = preprocessing.input_size
     interp = _INTERPOLATION[preprocessing.interpolation]
-    tail = [T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
+    tail = [T.PILToTensor()]
     if train:
         head = [T.RandomResizedCrop(s, scale=(0.7, 1.0), interpolation=interp),
                 T.RandomHorizontalFlip()]
     else:
         head = [T.Resize(s, interpolation=interp), T.CenterCrop(s)]
     return T.Compose([_to_rgb, *head, *tail])
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a host-to-device copy per batch would make the host wait.
+    scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)],
+                         device=device).view(1, 3, 1, 1)
+    return scale, shift
+
+
+def to_model_input(images: torch.Tensor, preprocessing: Preprocessing,
+                   device: torch.device | str, dtype: torch.dtype = torch.float32
+                   ) -> torch.Tensor:
+    """A batch ready for the backbone, on ``device`` in ``dtype``.
+
+    ``uint8`` pixels ``(B, 3, H, W)`` (what :func:`build_transform` makes) are copied as
+    they are (without waiting, when pinned) and normalized on the device:
+    ``(x / 255 - mean) / std``. Floating-point images are taken as already normalized.
+
+    Example:
+        >>> from inca.backbones import Preprocessing
+        >>> x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+        >>> to_model_input(x, Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), "cpu")[0, 0]
+        tensor([[2., 2.],
+                [2., 2.]])
+    """
+    device = torch.device(device)
+    x = images.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        scale, shift = _affine(preprocessing.mean, preprocessing.std, device)
+        x = torch.addcmul(shift, x.float(), scale)  # x * scale + shift, one kernel
+    return x.to(dtype)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from inca._precision import Precision
 from inca._version import __version__
 from inca.backbones.base import Backbone
+from inca.data.transforms import to_model_input
 from inca.errors import CacheError
 from inca.features.cache import (
     FORMAT_VERSION,
@@ -41,14 +42,15 @@ def extract_features(
 
     Args:
         backbone: the frozen backbone.
-        images: preprocessed images ``(B, 3, H, W)``.
+        images: ``uint8`` pixels ``(B, 3, H, W)`` (normalized on the backbone's device), or
+            preprocessed float images.
         layers: layers to return (see :meth:`Backbone.resolve_layers`).
         token_grid: pool patch tokens to this grid side (``None`` keeps all tokens).
 
     Returns:
         ``{layer: (B, N, D)}`` in forward order.
     """
-    images = images.to(device=backbone.device, dtype=backbone.dtype)
+    images = to_model_input(images, backbone.preprocessing, backbone.device, backbone.dtype)
     feats = backbone.extract(images, layers)
     return {k: reduce_tokens(v, backbone.num_prefix_tokens, token_grid) for k, v in feats.items()}
 

@@ -13,6 +13,7 @@ from torch import nn
 from inca._precision import Precision
 from inca.adapters import InCAAdapter, StackedInCA
 from inca.backbones.base import Backbone
+from inca.data.transforms import to_model_input
 from inca.features import token_shapes
 from inca.features.tokens import reduce_tokens
 from inca.runtime.task import Task, TaskError, check_backbone, load_task
@@ -147,7 +148,8 @@ class MultiTaskModel(nn.Module):
         prec = Precision(self.precision, self.backbone.device)
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size].to(self.backbone.device, self.backbone.dtype)
+            batch = to_model_input(x[start:start + batch_size], self.backbone.preprocessing,
+                                   self.backbone.device, self.backbone.dtype)
             probs: dict[str, torch.Tensor] = {n: 0.0 for n in names}  # type: ignore[misc]
             with prec.autocast():
                 raw = self.backbone.extract(batch, layers)

@@ -149,8 +149,8 @@ class Task(nn.Module):
 
     @torch.no_grad()
     def predict_proba(self, images: Any, batch_size: int = 64) -> torch.Tensor:
-        """Probabilities ``(B, C)`` for images: a preprocessed tensor ``(B, 3, H, W)``, or a
-        list of PIL images or file paths."""
+        """Probabilities ``(B, C)`` for images: a tensor ``(B, 3, H, W)`` (``uint8`` pixels,
+        or preprocessed floats), or a list of PIL images or file paths."""
         if self.backbone is None:
             raise TaskError("no backbone attached: use task.attach(backbone) or "
                             "inca.load_task(path) which creates it")
