@@ -76,7 +76,9 @@ def extract_cmd(
     skip_unreadable: Annotated[bool, typer.Option(help="skip unreadable images")] = False,
     pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
     overwrite: Annotated[bool, typer.Option(help="replace a cache made differently")] = False,
-    num_workers: Annotated[int, typer.Option(help="image-decoding workers")] = 0,
+    num_workers: Annotated[
+        int | None, typer.Option(help="data-loading workers (default: cores - 1, at most 8)")
+    ] = None,
     device: Device = "auto",
     precision: Precision = "auto",
 ) -> None:
@@ -120,7 +122,13 @@ def fit_cmd(
         int | None, typer.Option(help="evaluate on this many test samples (0: none)")
     ] = None,
     val_fraction: Annotated[float, typer.Option(help="share held out for selection")] = 0.15,
-    mode: Annotated[str, typer.Option(help="cached or streaming")] = "cached",
+    mode: Annotated[str, typer.Option(
+        help="auto (cache when it fits --cache-budget-gb and pays off), cached or streaming")
+    ] = "auto",
+    augment: Annotated[bool, typer.Option(
+        help="random crops and flips of training images (streaming)")] = False,
+    cache_budget_gb: Annotated[float, typer.Option(help="largest cache --mode auto writes")]
+    = 64.0,
     ensemble_k: Annotated[int, typer.Option(help="top-k ensemble size")] = 3,
     soup: Annotated[bool, typer.Option(help="also try weight-averaged soups")] = False,
     token_grid: Annotated[int | None, typer.Option(help="pool patch tokens to a grid")] = None,
@@ -129,7 +137,9 @@ def fit_cmd(
     patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")] = 5,
     skip_unreadable: Annotated[bool, typer.Option(help="skip unreadable images")] = False,
     pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
-    num_workers: Annotated[int, typer.Option(help="image-decoding workers")] = 0,
+    num_workers: Annotated[
+        int | None, typer.Option(help="data-loading workers (default: cores - 1, at most 8)")
+    ] = None,
     device: Device = "auto",
     precision: Precision = "auto",
 ) -> None:
@@ -141,7 +151,8 @@ def fit_cmd(
     config = FitConfig(
         layers=layers, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
         lrs=_floats(lrs), epochs=epochs, batch_size=batch_size, val_fraction=val_fraction,
-        mode=mode, ensemble_k=ensemble_k, soup=soup, token_grid=token_grid, seed=seed,
+        mode=mode, augment=augment, cache_budget_gb=cache_budget_gb, ensemble_k=ensemble_k,
+        soup=soup, token_grid=token_grid, seed=seed,
         patience=patience, precision=precision,
     )
     from inca._precision import resolve_device

@@ -237,11 +237,13 @@ class Backbone(nn.Module):
 
         Returns:
             A dict in forward order. The pass stops after the deepest layer asked for.
+            It runs without autograd (``torch.no_grad``): the tokens are ordinary tensors
+            that adapters can train on directly.
         """
         names = self.resolve_layers(layers)
         if x.ndim != 4 or x.shape[1] != 3:
             raise BackboneError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        with torch.inference_mode():
+        with torch.no_grad():
             raw = self._extract(x, names)
         return {name: to_tokens(raw[name]) for name in names}
 

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,10 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
 
     def child(job: dict[str, Any]) -> list[dict[str, Any]]:
-        with ctx.Pool(1) as pool:  # a fresh process: peak memory of this job alone
-            return pool.apply(_run_one, (job,))
+        # A fresh process: peak memory of this job alone. Not a multiprocessing.Pool, whose
+        # daemonic workers may not start the data-loading workers every method uses.
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            return pool.submit(_run_one, job).result()
 
     runs: list[dict[str, Any]] = []
     extraction: dict[str, Any] = {}

@@ -22,7 +22,12 @@ from tqdm.auto import tqdm
 
 from inca._precision import PRECISIONS, Precision, resolve_device
 from inca.backbones.base import Backbone, to_tokens
-from inca.data.transforms import TransformedDataset, build_transform, to_model_input
+from inca.data.transforms import (
+    TransformedDataset,
+    build_transform,
+    loader_options,
+    to_model_input,
+)
 from inca.errors import InCAError
 
 FINETUNE_METHODS = ("full", "last", "lora")
@@ -51,7 +56,8 @@ class FineTuneConfig:
         lora_targets: module names to adapt; ``None`` finds the attention projections
             (``qkv``, or ``query``/``key``/``value``), else the 1x1 convolutions of a CNN.
         augment: random crops and flips (as ``inca.fit`` in streaming mode).
-        num_workers: DataLoader workers decoding images.
+        num_workers: data-loading workers decoding images (default: the cores but one, at
+            most 8).
         precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (autocast forward, float32
             master weights and optimizer state, float32 loss, a gradient scaler for
             float16) or ``"auto"`` (bf16-mixed on a GPU, 32 on the CPU).
@@ -71,7 +77,7 @@ class FineTuneConfig:
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] | None = None
     augment: bool = False
-    num_workers: int = 0
+    num_workers: int | None = None
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -226,16 +232,17 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         head = nn.Linear(dim, len(train.classes)).to(device)
     prep = tuned.preprocessing
     gen = torch.Generator().manual_seed(config.seed)
-    pin = device.type == "cuda"
+    loading = {**loader_options(config.num_workers, device), "batch_size": config.batch_size}
     loader = DataLoader(TransformedDataset(train, build_transform(prep, train=config.augment)),
-                        batch_size=config.batch_size, shuffle=True, generator=gen,
-                        num_workers=config.num_workers, drop_last=len(train) > config.batch_size,
-                        pin_memory=pin)
+                        shuffle=True, generator=gen, drop_last=len(train) > config.batch_size,
+                        **loading)
+    eval_loaders: dict[int, DataLoader] = {}
 
-    def eval_loader(ds: Any) -> DataLoader:
-        return DataLoader(TransformedDataset(ds, build_transform(prep)),
-                          batch_size=config.batch_size, num_workers=config.num_workers,
-                          pin_memory=pin)
+    def eval_loader(ds: Any) -> DataLoader:  # made once per data set (persistent workers)
+        if id(ds) not in eval_loaders:
+            eval_loaders[id(ds)] = DataLoader(TransformedDataset(ds, build_transform(prep)),
+                                              **loading)
+        return eval_loaders[id(ds)]
 
     lr_backbone = config.lr_lora if config.method == "lora" else config.lr_backbone
     optimizer = torch.optim.AdamW(

@@ -10,7 +10,13 @@ from inca.data.datasets import (
     load_dataset,
     split_train_val,
 )
-from inca.data.transforms import TransformedDataset, build_transform, to_model_input
+from inca.data.transforms import (
+    TransformedDataset,
+    build_transform,
+    default_num_workers,
+    loader_options,
+    to_model_input,
+)
 
 __all__ = [
     "ArrayDataset",
@@ -19,6 +25,8 @@ __all__ = [
     "SubsetDataset",
     "TransformedDataset",
     "build_transform",
+    "default_num_workers",
+    "loader_options",
     "to_model_input",
     "limit_dataset",
     "list_datasets",

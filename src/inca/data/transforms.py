@@ -8,6 +8,8 @@ The CPU side (data-loading workers) decodes, resizes, crops and flips, and hands
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +44,25 @@ def build_transform(preprocessing: Preprocessing, train: bool = False
     else:
         head = [T.Resize(s, interpolation=interp), T.CenterCrop(s)]
     return T.Compose([_to_rgb, *head, *tail])
+
+
+def default_num_workers() -> int:
+    """Data-loading workers when none are asked for: the cores but one, at most 8."""
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def loader_options(num_workers: int | None, device: torch.device) -> dict[str, Any]:
+    """DataLoader settings that keep a device busy: workers (default
+    :func:`default_num_workers`), kept across epochs, pinned batches for a GPU, and forked
+    workers where the platform can fork (a process started by ``spawn``, as ``inca
+    compare``'s are, would otherwise spawn its workers too: seconds each)."""
+    workers = default_num_workers() if num_workers is None else num_workers
+    opts: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        opts.update(persistent_workers=True, prefetch_factor=4)
+        if "fork" in multiprocessing.get_all_start_methods():
+            opts["multiprocessing_context"] = "fork"
+    return opts
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from inca._precision import Precision
 from inca._version import __version__
 from inca.backbones.base import Backbone
-from inca.data.transforms import to_model_input
+from inca.data.transforms import loader_options, to_model_input
 from inca.errors import CacheError
 from inca.features.cache import (
     FORMAT_VERSION,
@@ -108,7 +108,7 @@ def extract_to_cache(
     token_grid: int | None = None,
     dtype: str = "float16",
     shard_size: int = 256,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     precision: str | Precision | None = "auto",
@@ -129,7 +129,8 @@ def extract_to_cache(
         token_grid: pool patch tokens to ``token_grid x token_grid`` to bound the cache size.
         dtype: ``"float16"`` (default, half the disk) or ``"float32"``.
         shard_size: samples per shard; an interruption loses at most one shard.
-        num_workers: DataLoader workers decoding images.
+        num_workers: data-loading workers decoding images (default: the cores but one, at
+            most 8).
         overwrite: replace a cache made differently instead of refusing.
         progress: show a progress bar.
         precision: autocast of the backbone pass (``"auto"``: bf16-mixed on a GPU, 32 on
@@ -186,7 +187,7 @@ def extract_to_cache(
         Subset(TransformedDataset(dataset, build_transform(backbone.preprocessing)), pending_idx),
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        **loader_options(num_workers, backbone.device),
     )
     bufs: dict[str, list[np.ndarray]] = {k: [] for k in names}
     labels: list[np.ndarray] = []

@@ -218,6 +218,15 @@ class AdapterBank(nn.Module):
             return stack.member_state(pos)
         return {k: v.detach().clone() for k, v in stack.state_dict().items()}
 
+    def load_member(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        """Load a standalone adapter's state dict into member ``i``."""
+        s, pos = self._place[i]
+        stack = self.stacks[s]
+        if isinstance(stack, _Stacked):
+            stack.load_member(pos, state)
+        else:
+            stack.load_state_dict(state)
+
     def export(self, i: int, state: dict[str, torch.Tensor] | None = None) -> Adapter:
         """A standalone copy of member ``i`` in eval mode (with ``state`` loaded if given)."""
         s, pos = self._place[i]

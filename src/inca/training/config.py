@@ -30,9 +30,14 @@ class FitConfig:
         patience: stop when no adapter improved validation accuracy for this many epochs
             (0 disables early stopping).
         seed: seeds initialisation and batch order.
-        mode: ``"cached"`` (extract once, read the activation cache) or ``"streaming"`` (run
-            the backbone on every batch, with augmentation; for data too big to cache).
-        augment: random crops and flips in streaming mode.
+        mode: ``"auto"`` (the default: cache when a cache fits ``cache_budget_gb`` and
+            pays off, else stream; see :func:`inca.training.mode.choose_mode`),
+            ``"cached"`` (extract once, read the activation cache every epoch) or
+            ``"streaming"`` (run the backbone on every batch).
+        augment: random crops and flips of the training images (streaming only: it
+            changes the images every epoch).
+        cache_budget_gb: the largest cache ``mode="auto"`` writes (also at most 90% of the
+            free disk).
         ensemble_k: size of the top-k ensemble evaluated (and used if better on validation).
         soup: also evaluate weight-averaged "soups" of same-layer adapters over the lr grid.
         token_grid: pool patch tokens to this grid side before the adapters (bounds memory).
@@ -54,8 +59,9 @@ class FitConfig:
     warmup_epochs: float = 1.0
     patience: int = 5
     seed: int = 0
-    mode: str = "cached"
-    augment: bool = True
+    mode: str = "auto"
+    augment: bool = False
+    cache_budget_gb: float = 64.0
     ensemble_k: int = 3
     soup: bool = False
     token_grid: int | None = None
@@ -78,8 +84,13 @@ class FitConfig:
             raise ConfigError("patience, weight_decay and warmup_epochs must be >= 0")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.mode not in ("cached", "streaming"):
-            raise ConfigError(f"mode must be 'cached' or 'streaming', got {self.mode!r}")
+        if self.mode not in ("auto", "cached", "streaming"):
+            raise ConfigError(f"mode must be 'auto', 'cached' or 'streaming', got {self.mode!r}")
+        if self.mode == "cached" and self.augment:
+            raise ConfigError("augmentation needs mode 'streaming' (a cache holds one view of "
+                              "each image): drop --augment or use --mode streaming")
+        if not self.cache_budget_gb >= 0:
+            raise ConfigError(f"cache_budget_gb must be >= 0, got {self.cache_budget_gb}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.cache_dtype not in ("float16", "float32"):

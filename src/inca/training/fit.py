@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from inca._precision import Precision, resolve_device
 from inca.adapters import parameter_report
@@ -19,10 +20,11 @@ from inca.features import extract_to_cache, token_shapes
 from inca.runtime.task import Task
 from inca.training.bank import AdapterBank, build_adapter, plan_members
 from inca.training.config import FitConfig
-from inca.training.loop import BankResult, train_bank
+from inca.training.loop import BankResult, evaluate, train_bank
+from inca.training.mode import choose_mode
 from inca.training.report import FitReport
 from inca.training.selection import Candidate, rank_members, soups, top_k_ensemble
-from inca.training.sources import CachedSource, MemorySource, StreamingSource
+from inca.training.sources import CachedSource, StreamingSource
 
 
 def _indices_of(part: Any, parent: Any) -> np.ndarray:
@@ -32,11 +34,9 @@ def _indices_of(part: Any, parent: Any) -> np.ndarray:
     return np.asarray(idx, dtype=np.int64)
 
 
-def _sources(backbone: Backbone, train: Any, val: Any, test: Any, layers: list[str],
-             config: FitConfig, cache_dir: Path, progress: bool, num_workers: int,
-             precision: Precision):
-    """Training, validation and test sources, and the seconds spent extracting."""
-    from inca.data import build_transform, split_train_val
+def _splits(train: Any, val: Any, test: Any, config: FitConfig) -> dict[str, tuple[Any, Any]]:
+    """``{split: (data set, indices into it)}``; validation split off ``train`` if not given."""
+    from inca.data import split_train_val
 
     if val is None:
         train_part, val_part = split_train_val(train, config.val_fraction, config.seed)
@@ -46,19 +46,23 @@ def _sources(backbone: Backbone, train: Any, val: Any, test: Any, layers: list[s
         splits = {"train": (train, np.arange(len(train))), "val": (val, np.arange(len(val)))}
     if test is not None:
         splits["test"] = (test, np.arange(len(test)))
+    return splits
 
-    eval_tf = build_transform(backbone.preprocessing)
-    if config.mode == "streaming":
-        train_tf = build_transform(backbone.preprocessing, train=config.augment)
-        ds, idx = splits["train"]
-        train_src = StreamingSource(backbone, ds, idx, layers, train_tf, config.token_grid,
-                                    num_workers, precision)
-        t = time.perf_counter()
-        others = {name: MemorySource.collect(
-            StreamingSource(backbone, ds, idx, layers, eval_tf, config.token_grid, num_workers,
-                            precision),
-            config.batch_size) for name, (ds, idx) in splits.items() if name != "train"}
-        return train_src, others["val"], others.get("test"), time.perf_counter() - t
+
+def _sources(backbone: Backbone, splits: dict[str, tuple[Any, Any]], layers: list[str],
+             config: FitConfig, mode: str, cache_dir: Path, progress: bool,
+             num_workers: int | None, precision: Precision) -> tuple[dict[str, Any], float]:
+    """A source per split, and the seconds spent extracting (cached mode)."""
+    from inca.data import build_transform
+
+    if mode == "streaming":
+        out = {}
+        for name, (ds, idx) in splits.items():
+            tf = build_transform(backbone.preprocessing,
+                                 train=name == "train" and config.augment)
+            out[name] = StreamingSource(backbone, ds, idx, layers, tf, config.token_grid,
+                                        num_workers, precision)
+        return out, 0.0
 
     caches: dict[int, Any] = {}
     t = time.perf_counter()
@@ -66,13 +70,13 @@ def _sources(backbone: Backbone, train: Any, val: Any, test: Any, layers: list[s
         if id(ds) not in caches:
             caches[id(ds)] = extract_to_cache(
                 backbone, ds, cache_dir / name, layers=layers, token_grid=config.token_grid,
-                dtype=config.cache_dtype,
-                batch_size=config.batch_size, num_workers=num_workers, progress=progress,
-                precision=precision)
+                dtype=config.cache_dtype, batch_size=config.batch_size,
+                num_workers=num_workers, progress=progress, precision=precision)
     extract_s = time.perf_counter() - t
-    src = {name: CachedSource(caches[id(ds)], idx, layers, backbone.device)
-           for name, (ds, idx) in splits.items()}
-    return src["train"], src["val"], src.get("test"), extract_s
+    # Tokens go to the device in the cache's 16 bits, converted there to the compute dtype.
+    return {name: CachedSource(caches[id(ds)], idx, layers, backbone.device,
+                               precision.compute_dtype, num_workers)
+            for name, (ds, idx) in splits.items()}, extract_s
 
 
 def _task_from(candidate: Candidate, bank: AdapterBank, result: BankResult, classes: list[str],
@@ -90,11 +94,35 @@ def _task_from(candidate: Candidate, bank: AdapterBank, result: BankResult, clas
 
 def _accuracy(task: Task, source: Any, batch_size: int) -> float:
     """Accuracy of a task on a source of extracted tokens (autocast as ``task.precision``)."""
-    correct = total = 0
+    correct = torch.zeros((), dtype=torch.long)
+    total = 0
     for feats, y in source.batches(batch_size):
-        correct += int((task.proba_from_features(feats).argmax(-1) == y).sum())
+        correct += (task.proba_from_features(feats).argmax(-1) == y).sum().cpu()
         total += len(y)
-    return correct / max(total, 1)
+    return int(correct) / max(total, 1)
+
+
+def _test_accuracies(bank: AdapterBank, result: BankResult, candidates: list[Candidate],
+                     baseline: int | None, source: Any, batch_size: int,
+                     precision: Precision) -> dict[str, float]:
+    """Test accuracy of every candidate (and of the linear-probe baseline) from one pass:
+    the members they use, at their best epochs, scored together (soups, whose weights are
+    averages, take a pass of their own). For the report only, never for selection."""
+    wanted = sorted({i for c in candidates if not c.states for i in c.member_indices}
+                    | ({baseline} if baseline is not None else set()))
+    for i in wanted:
+        bank.load_member(i, result.members[i].state)
+    probs, labels = evaluate(bank, source, batch_size, precision, members=wanted)
+    pos = {i: p for p, i in enumerate(wanted)}
+
+    def acc(p: torch.Tensor) -> float:
+        return float((p.argmax(-1) == labels).float().mean())
+
+    out = {c.name: acc(probs[[pos[i] for i in c.member_indices]].mean(0))
+           for c in candidates if not c.states}
+    if baseline is not None:
+        out["linear_probe"] = acc(probs[pos[baseline]])
+    return out
 
 
 def fit(
@@ -106,7 +134,7 @@ def fit(
     config: FitConfig | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     device: str | torch.device | None = "auto",
     **overrides: Any,
 ) -> Task:
@@ -125,7 +153,8 @@ def fit(
         cache_dir: where the activation caches go (cached mode); a temporary folder when
             omitted. Reusing a folder reuses (or resumes) its caches.
         progress: show progress bars.
-        num_workers: DataLoader workers decoding images.
+        num_workers: data-loading workers decoding images or reading the cache (default:
+            the cores but one, at most 8).
         device: where to run: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
             ``"cuda:1"``...; ``None`` keeps the backbone where it is.
         **overrides: fields of :class:`FitConfig`, e.g. ``epochs=5, precision="bf16-mixed"``.
@@ -151,17 +180,24 @@ def fit(
     config = replace(config, precision=precision.name)  # recorded as resolved
     layers = backbone.resolve_layers(config.layers)
     classes = list(train.classes)
+    shapes = token_shapes(backbone, layers, config.token_grid)
+    splits = _splits(train, val, test, config)
     with tempfile.TemporaryDirectory(prefix="inca-cache-") as tmp:
         root = Path(cache_dir) if cache_dir is not None else Path(tmp)
-        train_src, val_src, test_src, extract_s = _sources(
-            backbone, train, val, test, layers, config, root, progress, num_workers, precision)
+        images = sum(len(ds) for ds in {id(ds): ds for ds, _ in splits.values()}.values())
+        mode = choose_mode(config, shapes, backbone.num_prefix_tokens, images, root,
+                           backbone.device)
+        if progress:
+            tqdm.write(f"mode: {mode.mode} ({mode.reason})")
+        sources, extract_s = _sources(backbone, splits, layers, config, mode.mode, root,
+                                      progress, num_workers, precision)
+        train_src, val_src, test_src = sources["train"], sources["val"], sources.get("test")
 
         dims = {k: backbone.embed_dims[k] for k in layers}
         specs = plan_members(layers, config)
         adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=backbone.num_prefix_tokens,
                                   num_classes=len(classes), options=config.adapter_options,
                                   seed=config.seed) for s in specs]
-        shapes = token_shapes(backbone, layers, config.token_grid)
         bank = AdapterBank(specs, adapters, {k: n for k, (n, _) in shapes.items()})
         bank.to(backbone.device)
         result = train_bank(bank, train_src, val_src, config, progress=progress,
@@ -180,19 +216,21 @@ def fit(
         baseline = _linear_probe_baseline(bank, result, layers)
         tests: dict[str, float] = {}
         if test_src is not None:
+            tests = _test_accuracies(bank, result, candidates, baseline, test_src,
+                                     config.batch_size, precision)
             for c in candidates:
-                tests[c.name] = _accuracy(_task_from(c, bank, result, classes, backbone,
-                                                     config), test_src, config.batch_size)
-            if baseline is not None:
-                tests["linear_probe"] = _accuracy(
-                    _task_from(Candidate("linear_probe", [baseline], 0.0), bank, result,
-                               classes, backbone, config), test_src, config.batch_size)
+                if c.states:  # soups
+                    tests[c.name] = _accuracy(_task_from(c, bank, result, classes, backbone,
+                                                         config), test_src, config.batch_size)
+            tests = {c.name: tests[c.name] for c in candidates} | (
+                {"linear_probe": tests["linear_probe"]} if baseline is not None else {})
 
     params = [parameter_report(bank.export(i), backbone) for i in range(len(specs))]
     report = FitReport.build(
         backbone=backbone.describe(), config=config, specs=specs, result=result,
         params=params, candidates=candidates, chosen=chosen, baseline=baseline, tests=tests,
         extract_seconds=extract_s, num_train=len(train_src), num_val=len(val_src),
+        mode={"mode": mode.mode, "reason": mode.reason, "cache_bytes": mode.cache_bytes},
         classes=classes, task_parameters=task.num_parameters(),
     )
     task.metrics = report.summary()

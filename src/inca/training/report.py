@@ -27,10 +27,12 @@ class FitReport:
     data: dict[str, Any]
     task_parameters: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    mode: dict[str, Any] = field(default_factory=dict)  # cached or streaming, and why
 
     @classmethod
     def build(cls, *, backbone, config, specs, result, params, candidates, chosen, baseline,
-              tests, extract_seconds, num_train, num_val, classes, task_parameters) -> FitReport:
+              tests, extract_seconds, num_train, num_val, classes, task_parameters,
+              mode=None) -> FitReport:
         rows = [
             {
                 "key": s.key, "kind": s.kind, "layers": list(s.layers), "lr": s.lr,
@@ -53,7 +55,7 @@ class FitReport:
             timings={"extract_seconds": extract_seconds, "train_seconds": result.train_seconds,
                      "epochs_run": result.epochs_run},
             data={"num_train": num_train, "num_val": num_val, "classes": list(classes)},
-            task_parameters=task_parameters, history=result.history,
+            task_parameters=task_parameters, history=result.history, mode=dict(mode or {}),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -74,6 +76,7 @@ class FitReport:
             f"{len(self.data['classes'])} classes; extraction {self.timings['extract_seconds']:.1f}"
             f" s, training {self.timings['train_seconds']:.1f} s "
             f"({self.timings['epochs_run']} epochs, {len(self.rows)} adapters in one bank).",
+            *([f"Mode: {self.mode['mode']} ({self.mode['reason']})."] if self.mode else []),
             "",
             "| adapter | val acc | best epoch | params | % of backbone |",
             "|---|---:|---:|---:|---:|",

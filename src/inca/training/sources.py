@@ -1,8 +1,14 @@
 """Where the bank's inputs come from: the activation cache, or the live backbone.
 
-Both sources yield ``({layer: tokens (B, N, D)}, labels (B,))`` batches in the same order
-for the same seed, so the bank trains identically on either (up to the cache's fp16
-rounding).
+Every source yields ``({layer: tokens (B, N, D)}, labels (B,))`` batches on its device, in
+the same order for the same seed (:func:`batch_order`), so the bank trains identically on
+either (up to the cache's 16-bit rounding).
+
+Memory is bounded by the batch, not by the data: a source holds no split in memory. The
+cached source reads each batch's rows from the memory-mapped shards in data-loading
+workers (in file order within a batch) and copies them, still in the cache's 16 bits,
+from pinned memory without waiting; the streaming source runs the backbone on each batch.
+Validation and test are streamed the same way.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from inca._precision import Precision
 from inca.backbones.base import Backbone
+from inca.data.transforms import TransformedDataset, loader_options
 from inca.features import ActivationCache, extract_features
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
@@ -34,73 +41,113 @@ class StackedFeats(dict):
         self.order = list(layers)
 
 
-def _order(n: int, shuffle: bool, generator: torch.Generator | None) -> np.ndarray:
-    if shuffle:
-        return torch.randperm(n, generator=generator).numpy()
-    return np.arange(n)
+def batch_order(n: int, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> list[np.ndarray]:
+    """The positions of each batch of an epoch: a seeded permutation (or ``0..n-1``) cut
+    into batches, each sorted, so that a batch is read in file order (a batch's loss does
+    not depend on the order of its samples)."""
+    order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
+    return [np.sort(order[s:s + batch_size]) for s in range(0, n, batch_size)]
+
+
+class _EpochSampler(Sampler):
+    """Yields the batches set for the current epoch: the loader (and its persistent
+    workers) lives as long as the source, while the order changes every epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Loader:
+    """A DataLoader reading whole batches, created on first use and kept for every epoch."""
+
+    def __init__(self, dataset: Dataset, num_workers: int | None, device: torch.device,
+                 per_item: bool) -> None:
+        self.dataset, self.per_item = dataset, per_item
+        self.options = loader_options(num_workers, device)
+        self.sampler = _EpochSampler()
+        self._loader: DataLoader | None = None
+
+    def epoch(self, batches: list[list[int]]) -> DataLoader:
+        self.sampler.batches = batches
+        if self._loader is None:
+            # per_item: the dataset reads one sample and the loader collates a batch;
+            # otherwise it reads a whole batch (a list of indices) at once.
+            kw: dict[str, Any] = {"batch_sampler": self.sampler} if self.per_item else \
+                {"sampler": self.sampler, "batch_size": None}
+            self._loader = DataLoader(self.dataset, **self.options, **kw)
+        return self._loader
+
+
+class _CacheReader(Dataset):
+    """Reads a batch of a cache's samples (a list of row indices): every layer's rows in
+    the cache's dtype, as one block ``(L, B, N, D)`` when the layers share a shape."""
+
+    def __init__(self, cache: ActivationCache, layers: list[str]) -> None:
+        self.cache, self.layers = cache, layers
+        self.stacked = len({cache.token_shape(k) for k in layers}) == 1
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, rows: list[int]) -> tuple[Any, torch.Tensor]:
+        idx = np.asarray(rows, dtype=np.int64)
+        parts = [self.cache.get_numpy(k, idx) for k in self.layers]
+        labels = torch.from_numpy(self.cache.labels[idx])
+        if self.stacked:
+            return torch.from_numpy(np.stack(parts)), labels
+        return {k: torch.from_numpy(v) for k, v in zip(self.layers, parts, strict=True)}, labels
 
 
 class CachedSource:
     """Batches of tokens read from an activation cache (no backbone cost).
-
-    When the selected samples' tokens fit in ``preload_bytes`` they are read once into
-    memory (on ``device``, in the cache's dtype) and batches are gathered there; otherwise
-    every batch is read from the memory-mapped shards.
 
     Args:
         cache: a complete cache.
         indices: which of its samples form this source (e.g. the train split).
         layers: layers to read.
         device: where batches go.
-        preload_bytes: largest token volume held in memory (default 4 GiB), in fp32 when
-            it fits, else in the cache's dtype.
+        dtype: the tokens' dtype on the device (converted there, after the copy): float32,
+            or the 16-bit compute dtype under mixed precision.
+        num_workers: data-loading workers reading the shards (default: the cores but one,
+            at most 8); 0 reads in this process.
     """
 
     def __init__(self, cache: ActivationCache, indices: Sequence[int], layers: list[str],
-                 device: torch.device | str = "cpu", preload_bytes: int = 4 << 30) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 num_workers: int | None = None) -> None:
         self.cache = cache
         self.indices = np.asarray(indices, dtype=np.int64)
         self.layers = layers
         self.device = torch.device(device)
+        self.dtype = dtype
         self.labels = torch.from_numpy(cache.labels[self.indices]).long()
-        count = sum(np.prod(cache.token_shape(k)) for k in layers) * len(self)
-        self._tokens: dict[str, torch.Tensor] | None = None
-        self._block: torch.Tensor | None = None  # (L, M, N, D) when every layer has one shape
-        # Converting fp16 to fp32 costs as much as a bank's forward on CPU: do it once, at
-        # load, when fp32 fits; else hold the cache's dtype and convert each batch.
-        dtype = None
-        if count * 4 <= preload_bytes:
-            dtype = torch.float32
-        elif count * np.dtype(cache.manifest["dtype"]).itemsize <= preload_bytes:
-            dtype = getattr(torch, cache.manifest["dtype"])
-        if dtype is not None:
-            self._tokens = {k: torch.from_numpy(cache.get_numpy(k, self.indices))
-                            .to(self.device, dtype) for k in layers}
-            if len({cache.token_shape(k) for k in layers}) == 1:
-                self._block = torch.stack([self._tokens.pop(k) for k in layers])
+        self._reader = _CacheReader(cache, layers)
+        self._loader = _Loader(self._reader, num_workers, self.device, per_item=False)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def batches(self, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | None = None) -> Iterator[Batch]:
-        order = _order(len(self), shuffle, generator)
-        for start in range(0, len(order), batch_size):
-            pos = order[start:start + batch_size]
-            if self._block is not None:  # every layer gathered into one block
-                p = torch.from_numpy(pos).to(self.device)
-                block = self._block.new_empty((len(self.layers), len(pos),
-                                               *self._block.shape[2:]))
-                for i in range(len(self.layers)):  # row gathers: far faster than block[:, p]
-                    torch.index_select(self._block[i], 0, p, out=block[i])
-                feats: dict[str, torch.Tensor] = StackedFeats(block.float(), self.layers)
-            elif self._tokens is not None:
-                p = torch.from_numpy(pos).to(self.device)
-                feats = {k: v[p].float() for k, v in self._tokens.items()}
-            else:
-                idx = self.indices[pos]
-                feats = {k: self.cache.get(k, idx, device=self.device) for k in self.layers}
-            yield feats, self.labels[pos].to(self.device)
+        order = batch_order(len(self), batch_size, shuffle, generator)
+        rows = [self.indices[pos].tolist() for pos in order]  # sorted: file order
+        for tokens, y in self._loader.epoch(rows):
+            y = y.to(self.device, non_blocking=True).long()
+            if isinstance(tokens, dict):
+                feats: dict[str, torch.Tensor] = {
+                    k: v.to(self.device, non_blocking=True).to(self.dtype)
+                    for k, v in tokens.items()}
+            else:  # one block (L, B, N, D): adapters of every layer read it as it is
+                block = tokens.to(self.device, non_blocking=True).to(self.dtype)
+                feats = StackedFeats(block, self.layers)
+            yield feats, y
 
 
 class StreamingSource:
@@ -111,67 +158,55 @@ class StreamingSource:
         dataset: yields ``(image, label)``.
         indices: which samples form this source.
         layers: layers to extract.
-        transform: image -> tensor (with augmentation for training if wanted).
+        transform: image -> ``uint8`` tensor (with augmentation for training if wanted).
         token_grid: pool patch tokens as the cache would.
-        num_workers: DataLoader workers decoding images.
+        num_workers: data-loading workers decoding images (default: the cores but one, at
+            most 8).
         precision: autocast of the backbone pass.
     """
 
     def __init__(self, backbone: Backbone, dataset: Any, indices: Sequence[int],
                  layers: list[str], transform: Any, token_grid: int | None = None,
-                 num_workers: int = 0, precision: Precision | None = None) -> None:
-        from inca.data import TransformedDataset
-
+                 num_workers: int | None = None, precision: Precision | None = None) -> None:
         self.backbone = backbone
-        self.data = TransformedDataset(dataset, transform)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.layers = layers
         self.token_grid = token_grid
-        self.num_workers = num_workers
         self.precision = precision or Precision("32", backbone.device)
         targets = np.asarray(dataset.targets)
         self.labels = torch.from_numpy(targets[self.indices]).long()
+        self._loader = _Loader(TransformedDataset(dataset, transform), num_workers,
+                               backbone.device,
+                               per_item=True)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def batches(self, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | None = None) -> Iterator[Batch]:
-        order = self.indices[_order(len(self), shuffle, generator)]
-        loader = DataLoader(Subset(self.data, order.tolist()), batch_size=batch_size,
-                            shuffle=False, num_workers=self.num_workers)
-        for images, y in loader:
+        order = batch_order(len(self), batch_size, shuffle, generator)
+        device = self.backbone.device
+        for images, y in self._loader.epoch([self.indices[pos].tolist() for pos in order]):
             with self.precision.autocast():
                 feats = extract_features(self.backbone, images, self.layers, self.token_grid)
-            # Out of inference mode: adapters need ordinary tensors to build their graphs.
-            yield {k: v.clone() for k, v in feats.items()}, y.long().to(self.backbone.device)
+            if len({v.shape for v in feats.values()}) == 1:
+                feats = StackedFeats(torch.stack(list(feats.values())), self.layers)
+            yield feats, y.to(device, non_blocking=True).long()
 
 
 class MemorySource:
-    """Batches from tokens held in memory (e.g. a validation split extracted once)."""
+    """Batches from tokens held in memory (small data, tests)."""
 
     def __init__(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         self.feats = feats
         self.labels = labels
         self.layers = list(feats)
 
-    @classmethod
-    def collect(cls, source: Any, batch_size: int) -> MemorySource:
-        """Materialise another source (no shuffling)."""
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in source.layers}
-        labels = []
-        for feats, y in source.batches(batch_size):
-            for k, v in feats.items():
-                parts[k].append(v)
-            labels.append(y)
-        return cls({k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels))
-
     def __len__(self) -> int:
         return len(self.labels)
 
     def batches(self, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | None = None) -> Iterator[Batch]:
-        order = torch.from_numpy(_order(len(self), shuffle, generator))
-        for start in range(0, len(order), batch_size):
-            pos = order[start:start + batch_size]
-            yield {k: v[pos] for k, v in self.feats.items()}, self.labels[pos]
+        for pos in batch_order(len(self), batch_size, shuffle, generator):
+            p = torch.from_numpy(pos).to(self.labels.device)
+            yield {k: v[p] for k, v in self.feats.items()}, self.labels[p]
