@@ -27,3 +27,23 @@ def test_gpu_quality_runs_on_cpu(tmp_path):
         assert 0 <= r["test_accuracy"] <= 1 and r["epochs"] == 1
     assert runs[("inca", "32")]["chosen"].split("/")[0] in ("inca", "linear", "ensemble")
     assert "| inca | bf16-mixed |" in (results / "gpu-quality.md").read_text()
+
+
+def test_gpu_scale_benchmark_runs_on_cpu(tmp_path):
+    script = SCRIPT.parent / "gpu.py"
+    subprocess.run([sys.executable, str(script), "--device", "cpu", "--models",
+                    "vit_tiny_patch16_224", "--giant", "vit_small_patch14_dinov2",
+                    "--giant-batch", "2", "--input-size", "28", "--batch-sizes", "4",
+                    "--steps", "1", "--e2e-sizes", "32,48", "--epochs", "1",
+                    "--e2e-batch", "16", "--results-dir", str(tmp_path)], check=True)
+    payload = json.loads((tmp_path / "gpu.json").read_text())
+    tiny = payload["models"]["vit_tiny_patch16_224"]
+    for key in ("forward_bf16_img_s", "extract_all_bf16_img_s", "fullft_bf16_img_s",
+                "inca_stream_bf16_img_s", "bank_size"):
+        assert tiny[key] > 0, key
+    assert tiny["bank_size"] == 12 * 2 * 2  # 12 blocks x 2 lrs x {InCA, linear}
+    giant = payload["models"]["vit_small_patch14_dinov2"]
+    assert giant["inca_stream_bf16_img_s"] > 0 and "fullft_bf16_img_s" not in giant
+    assert {(r["n_images"], r["method"]) for r in payload["e2e"]} == {
+        (n, m) for n in (32, 48) for m in ("inca", "full")}
+    assert "InCA streaming step / plain bf16 forward" in (tmp_path / "gpu.md").read_text()

@@ -1,0 +1,151 @@
+"""Scale: the mode chosen by cost, sources that hold no split, workers that keep a device fed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_fit import planted_backbone, planted_data
+
+import inca
+from inca.data import build_transform
+from inca.errors import InCAError
+from inca.features import extract_to_cache
+from inca.training import FitConfig
+from inca.training import mode as mode_mod
+from inca.training.mode import cache_bytes, choose_mode
+from inca.training.sources import CachedSource, StreamingSource, batch_order
+
+# ViT-B/16 at 224 px: 13 layers of 197 tokens x 768
+VIT_B = {f"blocks.{i}": (197, 768) for i in range(13)}
+CPU = torch.device("cpu")
+
+
+def test_cache_size_estimate():
+    # 13 x 197 x 768 x 2 bytes = 3.9 MB per image, as measured by the issue
+    assert cache_bytes(VIT_B, 1, "float16") == 13 * 197 * 768 * 2
+    assert cache_bytes(VIT_B, 4000, "float16") / 1e9 == pytest.approx(15.7, abs=0.1)
+
+
+@pytest.fixture
+def roomy(monkeypatch):
+    monkeypatch.setattr(mode_mod, "free_disk", lambda folder: 10 * 2**40)
+    monkeypatch.setattr(mode_mod, "available_memory", lambda: 16 * 2**30)
+
+
+def _choose(tmp_path, n=4000, device=CPU, **cfg):
+    return choose_mode(FitConfig(**cfg), VIT_B, 1, n, tmp_path, device)
+
+
+def test_auto_mode_caches_only_when_it_pays_off(tmp_path, roomy):
+    assert _choose(tmp_path, epochs=5).mode == "cached"  # 15.7 GB: fits, read 5 times
+    choice = _choose(tmp_path, epochs=5, augment=True)
+    assert choice.mode == "streaming" and "augmentation" in choice.reason
+    assert _choose(tmp_path, epochs=1).mode == "streaming"
+    big = _choose(tmp_path, n=20000, epochs=5)  # 79 GB > the 64 GiB budget
+    assert big.mode == "streaming" and "--token-grid" in big.reason
+    assert "--token-grid 8" in big.reason  # 13 x 65 tokens: 26 GB, within the budget
+    # on a GPU, a cache that does not stay in memory is slower to read than to recompute
+    gpu = _choose(tmp_path, epochs=5, device=torch.device("cuda"))
+    assert gpu.mode == "streaming" and "forward pass" in gpu.reason
+    assert _choose(tmp_path, n=1000, epochs=5, device=torch.device("cuda")).mode == "cached"
+    assert _choose(tmp_path, epochs=5, mode="streaming").reason == "asked for"
+
+
+def test_cached_mode_refuses_a_cache_the_disk_cannot_hold(tmp_path, monkeypatch):
+    monkeypatch.setattr(mode_mod, "free_disk", lambda folder: 2**30)
+    with pytest.raises(InCAError, match=r"only 1.0 GiB is free.*--mode streaming"):
+        _choose(tmp_path, epochs=5, mode="cached")
+    with pytest.raises(InCAError, match="augmentation needs mode 'streaming'"):
+        FitConfig(mode="cached", augment=True)
+
+
+def test_fit_reports_the_mode_it_chose(tmp_path):
+    common = dict(layers=["stem", "block1"], kinds=("linear",), lrs=(1e-2,), progress=False,
+                  cache_dir=tmp_path)
+    task = inca.fit(planted_backbone(), planted_data(96, 0), epochs=2, **common)
+    assert task.report.mode["mode"] == "cached" and "budget" in task.report.mode["reason"]
+    assert "Mode: cached" in task.report.to_markdown()
+    one = inca.fit(planted_backbone(), planted_data(96, 0), epochs=1, **common)
+    assert one.report.mode["mode"] == "streaming"
+
+
+def test_batch_order_is_a_seeded_permutation_read_in_file_order():
+    g = torch.Generator().manual_seed(0)
+    batches = batch_order(100, 32, shuffle=True, generator=g)
+    assert [len(b) for b in batches] == [32, 32, 32, 4]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(100))
+    assert all((np.diff(b) > 0).all() for b in batches)
+    again = batch_order(100, 32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    bb = planted_backbone()
+    data = planted_data(120, 0)
+    cache = extract_to_cache(bb, data, tmp_path_factory.mktemp("c"), layers=bb.layers,
+                             shard_size=32, num_workers=0, progress=False)
+    return bb, data, cache
+
+
+def test_cached_source_reads_batches_in_workers_and_holds_no_split(cached):
+    bb, _, cache = cached
+    idx = np.arange(3, 120, 2)  # a split: every other sample
+    sources = [CachedSource(cache, idx, bb.layers, num_workers=w) for w in (0, 1)]
+    for src in sources:  # nothing that grows with the split but its labels
+        big = [k for k, v in vars(src).items()
+               if isinstance(v, torch.Tensor) and k != "labels"]
+        assert not big
+    for epoch in range(2):
+        got = []
+        for src in sources:
+            g = torch.Generator().manual_seed(epoch)
+            got.append(list(src.batches(16, shuffle=True, generator=g)))
+        for (fa, ya), (fb, yb) in zip(*got, strict=True):
+            assert torch.equal(ya, yb) and fa.block.dtype == torch.float32
+            assert torch.equal(fa.block, fb.block)
+            assert fa.block.shape == (4, len(ya), 16, 16)  # (L, B, N, D), one block
+        rows = np.concatenate([b for b in batch_order(len(idx), 16, True,
+                                                      torch.Generator().manual_seed(epoch))])
+        ys = torch.cat([y for _, y in got[0]])
+        assert torch.equal(ys, torch.from_numpy(cache.labels[idx[rows]]))
+
+
+def test_cached_source_converts_on_the_device_to_the_compute_dtype(cached):
+    bb, _, cache = cached
+    src = CachedSource(cache, np.arange(40), bb.layers, dtype=torch.bfloat16, num_workers=0)
+    feats, _ = next(src.batches(8))
+    assert feats.block.dtype == torch.bfloat16
+
+
+def test_streaming_source_with_persistent_workers_equals_cache(cached):
+    bb, data, cache = cached
+    idx = np.arange(0, 120, 3)
+    tf = build_transform(bb.preprocessing)
+    stream = StreamingSource(bb, data, idx, bb.layers, tf, num_workers=1)
+    ref = CachedSource(cache, idx, bb.layers, num_workers=0)
+    for epoch in range(2):  # the same loader and worker serve both epochs, in new orders
+        a = list(stream.batches(16, True, torch.Generator().manual_seed(epoch)))
+        b = list(ref.batches(16, True, torch.Generator().manual_seed(epoch)))
+        for (fa, ya), (fb, yb) in zip(a, b, strict=True):
+            assert torch.equal(ya, yb)
+            torch.testing.assert_close(fa.block, fb.block, atol=2e-3, rtol=1e-2)  # fp16 cache
+    assert stream._loader._loader is not None and stream._loader._loader.persistent_workers
+
+
+def test_streaming_fit_scores_validation_through_the_backbone_every_epoch(tmp_path):
+    """Validation is streamed (a backbone pass per epoch), never held as tokens."""
+    bb = planted_backbone()
+    seen = []
+    hook = bb.model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    try:
+        task = inca.fit(bb, planted_data(100, 0), test=planted_data(30, 1), layers=["stem"],
+                        kinds=("linear",), lrs=(1e-2,), epochs=3, batch_size=32,
+                        mode="streaming", patience=0, progress=False, num_workers=0)
+    finally:
+        hook.remove()
+    n_train, n_val = task.report.data["num_train"], task.report.data["num_val"]
+    # token_shapes' probe (1 image), then per epoch: train and validation; then test once
+    assert sum(seen) == 1 + 3 * (n_train + n_val) + 30
+    assert set(task.report.test_accuracy) >= {"best", "linear_probe"}
