@@ -222,8 +222,6 @@ def fit(
                 if c.states:  # soups
                     tests[c.name] = _accuracy(_task_from(c, bank, result, classes, backbone,
                                                          config), test_src, config.batch_size)
-            tests = {c.name: tests[c.name] for c in candidates} | (
-                {"linear_probe": tests["linear_probe"]} if baseline is not None else {})
 
     params = [parameter_report(bank.export(i), backbone) for i in range(len(specs))]
     report = FitReport.build(
