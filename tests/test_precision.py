@@ -249,6 +249,31 @@ def test_cli_refuses_bad_device_and_precision(tmp_path):
         assert res.exit_code == 2 and "sees no CUDA GPU" in res.output
 
 
+def test_cli_fit_with_a_bf16_backbone_and_predict_in_fp32(tmp_path):
+    from tiny import save_tiny_hf_vit
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+    from inca.data import load_dataset
+
+    folder = save_tiny_hf_vit(tmp_path / "vit")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [
+        "fit", "--backbone", f"hf:{folder}", "--data", "digits", "--limit", "80",
+        "--test-limit", "0", "--epochs", "1", "--out", str(out), "--kinds", "inca,linear",
+        "--backbone-dtype", "bfloat16", "--num-workers", "0"])
+    assert res.exit_code == 0, res.output
+    img = tmp_path / "x.png"
+    load_dataset("digits", split="test")[0][0].save(img)
+    for dtype in ("bfloat16", "float32"):  # the fingerprint names the weights, not the dtype
+        res = CliRunner().invoke(app, ["predict", "--task", str(out / "task"), str(img),
+                                       "--backbone-dtype", dtype])
+        assert res.exit_code == 0 and "x.png:" in res.output, res.output
+    res = CliRunner().invoke(app, ["predict", "--task", str(out / "task"), str(img),
+                                   "--backbone-dtype", "int8"])
+    assert res.exit_code == 2 and "unknown --backbone-dtype 'int8'" in res.output
+
+
 # -- CUDA (skipped without a GPU) ---------------------------------------------------------
 @pytest.mark.cuda
 def test_fit_on_cuda_in_bf16_mixed(tmp_path):
