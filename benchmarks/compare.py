@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from _common import RESULTS, command_line, environment, write_results
 
 import inca
@@ -62,9 +61,8 @@ def scaling(backbone_name: str, limit: int, epochs: int, lrs: tuple[float, ...])
             extract_s = time.perf_counter() - t
             train_s = []
             for labels in TASKS.values():
-                sources = [CachedSource(c, np.arange(len(c)), layers) for c in caches]
-                for s in sources:
-                    s.labels = torch.from_numpy(labels)[s.labels]
+                sources = [CachedSource(c, np.arange(len(c)), layers, relabel=labels)
+                           for c in caches]
                 specs = plan_members(layers, config)
                 adapters = [build_adapter(s, embed_dims=bb.embed_dims,
                                           num_prefix_tokens=bb.num_prefix_tokens,

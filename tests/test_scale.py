@@ -149,3 +149,11 @@ def test_streaming_fit_scores_validation_through_the_backbone_every_epoch(tmp_pa
     # token_shapes' probe (1 image), then per epoch: train and validation; then test once
     assert sum(seen) == 1 + 3 * (n_train + n_val) + 30
     assert set(task.report.test_accuracy) >= {"best", "linear_probe"}
+
+
+def test_cached_source_relabels_for_another_task(cached):
+    bb, _, cache = cached
+    relabel = [1, 0, 1, 0]  # a two-way task from the four classes
+    src = CachedSource(cache, np.arange(40), bb.layers, num_workers=0, relabel=relabel)
+    ys = torch.cat([y for _, y in src.batches(16)])
+    assert torch.equal(ys, torch.tensor(relabel)[torch.from_numpy(cache.labels[:40])])

@@ -51,7 +51,8 @@ def default_num_workers() -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
 
 
-def loader_options(num_workers: int | None, device: torch.device) -> dict[str, Any]:
+def loader_options(num_workers: int | None, device: torch.device,
+                   prefetch_factor: int = 4) -> dict[str, Any]:
     """DataLoader settings that keep a device busy: workers (default
     :func:`default_num_workers`), kept across epochs, pinned batches for a GPU, and forked
     workers where the platform can fork (a process started by ``spawn``, as ``inca
@@ -59,7 +60,7 @@ def loader_options(num_workers: int | None, device: torch.device) -> dict[str, A
     workers = default_num_workers() if num_workers is None else num_workers
     opts: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
-        opts.update(persistent_workers=True, prefetch_factor=4)
+        opts.update(persistent_workers=True, prefetch_factor=prefetch_factor)
         if "fork" in multiprocessing.get_all_start_methods():
             opts["multiprocessing_context"] = "fork"
     return opts

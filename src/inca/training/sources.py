@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from inca._precision import Precision
 from inca.backbones.base import Backbone
-from inca.data.transforms import TransformedDataset, loader_options
+from inca.data.transforms import TransformedDataset, default_num_workers, loader_options
 from inca.features import ActivationCache, extract_features
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
@@ -68,9 +68,9 @@ class _Loader:
     """A DataLoader reading whole batches, created on first use and kept for every epoch."""
 
     def __init__(self, dataset: Dataset, num_workers: int | None, device: torch.device,
-                 per_item: bool) -> None:
+                 per_item: bool, prefetch_factor: int = 4) -> None:
         self.dataset, self.per_item = dataset, per_item
-        self.options = loader_options(num_workers, device)
+        self.options = loader_options(num_workers, device, prefetch_factor)
         self.sampler = _EpochSampler()
         self._loader: DataLoader | None = None
 
@@ -89,8 +89,9 @@ class _CacheReader(Dataset):
     """Reads a batch of a cache's samples (a list of row indices): every layer's rows in
     the cache's dtype, as one block ``(L, B, N, D)`` when the layers share a shape."""
 
-    def __init__(self, cache: ActivationCache, layers: list[str]) -> None:
-        self.cache, self.layers = cache, layers
+    def __init__(self, cache: ActivationCache, layers: list[str],
+                 relabel: np.ndarray | None = None) -> None:
+        self.cache, self.layers, self.relabel = cache, layers, relabel
         self.stacked = len({cache.token_shape(k) for k in layers}) == 1
 
     def __len__(self) -> int:
@@ -99,7 +100,8 @@ class _CacheReader(Dataset):
     def __getitem__(self, rows: list[int]) -> tuple[Any, torch.Tensor]:
         idx = np.asarray(rows, dtype=np.int64)
         parts = [self.cache.get_numpy(k, idx) for k in self.layers]
-        labels = torch.from_numpy(self.cache.labels[idx])
+        labels = self.cache.labels[idx]
+        labels = torch.from_numpy(labels if self.relabel is None else self.relabel[labels])
         if self.stacked:
             return torch.from_numpy(np.stack(parts)), labels
         return {k: torch.from_numpy(v) for k, v in zip(self.layers, parts, strict=True)}, labels
@@ -115,21 +117,27 @@ class CachedSource:
         device: where batches go.
         dtype: the tokens' dtype on the device (converted there, after the copy): float32,
             or the 16-bit compute dtype under mixed precision.
-        num_workers: data-loading workers reading the shards (default: the cores but one,
-            at most 8); 0 reads in this process.
+        num_workers: data-loading workers reading the shards (default: 2, or fewer
+            cores); 0 reads in this process. Each keeps two batches ready in pinned memory
+            (a batch of ViT-B/16 tokens is 3.9 MB per image): reading memory-mapped rows
+            needs few workers, and more would pin more host memory.
+        relabel: a new label for each of the cache's classes (``relabel[old] = new``), to
+            train another task on the same cache.
     """
 
     def __init__(self, cache: ActivationCache, indices: Sequence[int], layers: list[str],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 num_workers: int | None = None) -> None:
+                 num_workers: int | None = None, relabel: Sequence[int] | None = None) -> None:
         self.cache = cache
         self.indices = np.asarray(indices, dtype=np.int64)
         self.layers = layers
         self.device = torch.device(device)
         self.dtype = dtype
-        self.labels = torch.from_numpy(cache.labels[self.indices]).long()
-        self._reader = _CacheReader(cache, layers)
-        self._loader = _Loader(self._reader, num_workers, self.device, per_item=False)
+        if num_workers is None:
+            num_workers = min(2, default_num_workers())
+        relabel = None if relabel is None else np.asarray(relabel, dtype=np.int64)
+        self._loader = _Loader(_CacheReader(cache, layers, relabel), num_workers, self.device,
+                               per_item=False, prefetch_factor=2)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -173,8 +181,6 @@ class StreamingSource:
         self.layers = layers
         self.token_grid = token_grid
         self.precision = precision or Precision("32", backbone.device)
-        targets = np.asarray(dataset.targets)
-        self.labels = torch.from_numpy(targets[self.indices]).long()
         self._loader = _Loader(TransformedDataset(dataset, transform), num_workers,
                                backbone.device,
                                per_item=True)
