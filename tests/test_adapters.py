@@ -175,11 +175,11 @@ def test_parameter_counts_by_formula():
         d * c + c)
     concat = InCAAdapter(d, c, InCAConfig(num_queries=q, query_reduce="concat"))
     assert concat.num_parameters() - inca.num_parameters() == (q - 1) * d * c
-    assert LinearProbe(d, c).num_parameters() == d * c + c
-    assert LinearProbe(d, c, LinearConfig(pool="cls_mean")).num_parameters() == 2 * d * c + c
+    assert LinearProbe(d, c).num_parameters() == 2 * d * c + c  # CLS ⊕ mean by default
+    assert LinearProbe(d, c, LinearConfig(pool="cls")).num_parameters() == d * c + c
     ml = create_adapter("multilayer_linear", embed_dim=d, num_classes=c, layers=["a", "b"],
                         layer_dims=[d, 2 * d])
-    assert ml.num_parameters() == 3 * d * c + c
+    assert ml.num_parameters() == 2 * 3 * d * c + c
     open_inca = OpenInCAAdapter(d, c)
     shared = 2 * d + 3 * d * d + 3 * d + d * d + d
     assert open_inca.num_parameters() == shared + c * (2 * d + 1)
@@ -264,11 +264,20 @@ def test_linear_pooling_reads_the_right_tokens():
     assert torch.equal(cls_probe(x), cls_probe(y))
     y = x.clone()
     y[:, :2] += 1.0  # prefix tokens change, patches do not
-    mean_probe = LinearProbe(D, C, LinearConfig(pool="mean", num_prefix_tokens=2))
+    mean_probe = LinearProbe(D, C, LinearConfig(pool="mean", num_prefix_tokens=2,
+                                                 norm=False))
     assert torch.equal(mean_probe(x), mean_probe(y))
     torch.testing.assert_close(
         mean_probe(x), mean_probe.head(x[:, 2:].mean(1)), atol=1e-6, rtol=1e-6
     )
+    # the default: CLS ⊕ mean patch, each standardized on its own (scale-free)
+    probe = LinearProbe(D, C)
+    z = x.clone()
+    z[:, 0] *= 100.0  # a CLS token on another scale than the patches
+    feat = torch.cat([nn.functional.layer_norm(x[:, 0], (D,)),
+                      nn.functional.layer_norm(x[:, 1:].mean(1), (D,))], dim=-1)
+    torch.testing.assert_close(probe(x), probe.head(feat), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probe(z), probe(x), atol=1e-4, rtol=1e-4)
 
 
 def test_multilayer_linear_dict_and_list_agree_and_dims_may_differ():

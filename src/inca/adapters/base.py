@@ -209,8 +209,8 @@ def parameter_report(adapter: nn.Module, backbone_params: int | nn.Module) -> di
     Example:
         >>> from inca.adapters import create_adapter, parameter_report
         >>> a = create_adapter("linear", embed_dim=384, num_classes=10)
-        >>> parameter_report(a, 22_000_000)["parameters"]
-        3850
+        >>> parameter_report(a, 22_000_000)["parameters"]  # (CLS ⊕ mean) 768 x 10 + 10
+        7690
     """
     if isinstance(backbone_params, nn.Module):
         backbone_params = count_parameters(backbone_params)
