@@ -80,3 +80,22 @@ def test_probes_and_inca_leave_the_backbone_alone():
              lrs=(1e-2,), epochs=1, progress=False)
     for k, v in bb.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_layer_wise_learning_rate_decay(tmp_path):
+    from inca.baselines.finetune import layer_decay_groups, prepare
+
+    bb = _backbone("timm-vit", tmp_path)  # 4 blocks, then the final norm
+    tuned, names = prepare(bb, FineTuneConfig(method="full"))
+    groups = layer_decay_groups(tuned, names, 1e-3, 0.5)
+    assert [g["depth"] for g in groups] == [0, 1, 2, 3, 4, 5]
+    assert [g["lr"] for g in groups] == [1e-3 * 0.5 ** (5 - d) for d in range(6)]
+    by_name = {id(p): g["depth"] for g in groups for p in g["params"]}
+    params = dict(tuned.model.named_parameters())
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    assert by_name[id(params["pos_embed"])] == 0 and by_name[id(params["norm.weight"])] == 5
+    assert by_name[id(params["blocks.2.attn.qkv.weight"])] == 3
+    flat = layer_decay_groups(tuned, names, 1e-3, 1.0)
+    assert {g["lr"] for g in flat} == {1e-3}
+    with pytest.raises(InCAError, match="layer_decay"):
+        FineTuneConfig(layer_decay=1.5)

@@ -31,7 +31,11 @@ def test_compare_cli_end_to_end(tmp_path):
         if r["method"] in ("linear", "inca"):  # the shared extraction is counted in
             assert r["train_seconds"] >= r["extra"]["extract_seconds"]
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| inca |" in (out / "compare.md").read_text()
+    md = (out / "compare.md").read_text()
+    assert "| inca |" in md
+    # each baseline's settings are stated
+    assert "- full: every weight, lr 0.0001 at the top with layer-wise decay 0.75" in md
+    assert "- linear: last layer, cls_mean pooling" in md
 
 
 def test_config_and_summary():

@@ -142,4 +142,11 @@ def test_transforms():
     y = to_model_input(x[None], prep, "cpu")
     torch.testing.assert_close(y, torch.full_like(y, 2.0))
     assert to_model_input(y, prep, "cpu", torch.float64).dtype == torch.float64  # as it is
-    assert build_transform(prep, train=True)(img).shape == (3, 16, 16)
+    assert build_transform(prep, "crop-flip")(img).shape == (3, 16, 16)
+    # orientation-sensitive data: crops without flips
+    steps = [type(t).__name__ for t in build_transform(prep, "crop").transforms]
+    assert "RandomResizedCrop" in steps and "RandomHorizontalFlip" not in steps
+    assert "RandomHorizontalFlip" in [type(t).__name__
+                                      for t in build_transform(prep, True).transforms]
+    with pytest.raises(DataError, match="unknown augmentation 'flip'"):
+        build_transform(prep, "flip")

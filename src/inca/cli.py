@@ -141,8 +141,9 @@ def fit_cmd(
     mode: Annotated[str, typer.Option(
         help="auto (cache when it fits --cache-budget-gb and pays off), cached or streaming")
     ] = "auto",
-    augment: Annotated[bool, typer.Option(
-        help="random crops and flips of training images (streaming)")] = False,
+    augment: Annotated[str, typer.Option(
+        help="augmentation of training images (streams): none, crop, or crop-flip (not for "
+             "data whose orientation is the label)")] = "none",
     cache_budget_gb: Annotated[float, typer.Option(help="largest cache --mode auto writes")]
     = 64.0,
     ensemble_k: Annotated[int, typer.Option(help="top-k ensemble size")] = 3,

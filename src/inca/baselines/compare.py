@@ -104,6 +104,42 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def method_settings(config: CompareConfig) -> dict[str, str]:
+    """How each method trains, in words, for the report: every baseline as its own
+    community runs it, so the comparison can be checked."""
+    from inca.adapters import LinearConfig, MultiLayerLinearConfig
+    from inca.baselines.finetune import FineTuneConfig
+
+    out = {}
+    for m in config.methods:
+        if m in EXPENSIVE:
+            ft = FineTuneConfig(method=m)
+            common = (f"AdamW (weight decay {ft.weight_decay}), cosine schedule after "
+                      f"{ft.warmup_epochs} epoch of warm-up, label smoothing "
+                      f"{ft.label_smoothing}, head lr {ft.lr_head:g}, augmentation "
+                      f"{ft.augment}, best epoch on validation")
+            if m == "lora":
+                out[m] = f"LoRA (peft) r={ft.lora_r}, alpha={ft.lora_alpha}, lr " \
+                         f"{ft.lr_lora:g}; {common}"
+            else:
+                what = "every weight" if m == "full" else "the last block"
+                out[m] = (f"{what}, lr {ft.lr_backbone:g} at the top with layer-wise decay "
+                          f"{ft.layer_decay}; {common}")
+        else:
+            lrs = ", ".join(f"{v:g}" for v in config.lrs)
+            if m == "linear":
+                lc = LinearConfig()
+                out[m] = (f"last layer, {lc.pool} pooling (mean for CNNs), standardized: "
+                          f"{lc.norm}; lr grid {lrs}, best epoch and lr on validation")
+            elif m == "multilayer":
+                out[m] = (f"every layer, {MultiLayerLinearConfig.pool} pooling, each layer "
+                          f"standardized; lr grid {lrs}, best on validation")
+            else:
+                out[m] = (f"InCA adapters on every layer, lr grid {lrs}; the best adapter on "
+                          "validation (and the top-3 ensemble)")
+    return out
+
+
 def _backbone(config: CompareConfig):
     import inca
 
@@ -229,6 +265,7 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     backbone = _backbone(config)
     backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters())
     return {"config": asdict(config), "runs": runs, "extraction": extraction,
+            "settings": method_settings(config),
             "backbone": {**backbone.describe(), "bytes": backbone_bytes},
             "summary": summarise(runs, backbone_bytes)}
 
@@ -291,6 +328,9 @@ def to_markdown(result: dict[str, Any], command: str = "") -> str:
             f"{ratio('time_vs_full')} | {r['peak_rss_mib']:.0f} | {ratio('memory_vs_full')} | "
             f"{r['trainable_parameters']:,} | {_size(r['stored_bytes'])} | "
             f"{r['stored_percent_of_backbone']:.2f} |")
+    if result.get("settings"):
+        lines += ["", "Settings:", ""]
+        lines += [f"- {m}: {text}" for m, text in result["settings"].items()]
     return "\n".join(lines) + "\n"
 
 

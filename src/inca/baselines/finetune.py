@@ -24,6 +24,7 @@ from inca._precision import PRECISIONS, Precision, resolve_device
 from inca.backbones.base import Backbone, to_tokens
 from inca.data.transforms import (
     TransformedDataset,
+    augmentation,
     build_transform,
     loader_options,
     to_model_input,
@@ -44,8 +45,10 @@ class FineTuneConfig:
         epochs: passes over the training data.
         batch_size: images per step.
         lr_head: learning rate of the new linear head.
-        lr_backbone: learning rate of backbone weights (full, last): lower than the head's,
-            as usual when fine-tuning pretrained weights.
+        lr_backbone: learning rate of the deepest backbone weights (full, last): lower than
+            the head's, as usual when fine-tuning pretrained weights.
+        layer_decay: layer-wise learning-rate decay (BEiT, MAE): each layer below the
+            deepest learns ``layer_decay`` times slower than the one above; 1 disables it.
         lr_lora: learning rate of the LoRA weights.
         weight_decay: AdamW weight decay.
         label_smoothing: cross-entropy label smoothing.
@@ -55,7 +58,7 @@ class FineTuneConfig:
         lora_alpha: LoRA scaling numerator.
         lora_targets: module names to adapt; ``None`` finds the attention projections
             (``qkv``, or ``query``/``key``/``value``), else the 1x1 convolutions of a CNN.
-        augment: random crops and flips (as ``inca.fit`` in streaming mode).
+        augment: ``"none"``, ``"crop"`` or ``"crop-flip"`` (as ``inca.fit``'s).
         num_workers: data-loading workers decoding images (default: the cores but one, at
             most 8).
         precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (autocast forward, float32
@@ -67,7 +70,8 @@ class FineTuneConfig:
     epochs: int = 3
     batch_size: int = 32
     lr_head: float = 1e-3
-    lr_backbone: float = 5e-5
+    lr_backbone: float = 1e-4
+    layer_decay: float = 0.75
     lr_lora: float = 1e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
@@ -76,7 +80,7 @@ class FineTuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] | None = None
-    augment: bool = False
+    augment: str = "none"
     num_workers: int | None = None
     precision: str = "auto"
 
@@ -87,6 +91,9 @@ class FineTuneConfig:
             raise InCAError("epochs, batch_size and lora_r must be at least 1")
         if min(self.lr_head, self.lr_backbone, self.lr_lora) <= 0:
             raise InCAError("learning rates must be positive")
+        self.augment = augmentation(self.augment)
+        if not 0 < self.layer_decay <= 1:
+            raise InCAError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.precision not in ("auto", *PRECISIONS):
             raise InCAError(f"precision must be one of auto, {', '.join(PRECISIONS)}; "
                             f"got {self.precision!r}")
@@ -162,6 +169,36 @@ def prepare(backbone: Backbone, config: FineTuneConfig) -> tuple[Backbone, list[
     return tuned, names
 
 
+def layer_depths(backbone: Backbone, names: list[str]) -> dict[str, int]:
+    """Depth of each parameter for layer-wise learning-rate decay (as BEiT and MAE count):
+    0 for what comes before the first layer (patch and position embeddings), ``i + 1`` in
+    ``backbone.layers[i]``, ``len(layers) + 1`` for what comes after the last (a head)."""
+    layers = backbone.layers
+    depths, seen = {}, 0
+    for name, _ in backbone.model.named_parameters():
+        inside = [i for i, ly in enumerate(layers) if name.startswith(ly + ".")]
+        if inside:
+            seen = max(inside) + 1
+            depths[name] = seen
+        else:
+            depths[name] = 0 if seen == 0 else len(layers) + 1
+    return {n: depths[n] for n in names}
+
+
+def layer_decay_groups(backbone: Backbone, names: list[str], lr: float, decay: float
+                       ) -> list[dict[str, Any]]:
+    """Optimizer groups with ``lr * decay ** (top - depth)``: the deepest layers learn at
+    ``lr``, each shallower one ``decay`` times slower (``decay=1``: one learning rate)."""
+    params = dict(backbone.model.named_parameters())
+    depths = layer_depths(backbone, names)
+    top = max(depths.values(), default=0)
+    groups: dict[int, list[torch.nn.Parameter]] = {}
+    for n in names:
+        groups.setdefault(depths[n], []).append(params[n])
+    return [{"params": ps, "lr": lr * decay ** (top - d), "depth": d}
+            for d, ps in sorted(groups.items())]
+
+
 def _features(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
     """Pooled features of the deepest layer, with gradients (not ``extract``'s
     inference mode): the CLS token, or the mean of the tokens of a CNN."""
@@ -233,7 +270,7 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
     prep = tuned.preprocessing
     gen = torch.Generator().manual_seed(config.seed)
     loading = {**loader_options(config.num_workers, device), "batch_size": config.batch_size}
-    loader = DataLoader(TransformedDataset(train, build_transform(prep, train=config.augment)),
+    loader = DataLoader(TransformedDataset(train, build_transform(prep, config.augment)),
                         shuffle=True, generator=gen, drop_last=len(train) > config.batch_size,
                         **loading)
     eval_loaders: dict[int, DataLoader] = {}
@@ -244,11 +281,13 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
                                               **loading)
         return eval_loaders[id(ds)]
 
-    lr_backbone = config.lr_lora if config.method == "lora" else config.lr_backbone
+    if config.method == "lora":
+        groups = [{"params": trained, "lr": config.lr_lora}]
+    else:
+        groups = layer_decay_groups(tuned, names, config.lr_backbone, config.layer_decay)
     optimizer = torch.optim.AdamW(
-        [{"params": trained, "lr": lr_backbone}, {"params": head.parameters(),
-                                                  "lr": config.lr_head}],
-        weight_decay=config.weight_decay)
+        [*groups, {"params": list(head.parameters()), "lr": config.lr_head}],
+        weight_decay=config.weight_decay, fused=device.type == "cuda")
     total = len(loader) * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total, round(config.warmup_epochs * len(loader))))

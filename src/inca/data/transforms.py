@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from inca.backbones.base import Preprocessing
+from inca.errors import DataError
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -27,23 +28,40 @@ _INTERPOLATION = {
 }
 
 
-def build_transform(preprocessing: Preprocessing, train: bool = False
+AUGMENTATIONS = ("none", "crop", "crop-flip")
+
+
+def augmentation(value: bool | str) -> str:
+    """An augmentation policy from :data:`AUGMENTATIONS` (``True`` is ``"crop-flip"``,
+    ``False`` ``"none"``)."""
+    if isinstance(value, bool):
+        return "crop-flip" if value else "none"
+    if value not in AUGMENTATIONS:
+        raise DataError(f"unknown augmentation {value!r}; choose one of "
+                        f"{', '.join(AUGMENTATIONS)} (crop: no flips, for data whose "
+                        "orientation carries the label)")
+    return value
+
+
+def build_transform(preprocessing: Preprocessing, augment: bool | str = "none"
                     ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> ``uint8`` pixels ``(3, S, S)``; :func:`to_model_input` normalizes them.
 
-    Evaluation: resize the shorter side to S, center-crop S (a plain resize for square
-    images). Training adds light augmentation: a random resized crop (70-100% of the
-    area) and a horizontal flip.
+    ``"none"``: resize the shorter side to S, center-crop S (a plain resize for square
+    images). ``"crop"``: a random resized crop (70-100% of the area) instead.
+    ``"crop-flip"``: that and a random horizontal flip (not for data whose orientation
+    is the label).
     """
+    policy = augmentation(augment)
     s = preprocessing.input_size
     interp = _INTERPOLATION[preprocessing.interpolation]
-    tail = [T.PILToTensor()]
-    if train:
-        head = [T.RandomResizedCrop(s, scale=(0.7, 1.0), interpolation=interp),
-                T.RandomHorizontalFlip()]
-    else:
+    if policy == "none":
         head = [T.Resize(s, interpolation=interp), T.CenterCrop(s)]
-    return T.Compose([_to_rgb, *head, *tail])
+    else:
+        head = [T.RandomResizedCrop(s, scale=(0.7, 1.0), interpolation=interp)]
+        if policy == "crop-flip":
+            head.append(T.RandomHorizontalFlip())
+    return T.Compose([_to_rgb, *head, T.PILToTensor()])
 
 
 def default_num_workers() -> int:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from inca._precision import PRECISIONS
+from inca.data.transforms import augmentation
 from inca.errors import InCAError
 
 
@@ -34,8 +35,10 @@ class FitConfig:
             pays off, else stream; see :func:`inca.training.mode.choose_mode`),
             ``"cached"`` (extract once, read the activation cache every epoch) or
             ``"streaming"`` (run the backbone on every batch).
-        augment: random crops and flips of the training images (streaming only: it
-            changes the images every epoch).
+        augment: augmentation of the training images (streaming only: it changes the
+            images every epoch): ``"none"``, ``"crop"`` (random resized crops) or
+            ``"crop-flip"`` (and horizontal flips; not for data whose orientation is the
+            label). ``True``/``False`` mean ``"crop-flip"``/``"none"``.
         cache_budget_gb: the largest cache ``mode="auto"`` writes (also at most 90% of the
             free disk).
         ensemble_k: size of the top-k ensemble evaluated (and used if better on validation).
@@ -60,7 +63,7 @@ class FitConfig:
     patience: int = 5
     seed: int = 0
     mode: str = "auto"
-    augment: bool = False
+    augment: str = "none"
     cache_budget_gb: float = 64.0
     ensemble_k: int = 3
     soup: bool = False
@@ -86,7 +89,11 @@ class FitConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.mode not in ("auto", "cached", "streaming"):
             raise ConfigError(f"mode must be 'auto', 'cached' or 'streaming', got {self.mode!r}")
-        if self.mode == "cached" and self.augment:
+        try:
+            self.augment = augmentation(self.augment)
+        except InCAError as e:
+            raise ConfigError(str(e)) from None
+        if self.mode == "cached" and self.augment != "none":
             raise ConfigError("augmentation needs mode 'streaming' (a cache holds one view of "
                               "each image): drop --augment or use --mode streaming")
         if not self.cache_budget_gb >= 0:

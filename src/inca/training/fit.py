@@ -59,7 +59,7 @@ def _sources(backbone: Backbone, splits: dict[str, tuple[Any, Any]], layers: lis
         out = {}
         for name, (ds, idx) in splits.items():
             tf = build_transform(backbone.preprocessing,
-                                 train=name == "train" and config.augment)
+                                 config.augment if name == "train" else "none")
             out[name] = StreamingSource(backbone, ds, idx, layers, tf, config.token_grid,
                                         num_workers, precision)
         return out, 0.0

@@ -109,8 +109,9 @@ def choose_mode(config: FitConfig, shapes: dict[str, tuple[int, int]], prefix: i
         return ModeChoice("cached", f"asked for; {what}", size)
     if config.mode == "streaming":
         return ModeChoice("streaming", "asked for", size)
-    if config.augment:
-        return ModeChoice("streaming", "augmentation changes the images every epoch", size)
+    if config.augment != "none":
+        return ModeChoice("streaming", f"augmentation ({config.augment}) changes the images "
+                          "every epoch", size)
     if config.epochs <= 1:
         return ModeChoice("streaming", "one epoch reads each image once: a cache would not "
                           "be read again", size)

@@ -76,7 +76,8 @@ class FitReport:
             f"{len(self.data['classes'])} classes; extraction {self.timings['extract_seconds']:.1f}"
             f" s, training {self.timings['train_seconds']:.1f} s "
             f"({self.timings['epochs_run']} epochs, {len(self.rows)} adapters in one bank).",
-            *([f"Mode: {self.mode['mode']} ({self.mode['reason']})."] if self.mode else []),
+            *([f"Mode: {self.mode['mode']} ({self.mode['reason']}); augmentation: "
+               f"{self.config.get('augment', 'none')}."] if self.mode else []),
             "",
             "| adapter | val acc | best epoch | params | % of backbone |",
             "|---|---:|---:|---:|---:|",
