@@ -12,6 +12,7 @@ from torch import nn
 import inca
 from inca.backbones import Preprocessing
 from inca.data import ArrayDataset
+from inca.errors import InCAError
 from inca.runtime import TaskError, load_task
 
 D, PATCH, SIZE, CLASSES = 16, 4, 16, 4
@@ -176,3 +177,68 @@ def test_soup_and_ensemble_candidates(tmp_path):
                     lrs=(3e-3, 1e-2), epochs=1, soup=True, ensemble_k=1, progress=False,
                     cache_dir=tmp_path / "s", patience=0)
     assert {c["name"] for c in soup.report.candidates} == {"best", "soup:inca/stem"}
+
+
+def _image_folders(root, splits: dict[str, dict[str, int]], seed: int = 0):
+    """``root/<split>/<class>/*.png`` with the planted brightness of each class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, counts in splits.items():
+        for name, n in counts.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            level = 0.3 + 0.13 * int(name[1:])
+            for i in range(n):
+                img = np.clip(level + rng.normal(0, 0.12, (SIZE, SIZE)), 0, 1)
+                Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_val_and_test_splits_match_the_training_classes_by_name(tmp_path):
+    from inca.data import load_dataset
+
+    root = _image_folders(tmp_path / "data", {
+        "train": {f"c{i}": 40 for i in range(4)},
+        "val": {f"c{i}": 12 for i in range(4)},
+        "test": {"c0": 15, "c2": 15, "c3": 15},  # a class missing: labels must not shift
+    })
+    train, val, test = (load_dataset(str(root), split=s) for s in ("train", "val", "test"))
+    assert test.classes == ["c0", "c2", "c3"]
+    task = inca.fit(planted_backbone(), train, val, test=test, layers=["stem", "block1"],
+                    kinds=("inca", "linear"), lrs=(1e-2,), epochs=8, batch_size=32,
+                    progress=False, cache_dir=tmp_path / "cache", num_workers=0)
+    assert task.report.data["num_val"] == 48  # the explicit validation split
+    images = [test[i][0] for i in range(len(test))]
+    truth = [test.classes[test[i][1]] for i in range(len(test))]
+    predicted = task.predict(images)
+    by_hand = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+    assert by_hand > 0.8
+    assert task.report.test_accuracy[task.report.chosen] == pytest.approx(by_hand)
+    rows = task.report.rows  # per-adapter test accuracy, reported and never used to choose
+    assert all(0 <= r["test_accuracy"] <= 1 for r in rows)
+    assert "test acc (not used to choose)" in task.report.to_markdown()
+    odd = _image_folders(tmp_path / "odd", {"test": {"c9": 3, "c0": 3}})
+    with pytest.raises(InCAError, match=r"classes the training data does not: \['c9'\]"):
+        inca.fit(planted_backbone(), train, val, test=load_dataset(str(odd), split="test"),
+                 layers=["stem"], kinds=("linear",), epochs=1, progress=False)
+
+
+def test_cli_reads_a_val_folder_or_val_data(tmp_path):
+    from tiny import save_tiny_hf_vit
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+
+    folder = save_tiny_hf_vit(tmp_path / "vit")
+    root = _image_folders(tmp_path / "data", {"train": {"c0": 20, "c1": 20},
+                                              "val": {"c0": 5, "c1": 5}})
+    base = ["fit", "--backbone", f"hf:{folder}", "--epochs", "1", "--test-limit", "0",
+            "--kinds", "linear", "--num-workers", "0"]
+    res = CliRunner().invoke(app, [*base, "--data", str(root), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "validation: " in res.output and "(10 images)" in res.output
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["data"]["num_val"] == 10
+    res = CliRunner().invoke(app, [*base, "--data", str(root / "train"), "--val-data",
+                                   str(root / "val"), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "(10 images)" in res.output, res.output

@@ -138,6 +138,9 @@ def fit_cmd(
         int | None, typer.Option(help="evaluate on this many test samples (0: none)")
     ] = None,
     val_fraction: Annotated[float, typer.Option(help="share held out for selection")] = 0.15,
+    val_data: Annotated[str | None, typer.Option(
+        help="validation data for selection (default: a val/ folder beside train/, else "
+             "--val-fraction of the training data)")] = None,
     mode: Annotated[str, typer.Option(
         help="auto (cache when it fits --cache-budget-gb and pays off), cached or streaming")
     ] = "auto",
@@ -180,6 +183,13 @@ def fit_cmd(
                          **_backbone_kwargs(input_size, pretrained))
     train = load_dataset(data, split="train", limit=limit, skip_unreadable=skip_unreadable,
                          seed=seed)
+    val = None
+    if val_data is not None:
+        val = load_dataset(val_data, split="val", skip_unreadable=skip_unreadable)
+    elif (Path(data) / "val").is_dir() and (Path(data) / "train").is_dir():
+        val = load_dataset(data, split="val", skip_unreadable=skip_unreadable)
+    typer.echo(f"validation: {val.name} ({len(val)} images)" if val is not None else
+               f"validation: {val_fraction:.0%} of the training data, stratified")
     test = None
     if test_limit != 0:
         try:
@@ -187,7 +197,7 @@ def fit_cmd(
                                 skip_unreadable=skip_unreadable, seed=seed)
         except InCAError as e:
             typer.echo(f"no test split evaluated ({e})")
-    task = fit(bb, train, test=test, config=config, cache_dir=out / "cache",
+    task = fit(bb, train, val, test=test, config=config, cache_dir=out / "cache",
                num_workers=num_workers, device=dev)
     task.save(out / "task")
     files = task.report.write(out)

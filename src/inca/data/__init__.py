@@ -2,9 +2,11 @@
 
 from inca.data.datasets import (
     ArrayDataset,
+    ClassAlignedDataset,
     ImageDataset,
     ImageFolderDataset,
     SubsetDataset,
+    align_classes,
     limit_dataset,
     list_datasets,
     load_dataset,
@@ -20,6 +22,8 @@ from inca.data.transforms import (
 
 __all__ = [
     "ArrayDataset",
+    "ClassAlignedDataset",
+    "align_classes",
     "ImageDataset",
     "ImageFolderDataset",
     "SubsetDataset",

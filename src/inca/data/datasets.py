@@ -326,6 +326,47 @@ class SubsetDataset(ImageDataset):
         return _hash(self.parent.fingerprint(), self.indices.tobytes())
 
 
+class ClassAlignedDataset(ImageDataset):
+    """A data set whose labels index another class list, matched by name (a test folder
+    may lack some of the training classes, or list them in another order)."""
+
+    def __init__(self, parent: ImageDataset, classes: Sequence[str]) -> None:
+        super().__init__()
+        classes = list(classes)
+        unknown = [c for c in parent.classes if c not in classes]
+        if unknown:
+            raise DataError(f"{parent.name} has classes the training data does not: "
+                            f"{unknown}; training knows {classes}. Remove those samples or "
+                            "train with them")
+        self.parent = parent
+        self.map = np.array([classes.index(c) for c in parent.classes], dtype=np.int64)
+        self.classes = classes
+        self.targets = self.map[np.asarray(parent.targets, dtype=np.int64)]
+        self.name = parent.name
+        self.skipped = list(getattr(parent, "skipped", []))
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        image, label = self.parent[i]
+        return image, int(self.map[label])
+
+    def _identity(self) -> str:
+        return _hash(self.parent.fingerprint(), self.map.tobytes())
+
+
+def align_classes(dataset: ImageDataset, classes: Sequence[str]) -> ImageDataset:
+    """``dataset`` with labels indexing ``classes`` (by name); itself when they already do.
+
+    Raises:
+        DataError: ``dataset`` has a class that ``classes`` lacks.
+    """
+    if list(dataset.classes) == list(classes):
+        return dataset
+    return ClassAlignedDataset(dataset, classes)
+
+
 def limit_dataset(dataset: ImageDataset, limit: int, seed: int = 0) -> ImageDataset:
     """At most ``limit`` samples, every class represented (round robin over classes after a
     seeded shuffle), in the parent's order."""

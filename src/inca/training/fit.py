@@ -20,7 +20,7 @@ from inca.features import extract_to_cache, token_shapes
 from inca.runtime.task import Task
 from inca.training.bank import AdapterBank, build_adapter, plan_members
 from inca.training.config import FitConfig
-from inca.training.loop import BankResult, evaluate, train_bank
+from inca.training.loop import BankResult, train_bank
 from inca.training.mode import choose_mode
 from inca.training.report import FitReport
 from inca.training.selection import Candidate, rank_members, soups, top_k_ensemble
@@ -35,9 +35,12 @@ def _indices_of(part: Any, parent: Any) -> np.ndarray:
 
 
 def _splits(train: Any, val: Any, test: Any, config: FitConfig) -> dict[str, tuple[Any, Any]]:
-    """``{split: (data set, indices into it)}``; validation split off ``train`` if not given."""
-    from inca.data import split_train_val
+    """``{split: (data set, indices into it)}``; validation split off ``train`` if not given.
+    Validation and test labels are matched to the training classes by name."""
+    from inca.data import align_classes, split_train_val
 
+    val = None if val is None else align_classes(val, train.classes)
+    test = None if test is None else align_classes(test, train.classes)
     if val is None:
         train_part, val_part = split_train_val(train, config.val_fraction, config.seed)
         splits = {"train": (train, _indices_of(train_part, train)),
@@ -102,27 +105,29 @@ def _accuracy(task: Task, source: Any, batch_size: int) -> float:
     return int(correct) / max(total, 1)
 
 
+@torch.no_grad()
 def _test_accuracies(bank: AdapterBank, result: BankResult, candidates: list[Candidate],
-                     baseline: int | None, source: Any, batch_size: int,
-                     precision: Precision) -> dict[str, float]:
-    """Test accuracy of every candidate (and of the linear-probe baseline) from one pass:
-    the members they use, at their best epochs, scored together (soups, whose weights are
-    averages, take a pass of their own). For the report only, never for selection."""
-    wanted = sorted({i for c in candidates if not c.states for i in c.member_indices}
-                    | ({baseline} if baseline is not None else set()))
-    for i in wanted:
-        bank.load_member(i, result.members[i].state)
-    probs, labels = evaluate(bank, source, batch_size, precision, members=wanted)
-    pos = {i: p for p, i in enumerate(wanted)}
-
-    def acc(p: torch.Tensor) -> float:
-        return float((p.argmax(-1) == labels).float().mean())
-
-    out = {c.name: acc(probs[[pos[i] for i in c.member_indices]].mean(0))
-           for c in candidates if not c.states}
-    if baseline is not None:
-        out["linear_probe"] = acc(probs[pos[baseline]])
-    return out
+                     source: Any, batch_size: int, precision: Precision
+                     ) -> tuple[dict[str, float], list[float]]:
+    """Test accuracy of every candidate and of every member at its best epoch, from one
+    pass with the counts kept on the device (soups, whose weights are averages, take a
+    pass of their own). For the report only, never for selection."""
+    for i, m in enumerate(result.members):
+        bank.load_member(i, m.state)
+    bank.eval()
+    plain = [c for c in candidates if not c.states]
+    hits: torch.Tensor | None = None  # (K + candidates,) correct answers, on the device
+    total = 0
+    for feats, y in source.batches(batch_size):
+        with precision.autocast():
+            probs = bank.logits(feats).float().softmax(-1)  # (K, B, C)
+        batch = torch.cat([(probs.argmax(-1) == y).sum(-1), *(
+            (probs[c.member_indices].mean(0).argmax(-1) == y).sum().view(1) for c in plain)])
+        hits = batch if hits is None else hits + batch
+        total += len(y)
+    acc = (hits.cpu().double() / max(total, 1)).tolist() if hits is not None else []
+    k = len(result.members)
+    return {c.name: a for c, a in zip(plain, acc[k:], strict=True)}, acc[:k]
 
 
 def fit(
@@ -215,9 +220,12 @@ def fit(
 
         baseline = _linear_probe_baseline(bank, result, layers)
         tests: dict[str, float] = {}
+        member_tests: list[float] | None = None
         if test_src is not None:
-            tests = _test_accuracies(bank, result, candidates, baseline, test_src,
-                                     config.batch_size, precision)
+            tests, member_tests = _test_accuracies(bank, result, candidates, test_src,
+                                                   config.batch_size, precision)
+            if baseline is not None:
+                tests["linear_probe"] = member_tests[baseline]
             for c in candidates:
                 if c.states:  # soups
                     tests[c.name] = _accuracy(_task_from(c, bank, result, classes, backbone,
@@ -229,6 +237,7 @@ def fit(
         params=params, candidates=candidates, chosen=chosen, baseline=baseline, tests=tests,
         extract_seconds=extract_s, num_train=len(train_src), num_val=len(val_src),
         mode={"mode": mode.mode, "reason": mode.reason, "cache_bytes": mode.cache_bytes},
+        member_tests=member_tests,
         classes=classes, task_parameters=task.num_parameters(),
     )
     task.metrics = report.summary()

@@ -55,14 +55,9 @@ def bank_precision(bank: AdapterBank, precision: str | Precision | None) -> Prec
 
 @torch.no_grad()
 def evaluate(bank: AdapterBank, source: Any, batch_size: int,
-             precision: str | Precision | None = "32", members: list[int] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Members' probabilities ``(K, N, C)`` on a source (kept on the CPU: nothing that grows
-    with the data stays on the device), and the labels ``(N,)``.
-
-    Args:
-        members: the members whose probabilities to keep (every member by default).
-    """
+             precision: str | Precision | None = "32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every member's probabilities ``(K, N, C)`` on a source (kept on the CPU: nothing
+    that grows with the data stays on the device), and the labels ``(N,)``."""
     prec = bank_precision(bank, precision)
     was_training = bank.training
     bank.eval()
@@ -70,8 +65,6 @@ def evaluate(bank: AdapterBank, source: Any, batch_size: int,
     for feats, y in source.batches(batch_size):
         with prec.autocast():
             logits = bank.logits(feats)
-        if members is not None:
-            logits = logits[members]
         probs.append(logits.float().softmax(-1).cpu())
         labels.append(y.cpu())
     bank.train(was_training)

@@ -28,11 +28,12 @@ class FitReport:
     task_parameters: int
     history: list[dict[str, Any]] = field(default_factory=list)
     mode: dict[str, Any] = field(default_factory=dict)  # cached or streaming, and why
+    tie: str = ""  # how a tie for the best validation accuracy was broken
 
     @classmethod
     def build(cls, *, backbone, config, specs, result, params, candidates, chosen, baseline,
               tests, extract_seconds, num_train, num_val, classes, task_parameters,
-              mode=None) -> FitReport:
+              mode=None, member_tests=None) -> FitReport:
         rows = [
             {
                 "key": s.key, "kind": s.kind, "layers": list(s.layers), "lr": s.lr,
@@ -42,6 +43,17 @@ class FitReport:
             }
             for s, m, p in zip(specs, result.members, params, strict=True)
         ]
+        if member_tests is not None:  # reported, never used for selection
+            for row, acc in zip(rows, member_tests, strict=True):
+                row["test_accuracy"] = acc
+        ranked = sorted(rows, key=lambda r: (-r["val_accuracy"], r["val_loss"]))
+        tie = ""
+        if len(ranked) > 1 and ranked[0]["val_accuracy"] == ranked[1]["val_accuracy"]:
+            tied = [r for r in ranked if r["val_accuracy"] == ranked[0]["val_accuracy"]]
+            tie = (f"{len(tied)} adapters share the best validation accuracy "
+                   f"({ranked[0]['val_accuracy']:.4f}); the lowest validation loss chose "
+                   f"{ranked[0]['key']} ({ranked[0]['val_loss']:.4f} against "
+                   f"{ranked[1]['val_loss']:.4f} for {ranked[1]['key']})")
         keys = [s.key for s in specs]
         lp = None
         if baseline is not None:
@@ -56,6 +68,7 @@ class FitReport:
                      "epochs_run": result.epochs_run},
             data={"num_train": num_train, "num_val": num_val, "classes": list(classes)},
             task_parameters=task_parameters, history=result.history, mode=dict(mode or {}),
+            tie=tie,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -78,15 +91,22 @@ class FitReport:
             f"({self.timings['epochs_run']} epochs, {len(self.rows)} adapters in one bank).",
             *([f"Mode: {self.mode['mode']} ({self.mode['reason']}); augmentation: "
                f"{self.config.get('augment', 'none')}."] if self.mode else []),
+            *([f"Tie: {self.tie}."] if self.tie else []),
             "",
-            "| adapter | val acc | best epoch | params | % of backbone |",
-            "|---|---:|---:|---:|---:|",
         ]
-        for r in sorted(self.rows, key=lambda r: -r["val_accuracy"]):
+        has_test = any("test_accuracy" in r for r in self.rows)
+        lines += [
+            "| adapter | val acc | val loss | best epoch | params | % of backbone |"
+            + (" test acc (not used to choose) |" if has_test else ""),
+            "|---|---:|---:|---:|---:|---:|" + ("---:|" if has_test else ""),
+        ]
+        for r in sorted(self.rows, key=lambda r: (-r["val_accuracy"], r["val_loss"])):
             mark = " **(chosen)**" if r["key"] in self.chosen_members and \
                 self.chosen == "best" else ""
-            lines.append(f"| {r['key']}{mark} | {r['val_accuracy']:.4f} | {r['best_epoch']} | "
-                         f"{r['parameters']:,} | {r['percent_of_backbone']:.3f} |")
+            test = f" {r['test_accuracy']:.4f} |" if has_test else ""
+            lines.append(f"| {r['key']}{mark} | {r['val_accuracy']:.4f} | {r['val_loss']:.4f} | "
+                         f"{r['best_epoch']} | {r['parameters']:,} | "
+                         f"{r['percent_of_backbone']:.3f} |{test}")
         lines += ["", "| candidate | val acc | test acc | members |", "|---|---:|---:|---|"]
         for c in self.candidates:
             test = self.test_accuracy.get(c["name"])
