@@ -34,7 +34,7 @@ def test_compare_cli_end_to_end(tmp_path):
     md = (out / "compare.md").read_text()
     assert "| inca |" in md
     # each baseline's settings are stated
-    assert "- full: every weight, lr 0.0001 at the top with layer-wise decay 0.75" in md
+    assert "- full: every weight, lr 0.0002 at the top with layer-wise decay 0.75" in md
     assert "- linear: last layer, cls_mean pooling" in md
 
 

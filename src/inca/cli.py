@@ -45,6 +45,8 @@ BackboneDtype = Annotated[str, typer.Option(
     help="the backbone's weights: float32 (autocast computes in 16 bits), or bfloat16 / "
          "float16 held in 16 bits (frozen, so no float32 copy is needed: faster, half the "
          "memory)")]
+NumWorkers = Annotated[
+    int | None, typer.Option(help="data-loading workers (default: cores - 1, at most 8)")]
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -91,9 +93,7 @@ def extract_cmd(
     skip_unreadable: Annotated[bool, typer.Option(help="skip unreadable images")] = False,
     pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
     overwrite: Annotated[bool, typer.Option(help="replace a cache made differently")] = False,
-    num_workers: Annotated[
-        int | None, typer.Option(help="data-loading workers (default: cores - 1, at most 8)")
-    ] = None,
+    num_workers: NumWorkers = None,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",
@@ -157,9 +157,7 @@ def fit_cmd(
     patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")] = 5,
     skip_unreadable: Annotated[bool, typer.Option(help="skip unreadable images")] = False,
     pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
-    num_workers: Annotated[
-        int | None, typer.Option(help="data-loading workers (default: cores - 1, at most 8)")
-    ] = None,
+    num_workers: NumWorkers = None,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",

@@ -70,7 +70,7 @@ class FineTuneConfig:
     epochs: int = 3
     batch_size: int = 32
     lr_head: float = 1e-3
-    lr_backbone: float = 1e-4
+    lr_backbone: float = 2e-4  # with the decay: best on validation (finetune-lr.md)
     layer_decay: float = 0.75
     lr_lora: float = 1e-3
     weight_decay: float = 0.05
