@@ -453,3 +453,33 @@ def test_open_inca_new_classes_leave_old_logits_unchanged():
                                                  strict=True))
     assert adapter.queries[1].requires_grad and not adapter.queries[0].requires_grad
     assert adapter.num_parameters(trainable_only=True) == 3 * (2 * D + 1)
+
+
+def test_narrow_attention_equals_its_unfolded_definition():
+    """attn_dim < D: queries, keys and values of width A, the output projected back to D;
+    the folded computation equals the plain one, and the adapter is ~A/D of the size."""
+    torch.manual_seed(0)
+    a, h, q = 16, 2, 2
+    adapter = _randomize(InCAAdapter(D, C, InCAConfig(num_heads=h, num_queries=q,
+                                                      attn_dim=a)), seed=3).double()
+    assert adapter.in_proj_weight.shape == (3 * a, D) and adapter.out_proj.weight.shape == (D, a)
+    tokens = torch.randn(B, N, D, dtype=torch.float64)
+    x = adapter.token_norm(tokens)  # (B, N, D)
+    w_q, w_k, w_v = adapter.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = adapter.in_proj_bias.chunk(3)
+    qs = (adapter.query @ w_q.T + b_q).view(q, h, a // h)  # (Q, H, A/H)
+    keys = (x @ w_k.T + b_k).view(B, N, h, a // h)
+    values = (x @ w_v.T + b_v).view(B, N, h, a // h)
+    att = torch.einsum("qhe,bnhe->bhqn", qs, keys).div((a // h) ** 0.5).softmax(-1)
+    pooled = torch.einsum("bhqn,bnhe->bqhe", att, values).reshape(B, q, a)
+    expected = adapter.out_proj(pooled)  # (B, Q, D)
+    out, weights = adapter.attend(tokens, need_weights=True)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(weights, att, atol=1e-12, rtol=1e-10)
+    full = InCAAdapter(D, C, InCAConfig(num_heads=h, num_queries=q))
+    assert full.num_parameters() - adapter.num_parameters() == 4 * D * (D - a) + 3 * (D - a)
+    stack = StackedInCA.from_adapters([adapter.float(), adapter.float()])
+    torch.testing.assert_close(stack(tokens.float())[0], adapter.float()(tokens.float()),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(AdapterError, match="attn_dim 16 is not divisible by num_heads 3"):
+        InCAAdapter(D, C, InCAConfig(num_heads=3, attn_dim=16))

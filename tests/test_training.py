@@ -122,3 +122,19 @@ def test_open_inca_adds_classes_without_hurting_old_ones():
     with torch.no_grad():
         # new classes are learned through the frozen shared attention: well above chance (1/6)
         assert float((extended(nf["l1"]).argmax(-1) == ny).float().mean()) > 0.6
+
+
+def test_wide_layers_get_a_narrow_attention():
+    from inca.training.bank import MAX_ADAPTER_SHARE, MemberSpec, narrow_attention
+
+    assert narrow_attention(384, 10, 1, 22_000_000) is None  # DINOv2-S: 2.7%, full width
+    spec = MemberSpec("inca", ("stage",), 1e-3)
+    common = dict(embed_dims={"stage": 320}, num_prefix_tokens=0, num_classes=10,
+                  backbone_params=3_500_000)  # MobileNetV2's size
+    narrow = build_adapter(spec, **common)
+    assert narrow.config.attn_dim == narrow_attention(320, 10, 1, 3_500_000) == 64
+    assert narrow.num_parameters() <= MAX_ADAPTER_SHARE * 3_500_000
+    full = build_adapter(spec, options={"inca": {"attn_dim": None}}, **common)
+    assert full.config.attn_dim == 320 and full.num_parameters() > 0.1 * 3_500_000
+    assert build_adapter(spec, embed_dims={"stage": 320}, num_prefix_tokens=0,
+                         num_classes=10).config.attn_dim == 320  # no backbone size given

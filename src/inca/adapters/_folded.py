@@ -63,11 +63,11 @@ class AttentionParams(NamedTuple):
     query: torch.Tensor  # (K, Q, D) learned queries
     norm_weight: torch.Tensor  # (K, D) γ of LN(z)
     norm_bias: torch.Tensor  # (K, D) β of LN(z)
-    q_weight: torch.Tensor  # (K, D, D) W_q  } rows of nn.MultiheadAttention's
-    k_weight: torch.Tensor  # (K, D, D) W_k  } in_proj_weight (kept apart: stacking
-    v_weight: torch.Tensor  # (K, D, D) W_v  } three smaller tensors is cheaper on CPU)
-    in_proj_bias: torch.Tensor  # (K, 3D) [b_q; b_k; b_v]
-    out_weight: torch.Tensor  # (K, D, D) W_o
+    q_weight: torch.Tensor  # (K, A, D) W_q  } rows of nn.MultiheadAttention's
+    k_weight: torch.Tensor  # (K, A, D) W_k  } in_proj_weight; A = D unless the
+    v_weight: torch.Tensor  # (K, A, D) W_v  } attention is narrowed (attn_dim)
+    in_proj_bias: torch.Tensor  # (K, 3A) [b_q; b_k; b_v]
+    out_weight: torch.Tensor  # (K, D, A) W_o
     out_bias: torch.Tensor  # (K, D) b_o
 
 
@@ -134,9 +134,10 @@ def fold_keys(p: AttentionParams, num_heads: int) -> torch.Tensor:
     O(K·Q·D²), independent of the tokens. ``b_k`` is dropped: it cancels in the softmax.
     """
     k, q_count, d = p.query.shape
-    h, dh = num_heads, d // num_heads
-    b_q = p.in_proj_bias[:, :d]  # (K, D)
-    q = torch.baddbmm(b_q.unsqueeze(1), p.query, p.q_weight.transpose(1, 2))  # (K, Q, D)
+    a = p.q_weight.shape[1]  # attention width A (D unless narrowed)
+    h, dh = num_heads, a // num_heads
+    b_q = p.in_proj_bias[:, :a]  # (K, A)
+    q = torch.baddbmm(b_q.unsqueeze(1), p.query, p.q_weight.transpose(1, 2))  # (K, Q, A)
     q = q.view(k, q_count, h, dh) * dh**-0.5
     keys = torch.einsum("kqhe,khed->kqhd", q, p.k_weight.reshape(k, h, dh, d))  # W_k,hᵀ q_h
     keys = keys * p.norm_weight[:, None, None, :]  # fold γ; β·keys is constant over tokens
@@ -218,15 +219,15 @@ def cross_attention(
 
     outs = []
     for p, x in zip(parts, pooled.split(sizes), strict=True):
-        k = x.shape[0]
+        k, a = x.shape[0], p.v_weight.shape[1]  # A: the attention width
         # The weights sum to 1, so LN's affine applies after the weighted sum.
         x = x * p.norm_weight[:, None, None, :] + p.norm_bias[:, None, None, :]
-        heads = torch.einsum(  # per head, W_v,h after the weighted sum: (K, B, Q, H, d)
+        heads = torch.einsum(  # per head, W_v,h after the weighted sum: (K, B, Q, H, A/H)
             "kbqhd,khed->kbqhe", x.view(k, b, q_count, h, d),
-            p.v_weight.reshape(k, h, d // h, d),
+            p.v_weight.reshape(k, h, a // h, d),
         )
-        b_v = p.in_proj_bias[:, 2 * d:]  # (K, D)
-        heads = heads.reshape(k, b * q_count, d) + b_v.unsqueeze(1)  # (K, B*Q, D)
+        b_v = p.in_proj_bias[:, 2 * a:]  # (K, A)
+        heads = heads.reshape(k, b * q_count, a) + b_v.unsqueeze(1)  # (K, B*Q, A)
         out = torch.baddbmm(p.out_bias.unsqueeze(1), heads, p.out_weight.transpose(1, 2))
         outs.append(out.view(k, b, q_count, d))
 

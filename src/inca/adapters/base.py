@@ -75,13 +75,13 @@ def default_num_heads(embed_dim: int) -> int:
     return 1
 
 
-def resolve_num_heads(num_heads: int | None, embed_dim: int) -> int:
+def resolve_num_heads(num_heads: int | None, embed_dim: int, what: str = "embed_dim") -> int:
     """``num_heads`` checked against ``embed_dim``, or :func:`default_num_heads` for ``None``."""
     if num_heads is None:
         return default_num_heads(embed_dim)
     check(
         embed_dim % num_heads == 0,
-        f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
+        f"{what} {embed_dim} is not divisible by num_heads {num_heads}; "
         f"choose a divisor of {embed_dim} (or None for {default_num_heads(embed_dim)})",
     )
     return num_heads

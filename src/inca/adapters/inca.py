@@ -45,6 +45,10 @@ class InCAConfig(AdapterConfig):
         init_std: standard deviation of the truncated-normal query init. Small queries
             give near-uniform attention, so a fresh adapter starts close to mean pooling.
         norm_eps: epsilon of the token LayerNorm and of the output LayerNorm.
+        attn_dim: width A of the queries, keys and values (``None``: the token width D,
+            as ``nn.MultiheadAttention``). The projections hold ``4·A·D`` numbers instead
+            of ``4·D²``: a narrower attention keeps an adapter over a wide layer small
+            (MobileNetV2's 1,280 channels made a full-width adapter 188% of the backbone).
     """
 
     num_heads: int | None = None
@@ -53,11 +57,16 @@ class InCAConfig(AdapterConfig):
     dropout: float = 0.0
     init_std: float = 0.02
     norm_eps: float = 1e-6
+    attn_dim: int | None = None
 
     def __post_init__(self) -> None:
         check(
             self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads > 0),
             f"num_heads must be a positive int or None, got {self.num_heads!r}",
+        )
+        check(
+            self.attn_dim is None or (isinstance(self.attn_dim, int) and self.attn_dim > 0),
+            f"attn_dim must be a positive int or None, got {self.attn_dim!r}",
         )
         check(self.num_queries >= 1, f"num_queries must be >= 1, got {self.num_queries}")
         check(
@@ -132,15 +141,17 @@ class InCAAdapter(Adapter):
     ) -> None:
         config = InCAConfig() if config is None else config
         super().__init__(embed_dim, num_classes, config)
-        self.config = config.replace(num_heads=resolve_num_heads(config.num_heads, embed_dim))
+        a = config.attn_dim or embed_dim
+        self.config = config.replace(attn_dim=a, num_heads=resolve_num_heads(
+            config.num_heads, a, "attn_dim" if config.attn_dim else "embed_dim"))
         fk = {"device": device, "dtype": dtype}
         d, q = embed_dim, self.config.num_queries
         feat_dim = d if self.config.query_reduce == "mean" else q * d
         self.query = nn.Parameter(torch.empty(q, d, **fk))  # (Q, D)
         self.token_norm = nn.LayerNorm(d, eps=self.config.norm_eps, **fk)
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d, **fk))  # [W_q; W_k; W_v]
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * d, **fk))
-        self.out_proj = nn.Linear(d, d, **fk)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * a, d, **fk))  # [W_q; W_k; W_v]
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * a, **fk))
+        self.out_proj = nn.Linear(a, d, **fk)
         self.norm = nn.LayerNorm(d, eps=self.config.norm_eps, **fk)
         self.head = nn.Linear(feat_dim, num_classes, **fk)
         self.reset_parameters()

@@ -8,8 +8,8 @@ The CPU side (data-loading workers) decodes, resizes, crops and flips, and hands
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -73,13 +73,13 @@ def loader_options(num_workers: int | None, device: torch.device,
                    prefetch_factor: int = 4) -> dict[str, Any]:
     """DataLoader settings that keep a device busy: workers (default
     :func:`default_num_workers`), kept across epochs, pinned batches for a GPU, and forked
-    workers where the platform can fork (a process started by ``spawn``, as ``inca
-    compare``'s are, would otherwise spawn its workers too: seconds each)."""
+    workers on Linux (a process started by ``spawn``, as ``inca compare``'s are, would
+    otherwise spawn its workers too: seconds each)."""
     workers = default_num_workers() if num_workers is None else num_workers
     opts: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
         opts.update(persistent_workers=True, prefetch_factor=prefetch_factor)
-        if "fork" in multiprocessing.get_all_start_methods():
+        if sys.platform.startswith("linux"):  # PyTorch's own default there; not macOS
             opts["multiprocessing_context"] = "fork"
     return opts
 

@@ -69,6 +69,27 @@ def plan_members(layers: Sequence[str], config: FitConfig) -> list[MemberSpec]:
     return members
 
 
+MAX_ADAPTER_SHARE = 0.03  # an adapter holds at most 3% of its backbone's parameters
+
+
+def narrow_attention(embed_dim: int, num_classes: int, num_queries: int,
+                     backbone_params: int) -> int | None:
+    """The attention width that keeps an InCA adapter within :data:`MAX_ADAPTER_SHARE` of
+    the backbone: ``None`` (full width) when it fits, else the widest multiple of 16 that
+    does (16 at least)."""
+    d = embed_dim
+
+    def size(a: int) -> int:  # query, 2 LayerNorms, in/out projections, classifier
+        return num_queries * d + 4 * d + 3 * a * d + 3 * a + d * a + d + d * num_classes \
+            + num_classes
+
+    budget = MAX_ADAPTER_SHARE * backbone_params
+    if size(d) <= budget:
+        return None
+    a = int((budget - size(0)) // (4 * d + 3)) // 16 * 16
+    return max(16, min(a, d - 16))
+
+
 def build_adapter(
     spec: MemberSpec,
     *,
@@ -77,9 +98,19 @@ def build_adapter(
     num_classes: int,
     options: dict[str, Any] | None = None,
     seed: int = 0,
+    backbone_params: int | None = None,
 ) -> Adapter:
-    """Create one member's adapter, initialised from the member's own seed."""
+    """Create one member's adapter, initialised from the member's own seed.
+
+    With ``backbone_params``, an InCA adapter whose full-width attention would exceed
+    :data:`MAX_ADAPTER_SHARE` of the backbone gets a narrower one (``attn_dim``, unless the
+    options set it): a wide layer of a small backbone (MobileNetV2's 1,280 channels) would
+    otherwise hold an adapter larger than the backbone itself.
+    """
     opts = dict((options or {}).get(spec.kind, {}))
+    if spec.kind == "inca" and backbone_params and "attn_dim" not in opts:
+        opts["attn_dim"] = narrow_attention(embed_dims[spec.layers[0]], num_classes,
+                                            opts.get("num_queries", 1), backbone_params)
     fields = adapter_class(spec.kind).config_class.__dataclass_fields__
     if "num_prefix_tokens" in fields:
         opts.setdefault("num_prefix_tokens", num_prefix_tokens)

@@ -200,9 +200,10 @@ def fit(
 
         dims = {k: backbone.embed_dims[k] for k in layers}
         specs = plan_members(layers, config)
+        n_params = sum(p.numel() for p in backbone.parameters())
         adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=backbone.num_prefix_tokens,
                                   num_classes=len(classes), options=config.adapter_options,
-                                  seed=config.seed) for s in specs]
+                                  seed=config.seed, backbone_params=n_params) for s in specs]
         bank = AdapterBank(specs, adapters, {k: n for k, (n, _) in shapes.items()})
         bank.to(backbone.device)
         result = train_bank(bank, train_src, val_src, config, progress=progress,
