@@ -19,11 +19,16 @@ def test_compare_cli_end_to_end(tmp_path):
     res = CliRunner().invoke(app, [
         "compare", "--backbone", f"hf:{folder}", "--data", "digits", "--out", str(out),
         "--methods", "full,linear,inca", "--epochs", "1", "--limit", "120", "--test-limit",
-        "60", "--seeds", "2", "--batch-size", "16"])
+        "60", "--seeds", "2", "--batch-size", "16", "--equal-time", "--max-epochs", "4"])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "compare.json").read_text())
     rows = {r["method"]: r for r in result["summary"]}
-    assert set(rows) == {"full", "linear", "inca", "inca-ensemble"}
+    timed = {"linear @ full's time", "inca @ full's time", "inca-ensemble @ full's time"}
+    assert set(rows) == {"full", "linear", "inca", "inca-ensemble"} | timed
+    for r in result["runs"]:  # given full's time: as many epochs as fit, up to 4
+        if r["method"] in timed:
+            assert 1 <= r["extra"]["epochs_run"] <= 4
+    assert result["time_budget_s"] == rows["full"]["train_seconds"]
     assert rows["linear"]["seeds"] == 2 and rows["full"]["seeds"] == 1
     assert rows["full"]["time_vs_full"] == 1.0
     assert rows["inca"]["stored_bytes"] < rows["full"]["stored_bytes"]
@@ -36,6 +41,9 @@ def test_compare_cli_end_to_end(tmp_path):
     # each baseline's settings are stated
     assert "- full: every weight, lr 0.0002 at the top with layer-wise decay 0.75" in md
     assert "- linear: last layer, cls_mean pooling" in md
+    assert "Rows `@ full's time`" in md
+    with pytest.raises(InCAError, match="include 'full'"):
+        CompareConfig(methods=("linear", "inca"), equal_time=True, device="cpu")
 
 
 def test_config_and_summary():

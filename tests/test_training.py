@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import inca.errors as inca_errors
 from inca.training import AdapterBank, FitConfig, TrainingError, plan_members, train_bank
 from inca.training.bank import build_adapter
 from inca.training.incremental import add_classes
@@ -138,3 +139,15 @@ def test_wide_layers_get_a_narrow_attention():
     assert full.config.attn_dim == 320 and full.num_parameters() > 0.1 * 3_500_000
     assert build_adapter(spec, embed_dims={"stage": 320}, num_prefix_tokens=0,
                          num_classes=10).config.attn_dim == 320  # no backbone size given
+
+
+def test_time_budget_sets_the_epochs_after_timing_the_first():
+    train, val = _source(64, 0), _source(32, 1)
+    base = dict(layers=LAYERS, kinds=("linear",), lrs=(1e-2,), batch_size=16, patience=0,
+                epochs=20)
+    short = FitConfig(**base, time_budget_s=1e-9)  # no time: the first epoch only
+    assert train_bank(_bank(short), train, val, short, progress=False).epochs_run == 1
+    ample = FitConfig(**base, time_budget_s=1e9)  # all the time: every epoch asked for
+    assert train_bank(_bank(ample), train, val, ample, progress=False).epochs_run == 20
+    with pytest.raises(inca_errors.InCAError, match="time_budget_s"):
+        FitConfig(time_budget_s=0)

@@ -278,6 +278,9 @@ def compare_cmd(
     lrs: Annotated[str, typer.Option(help="lr grid of the probes and InCA")] = "1e-3,3e-3",
     input_size: Annotated[int | None, typer.Option(help="image side")] = None,
     token_grid: Annotated[int | None, typer.Option(help="pool patch tokens to a grid")] = None,
+    equal_time: Annotated[bool, typer.Option(
+        help="also give the probes and InCA full fine-tuning's wall time")] = False,
+    max_epochs: Annotated[int, typer.Option(help="most epochs of an equal-time run")] = 30,
     device: Device = "auto",
     precision: Precision = "auto",
 ) -> None:
@@ -288,7 +291,8 @@ def compare_cmd(
         backbone=backbone, data=data, methods=tuple(m.strip() for m in methods.split(",")),
         epochs=epochs, limit=limit, test_limit=test_limit, seeds=seeds,
         expensive_seeds=expensive_seeds, batch_size=batch_size, lrs=_floats(lrs),
-        input_size=input_size, token_grid=token_grid, device=device, precision=precision)
+        input_size=input_size, token_grid=token_grid, device=device, precision=precision,
+        equal_time=equal_time, max_epochs=max_epochs)
     result = run_compare(config)
     files = write(result, out, command=" ".join(["inca", *sys.argv[1:]]))
     typer.echo(to_markdown(result))

@@ -52,6 +52,10 @@ class CompareConfig:
         input_size: image side (the backbone's default when ``None``).
         val_fraction: held-out share for selection and early choice of epoch.
         token_grid: pool patch tokens of the probes' and InCA's inputs to this grid.
+        equal_time: also run the probes and InCA on full fine-tuning's wall time (its first
+            seed's, extraction included): as many epochs as fit, at most ``max_epochs``.
+            The table shows them as ``<method> @ full's time`` beside the equal-epoch rows.
+        max_epochs: the most epochs an equal-time run may take.
         device: where to run (``"auto"``: CUDA when available).
         precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` or ``"auto"`` (bf16-mixed on a
             GPU), the same for every method.
@@ -71,6 +75,8 @@ class CompareConfig:
     input_size: int | None = None
     val_fraction: float = 0.15
     token_grid: int | None = None
+    equal_time: bool = False
+    max_epochs: int = 30
     device: str = "auto"
     precision: str = "auto"
     workdir: str | None = None
@@ -82,6 +88,9 @@ class CompareConfig:
             raise InCAError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if self.epochs < 1 or self.seeds < 1 or self.expensive_seeds < 1:
             raise InCAError("epochs, seeds and expensive_seeds must be at least 1")
+        if self.equal_time and "full" not in self.methods:
+            raise InCAError("equal_time gives the other methods full fine-tuning's wall "
+                            "time: include 'full' in the methods")
         # Resolved once, here: every method and every child process runs the same.
         device = resolve_device(self.device)
         self.device = str(device)
@@ -198,9 +207,12 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
     import inca
 
     ext = job["extraction"]
+    budget = job.get("time_budget_s")  # equal time: what is left after the extraction
     with PeakMemory(device=device) as mem:
         t = time.perf_counter()
-        task = inca.fit(backbone, tr, val, test=test, epochs=config.epochs, seed=seed,
+        task = inca.fit(backbone, tr, val, test=test, seed=seed,
+                        epochs=config.max_epochs if budget else config.epochs,
+                        time_budget_s=max(budget - ext["seconds"], 1e-3) if budget else None,
                         batch_size=config.batch_size, lrs=config.lrs, patience=0,
                         token_grid=config.token_grid, progress=False, cache_dir=cache_root,
                         precision=config.precision, **_FIT_ARGS[method])
@@ -217,6 +229,7 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         members = [r for r in rep.rows if r["key"] in cand["members"]]
         label = method if name == "best" else f"{method}-ensemble"
+        label += " @ full's time" if budget else ""
         cuda = None if mem.cuda_peak_mib is None else max(mem.cuda_peak_mib,
                                                           ext["cuda_peak_mib"] or 0)
         runs.append(asdict(Run(
@@ -225,7 +238,8 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
             sum(r["parameters"] for r in rep.rows),  # the whole bank was trained
             sum(r["parameters"] for r in members) * 4,  # fp32 safetensors of the chosen
             {"members": cand["members"], "extract_seconds": ext["seconds"],
-             "fit_seconds": seconds, "bank_size": len(rep.rows)})))
+             "fit_seconds": seconds, "bank_size": len(rep.rows),
+             "epochs_run": rep.timings["epochs_run"]})))
     return runs
 
 
@@ -254,18 +268,26 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                 print("extracting every layer once for " + ", ".join(cheap), flush=True)
             extraction = child({**base, "method": "extract", "seed": 0})[0]
         jobs = []
-        for method in config.methods:
+        for method in sorted(config.methods, key=lambda m: m != "full"):  # full first
             n = config.expensive_seeds if method in EXPENSIVE else config.seeds
             jobs += [{**base, "method": method, "seed": s, "extraction": extraction}
                      for s in range(n)]
+        if config.equal_time:  # after full, whose wall time they are given
+            jobs += [{**job, "equal_time": True} for job in jobs if job["method"] in cheap]
         for i, job in enumerate(jobs):
             if progress:
-                print(f"[{i + 1}/{len(jobs)}] {job['method']} seed {job['seed']}", flush=True)
+                print(f"[{i + 1}/{len(jobs)}] {job['method']} seed {job['seed']}"
+                      + (" (full's time)" if job.get("equal_time") else ""), flush=True)
+            if job.get("equal_time"):
+                full = min((r for r in runs if r["method"] == "full"), key=lambda r: r["seed"])
+                job = {**job, "time_budget_s": full["train_seconds"]}
             runs += child(job)
     backbone = _backbone(config)
     backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters())
     return {"config": asdict(config), "runs": runs, "extraction": extraction,
             "settings": method_settings(config),
+            "time_budget_s": next((r["train_seconds"] for r in runs
+                                   if r["method"] == "full" and r["seed"] == 0), None),
             "backbone": {**backbone.describe(), "bytes": backbone_bytes},
             "summary": summarise(runs, backbone_bytes)}
 
@@ -328,6 +350,12 @@ def to_markdown(result: dict[str, Any], command: str = "") -> str:
             f"{ratio('time_vs_full')} | {r['peak_rss_mib']:.0f} | {ratio('memory_vs_full')} | "
             f"{r['trainable_parameters']:,} | {_size(r['stored_bytes'])} | "
             f"{r['stored_percent_of_backbone']:.2f} |")
+    timed = [r for r in result["runs"] if r["method"].endswith("@ full's time")]
+    if timed:
+        epochs = sorted({r["extra"]["epochs_run"] for r in timed})
+        lines += ["", f"Rows `@ full's time`: the same method given full fine-tuning's wall "
+                  f"time ({result['time_budget_s']:.1f} s, extraction included), as many "
+                  f"epochs as fit: {', '.join(map(str, epochs))} (at most {c['max_epochs']})."]
     if result.get("settings"):
         lines += ["", "Settings:", ""]
         lines += [f"- {m}: {text}" for m, text in result["settings"].items()]

@@ -275,16 +275,18 @@ def _block(feats: dict[str, torch.Tensor], layers: list[str]) -> torch.Tensor:
     return torch.stack([feats[k] for k in layers])
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int):
-    """Multiplier for LambdaLR: linear warm-up, then cosine decay to zero."""
+class cosine_with_warmup:  # noqa: N801 - used as a function: LambdaLR(opt, cosine_with_warmup(...))
+    """Multiplier for LambdaLR: linear warm-up, then cosine decay to zero at
+    ``total_steps`` (which a time budget may shorten once the first epoch is timed)."""
 
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    def __init__(self, total_steps: int, warmup_steps: int) -> None:
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
 
 
 def bank_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:

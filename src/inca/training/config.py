@@ -47,6 +47,9 @@ class FitConfig:
         cache_dtype: storage of the activation cache, ``"float16"`` or ``"float32"``.
         val_fraction: share of the training data held out for selection.
         adapter_options: per-kind adapter settings, e.g. ``{"inca": {"num_heads": 4}}``.
+        time_budget_s: train for as many epochs (at most ``epochs``) as fit in this many
+            seconds, timed on the first epoch; the learning-rate schedule decays over
+            exactly those epochs. For comparisons at equal cost.
         precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` (autocast compute, float32
             weights, optimizer state and losses), or ``"auto"``: bf16-mixed on a GPU, 32 on
             the CPU. ``inca.fit`` records the precision it resolved to.
@@ -71,6 +74,7 @@ class FitConfig:
     cache_dtype: str = "float16"
     val_fraction: float = 0.15
     adapter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    time_budget_s: float | None = None
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -96,6 +100,8 @@ class FitConfig:
         if self.mode == "cached" and self.augment != "none":
             raise ConfigError("augmentation needs mode 'streaming' (a cache holds one view of "
                               "each image): drop --augment or use --mode streaming")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"time_budget_s must be positive, got {self.time_budget_s}")
         if not self.cache_budget_gb >= 0:
             raise ConfigError(f"cache_budget_gb must be >= 0, got {self.cache_budget_gb}")
         if not 0 < self.val_fraction < 1:

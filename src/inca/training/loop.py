@@ -106,10 +106,9 @@ def train_bank(
     scaler = prec.grad_scaler()
     steps_per_epoch = -(-len(train) // config.batch_size)
     total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        cosine_with_warmup(total, round(config.warmup_epochs * steps_per_epoch)),
-    )
+    lr_factor = cosine_with_warmup(total, round(config.warmup_epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    epochs = config.epochs  # at most; a time budget fixes it after the first epoch
     results = [MemberResult(k) for k in bank.keys]
     history: list[dict[str, Any]] = []
     stale = 0
@@ -159,8 +158,14 @@ def train_bank(
             "val_accuracy": accs.tolist(),
         })
         bar.set_postfix(best_val=f"{max(r.val_accuracy for r in results):.3f}")
+        if config.time_budget_s is not None and epoch == 0:
+            # As many epochs as fit in the budget, the schedule decaying over exactly those.
+            per_epoch = time.perf_counter() - start
+            epochs = max(1, min(config.epochs, int(config.time_budget_s // per_epoch)))
+            lr_factor.total_steps = steps_per_epoch * epochs
+            bar.total = lr_factor.total_steps
         stale = 0 if improved else stale + 1
-        if config.patience and stale >= config.patience:
+        if (config.patience and stale >= config.patience) or epoch + 1 >= epochs:
             break
     bar.close()
     return BankResult(results, history, epoch + 1, time.perf_counter() - start, val_labels)
