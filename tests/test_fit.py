@@ -242,3 +242,25 @@ def test_cli_reads_a_val_folder_or_val_data(tmp_path):
     res = CliRunner().invoke(app, [*base, "--data", str(root / "train"), "--val-data",
                                    str(root / "val"), "--out", str(tmp_path / "b")])
     assert res.exit_code == 0 and "(10 images)" in res.output, res.output
+
+
+def test_cli_variants_and_their_errors(tmp_path):
+    from tiny import save_tiny_hf_vit
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+
+    folder = save_tiny_hf_vit(tmp_path / "vit")
+    base = ["fit", "--backbone", f"hf:{folder}", "--data", "digits", "--limit", "60",
+            "--test-limit", "0", "--epochs", "1", "--num-workers", "0"]
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a"), "--kinds",
+                                   "inca,inca:q2", "--adapter-options",
+                                   '{"inca:q2": {"num_queries": 2}}'])
+    assert res.exit_code == 0, res.output
+    keys = [r["key"] for r in json.loads((tmp_path / "a" / "report.json").read_text())["rows"]]
+    assert any(k.startswith("inca:q2/") for k in keys) and any(k.startswith("inca/") for k in keys)
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b"), "--kinds", "inca:q2"])
+    assert res.exit_code == 2 and "needs its settings" in res.output
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "c"), "--adapter-options",
+                                   "{num_queries: 2}"])
+    assert res.exit_code == 2 and "not valid JSON" in res.output

@@ -27,7 +27,8 @@ def _source(n: int, seed: int, classes: int = C, signal_layer: str = "l1") -> Me
 def _bank(config: FitConfig, specs=None) -> AdapterBank:
     specs = specs or plan_members(LAYERS, config)
     adapters = [build_adapter(s, embed_dims=dict.fromkeys(LAYERS, D), num_prefix_tokens=1,
-                              num_classes=C, seed=config.seed) for s in specs]
+                              num_classes=C, seed=config.seed, options=config.adapter_options)
+                for s in specs]
     return AdapterBank(specs, adapters, dict.fromkeys(LAYERS, N))
 
 
@@ -151,3 +152,28 @@ def test_time_budget_sets_the_epochs_after_timing_the_first():
     assert train_bank(_bank(ample), train, val, ample, progress=False).epochs_run == 20
     with pytest.raises(inca_errors.InCAError, match="time_budget_s"):
         FitConfig(time_budget_s=0)
+
+
+def test_variants_are_axes_of_one_bank():
+    from inca.training import ConfigError
+
+    config = FitConfig(layers=LAYERS, kinds=("inca", "inca:q4", "linear"), lrs=(3e-3,),
+                       epochs=4, batch_size=32, patience=0,
+                       adapter_options={"inca": {"num_heads": 2},
+                                        "inca:q4": {"num_queries": 4}})
+    bank = _bank(config)
+    assert "inca:q4/l1/lr=0.003" in bank.keys
+    q4 = bank.export(bank.keys.index("inca:q4/l1/lr=0.003"))
+    one = bank.export(bank.keys.index("inca/l1/lr=0.003"))
+    assert (q4.config.num_queries, q4.config.num_heads) == (4, 2)  # its kind's, then its own
+    assert (one.config.num_queries, one.config.num_heads) == (1, 2)
+    assert len(bank.stacks) == 3  # the variant is a stack of its own
+    res = train_bank(bank, _source(256, 0), _source(128, 1), config, progress=False)
+    accs = {m.key: m.val_accuracy for m in res.members}
+    assert accs["inca:q4/l1/lr=0.003"] > 0.9 and accs["inca/l1/lr=0.003"] > 0.9
+    with pytest.raises(ConfigError, match="needs its settings"):
+        FitConfig(kinds=("inca:q8",))
+    with pytest.raises(ConfigError, match=r"has \['queries'\], not settings of 'inca'"):
+        FitConfig(kinds=("inca:q",), adapter_options={"inca:q": {"queries": 4}})
+    with pytest.raises(ConfigError, match="unknown adapter kind 'inka'"):
+        FitConfig(kinds=("inka",))

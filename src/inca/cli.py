@@ -114,6 +114,21 @@ def extract_cmd(
     print_cache_summary(cache)
 
 
+def _json(text: str | None) -> dict:
+    import json
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InCAError(f"--adapter-options is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise InCAError('--adapter-options must map kinds to settings, e.g. '
+                        '{"inca:q4": {"num_queries": 4}}')
+    return value
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
@@ -128,7 +143,12 @@ def fit_cmd(
     data: Annotated[str, typer.Option(help="fashion-mnist, digits, an image folder, hf:<path>")],
     out: Annotated[Path, typer.Option(help="run folder: task/, report.*, cache/")],
     layers: Annotated[str, typer.Option(help="'all', 'last', or comma-separated names")] = "all",
-    kinds: Annotated[str, typer.Option(help="adapter kinds in the bank")] = "inca,linear",
+    kinds: Annotated[str, typer.Option(
+        help="adapter kinds in the bank; kind:name is a variant set in --adapter-options")
+    ] = "inca,linear",
+    adapter_options: Annotated[str | None, typer.Option(
+        help='adapter settings as JSON, per kind or variant, e.g. '
+             '\'{"inca:q4": {"num_queries": 4}}\'')] = None,
     lrs: Annotated[str, typer.Option(help="learning-rate grid")] = "1e-3,3e-3",
     epochs: Annotated[int, typer.Option(help="passes over the training data")] = 15,
     batch_size: Annotated[int, typer.Option(help="samples per step")] = 64,
@@ -172,7 +192,7 @@ def fit_cmd(
         lrs=_floats(lrs), epochs=epochs, batch_size=batch_size, val_fraction=val_fraction,
         mode=mode, augment=augment, cache_budget_gb=cache_budget_gb, ensemble_k=ensemble_k,
         soup=soup, token_grid=token_grid, seed=seed,
-        patience=patience, precision=precision,
+        patience=patience, precision=precision, adapter_options=_json(adapter_options),
     )
     from inca._precision import resolve_device
 

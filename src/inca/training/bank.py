@@ -38,11 +38,21 @@ class TrainingError(InCAError):
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """One adapter of the bank: what it is, what it reads, how fast it learns."""
+    """One adapter of the bank: what it is, what it reads, how fast it learns.
+
+    ``kind`` is a registered adapter kind (``"inca"``), or a variant of one
+    (``"inca:q4"``) whose settings ``FitConfig.adapter_options`` gives under that name:
+    variants are axes of the bank, trained side by side and chosen on validation.
+    """
 
     kind: str
     layers: tuple[str, ...]  # one layer, or several for multi-layer probes
     lr: float
+
+    @property
+    def adapter_kind(self) -> str:
+        """The registered kind (``"inca"`` for ``"inca:q4"``)."""
+        return self.kind.split(":", 1)[0]
 
     @property
     def key(self) -> str:
@@ -62,7 +72,8 @@ def plan_members(layers: Sequence[str], config: FitConfig) -> list[MemberSpec]:
     """Every (kind, layer, lr) the configuration asks for, in a stable order."""
     members = []
     for kind in config.kinds:
-        targets = [tuple(layers)] if kind in MULTI_LAYER_KINDS else [(ly,) for ly in layers]
+        multi = kind.split(":", 1)[0] in MULTI_LAYER_KINDS
+        targets = [tuple(layers)] if multi else [(ly,) for ly in layers]
         for t in targets:
             for lr in config.lrs:
                 members.append(MemberSpec(kind, t, lr))
@@ -107,25 +118,28 @@ def build_adapter(
     options set it): a wide layer of a small backbone (MobileNetV2's 1,280 channels) would
     otherwise hold an adapter larger than the backbone itself.
     """
-    opts = dict((options or {}).get(spec.kind, {}))
-    if spec.kind == "inca" and backbone_params and "attn_dim" not in opts:
+    base = spec.adapter_kind
+    options = options or {}
+    # A variant's settings are its kind's, changed by its own.
+    opts = {**options.get(base, {}), **(options.get(spec.kind, {}) if spec.kind != base else {})}
+    if base == "inca" and backbone_params and "attn_dim" not in opts:
         opts["attn_dim"] = narrow_attention(embed_dims[spec.layers[0]], num_classes,
                                             opts.get("num_queries", 1), backbone_params)
-    fields = adapter_class(spec.kind).config_class.__dataclass_fields__
+    fields = adapter_class(base).config_class.__dataclass_fields__
     if "num_prefix_tokens" in fields:
         opts.setdefault("num_prefix_tokens", num_prefix_tokens)
     if "pool" in fields and num_prefix_tokens == 0:
         opts.setdefault("pool", "mean")  # no CLS token to read (CNN layers)
-    if spec.kind in MULTI_LAYER_KINDS:
+    if base in MULTI_LAYER_KINDS:
         opts.update(layers=list(spec.layers), layer_dims=[embed_dims[k] for k in spec.layers])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed(seed))
-        return create_adapter(spec.kind, embed_dim=embed_dims[spec.layers[0]],
+        return create_adapter(base, embed_dim=embed_dims[spec.layers[0]],
                               num_classes=num_classes, **opts)
 
 
 def _inputs(spec: MemberSpec, feats: dict[str, torch.Tensor]) -> Any:
-    if spec.kind in MULTI_LAYER_KINDS:
+    if spec.adapter_kind in MULTI_LAYER_KINDS:
         return [feats[k] for k in spec.layers]
     return feats[spec.layers[0]]
 
@@ -171,8 +185,9 @@ class AdapterBank(nn.Module):
         counts = token_counts or {}
         groups: dict[tuple, list[int]] = {}
         for i, (s, a) in enumerate(zip(self.specs, adapters, strict=True)):
-            if s.kind in _STACKS and s.layers[0] in counts:
-                key: tuple = (s.kind, a.embed_dim, counts[s.layers[0]], repr(a.config), s.lr)
+            if s.adapter_kind in _STACKS and s.layers[0] in counts:
+                key: tuple = (s.adapter_kind, a.embed_dim, counts[s.layers[0]], repr(a.config),
+                              s.lr)
             else:
                 key = ("single", i)
             groups.setdefault(key, []).append(i)

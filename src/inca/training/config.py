@@ -21,7 +21,10 @@ class FitConfig:
     Attributes:
         layers: backbone layers to read (``"all"``, ``"last"``, or names).
         kinds: adapter kinds in the bank (see :func:`inca.adapters.list_adapters`);
-            ``multilayer_linear`` reads every requested layer at once.
+            ``multilayer_linear`` reads every requested layer at once. A variant,
+            ``"<kind>:<name>"`` (e.g. ``"inca:q4"``), is the kind with the settings
+            ``adapter_options["inca:q4"]`` adds: the bank trains variants side by side and
+            validation chooses.
         lrs: learning-rate grid; every (kind, layer) pair is trained at each.
         epochs: passes over the training data.
         batch_size: samples per step.
@@ -46,7 +49,8 @@ class FitConfig:
         token_grid: pool patch tokens to this grid side before the adapters (bounds memory).
         cache_dtype: storage of the activation cache, ``"float16"`` or ``"float32"``.
         val_fraction: share of the training data held out for selection.
-        adapter_options: per-kind adapter settings, e.g. ``{"inca": {"num_heads": 4}}``.
+        adapter_options: per-kind (or per-variant) adapter settings, e.g.
+            ``{"inca": {"num_heads": 4}, "inca:q4": {"num_queries": 4}}``.
         time_budget_s: train for as many epochs (at most ``epochs``) as fit in this many
             seconds, timed on the first epoch; the learning-rate schedule decays over
             exactly those epochs. For comparisons at equal cost.
@@ -82,6 +86,7 @@ class FitConfig:
         self.lrs = tuple(float(v) for v in self.lrs)
         if not self.kinds:
             raise ConfigError("kinds must name at least one adapter kind")
+        self._check_kinds()
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise ConfigError(f"lrs must be positive, got {self.lrs}")
         for name in ("epochs", "batch_size", "ensemble_k"):
@@ -113,6 +118,28 @@ class FitConfig:
                               f"got {self.precision!r}")
         if self.token_grid is not None and self.token_grid < 1:
             raise ConfigError(f"token_grid must be positive, got {self.token_grid}")
+
+    def _check_kinds(self) -> None:
+        """Every kind registered, every option a field of its kind's config: refused before
+        any extraction, not after."""
+        from inca.adapters import adapter_class
+        from inca.errors import AdapterError
+
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ConfigError(f"kinds are listed twice: {list(self.kinds)}")
+        for name, opts in {**dict.fromkeys(self.kinds, None), **self.adapter_options}.items():
+            base = name.split(":", 1)[0]
+            try:
+                fields = adapter_class(base).config_class.__dataclass_fields__
+            except AdapterError as e:
+                raise ConfigError(f"{e} (in {name!r})") from None
+            unknown = sorted(set(opts or {}) - set(fields))
+            if unknown:
+                raise ConfigError(f"adapter_options[{name!r}] has {unknown}, not settings of "
+                                  f"{base!r}; its settings are {sorted(fields)}")
+            if ":" in name and name not in self.adapter_options:
+                raise ConfigError(f"the variant {name!r} needs its settings: "
+                                  f"adapter_options[{name!r}] = {{...}}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
