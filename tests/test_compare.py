@@ -44,6 +44,8 @@ def test_compare_cli_end_to_end(tmp_path):
     assert "Rows `@ full's time`" in md
     with pytest.raises(InCAError, match="include 'full'"):
         CompareConfig(methods=("linear", "inca"), equal_time=True, device="cpu")
+    with pytest.raises(InCAError, match="time_fraction"):
+        CompareConfig(time_fraction=0, device="cpu")
 
 
 def test_config_and_summary():

@@ -300,6 +300,8 @@ def compare_cmd(
     token_grid: Annotated[int | None, typer.Option(help="pool patch tokens to a grid")] = None,
     equal_time: Annotated[bool, typer.Option(
         help="also give the probes and InCA full fine-tuning's wall time")] = False,
+    time_fraction: Annotated[float, typer.Option(
+        help="share of full fine-tuning's time an equal-time run gets")] = 1.0,
     max_epochs: Annotated[int, typer.Option(help="most epochs of an equal-time run")] = 30,
     device: Device = "auto",
     precision: Precision = "auto",
@@ -312,7 +314,7 @@ def compare_cmd(
         epochs=epochs, limit=limit, test_limit=test_limit, seeds=seeds,
         expensive_seeds=expensive_seeds, batch_size=batch_size, lrs=_floats(lrs),
         input_size=input_size, token_grid=token_grid, device=device, precision=precision,
-        equal_time=equal_time, max_epochs=max_epochs)
+        equal_time=equal_time, time_fraction=time_fraction, max_epochs=max_epochs)
     result = run_compare(config)
     files = write(result, out, command=" ".join(["inca", *sys.argv[1:]]))
     typer.echo(to_markdown(result))

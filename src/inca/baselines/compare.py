@@ -55,6 +55,8 @@ class CompareConfig:
         equal_time: also run the probes and InCA on full fine-tuning's wall time (its first
             seed's, extraction included): as many epochs as fit, at most ``max_epochs``.
             The table shows them as ``<method> @ full's time`` beside the equal-epoch rows.
+        time_fraction: the share of full fine-tuning's wall time an equal-time run gets
+            (0.5: half of it).
         max_epochs: the most epochs an equal-time run may take.
         device: where to run (``"auto"``: CUDA when available).
         precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` or ``"auto"`` (bf16-mixed on a
@@ -76,6 +78,7 @@ class CompareConfig:
     val_fraction: float = 0.15
     token_grid: int | None = None
     equal_time: bool = False
+    time_fraction: float = 1.0
     max_epochs: int = 30
     device: str = "auto"
     precision: str = "auto"
@@ -88,6 +91,8 @@ class CompareConfig:
             raise InCAError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if self.epochs < 1 or self.seeds < 1 or self.expensive_seeds < 1:
             raise InCAError("epochs, seeds and expensive_seeds must be at least 1")
+        if not 0 < self.time_fraction <= 10:
+            raise InCAError(f"time_fraction must be in (0, 10], got {self.time_fraction}")
         if self.equal_time and "full" not in self.methods:
             raise InCAError("equal_time gives the other methods full fine-tuning's wall "
                             "time: include 'full' in the methods")
@@ -280,13 +285,13 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                       + (" (full's time)" if job.get("equal_time") else ""), flush=True)
             if job.get("equal_time"):
                 full = min((r for r in runs if r["method"] == "full"), key=lambda r: r["seed"])
-                job = {**job, "time_budget_s": full["train_seconds"]}
+                job = {**job, "time_budget_s": config.time_fraction * full["train_seconds"]}
             runs += child(job)
     backbone = _backbone(config)
     backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters())
     return {"config": asdict(config), "runs": runs, "extraction": extraction,
             "settings": method_settings(config),
-            "time_budget_s": next((r["train_seconds"] for r in runs
+            "time_budget_s": next((config.time_fraction * r["train_seconds"] for r in runs
                                    if r["method"] == "full" and r["seed"] == 0), None),
             "backbone": {**backbone.describe(), "bytes": backbone_bytes},
             "summary": summarise(runs, backbone_bytes)}
@@ -353,8 +358,9 @@ def to_markdown(result: dict[str, Any], command: str = "") -> str:
     timed = [r for r in result["runs"] if r["method"].endswith("@ full's time")]
     if timed:
         epochs = sorted({r["extra"]["epochs_run"] for r in timed})
-        lines += ["", f"Rows `@ full's time`: the same method given full fine-tuning's wall "
-                  f"time ({result['time_budget_s']:.1f} s, extraction included), as many "
+        share = "" if c.get("time_fraction", 1.0) == 1.0 else f"{c['time_fraction']:g} x "
+        lines += ["", f"Rows `@ full's time`: the same method given {share}full fine-tuning's "
+                  f"wall time ({result['time_budget_s']:.1f} s, extraction included), as many "
                   f"epochs as fit: {', '.join(map(str, epochs))} (at most {c['max_epochs']})."]
     if result.get("settings"):
         lines += ["", "Settings:", ""]
