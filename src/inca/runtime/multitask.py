@@ -95,7 +95,8 @@ class MultiTaskModel(nn.Module):
         if not isinstance(task, Task):
             task = load_task(task, backbone=self.backbone)
         check_backbone(task.backbone_info, self.backbone, what=f"task {name!r}")
-        task.attach(self.backbone)
+        task.backbone = self.backbone  # checked above, with the task's name
+        task.follow_backbone()
         if name in self._tasks:
             self.remove_task(name)
         self._tasks[name] = task

@@ -232,7 +232,7 @@ def fit(
                     tests[c.name] = _accuracy(_task_from(c, bank, result, classes, backbone,
                                                          config), test_src, config.batch_size)
 
-    params = [parameter_report(bank.export(i), backbone) for i in range(len(specs))]
+    params = [parameter_report(bank.export(i), n_params) for i in range(len(specs))]
     report = FitReport.build(
         backbone=backbone.describe(), config=config, specs=specs, result=result,
         params=params, candidates=candidates, chosen=chosen, baseline=baseline, tests=tests,
