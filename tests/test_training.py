@@ -177,3 +177,25 @@ def test_variants_are_axes_of_one_bank():
         FitConfig(kinds=("inca:q",), adapter_options={"inca:q": {"queries": 4}})
     with pytest.raises(ConfigError, match="unknown adapter kind 'inka'"):
         FitConfig(kinds=("inka",))
+
+
+def test_select_by_loss_picks_epochs_and_members_by_validation_loss():
+    from inca.training import ConfigError
+    from inca.training.selection import best_member, rank_members, top_k_ensemble
+
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3, 3e-2), epochs=5,
+                       batch_size=32, patience=0, select_by="loss")
+    res = train_bank(_bank(config), _source(128, 0), _source(64, 1), config, progress=False)
+    losses = torch.tensor([h["val_loss"] for h in res.history])  # (epochs, K)
+    for i, m in enumerate(res.members):
+        assert m.best_epoch == int(losses[:, i].argmin())
+        assert m.val_loss == pytest.approx(float(losses[:, i].min()))
+    order = rank_members(res.members, "loss")
+    assert [res.members[i].val_loss for i in order] == sorted(m.val_loss for m in res.members)
+    assert best_member(res, "loss").member_indices == order[:1]
+    ens = top_k_ensemble(res, 3, "loss")
+    assert ens.member_indices == order[:3] and 0 < ens.val_loss < 10
+    by_acc = rank_members(res.members, "accuracy")
+    assert res.members[by_acc[0]].val_accuracy == max(m.val_accuracy for m in res.members)
+    with pytest.raises(ConfigError, match="select_by must be 'accuracy' or 'loss'"):
+        FitConfig(select_by="auc")

@@ -170,6 +170,9 @@ def fit_cmd(
     cache_budget_gb: Annotated[float, typer.Option(help="largest cache --mode auto writes")]
     = 64.0,
     ensemble_k: Annotated[int, typer.Option(help="top-k ensemble size")] = 3,
+    select_by: Annotated[str, typer.Option(
+        help="validation measure that picks epochs and adapters: accuracy or loss")]
+    = "accuracy",
     soup: Annotated[bool, typer.Option(help="also try weight-averaged soups")] = False,
     token_grid: Annotated[int | None, typer.Option(help="pool patch tokens to a grid")] = None,
     input_size: Annotated[int | None, typer.Option(help="image side fed to the backbone")] = None,
@@ -191,7 +194,7 @@ def fit_cmd(
         layers=layers, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
         lrs=_floats(lrs), epochs=epochs, batch_size=batch_size, val_fraction=val_fraction,
         mode=mode, augment=augment, cache_budget_gb=cache_budget_gb, ensemble_k=ensemble_k,
-        soup=soup, token_grid=token_grid, seed=seed,
+        soup=soup, token_grid=token_grid, seed=seed, select_by=select_by,
         patience=patience, precision=precision, adapter_options=_json(adapter_options),
     )
     from inca._precision import resolve_device

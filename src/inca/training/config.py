@@ -9,6 +9,14 @@ from inca._precision import PRECISIONS
 from inca.data.transforms import augmentation
 from inca.errors import InCAError
 
+SELECT_BY = ("accuracy", "loss")
+
+
+def selection_key(accuracy: float, loss: float, select_by: str) -> tuple[float, float]:
+    """Sort key of a validation score, smaller is better: by ``select_by``, the other
+    measure breaking ties."""
+    return (-accuracy, loss) if select_by == "accuracy" else (loss, -accuracy)
+
 
 class ConfigError(InCAError):
     """A fit configuration value is invalid."""
@@ -31,7 +39,7 @@ class FitConfig:
         weight_decay: AdamW weight decay.
         label_smoothing: cross-entropy label smoothing.
         warmup_epochs: linear warm-up before the cosine schedule.
-        patience: stop when no adapter improved validation accuracy for this many epochs
+        patience: stop when no adapter improved its validation score for this many epochs
             (0 disables early stopping).
         seed: seeds initialisation and batch order.
         mode: ``"auto"`` (the default: cache when a cache fits ``cache_budget_gb`` and
@@ -45,6 +53,11 @@ class FitConfig:
         cache_budget_gb: the largest cache ``mode="auto"`` writes (also at most 90% of the
             free disk).
         ensemble_k: size of the top-k ensemble evaluated (and used if better on validation).
+        select_by: what "better on validation" means, for each adapter's best epoch, the
+            ranking of adapters and the choice between the best adapter and the ensemble:
+            ``"accuracy"`` (ties broken by the lower loss) or ``"loss"`` (the cross-entropy,
+            ties broken by the higher accuracy; a smoother estimate on a small validation
+            set). ``benchmarks/results/selection.md`` compares the two on test.
         soup: also evaluate weight-averaged "soups" of same-layer adapters over the lr grid.
         token_grid: pool patch tokens to this grid side before the adapters (bounds memory).
         cache_dtype: storage of the activation cache, ``"float16"`` or ``"float32"``.
@@ -73,6 +86,7 @@ class FitConfig:
     augment: str = "none"
     cache_budget_gb: float = 64.0
     ensemble_k: int = 3
+    select_by: str = "accuracy"
     soup: bool = False
     token_grid: int | None = None
     cache_dtype: str = "float16"
@@ -96,6 +110,8 @@ class FitConfig:
             raise ConfigError("patience, weight_decay and warmup_epochs must be >= 0")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.select_by not in SELECT_BY:
+            raise ConfigError(f"select_by must be 'accuracy' or 'loss', got {self.select_by!r}")
         if self.mode not in ("auto", "cached", "streaming"):
             raise ConfigError(f"mode must be 'auto', 'cached' or 'streaming', got {self.mode!r}")
         try:

@@ -19,11 +19,11 @@ from inca.errors import InCAError
 from inca.features import extract_to_cache, token_shapes
 from inca.runtime.task import Task
 from inca.training.bank import AdapterBank, build_adapter, plan_members
-from inca.training.config import FitConfig
+from inca.training.config import FitConfig, selection_key
 from inca.training.loop import BankResult, train_bank
 from inca.training.mode import choose_mode
 from inca.training.report import FitReport
-from inca.training.selection import Candidate, rank_members, soups, top_k_ensemble
+from inca.training.selection import Candidate, best_member, soups, top_k_ensemble
 from inca.training.sources import CachedSource, StreamingSource
 
 
@@ -209,17 +209,15 @@ def fit(
         result = train_bank(bank, train_src, val_src, config, progress=progress,
                             precision=precision)
 
-        order = rank_members(result.members)
-        best = Candidate("best", order[:1], result.members[order[0]].val_accuracy)
-        candidates = [best]
-        if len(order) > 1 and config.ensemble_k > 1:
-            candidates.append(top_k_ensemble(result, config.ensemble_k))
+        candidates = [best_member(result, config.select_by)]
+        if len(result.members) > 1 and config.ensemble_k > 1:
+            candidates.append(top_k_ensemble(result, config.ensemble_k, config.select_by))
         if config.soup:
             candidates += soups(bank, result, val_src, config.batch_size, precision)
-        chosen = max(candidates, key=lambda c: (c.val_accuracy, c.name == "best"))
+        chosen = min(candidates, key=lambda c: c.key(config.select_by))
         task = _task_from(chosen, bank, result, classes, backbone, config)
 
-        baseline = _linear_probe_baseline(bank, result, layers)
+        baseline = _linear_probe_baseline(bank, result, layers, config.select_by)
         tests: dict[str, float] = {}
         member_tests: list[float] | None = None
         if test_src is not None:
@@ -246,9 +244,12 @@ def fit(
     return task
 
 
-def _linear_probe_baseline(bank: AdapterBank, result: BankResult, layers: list[str]):
+def _linear_probe_baseline(bank: AdapterBank, result: BankResult, layers: list[str],
+                           select_by: str) -> int | None:
     """The best last-layer linear probe of the bank (over the lr grid), if there is one."""
     idx = [i for i, s in enumerate(bank.specs) if s.kind == "linear" and s.layers == (layers[-1],)]
     if not idx:
         return None
-    return max(idx, key=lambda i: (result.members[i].val_accuracy, -i))
+    m = result.members
+    return min(idx, key=lambda i: (*selection_key(m[i].val_accuracy, m[i].val_loss, select_by),
+                                   i))

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from inca._precision import Precision
 from inca.training.bank import AdapterBank, TrainingError, bank_loss, cosine_with_warmup
-from inca.training.config import FitConfig
+from inca.training.config import FitConfig, selection_key
 
 
 @dataclass
@@ -148,7 +148,8 @@ def train_bank(
         improved = False
         for i, r in enumerate(results):
             acc, loss = float(accs[i]), float(nll[i])
-            if acc > r.val_accuracy or (acc == r.val_accuracy and loss < r.val_loss):
+            if (selection_key(acc, loss, config.select_by)
+                    < selection_key(r.val_accuracy, r.val_loss, config.select_by)):
                 r.val_accuracy, r.val_loss, r.best_epoch = acc, loss, epoch
                 r.state, r.val_probs = bank.member_state(i), probs[i].clone()
                 improved = True
@@ -156,6 +157,7 @@ def train_bank(
             "epoch": epoch + 1,
             "train_loss": epoch_loss.tolist(),
             "val_accuracy": accs.tolist(),
+            "val_loss": nll.tolist(),
         })
         bar.set_postfix(best_val=f"{max(r.val_accuracy for r in results):.3f}")
         if config.time_budget_s is not None and epoch == 0:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inca.features.cache import atomic_write_bytes, atomic_write_json
+from inca.training.config import selection_key
 
 
 @dataclass
@@ -46,9 +47,11 @@ class FitReport:
         if member_tests is not None:  # reported, never used for selection
             for row, acc in zip(rows, member_tests, strict=True):
                 row["test_accuracy"] = acc
-        ranked = sorted(rows, key=lambda r: (-r["val_accuracy"], r["val_loss"]))
+        ranked = sorted(rows, key=lambda r: selection_key(r["val_accuracy"], r["val_loss"],
+                                                         config.select_by))
         tie = ""
-        if len(ranked) > 1 and ranked[0]["val_accuracy"] == ranked[1]["val_accuracy"]:
+        if (config.select_by == "accuracy" and len(ranked) > 1
+                and ranked[0]["val_accuracy"] == ranked[1]["val_accuracy"]):
             tied = [r for r in ranked if r["val_accuracy"] == ranked[0]["val_accuracy"]]
             tie = (f"{len(tied)} adapters share the best validation accuracy "
                    f"({ranked[0]['val_accuracy']:.4f}); the lowest validation loss chose "
@@ -57,11 +60,13 @@ class FitReport:
         keys = [s.key for s in specs]
         lp = None
         if baseline is not None:
-            lp = {"key": keys[baseline], "val_accuracy": result.members[baseline].val_accuracy}
+            m = result.members[baseline]
+            lp = {"key": keys[baseline], "val_accuracy": m.val_accuracy, "val_loss": m.val_loss}
         return cls(
             backbone=backbone, config=config.to_dict(), rows=rows,
             candidates=[{"name": c.name, "members": [keys[i] for i in c.member_indices],
-                         "val_accuracy": c.val_accuracy} for c in candidates],
+                         "val_accuracy": c.val_accuracy, "val_loss": c.val_loss}
+                        for c in candidates],
             chosen=chosen.name, chosen_members=[keys[i] for i in chosen.member_indices],
             val_accuracy=chosen.val_accuracy, linear_probe=lp, test_accuracy=dict(tests),
             timings={"extract_seconds": extract_seconds, "train_seconds": result.train_seconds,
@@ -91,6 +96,7 @@ class FitReport:
             f"({self.timings['epochs_run']} epochs, {len(self.rows)} adapters in one bank).",
             *([f"Mode: {self.mode['mode']} ({self.mode['reason']}); augmentation: "
                f"{self.config.get('augment', 'none')}."] if self.mode else []),
+            f"Selection on validation {self.config.get('select_by', 'accuracy')}.",
             *([f"Tie: {self.tie}."] if self.tie else []),
             "",
         ]
@@ -100,23 +106,27 @@ class FitReport:
             + (" test acc (not used to choose) |" if has_test else ""),
             "|---|---:|---:|---:|---:|---:|" + ("---:|" if has_test else ""),
         ]
-        for r in sorted(self.rows, key=lambda r: (-r["val_accuracy"], r["val_loss"])):
+        select_by = self.config.get("select_by", "accuracy")
+        for r in sorted(self.rows, key=lambda r: selection_key(r["val_accuracy"], r["val_loss"],
+                                                               select_by)):
             mark = " **(chosen)**" if r["key"] in self.chosen_members and \
                 self.chosen == "best" else ""
             test = f" {r['test_accuracy']:.4f} |" if has_test else ""
             lines.append(f"| {r['key']}{mark} | {r['val_accuracy']:.4f} | {r['val_loss']:.4f} | "
                          f"{r['best_epoch']} | {r['parameters']:,} | "
                          f"{r['percent_of_backbone']:.3f} |{test}")
-        lines += ["", "| candidate | val acc | test acc | members |", "|---|---:|---:|---|"]
+        lines += ["", "| candidate | val acc | val loss | test acc | members |",
+                  "|---|---:|---:|---:|---|"]
         for c in self.candidates:
             test = self.test_accuracy.get(c["name"])
             lines.append(f"| {c['name']}{' (chosen)' if c['name'] == self.chosen else ''} | "
-                         f"{c['val_accuracy']:.4f} | {'' if test is None else f'{test:.4f}'} | "
-                         f"{', '.join(c['members'])} |")
+                         f"{c['val_accuracy']:.4f} | {c.get('val_loss', float('nan')):.4f} | "
+                         f"{'' if test is None else f'{test:.4f}'} | {', '.join(c['members'])} |")
         if self.linear_probe:
             test = self.test_accuracy.get("linear_probe")
             lines.append(f"| last-layer linear probe (baseline) | "
                          f"{self.linear_probe['val_accuracy']:.4f} | "
+                         f"{self.linear_probe.get('val_loss', float('nan')):.4f} | "
                          f"{'' if test is None else f'{test:.4f}'} | {self.linear_probe['key']} |")
         lines += ["", f"Task file: {self.task_parameters:,} trained parameters.", ""]
         return "\n".join(lines)

@@ -9,6 +9,7 @@ import torch
 
 from inca._precision import Precision
 from inca.training.bank import AdapterBank, MemberSpec
+from inca.training.config import selection_key
 from inca.training.loop import BankResult, MemberResult
 
 
@@ -19,25 +20,39 @@ class Candidate:
     name: str  # "best", "ensemble", "soup:<kind>/<layer>"
     member_indices: list[int]
     val_accuracy: float
+    val_loss: float
     states: list[dict[str, torch.Tensor]] | None = None  # set for soups (averaged weights)
 
-
-def rank_members(members: list[MemberResult]) -> list[int]:
-    """Member indices from best to worst: validation accuracy, then lower validation loss."""
-    return sorted(range(len(members)),
-                  key=lambda i: (-members[i].val_accuracy, members[i].val_loss, i))
+    def key(self, select_by: str) -> tuple:
+        """Sort key, smaller is better; at equal scores the single adapter wins."""
+        return (*selection_key(self.val_accuracy, self.val_loss, select_by), self.name != "best")
 
 
-def ensemble_accuracy(result: BankResult, indices: list[int]) -> float:
-    """Validation accuracy of averaging the members' best-epoch probabilities."""
-    probs = torch.stack([result.members[i].val_probs for i in indices]).mean(0)
-    return float((probs.argmax(-1) == result.val_labels).float().mean())
+def rank_members(members: list[MemberResult], select_by: str = "accuracy") -> list[int]:
+    """Member indices from best to worst on validation (see ``FitConfig.select_by``)."""
+    return sorted(range(len(members)), key=lambda i: (
+        *selection_key(members[i].val_accuracy, members[i].val_loss, select_by), i))
 
 
-def top_k_ensemble(result: BankResult, k: int) -> Candidate:
-    """The top-k members by validation accuracy, probabilities averaged."""
-    top = rank_members(result.members)[:k]
-    return Candidate("ensemble", top, ensemble_accuracy(result, top))
+def scores(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of probabilities ``(N, C)`` against ``labels``."""
+    acc = float((probs.argmax(-1) == labels).float().mean())
+    nll = float(-probs.clamp_min(1e-12).log().gather(-1, labels[:, None]).mean())
+    return acc, nll
+
+
+def best_member(result: BankResult, select_by: str = "accuracy") -> Candidate:
+    """The single best member on validation."""
+    i = rank_members(result.members, select_by)[0]
+    m = result.members[i]
+    return Candidate("best", [i], m.val_accuracy, m.val_loss)
+
+
+def top_k_ensemble(result: BankResult, k: int, select_by: str = "accuracy") -> Candidate:
+    """The top-k members on validation, their best-epoch probabilities averaged."""
+    top = rank_members(result.members, select_by)[:k]
+    probs = torch.stack([result.members[i].val_probs for i in top]).mean(0)
+    return Candidate("ensemble", top, *scores(probs, result.val_labels))
 
 
 def soups(bank: AdapterBank, result: BankResult, val, batch_size: int,
@@ -59,12 +74,13 @@ def soups(bank: AdapterBank, result: BankResult, val, batch_size: int,
         avg = {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype)
                for k in states[0]}
         adapter = bank.export(idx[0], avg)
-        correct = total = 0
+        probs, labels = [], []
         with torch.no_grad(), (precision or Precision("32")).autocast():
             for feats, y in val.batches(batch_size):
                 x = feats[layers[0]] if len(layers) == 1 else [feats[k] for k in layers]
-                correct += int((adapter(x).argmax(-1) == y).sum())
-                total += len(y)
+                probs.append(adapter(x).float().softmax(-1).cpu())
+                labels.append(y.cpu())
         name = f"soup:{MemberSpec(kind, layers, 0).key.rsplit('/', 1)[0]}"
-        out.append(Candidate(name, idx[:1], correct / max(total, 1), [avg]))
+        out.append(Candidate(name, idx[:1], *scores(torch.cat(probs), torch.cat(labels)),
+                             [avg]))
     return out
