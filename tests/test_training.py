@@ -79,12 +79,37 @@ def test_bank_finds_the_informative_layer_and_is_reproducible():
     assert [r.val_accuracy for r in a.members] == [r.val_accuracy for r in b.members]
 
 
-def test_nan_loss_stops_with_a_clear_error():
+def test_a_diverging_member_is_dropped_and_the_others_train_on():
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=3,
+                       batch_size=16, patience=0)
+    train, val = _source(64, 0), _source(32, 1)
+    clean = train_bank(_bank(config), train, val, config, progress=False)
+    bank = _bank(config)
+    bad = bank.keys.index("linear/l2/lr=0.003")
+    with torch.no_grad():  # an exploded member: its logits, hence its loss, are infinite
+        for p, row in bank.member_slices(bad):
+            p[row].fill_(float("inf"))
+    with pytest.warns(RuntimeWarning, match=r"dropped linear/l2/lr=0.003: .* epoch 1 .* "
+                                            r"no epoch to keep"):
+        res = train_bank(bank, train, val, config, progress=False)
+    assert res.members[bad].diverged_epoch == 1 and res.members[bad].val_accuracy == -1
+    for p, row in bank.member_slices(bad):
+        assert torch.isfinite(p[row] if row is not None else p).all()
+    for i, (a, b) in enumerate(zip(clean.members, res.members, strict=True)):
+        if i != bad:  # the others train exactly as without it
+            assert b.diverged_epoch is None and b.val_accuracy == pytest.approx(a.val_accuracy)
+
+
+def test_nan_everywhere_stops_with_a_clear_error():
     config = FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-3,), epochs=1)
     train = _source(32, 0)
-    train.feats["l2"][3, 0, 0] = float("nan")
-    with pytest.raises(TrainingError, match=r"became nan .*linear/l2/lr=0.001"):
+    for k in LAYERS:
+        train.feats[k][3, 0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"every adapter became NaN or infinite .*--lrs"):
         train_bank(_bank(config), train, _source(16, 1), config, progress=False)
+    for lrs in ((float("nan"),), (float("inf"),), (0.0,)):
+        with pytest.raises(inca_errors.InCAError, match="lrs must be positive finite"):
+            FitConfig(lrs=lrs)
 
 
 def test_open_inca_adds_classes_without_hurting_old_ones():

@@ -29,3 +29,7 @@ class AdapterError(InCAError):
 
 class AssetError(InCAError):
     """An offline asset (bundled weights or data) is not installed."""
+
+
+class StorageError(InCAError):
+    """A file cannot be written (disk full, read-only, permission) or a folder is in use."""

@@ -11,7 +11,6 @@ epoch's forward and backward pass.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import statistics
 import tempfile
@@ -404,12 +403,10 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 def write(result: dict[str, Any], folder: str | Path, name: str = "compare",
           command: str = "") -> dict[str, Path]:
     """``<name>.json``, ``<name>.md`` and ``<name>.png`` in ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    from inca.features.cache import atomic_write_bytes
+    from inca._files import atomic_write_bytes, atomic_write_json
 
-    payload = {**result, "command": command}
-    atomic_write_bytes(folder / f"{name}.json", (json.dumps(payload, indent=2) + "\n").encode())
+    folder = Path(folder)
+    atomic_write_json(folder / f"{name}.json", {**result, "command": command})
     atomic_write_bytes(folder / f"{name}.md", to_markdown(result, command).encode())
     return {"json": folder / f"{name}.json", "markdown": folder / f"{name}.md",
             "plot": plot(result, folder / f"{name}.png")}

@@ -15,8 +15,6 @@ serves a partial cache as complete.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inca._files import atomic_save_npy, atomic_write_json
 from inca.errors import CacheError
 
 MANIFEST = "manifest.json"
@@ -41,41 +40,6 @@ IDENTITY_KEYS = (
     "shard_size",
     "num_samples",
 )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _layer_file(layer: str) -> str:
@@ -117,8 +81,8 @@ class CacheWriter:
     ) -> None:
         folder = self.root / "shards" / f"{index:05d}"
         for layer, arr in tokens.items():
-            _atomic_save_npy(folder / _layer_file(layer), arr)
-        _atomic_save_npy(folder / "labels.npy", labels.astype(np.int64))
+            atomic_save_npy(folder / _layer_file(layer), arr)
+        atomic_save_npy(folder / "labels.npy", labels.astype(np.int64))
         # The shard counts only once the manifest says so: written after its files.
         self.manifest["shards"].append({"index": index, "start": start, "count": len(labels)})
         self.manifest["shards"].sort(key=lambda s: s["index"])

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from inca._files import FolderLock, atomic_write_json, remove_stale_tmp
 from inca._precision import Precision
 from inca._version import __version__
 from inca.backbones.base import Backbone
@@ -23,7 +24,6 @@ from inca.features.cache import (
     IDENTITY_KEYS,
     ActivationCache,
     CacheWriter,
-    atomic_write_json,
     describe_mismatch,
     read_manifest,
 )
@@ -146,8 +146,6 @@ def extract_to_cache(
         >>> ds = load_dataset("fashion-mnist", limit=300)  # doctest: +SKIP
         >>> cache = extract_to_cache(bb, ds, "cache/fmnist", layers="all")  # doctest: +SKIP
     """
-    from inca.data import TransformedDataset, build_transform
-
     if dtype not in _NP_DTYPES:
         raise CacheError(f"dtype must be one of {sorted(_NP_DTYPES)}, got {dtype!r}")
     if shard_size <= 0 or batch_size <= 0:
@@ -155,6 +153,22 @@ def extract_to_cache(
     root = Path(out)
     names = backbone.resolve_layers(layers)
     wanted = _wanted_manifest(backbone, dataset, names, token_grid, dtype, shard_size)
+    with FolderLock(root, "activation cache"):  # one writer per folder, kill -9 safe
+        return _extract_locked(backbone, dataset, root, names, wanted, batch_size=batch_size,
+                               token_grid=token_grid, dtype=dtype, shard_size=shard_size,
+                               num_workers=num_workers, overwrite=overwrite,
+                               progress=progress, precision=precision)
+
+
+def _extract_locked(backbone: Backbone, dataset: Any, root: Path, names: list[str],
+                    wanted: dict[str, Any], *, batch_size: int, token_grid: int | None,
+                    dtype: str, shard_size: int, num_workers: int | None, overwrite: bool,
+                    progress: bool, precision: str | Precision | None) -> ActivationCache:
+    """:func:`extract_to_cache` once the folder's lock is held."""
+    from inca.data import TransformedDataset, build_transform
+
+    if root.exists():
+        remove_stale_tmp(root)  # left by a killed writer: ours to clean, we hold the lock
     found = read_manifest(root)
     if found is not None and found.get("complete") and _serves(found, wanted):
         return ActivationCache(root)  # a complete cache of these layers (or more)
@@ -170,7 +184,7 @@ def extract_to_cache(
             found = None
         elif found.get("complete"):
             return ActivationCache(root)
-    elif root.exists() and any(root.iterdir()) and not overwrite:
+    elif _holds_files(root) and not overwrite:
         raise CacheError(f"{root} exists, is not empty and holds no cache; choose another folder")
     manifest = found if found is not None else wanted
     if found is None:
@@ -222,6 +236,11 @@ def extract_to_cache(
     bar.close()
     writer.finish()
     return ActivationCache(root)
+
+
+def _holds_files(root: Path) -> bool:
+    """Whether ``root`` holds any file (empty shard folders left by a kill don't count)."""
+    return root.exists() and any(p.is_file() for p in root.rglob("*"))
 
 
 def _serves(found: dict[str, Any], wanted: dict[str, Any]) -> bool:

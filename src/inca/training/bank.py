@@ -273,6 +273,14 @@ class AdapterBank(nn.Module):
         else:
             stack.load_state_dict(state)
 
+    def member_slices(self, i: int) -> list[tuple[nn.Parameter, int | None]]:
+        """Member ``i``'s trainable parameters, each with its row in a stack (``None``: the
+        whole parameter is the member's)."""
+        s, pos = self._place[i]
+        stack = self.stacks[s]
+        row = pos if isinstance(stack, _Stacked) else None
+        return [(p, row) for p in stack.parameters() if p.requires_grad]
+
     def export(self, i: int, state: dict[str, torch.Tensor] | None = None) -> Adapter:
         """A standalone copy of member ``i`` in eval mode (with ``state`` loaded if given)."""
         s, pos = self._place[i]

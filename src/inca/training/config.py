@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -101,12 +102,13 @@ class FitConfig:
         if not self.kinds:
             raise ConfigError("kinds must name at least one adapter kind")
         self._check_kinds()
-        if not self.lrs or any(lr <= 0 for lr in self.lrs):
-            raise ConfigError(f"lrs must be positive, got {self.lrs}")
+        if not self.lrs or not all(0 < lr < math.inf for lr in self.lrs):
+            raise ConfigError(f"lrs must be positive finite numbers, got {list(self.lrs)}")
         for name in ("epochs", "batch_size", "ensemble_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.patience < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+        if self.patience < 0 or not (0 <= self.weight_decay < math.inf
+                                     and 0 <= self.warmup_epochs < math.inf):
             raise ConfigError("patience, weight_decay and warmup_epochs must be >= 0")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ class MemberResult:
     val_accuracy: float = -1.0
     val_loss: float = float("inf")
     best_epoch: int = -1
+    diverged_epoch: int | None = None  # dropped then: its loss became NaN or infinite
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     val_probs: torch.Tensor | None = field(default=None, repr=False)  # (N_val, C)
 
@@ -96,8 +97,12 @@ def train_bank(
         precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"auto"`` or a
             :class:`~inca._precision.Precision`; ``config.precision`` when omitted.
 
+    A member whose training loss becomes NaN or infinite (a learning rate too high for
+    it) is dropped with a warning: its loss no longer counts, its weights and optimizer
+    state are reset so that they stay finite, and it keeps its best epoch from before.
+
     Raises:
-        TrainingError: the loss of some member became NaN or infinite.
+        TrainingError: the loss of every member became NaN or infinite.
     """
     prec = bank_precision(bank, precision if precision is not None else config.precision)
     device = next(bank.parameters()).device
@@ -110,6 +115,7 @@ def train_bank(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     epochs = config.epochs  # at most; a time budget fixes it after the first epoch
     results = [MemberResult(k) for k in bank.keys]
+    active = torch.ones(len(bank.keys), dtype=torch.bool, device=device)
     history: list[dict[str, Any]] = []
     stale = 0
     start = time.perf_counter()
@@ -123,6 +129,8 @@ def train_bank(
         for feats, y in train.batches(config.batch_size, shuffle=True, generator=gen):
             with prec.autocast():
                 losses = bank_loss(bank.logits(feats), y, config.label_smoothing)  # (K,)
+            active &= torch.isfinite(losses.detach())  # on the device: no wait
+            losses = torch.where(active, losses, 0.0)
             optimizer.zero_grad(set_to_none=True)
             # members are independent: each gets its own gradient from the sum
             scaler.scale(losses.sum()).backward()
@@ -133,20 +141,22 @@ def train_bank(
             seen += len(y)
             bar.update(1)
         epoch_loss = (loss_sum / max(seen, 1)).cpu()  # the epoch's one wait for the device
-        if not torch.isfinite(epoch_loss).all():
-            bad = [k for k, v in zip(bank.keys, epoch_loss.tolist(), strict=True)
-                   if not math.isfinite(v)]
+        alive = active.cpu()
+        if not alive.any():
             raise TrainingError(
-                f"the training loss became {epoch_loss[~torch.isfinite(epoch_loss)][0].item()} "
-                f"at epoch {epoch + 1} for {', '.join(bad)}; lower those learning rates "
-                "(--lrs) or check the inputs for NaN/inf"
-            )
+                f"the training loss of every adapter became NaN or infinite by epoch "
+                f"{epoch + 1}; lower the learning rates (--lrs) or check the inputs for NaN/inf")
+        for i in (~alive).nonzero().flatten().tolist():
+            if results[i].diverged_epoch is None:
+                _drop(bank, optimizer, results[i], i, epoch)
         probs, val_labels = evaluate(bank, val, config.batch_size, prec)  # (K, N, C)
         accs = (probs.argmax(-1) == val_labels).float().mean(-1)
         nll = -(probs.clamp_min(1e-12).log().gather(
             -1, val_labels.expand(len(bank.keys), -1).unsqueeze(-1))).mean((1, 2))
         improved = False
         for i, r in enumerate(results):
+            if r.diverged_epoch is not None:
+                continue
             acc, loss = float(accs[i]), float(nll[i])
             if (selection_key(acc, loss, config.select_by)
                     < selection_key(r.val_accuracy, r.val_loss, config.select_by)):
@@ -171,3 +181,22 @@ def train_bank(
             break
     bar.close()
     return BankResult(results, history, epoch + 1, time.perf_counter() - start, val_labels)
+
+
+def _drop(bank: AdapterBank, optimizer: torch.optim.Optimizer, result: MemberResult, i: int,
+          epoch: int) -> None:
+    """Take a diverged member out of training: finite weights (its best state, else zeros)
+    and a fresh optimizer state, so that it cannot disturb the others (a float16 gradient
+    scaler skips every step while any gradient is infinite)."""
+    state = result.state or {k: torch.zeros_like(v) for k, v in bank.member_state(i).items()}
+    bank.load_member(i, state)
+    for p, row in bank.member_slices(i):
+        for buf in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(buf) and buf.shape == p.shape:
+                (buf if row is None else buf[row]).zero_()
+    result.diverged_epoch = epoch + 1
+    kept = (f"kept its best epoch ({result.best_epoch + 1})" if result.state
+            else "it had no epoch to keep")
+    warnings.warn(f"dropped {result.key}: its training loss became NaN or infinite in epoch "
+                  f"{epoch + 1} (its learning rate is too high for it); {kept}",
+                  RuntimeWarning, stacklevel=3)

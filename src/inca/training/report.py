@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inca.features.cache import atomic_write_bytes, atomic_write_json
+from inca._files import atomic_write_bytes, atomic_write_json
 from inca.training.config import selection_key
 
 
@@ -39,7 +38,8 @@ class FitReport:
             {
                 "key": s.key, "kind": s.kind, "layers": list(s.layers), "lr": s.lr,
                 "val_accuracy": m.val_accuracy, "val_loss": m.val_loss,
-                "best_epoch": m.best_epoch + 1, "parameters": p["parameters"],
+                "best_epoch": m.best_epoch + 1, "diverged_epoch": m.diverged_epoch,
+                "parameters": p["parameters"],
                 "percent_of_backbone": p["percent_of_backbone"],
             }
             for s, m, p in zip(specs, result.members, params, strict=True)
@@ -112,6 +112,8 @@ class FitReport:
             mark = " **(chosen)**" if r["key"] in self.chosen_members and \
                 self.chosen == "best" else ""
             test = f" {r['test_accuracy']:.4f} |" if has_test else ""
+            if r.get("diverged_epoch"):
+                mark += f" (dropped: diverged in epoch {r['diverged_epoch']})"
             lines.append(f"| {r['key']}{mark} | {r['val_accuracy']:.4f} | {r['val_loss']:.4f} | "
                          f"{r['best_epoch']} | {r['parameters']:,} | "
                          f"{r['percent_of_backbone']:.3f} |{test}")
@@ -174,8 +176,7 @@ class FitReport:
     def write(self, folder: str | Path) -> dict[str, Path]:
         """Write ``report.json``, ``report.md`` and ``accuracy_per_layer.png``."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "report.json", json.loads(json.dumps(self.to_dict())))
+        atomic_write_json(folder / "report.json", self.to_dict())
         atomic_write_bytes(folder / "report.md", self.to_markdown().encode())
         return {"json": folder / "report.json", "markdown": folder / "report.md",
                 "plot": self.plot(folder / "accuracy_per_layer.png")}
