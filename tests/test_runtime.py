@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_fit import planted_backbone, planted_data
 
 import inca
-from inca.runtime import MultiTaskModel, TaskError
+import inca.backbones
+from inca.adapters import create_adapter
+from inca.runtime import MultiTaskModel, Task, TaskError
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +82,41 @@ def test_inca_heads_of_several_tasks_share_one_attention_pass():
                                    rtol=1e-4)
     model.remove_task("d")
     torch.testing.assert_close(model.predict_proba(images)["e"], out["e"])
+
+
+def test_from_paths_names_the_broken_task_before_creating_a_backbone(two_tasks, tmp_path,
+                                                                    monkeypatch):
+    bb, a, b = two_tasks
+    paths = [a.save(tmp_path / "a" / "task"), b.save(tmp_path / "b" / "task"),
+             a.save(tmp_path / "c" / "task")]
+    meta = json.loads((paths[1] / "task.json").read_text())
+    meta["classes"] = meta["classes"][:2]
+    (paths[1] / "task.json").write_text(json.dumps(meta))
+    created = []
+    monkeypatch.setattr(inca.backbones, "create_backbone",
+                        lambda *args, **kwargs: created.append(args) or bb)
+    with pytest.raises(TaskError, match=r"task 'b': .*b/task/task.json: .*2 class names"):
+        MultiTaskModel.from_paths(paths)
+    assert not created  # every folder is checked before the backbone is created
+    model = MultiTaskModel.from_paths([paths[0], paths[2]])
+    assert created and list(model.tasks) == ["a", "c"]
+    with pytest.raises(TaskError, match=r"task 'bad': .*b/task/task.json"):
+        model.add_task("bad", paths[1])
+    assert list(model.tasks) == ["a", "c"]
+
+
+def test_from_paths_refuses_tasks_of_different_backbones_before_creating_one(
+        two_tasks, tmp_path, monkeypatch):
+    bb, a, _ = two_tasks
+    other_bb = planted_backbone(seed=1)
+    other = Task([create_adapter("linear", embed_dim=16, num_classes=4, pool="mean",
+                                 num_prefix_tokens=0)], [["stem"]], a.classes,
+                 other_bb.describe())
+    paths = [a.save(tmp_path / "a" / "task"), other.save(tmp_path / "o" / "task")]
+    monkeypatch.setattr(inca.backbones, "create_backbone",
+                        lambda *args, **kwargs: pytest.fail("a backbone was created"))
+    with pytest.raises(TaskError, match=r"task 'o' \(.*o/task\) was trained on backbone "
+                                        r"'planted' \(weights .*\) but task 'a'"):
+        MultiTaskModel.from_paths(paths)
+    with pytest.raises(TaskError, match=r"task 'o' \(.*o/task\) .*does not fit"):
+        MultiTaskModel.from_paths(paths[1:], backbone=bb, names=["o"])

@@ -9,6 +9,8 @@ activation cache alike.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
@@ -21,12 +23,47 @@ from inca.errors import AdapterError
 C = TypeVar("C", bound="AdapterConfig")
 
 POOLS = ("cls", "mean", "cls_mean")
+# Upper bounds of config fields, far above any real use: a config read from a file must
+# not be able to ask for petabytes before its weights are even looked at.
+MAX_DIM = 65_536  # token or attention width
+MAX_HEADS = 1024
+MAX_QUERIES = 1024
+MAX_PREFIX_TOKENS = 1024
+MAX_LAYERS = 4096  # layers one probe reads
+MAX_CLASS_GROUPS = 1024  # Open-InCA phases
 
 
 def check(condition: bool, message: str) -> None:
     """Raise :class:`AdapterError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise AdapterError(message)
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: configs may come from untrusted JSON."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_int(value: Any, name: str, low: int, high: int) -> None:
+    """Refuse anything but an integer (not a bool) in ``[low, high]``."""
+    check(
+        isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        and low <= value <= high,
+        f"{name} must be an integer in [{low}, {high}], got {_shown(value)}",
+    )
+
+
+def check_real(value: Any, name: str, low: float, high: float, *, low_open: bool = False,
+               high_open: bool = False) -> None:
+    """Refuse anything but a finite number (not a bool) between ``low`` and ``high``
+    (each bound included unless ``*_open``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) \
+        and math.isfinite(value) \
+        and (low < value if low_open else low <= value) \
+        and (value < high if high_open else value <= high)
+    check(ok, f"{name} must be a number in {'(' if low_open else '['}{low:g}, {high:g}"
+              f"{')' if high_open else ']'}, got {_shown(value)}")
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,14 @@ from inca.adapters._folded import (
     stacked_linear,
 )
 from inca.adapters.base import (
+    MAX_DIM,
+    MAX_HEADS,
+    MAX_QUERIES,
     Adapter,
     AdapterConfig,
     check,
+    check_int,
+    check_real,
     resolve_num_heads,
 )
 from inca.adapters.registry import register_adapter
@@ -60,22 +65,18 @@ class InCAConfig(AdapterConfig):
     attn_dim: int | None = None
 
     def __post_init__(self) -> None:
+        if self.num_heads is not None:
+            check_int(self.num_heads, "num_heads (or None)", 1, MAX_HEADS)
+        if self.attn_dim is not None:
+            check_int(self.attn_dim, "attn_dim (or None)", 1, MAX_DIM)
+        check_int(self.num_queries, "num_queries", 1, MAX_QUERIES)
         check(
-            self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads > 0),
-            f"num_heads must be a positive int or None, got {self.num_heads!r}",
-        )
-        check(
-            self.attn_dim is None or (isinstance(self.attn_dim, int) and self.attn_dim > 0),
-            f"attn_dim must be a positive int or None, got {self.attn_dim!r}",
-        )
-        check(self.num_queries >= 1, f"num_queries must be >= 1, got {self.num_queries}")
-        check(
-            self.query_reduce in QUERY_REDUCE,
+            isinstance(self.query_reduce, str) and self.query_reduce in QUERY_REDUCE,
             f"query_reduce must be one of {QUERY_REDUCE}, got {self.query_reduce!r}",
         )
-        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        check(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
-        check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        check_real(self.dropout, "dropout", 0.0, 1.0, high_open=True)
+        check_real(self.init_std, "init_std", 0.0, 1e3, low_open=True)
+        check_real(self.norm_eps, "norm_eps", 0.0, 1.0, low_open=True)
 
 
 class HeadParams(NamedTuple):

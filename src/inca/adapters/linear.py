@@ -12,10 +12,15 @@ from torch import nn
 
 from inca.adapters._folded import compute_input
 from inca.adapters.base import (
+    MAX_DIM,
+    MAX_LAYERS,
+    MAX_PREFIX_TOKENS,
     Adapter,
     AdapterConfig,
     check,
+    check_int,
     check_pool,
+    check_real,
     check_tokens,
     pool_tokens,
     pooled_dim,
@@ -50,8 +55,10 @@ class LinearConfig(AdapterConfig):
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        check_int(self.num_prefix_tokens, "num_prefix_tokens", 0, MAX_PREFIX_TOKENS)
         check_pool(self.pool, self.num_prefix_tokens)
-        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(isinstance(self.norm, bool), f"norm must be true or false, got {self.norm!r}")
+        check_real(self.dropout, "dropout", 0.0, 1.0, high_open=True)
 
 
 def linear_features(
@@ -141,21 +148,32 @@ class MultiLayerLinearConfig(AdapterConfig):
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(str(name) for name in self.layers))
+        for name, value in (("layers", self.layers), ("layer_dims", self.layer_dims)):
+            check(
+                isinstance(value, (tuple, list)) and len(value) <= MAX_LAYERS,
+                f"{name} must be a list of at most {MAX_LAYERS} entries",
+            )
+        check(
+            all(isinstance(name, str) and name for name in self.layers),
+            "layers must be non-empty layer names",
+        )
+        for d in self.layer_dims:
+            check_int(d, "each of layer_dims", 1, MAX_DIM)
+        object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "layer_dims", tuple(int(d) for d in self.layer_dims))
         check(len(self.layers) > 0, "multilayer_linear needs layers=[...]: the layers it reads")
         check(
             len(set(self.layers)) == len(self.layers),
-            f"layers must be distinct, got {list(self.layers)}",
+            f"layers must be distinct, got {list(self.layers)[:8]}",
         )
         check(
             not self.layer_dims or len(self.layer_dims) == len(self.layers),
             f"layer_dims has {len(self.layer_dims)} entries for {len(self.layers)} layers",
         )
-        check(all(d > 0 for d in self.layer_dims), f"layer_dims must be positive: "
-              f"{self.layer_dims}")
+        check_int(self.num_prefix_tokens, "num_prefix_tokens", 0, MAX_PREFIX_TOKENS)
         check_pool(self.pool, self.num_prefix_tokens)
-        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(isinstance(self.norm, bool), f"norm must be true or false, got {self.norm!r}")
+        check_real(self.dropout, "dropout", 0.0, 1.0, high_open=True)
 
 
 @register_adapter("multilayer_linear")

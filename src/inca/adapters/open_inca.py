@@ -8,6 +8,7 @@ after the first phase, training new classes cannot change an old class's logit.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +17,13 @@ from torch import nn
 
 from inca.adapters._folded import AttentionParams, attend_single
 from inca.adapters.base import (
+    MAX_CLASS_GROUPS,
+    MAX_HEADS,
     Adapter,
     AdapterConfig,
     check,
+    check_int,
+    check_real,
     resolve_num_heads,
 )
 from inca.adapters.registry import register_adapter
@@ -46,18 +51,22 @@ class OpenInCAConfig(AdapterConfig):
     class_groups: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.num_heads is not None:
+            check_int(self.num_heads, "num_heads (or None)", 1, MAX_HEADS)
+        check_real(self.dropout, "dropout", 0.0, 1.0, high_open=True)
+        check_real(self.init_std, "init_std", 0.0, 1e3, low_open=True)
+        check_real(self.norm_eps, "norm_eps", 0.0, 1.0, low_open=True)
         check(
-            self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads > 0),
-            f"num_heads must be a positive int or None, got {self.num_heads!r}",
+            isinstance(self.class_groups, (tuple, list))
+            and len(self.class_groups) <= MAX_CLASS_GROUPS,
+            f"class_groups must be a list of at most {MAX_CLASS_GROUPS} sizes",
         )
-        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        check(self.init_std > 0, f"init_std must be positive, got {self.init_std}")
-        check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        for g in self.class_groups:
+            check(
+                isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > 0,
+                f"class_groups must be positive sizes, got {list(self.class_groups)[:8]}",
+            )
         object.__setattr__(self, "class_groups", tuple(int(g) for g in self.class_groups))
-        check(
-            all(g > 0 for g in self.class_groups),
-            f"class_groups must be positive sizes, got {self.class_groups}",
-        )
 
 
 @register_adapter("open_inca")

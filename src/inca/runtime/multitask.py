@@ -16,7 +16,14 @@ from inca.backbones.base import Backbone
 from inca.data.transforms import to_model_input
 from inca.features import token_shapes
 from inca.features.tokens import reduce_tokens
-from inca.runtime.task import Task, TaskError, check_backbone, load_task
+from inca.runtime.task import (
+    Task,
+    TaskError,
+    TaskFiles,
+    check_backbone,
+    read_task_files,
+    task_backbone,
+)
 
 
 class _SharedGroup(NamedTuple):
@@ -72,17 +79,43 @@ class MultiTaskModel(nn.Module):
     def from_paths(cls, paths: list[str | Path], backbone: Backbone | None = None,
                    names: list[str] | None = None, *, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None, precision: str = "auto") -> MultiTaskModel:
-        """Load task folders onto one backbone (created from the first task's record, on
-        ``device`` in ``dtype``; see :func:`~inca.runtime.task.load_task`)."""
+        """Load task folders onto one backbone.
+
+        Every folder is read and checked first (:func:`~inca.runtime.task.read_task_files`),
+        and the tasks must record the same backbone weights; an error names the task and
+        its folder. Only then is the backbone taken: ``backbone`` when given (moved to
+        ``device``/``dtype`` when given), else the one named by the first task's record is
+        **created, which may download its weights**, on ``device`` in ``dtype``. Each
+        task's fingerprint is checked against it before any task is built.
+
+        Raises:
+            TaskError: a folder is not a valid task, or the tasks' backbones differ.
+        """
         if not paths:
             raise TaskError("give at least one task folder")
         names = names or [_default_name(p) for p in paths]
+        if len(names) != len(paths):
+            raise TaskError(f"got {len(names)} names for {len(paths)} task folders; give "
+                            "one name per folder")
         if len(set(names)) != len(names):
             raise TaskError(f"task names must be distinct, got {names}; name them explicitly")
-        first = load_task(paths[0], backbone=backbone, device=device, dtype=dtype)
-        model = cls(first.backbone, {names[0]: first}, precision=precision)
-        for name, path in zip(names[1:], paths[1:], strict=True):
-            model.add_task(name, path)
+        files = [_read_named(name, path) for name, path in zip(names, paths, strict=True)]
+        first = files[0].backbone_info
+        for name, f in zip(names[1:], files[1:], strict=True):
+            if f.backbone_info["fingerprint"] != first["fingerprint"]:
+                raise TaskError(
+                    f"task {name!r} ({f.folder}) was trained on backbone "
+                    f"{f.backbone_info['name']!r} (weights {f.backbone_info['fingerprint']}) "
+                    f"but task {names[0]!r} on {first['name']!r} (weights "
+                    f"{first['fingerprint']}): one model serves tasks of one backbone; "
+                    "serve them from separate models")
+        backbone = task_backbone(first, backbone, device=device, dtype=dtype,
+                                 what=f"task {names[0]!r} ({files[0].folder})")
+        for name, f in zip(names, files, strict=True):
+            check_backbone(f.backbone_info, backbone, what=f"task {name!r} ({f.folder})")
+        model = cls(backbone, precision=precision)
+        for name, f in zip(names, files, strict=True):
+            model.add_task(name, f.build(precision))
         return model
 
     # -- managing tasks -------------------------------------------------------------
@@ -91,9 +124,13 @@ class MultiTaskModel(nn.Module):
         return dict(self._tasks)
 
     def add_task(self, name: str, task: Task | str | Path) -> Task:
-        """Add (or replace) a task; refused if it was trained on other backbone weights."""
+        """Add (or replace) a task (a :class:`Task` or a task folder, checked before it is
+        built); refused if it was trained on other backbone weights."""
         if not isinstance(task, Task):
-            task = load_task(task, backbone=self.backbone)
+            files = _read_named(name, task)
+            check_backbone(files.backbone_info, self.backbone,
+                           what=f"task {name!r} ({files.folder})")
+            task = files.build(self.precision)
         check_backbone(task.backbone_info, self.backbone, what=f"task {name!r}")
         task.backbone = self.backbone  # checked above, with the task's name
         task.follow_backbone()
@@ -234,6 +271,14 @@ def _module_key(name: str, taken: Mapping[str, Any]) -> str:
     while key in taken:
         key, i = f"{base}_{i}", i + 1
     return key
+
+
+def _read_named(name: str, path: str | Path) -> TaskFiles:
+    """:func:`read_task_files`, its error naming the task too."""
+    try:
+        return read_task_files(path)
+    except TaskError as e:
+        raise TaskError(f"task {name!r}: {e}") from e
 
 
 def _default_name(path: str | Path) -> str:

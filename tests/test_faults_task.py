@@ -1,0 +1,356 @@
+"""Tampered and half-written task folders are refused with one clear line, before any
+backbone is created; a save killed at any step leaves the old task or the new one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_fit import planted_backbone
+
+import inca.backbones
+from inca.adapters import AdapterError, create_adapter
+from inca.runtime import Task, TaskError, load_task
+from inca.runtime.task import TASK_JSON, TASK_WEIGHTS, read_task_files
+
+CLASSES = ["c0", "c1", "c2", "c3"]
+
+
+def make_task(bb: Any, kind: str = "inca", layer: str = "block1", seed: int = 0,
+              classes: list[str] = CLASSES, **cfg: Any) -> Task:
+    """An untrained task with random (not initial) weights, so copies are told apart."""
+    torch.manual_seed(seed)
+    if kind == "linear":
+        cfg = {"pool": "mean", "num_prefix_tokens": 0, **cfg}
+    head = create_adapter(kind, embed_dim=bb.embed_dims[layer], num_classes=len(classes),
+                          **cfg)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    return Task([head], [[layer]], classes, bb.describe(), keys=[f"{kind}/{layer}"])
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return planted_backbone()
+
+
+@pytest.fixture()
+def no_backbone_created(monkeypatch):
+    """Fail the test if anything asks for a backbone to be created (it could download)."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"a backbone was created: {args}")
+
+    monkeypatch.setattr(inca.backbones, "create_backbone", refuse)
+
+
+def state(task: Task) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v for i, m in enumerate(task.members)
+            for k, v in m.state_dict().items()}
+
+
+def same_task(a: Task, b: Task) -> bool:
+    sa, sb = state(a), state(b)
+    return (a.classes == b.classes and a.member_layers == b.member_layers and sa.keys() == sb.keys()
+            and all(torch.equal(sa[k], sb[k]) for k in sa))
+
+
+def edit_json(folder: Path, change: Callable[[dict[str, Any]], Any]) -> None:
+    meta = json.loads((folder / TASK_JSON).read_text())
+    change(meta)
+    (folder / TASK_JSON).write_text(json.dumps(meta))
+
+
+def rehash(folder: Path) -> None:
+    """Record the weights file's current sha256, so the checks behind the hash are reached."""
+    import hashlib
+
+    digest = hashlib.sha256((folder / TASK_WEIGHTS).read_bytes()).hexdigest()
+    edit_json(folder, lambda m: m.update(weights_sha256=digest))
+
+
+def edit_weights(folder: Path, change: Callable[[dict[str, torch.Tensor]], Any]) -> None:
+    tensors = load_file(str(folder / TASK_WEIGHTS))
+    change(tensors)
+    save_file(tensors, str(folder / TASK_WEIGHTS))
+    rehash(folder)
+
+
+def set_config(field: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda m: m["members"][0]["spec"]["config"].update({field: value})
+
+
+def truncate(folder: Path) -> None:
+    data = (folder / TASK_WEIGHTS).read_bytes()
+    (folder / TASK_WEIGHTS).write_bytes(data[:-7])
+
+
+def nan_weight(t: dict[str, torch.Tensor]) -> None:
+    t["members.0.head.weight"][0, 0] = float("nan")
+
+
+TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
+    # name: (tamper, file named in the message, message fragment)
+    "truncated weights": (truncate, TASK_WEIGHTS, "sha256 differs"),
+    "truncated weights, hash recomputed": (lambda f: (truncate(f), rehash(f)), TASK_WEIGHTS,
+                                           "not a readable safetensors file"),
+    "garbage weights": (lambda f: ((f / TASK_WEIGHTS).write_bytes(b"\xff" * 64), rehash(f)),
+                        TASK_WEIGHTS, "not a readable safetensors file"),
+    "wrong class count": (lambda f: edit_json(f, lambda m: m.update(classes=["a", "b", "c"])),
+                          TASK_JSON, "has 4 outputs but the task has 3 class names"),
+    "duplicate class": (lambda f: edit_json(f, lambda m: m["classes"].__setitem__(1, "c0")),
+                        TASK_JSON, "names 'c0' more than once"),
+    "class not a string": (lambda f: edit_json(f, lambda m: m["classes"].__setitem__(0, 7)),
+                           TASK_JSON, r"classes\[0\] must be a non-empty string"),
+    "huge num_queries": (lambda f: edit_json(f, set_config("num_queries", 1e8)), TASK_JSON,
+                         r"num_queries must be an integer in \[1, 1024\]"),
+    "huge int num_queries": (lambda f: edit_json(f, set_config("num_queries", 10**8)),
+                             TASK_JSON, "num_queries must be an integer"),
+    "huge num_heads": (lambda f: edit_json(f, set_config("num_heads", 10**9)), TASK_JSON,
+                       "num_heads"),
+    "huge attn_dim": (lambda f: edit_json(f, set_config("attn_dim", 10**7)), TASK_JSON,
+                      "attn_dim"),
+    "NaN dropout": (lambda f: (f / TASK_JSON).write_text(
+        (f / TASK_JSON).read_text().replace('"dropout": 0.0', '"dropout": NaN')),
+        TASK_JSON, "dropout must be a number"),
+    "unknown config field": (lambda f: edit_json(f, set_config("bogus", 1)), TASK_JSON,
+                             "unknown InCAConfig field"),
+    "unknown format version": (lambda f: edit_json(f, lambda m: m.update(format_version=99)),
+                               TASK_JSON, "format_version 99 is not one this inca reads.*"
+                               "upgrade inca"),
+    "format version not a number": (
+        lambda f: edit_json(f, lambda m: m.update(format_version="2")), TASK_JSON,
+        "format_version"),
+    "missing hash": (lambda f: edit_json(f, lambda m: m.pop("weights_sha256")), TASK_JSON,
+                     "lacks the key.*weights_sha256"),
+    "missing classes": (lambda f: edit_json(f, lambda m: m.pop("classes")), TASK_JSON,
+                        "lacks the key.*classes"),
+    "unknown top-level key": (lambda f: edit_json(f, lambda m: m.update(extra=1)), TASK_JSON,
+                              "unknown key.*extra"),
+    "members not a list": (lambda f: edit_json(f, lambda m: m.update(members={})), TASK_JSON,
+                           "members must be a list"),
+    "unknown adapter kind": (lambda f: edit_json(
+        f, lambda m: m["members"][0]["spec"].update(kind="nope")), TASK_JSON,
+        "unknown adapter kind 'nope'"),
+    "layer the backbone lacks": (lambda f: edit_json(
+        f, lambda m: m["members"][0].update(layers=["block9"])), TASK_JSON,
+        "reads layer 'block9', which backbone 'planted' does not have"),
+    "width the layer lacks": (lambda f: edit_json(
+        f, lambda m: m["members"][0]["spec"].update(embed_dim=8)), TASK_JSON,
+        "reads 8-wide tokens of layer 'block1', which are 16 wide"),
+    "huge token grid": (lambda f: edit_json(f, lambda m: m.update(token_grid=10**9)),
+                        TASK_JSON, "token_grid must be an integer"),
+    "huge input size": (lambda f: edit_json(
+        f, lambda m: m["backbone"]["preprocessing"].update(input_size=10**6)), TASK_JSON,
+        "input_size must be an integer"),
+    "not JSON": (lambda f: (f / TASK_JSON).write_text("{nope"), TASK_JSON,
+                 "not valid JSON"),
+    "JSON not an object": (lambda f: (f / TASK_JSON).write_text("[1, 2]"), TASK_JSON,
+                           "top level must be a JSON object"),
+    "NaN weights": (lambda f: edit_weights(f, nan_weight), TASK_WEIGHTS,
+                    "'members.0.head.weight' holds NaN or infinite values"),
+    "missing key": (lambda f: edit_weights(f, lambda t: t.pop("members.0.query")),
+                    TASK_WEIGHTS, "lacks the weight.*'members.0.query'"),
+    "extra key": (lambda f: edit_weights(f, lambda t: t.update(
+        {"members.0.extra": torch.zeros(2)})), TASK_WEIGHTS,
+        "holds weight.*'members.0.extra' that no member"),
+    "wrong shape": (lambda f: edit_weights(f, lambda t: t.update(
+        {"members.0.head.weight": torch.zeros(5, 16)})), TASK_WEIGHTS,
+        r"'members.0.head.weight' has shape \[5, 16\], but .* needs \[4, 16\]"),
+    "integer weights": (lambda f: edit_weights(f, lambda t: t.update(
+        {"members.0.head.bias": torch.zeros(4, dtype=torch.int64)})), TASK_WEIGHTS,
+        "is int64, not floating point"),
+    "oversized weights file": (lambda f: (f / TASK_WEIGHTS).write_bytes(b"\0" * (3 << 20)),
+                               TASK_WEIGHTS, "more than the .* its task can need"),
+    "weights file missing": (lambda f: (f / TASK_WEIGHTS).unlink(), "task",
+                             "is not a task folder"),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+def test_tampered_task_is_refused_clearly_before_any_backbone(tamper, bb, tmp_path,
+                                                              no_backbone_created):
+    folder = make_task(bb).save(tmp_path / "task")
+    change, file, fragment = TAMPERS[tamper]
+    change(folder)
+    with pytest.raises(TaskError, match=fragment) as info:
+        load_task(folder)  # no backbone given: it would be created, after the checks
+    message = str(info.value)
+    assert str(folder / file) in message or (file == "task" and str(folder) in message)
+    assert "\n" not in message and " object at 0x" not in message
+    with pytest.raises(TaskError, match=fragment):  # a given backbone changes nothing
+        load_task(folder, backbone=bb)
+
+
+def test_swapped_weights_from_another_task_are_refused(bb, tmp_path):
+    a = make_task(bb, seed=0).save(tmp_path / "a")
+    twin = make_task(bb, seed=1).save(tmp_path / "twin")  # same shapes, other values
+    other = make_task(bb, kind="linear", layer="stem").save(tmp_path / "other")
+    shutil.copy(twin / TASK_WEIGHTS, a / TASK_WEIGHTS)
+    with pytest.raises(TaskError, match="sha256 differs.*different saves"):
+        load_task(a, backbone=bb)
+    shutil.copy(other / TASK_WEIGHTS, a / TASK_WEIGHTS)
+    rehash(a)  # even with a matching hash, the names and shapes give it away
+    with pytest.raises(TaskError, match="lacks the weight"):
+        load_task(a, backbone=bb)
+
+
+def test_mixed_folder_of_an_interrupted_file_by_file_save_is_refused(bb, tmp_path):
+    """What the earlier save left when killed between its two files: new weights, old
+    task.json. The recorded hash tells them apart."""
+    old = make_task(bb, seed=0).save(tmp_path / "task")
+    new = make_task(bb, seed=1).save(tmp_path / "new")
+    shutil.copy(new / TASK_WEIGHTS, old / TASK_WEIGHTS)
+    with pytest.raises(TaskError, match=r"adapter_model.safetensors: its sha256 differs"):
+        load_task(old, backbone=bb)
+
+
+def test_good_task_round_trips_bit_exactly(bb, tmp_path, monkeypatch):
+    task = make_task(bb, num_queries=2, query_reduce="concat")
+    folder = task.save(tmp_path / "task")
+    assert sorted(p.name for p in folder.iterdir()) == [TASK_WEIGHTS, TASK_JSON]
+    meta = json.loads((folder / TASK_JSON).read_text())
+    assert meta["format_version"] == 2 and len(meta["weights_sha256"]) == 64
+    created = []
+
+    def create(name: str, **kwargs: Any):
+        created.append((name, kwargs["input_size"]))
+        return planted_backbone()
+
+    monkeypatch.setattr(inca.backbones, "create_backbone", create)
+    loaded = load_task(folder, device="cpu")
+    assert created == [("planted", bb.preprocessing.input_size)]
+    assert same_task(task, loaded) and loaded.keys == task.keys
+    x = torch.rand(3, 3, 16, 16)
+    task.attach(bb)
+    assert torch.equal(task.predict_proba(x), loaded.predict_proba(x))
+    assert torch.isfinite(loaded.predict_proba(x)).all()
+
+
+def test_created_backbone_is_checked_before_use(bb, tmp_path, monkeypatch):
+    folder = make_task(bb).save(tmp_path / "task")
+    other = planted_backbone(seed=1)
+    monkeypatch.setattr(inca.backbones, "create_backbone", lambda name, **kw: other)
+    moved = []
+    monkeypatch.setattr(other, "to", lambda *a, **k: moved.append(1))
+    with pytest.raises(TaskError, match="does not fit"):
+        load_task(folder)
+    with pytest.raises(TaskError, match="does not fit"):  # a given one: before it is moved
+        load_task(folder, backbone=other, dtype=torch.float64)
+    assert not moved
+
+
+def test_version_1_task_without_hash_still_loads(bb, tmp_path):
+    task = make_task(bb)
+    folder = task.save(tmp_path / "task")
+    edit_json(folder, lambda m: (m.update(format_version=1), m.pop("weights_sha256")))
+    assert same_task(task, load_task(folder, backbone=bb))
+
+
+def test_save_refuses_what_would_not_load(bb, tmp_path):
+    task = make_task(bb)
+    with torch.no_grad():
+        task.members[0].head.weight[0, 0] = float("inf")
+    with pytest.raises(TaskError, match="NaN or infinite"):
+        task.save(tmp_path / "task")
+    assert not (tmp_path / "task").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(TaskError, match="holds other files.*'notes.txt'"):
+        make_task(bb).save(tmp_path / "run")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    with pytest.raises(TaskError, match="3 class names"):
+        Task(task.members, [["block1"]], ["a", "b", "c"], bb.describe())
+
+
+class Killed(BaseException):
+    """A simulated SIGKILL: the step it hits, and every file operation after it, fail."""
+
+
+def _save_killed_at(step: int, task: Task, folder: Path, monkeypatch, *, dead: bool) -> bool:
+    """Save with the ``step``-th file operation killed; with ``dead`` every later one fails
+    too (nothing is cleaned up, as after a real kill). True when the save completed."""
+    count = {"n": 0, "dead": False}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def op(*args: Any, **kwargs: Any) -> Any:
+            if count["dead"] or count["n"] == step:
+                count["n"] += 1
+                count["dead"] = dead
+                raise Killed
+            count["n"] += 1
+            return fn(*args, **kwargs)
+        return op
+
+    with monkeypatch.context() as m:
+        for module, name in ((os, "fsync"), (os, "rename"), (os, "replace"),
+                             (shutil, "rmtree")):
+            m.setattr(module, name, wrap(getattr(module, name)))
+        try:
+            task.save(folder)
+            return True
+        except Killed:
+            return False
+
+
+@pytest.mark.parametrize("dead", [True, False], ids=["killed", "failed"])
+def test_save_interrupted_at_every_step_leaves_old_or_new_task(bb, tmp_path, monkeypatch,
+                                                               dead):
+    old, new, newest = (make_task(bb, seed=s) for s in (0, 1, 2))
+    outcomes = []
+    for step in range(20):
+        root = tmp_path / f"{step}"
+        folder = old.save(root / "task")
+        done = _save_killed_at(step, new, folder, monkeypatch, dead=dead)
+        loaded = load_task(folder, backbone=bb)  # the aside copy if the kill left no folder
+        assert same_task(loaded, old) or same_task(loaded, new), step
+        outcomes.append("new" if same_task(loaded, new) else "old")
+        newest.save(folder)  # the next save recovers and cleans up
+        assert same_task(load_task(folder, backbone=bb), newest)
+        assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == ["task"]
+        if done:
+            break
+    # the kill fell at every step: before the swap (old) and after it (new)
+    assert done and outcomes[0] == "old" and outcomes[-1] == "new" and len(outcomes) >= 6
+    assert outcomes == sorted(outcomes, key=["old", "new"].index)
+
+
+def test_kill_between_the_renames_is_read_from_the_aside_copy(bb, tmp_path, monkeypatch):
+    old, new = make_task(bb, seed=0), make_task(bb, seed=1)
+    folder = old.save(tmp_path / "task")
+    # fsync weights, fsync task.json, fsync the new folder, rename the old aside: kill next
+    assert not _save_killed_at(4, new, folder, monkeypatch, dead=True)
+    assert not folder.exists()
+    files = read_task_files(folder)
+    assert files.folder == tmp_path / ".task.old"
+    assert same_task(files.build(), old)
+    new.save(folder)
+    assert same_task(load_task(folder, backbone=bb), new)
+    assert not (tmp_path / ".task.old").exists()
+
+
+@pytest.mark.parametrize("kind, cfg, fragment", [
+    ("inca", {"num_queries": 10**8}, "num_queries must be an integer in"),
+    ("inca", {"num_queries": 2.0}, "num_queries must be an integer"),
+    ("inca", {"num_heads": True}, "num_heads"),
+    ("inca", {"attn_dim": 65_537}, "attn_dim"),
+    ("inca", {"dropout": float("nan")}, "dropout"),
+    ("inca", {"init_std": float("inf")}, "init_std"),
+    ("inca", {"query_reduce": ["mean"]}, "query_reduce"),
+    ("open_inca", {"class_groups": [1.5, 2.5]}, "class_groups"),
+    ("open_inca", {"num_heads": 2048}, "num_heads"),
+    ("linear", {"num_prefix_tokens": "1"}, "num_prefix_tokens"),
+    ("linear", {"norm": "yes"}, "norm"),
+    ("multilayer_linear", {"layers": ["a", 3]}, "layer names"),
+    ("multilayer_linear", {"layers": ["a"], "layer_dims": [10**6]}, "layer_dims"),
+])
+def test_adapter_configs_are_bounded(kind, cfg, fragment):
+    with pytest.raises(AdapterError, match=fragment):
+        create_adapter(kind, embed_dim=16, num_classes=4, **cfg)
