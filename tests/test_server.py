@@ -1,16 +1,17 @@
-"""The HTTP service: answers, batching, every bad input, a real uvicorn process."""
+"""The HTTP service in-process: answers, batching, every bad input, hostile input (bombs, deep
+images, chunked bodies, keys, memory). A real ``inca serve`` process: test_faults_server.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
-import socket
-import subprocess
-import sys
-import time
+import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_runtime import two_tasks  # noqa: F401 - fixture
@@ -18,8 +19,10 @@ from test_runtime import two_tasks  # noqa: F401 - fixture
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from inca.runtime import MultiTaskModel  # noqa: E402
-from inca.runtime.server import ServerConfig, create_app  # noqa: E402
+from inca.data.images import ImageError, ImageTooLargeError, open_image  # noqa: E402
+from inca.runtime import MultiTaskModel, TaskError, server  # noqa: E402
+from inca.runtime.server import ServerConfig, ServerConfigError, create_app  # noqa: E402
+from inca.runtime.task import _open_image  # noqa: E402
 
 
 def png(value: int = 128, size: int = 16) -> bytes:
@@ -114,50 +117,198 @@ def test_api_key(two_tasks):  # noqa: F811
         assert c.get("/health").status_code == 200  # probes need no key
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# -- hostile input: bombs, deep images, chunked bodies, keys, memory, reprs -----------------
+def png_bytes(image: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **kwargs)
+    return buf.getvalue()
 
 
-def test_real_uvicorn_process(tmp_path):
-    import httpx
-    from tiny import save_tiny_hf_vit
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    """PNGs of a few KB whose headers claim 144 and 196 megapixels (1-bit, all black)."""
+    return {"bomb": png_bytes(Image.new("1", (12000, 12000))),  # 17 KB, 0.4 GB as RGB
+            "hard": png_bytes(Image.new("1", (14000, 14000)))}  # over Pillow's hard limit
 
-    import inca
+
+def gradient16() -> tuple[np.ndarray, bytes]:
+    """A 16-bit grey gradient (v * 257 for v = 0..255) as a PNG, and its 8-bit truth."""
+    v = np.tile(np.arange(256, dtype=np.uint16), (8, 1))
+    return v.astype(np.uint8), png_bytes(Image.fromarray(v * 257))
+
+
+def test_open_image_scales_16_bit_and_float_images():
+    truth, data = gradient16()
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    out = np.asarray(open_image(data, name="g16.png"))
+    assert out.shape == (8, 256, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[..., 0], truth)  # not saturated to white
+    big_endian = Image.fromarray((truth.astype(np.uint16) * 257).astype(">u2"))
+    assert big_endian.mode == "I;16B"
+    np.testing.assert_array_equal(np.asarray(open_image(big_endian))[..., 1], truth)
+    as_int = Image.fromarray(truth.astype(np.int32) * 257)  # "I" holding 16-bit data
+    np.testing.assert_array_equal(np.asarray(open_image(as_int))[..., 2], truth)
+    unit = Image.fromarray(truth.astype(np.float32) / 255)  # "F" in 0..1
+    np.testing.assert_array_equal(np.asarray(open_image(unit))[..., 0], truth)
+    wide = np.asarray(open_image(Image.fromarray(truth.astype(np.float32) * 4 - 300)))
+    np.testing.assert_array_equal(wide[..., 0], truth)  # no usual range: min..max stretched
+
+
+def test_open_image_refuses_bombs_before_decoding(bombs, tmp_path):
+    from inca._memory import PeakMemory
+
+    with PeakMemory() as mem, pytest.warns(Image.DecompressionBombWarning):
+        with pytest.raises(ImageTooLargeError, match=r"bomb\.png is 12000x12000 = 144 "
+                                                     r"megapixels, over the limit of 40 "):
+            open_image(bombs["bomb"], name="bomb.png", max_pixels=40_000_000)
+    assert mem.growth_mib < 50  # the header was read, the 0.4 GB of pixels never decoded
+    with pytest.raises(ImageTooLargeError, match=r"hard\.png has 196 megapixels, over "
+                                                 r"Pillow's limit"):
+        open_image(bombs["hard"], name="hard.png")
+    for bad, why in ((b"hello", "not an image format"),
+                     (png_bytes(Image.new("RGB", (300, 300)))[:300], "truncated")):
+        with pytest.raises(ImageError, match=why) as info:
+            open_image(bad, name="x.png")
+        assert "object at 0x" not in str(info.value)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bombs["bomb"])
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(TaskError, match="bomb"):
+        _open_image(path)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_data_sets_skip_bombs_as_unreadable(bombs, tmp_path):
     from inca.data import load_dataset
 
-    folder = save_tiny_hf_vit(tmp_path / "vit")
-    bb = inca.create_backbone(f"hf:{folder}")
-    task = inca.fit(bb, load_dataset("digits", limit=80), kinds=("linear",), layers="last",
-                    lrs=(1e-2,), epochs=1, progress=False)
-    task.save(tmp_path / "digits" / "task")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "inca.cli", "serve", "--task", str(tmp_path / "digits" / "task"),
-         "--port", str(port), "--max-upload-mb", "0.01"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                time.sleep(0.2)
-        with ThreadPoolExecutor(4) as pool:
-            rs = list(pool.map(lambda i: httpx.post(
-                f"{base}/predict", files=[("files", (f"{i}.png", png(i * 30, 8)))],
-                timeout=30), range(6)))
-        assert [r.status_code for r in rs] == [200] * 6
-        assert rs[0].json()["predictions"][0]["tasks"]["digits"][0]["label"] in task.classes
-        assert httpx.post(f"{base}/predict", content=b"x" * 20000, timeout=10,
-                          headers={"content-type": "application/json"}).status_code == 413
-        assert httpx.post(f"{base}/predict", files=[("files", ("a.png", b"junk"))],
-                          timeout=10).status_code == 400
-        assert httpx.get(f"{base}/health", timeout=5).json()["status"] == "ok"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "b" / "bomb.png").write_bytes(bombs["bomb"])
+    with pytest.raises(ImageTooLargeError, match=r"bomb\.png is 12000x12000.*skip-unreadable"):
+        ds = load_dataset(str(tmp_path))
+        [ds[i] for i in range(len(ds))]
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        ok = load_dataset(str(tmp_path), skip_unreadable=True)
+    assert ok.skipped == [str(tmp_path / "b" / "bomb.png")] and len(ok) == 4
+
+
+@pytest.fixture()
+def roomy(two_tasks):  # noqa: F811
+    """A client with a body limit that lets bombs through, and small pixel limits."""
+    bb, a, b = two_tasks
+    config = ServerConfig(max_upload_bytes=2**20, max_image_pixels=10_000,
+                          max_request_pixels=25_000, trim_every_bytes=100_000, max_wait_ms=1)
+    app = create_app(MultiTaskModel(bb, {"a": a, "b": b}), config)
+    with TestClient(app) as c:
+        yield c, app, a
+
+
+def test_too_many_pixels_get_413_and_the_server_keeps_serving(roomy, bombs):
+    c, _, _ = roomy
+    big = png_bytes(Image.new("L", (101, 100)))
+    cases = [([("big.png", big)], r"big\.png is 101x100 = 0\.0101 megapixels, over the "
+                                  r"limit of 0\.01 .*--max-image-megapixels"),
+             ([(f"{i}.png", png(size=100)) for i in range(3)],
+              r"0\.03 megapixels together, over the limit of 0\.025"),
+             ([("bomb.png", bombs["bomb"])], r"bomb\.png is 12000x12000"),
+             ([("hard.png", bombs["hard"])], r"hard\.png has 196 megapixels")]
+    for files, message in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            r = c.post("/predict", files=[("files", f) for f in files])
+        assert r.status_code == 413, r.text
+        assert re.search(message, r.json()["detail"]), r.json()["detail"]
+        assert c.post("/predict", files=[("files", ("ok.png", png()))]).status_code == 200
+
+
+def test_16_bit_upload_predicts_like_its_8_bit_twin(roomy):
+    c, _, a = roomy
+    truth, data = gradient16()
+    r16, r8 = (c.post("/predict", files=[("files", ("g.png", d))], data={"tasks": "a"})
+               for d in (data, png_bytes(Image.fromarray(truth))))
+    assert r16.status_code == 200, r16.text
+    assert r16.json()["predictions"][0]["tasks"] == r8.json()["predictions"][0]["tasks"]
+
+
+def test_chunked_body_is_cut_off_at_the_limit(two_tasks):  # noqa: F811
+    bb, a, _ = two_tasks
+    app = create_app(MultiTaskModel(bb, {"a": a}), ServerConfig(max_upload_bytes=4096))
+    pulled, sent = [], []
+
+    async def receive():  # 100 chunks of 1 KiB, no Content-Length
+        pulled.append(1)
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": len(pulled) < 100}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/predict", "raw_path": b"/predict",
+             "query_string": b"", "root_path": "", "server": ("test", 80),
+             "client": ("test", 1), "headers": [(b"content-type", b"application/json"),
+                                                (b"transfer-encoding", b"chunked")]}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert b"over the limit of 4096 bytes" in sent[1]["body"]
+    assert len(pulled) == 5  # stopped at the first chunk past the limit, not after 100
+
+
+@pytest.mark.parametrize("key", ["", "   ", " padded", "tab\there", "caf\u00e9"])
+def test_unusable_api_keys_are_refused(key):
+    with pytest.raises(ServerConfigError, match="API key"):
+        ServerConfig(api_key=key)
+    with pytest.raises(ServerConfigError, match="max_image_pixels"):
+        ServerConfig(max_image_pixels=0)
+
+
+def test_cli_serve_refuses_an_empty_api_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+
+    runner = CliRunner()
+    args = ["serve", "--task", str(tmp_path / "never-loaded")]
+    r = runner.invoke(app, [*args, "--api-key", ""], env={"INCA_API_KEY": None})
+    assert r.exit_code == 2 and "API key is empty" in r.output
+    r = runner.invoke(app, args, env={"INCA_API_KEY": ""})
+    assert r.exit_code == 2 and "INCA_API_KEY is set but empty" in r.output
+
+
+def test_memory_is_handed_back_after_large_requests_only(roomy, monkeypatch):
+    c, app, _ = roomy
+    calls = []
+    monkeypatch.setattr(server, "_malloc_trim", lambda: calls.append(1) or True)
+    for _ in range(3):  # 3 x 16x16x3 bytes: far below trim_every_bytes
+        assert c.post("/predict", files=[("files", ("s.png", png()))]).status_code == 200
+    assert calls == [] and app.state.memory.trims == 0
+    files = [("files", (f"{i}.png", png(size=100))) for i in range(2)]  # 60 KB decoded
+    assert c.post("/predict", files=files).status_code == 200
+    assert c.post("/predict", files=files).status_code == 200  # 120 KB: one trim
+    assert calls == [1] and app.state.memory.trims == 1
+    monkeypatch.undo()
+    assert isinstance(server._malloc_trim(), bool)  # the real one: glibc, or a no-op
+
+
+@pytest.mark.parametrize("kwargs, status, message", [
+    (dict(files=[("files", ("x.png", png())), ("top_k", ("k.txt", b"3"))]), 422,
+     "'top_k' must be a text field"),
+    (dict(files=[("files", ("x.png", png())), ("tasks", ("t.txt", b"a"))]), 422,
+     "'tasks' must be a text field"),
+    (dict(data={"files": "not a file"}), 422, "'files' part 0 is a text field"),
+    (dict(files=[("files", ("x.bin", b"\x00" * 64))]), 400, "x.bin is not a readable image"),
+    (dict(json={"images": [{"a": 1}]}), 422, "image 0 is an object"),
+    (dict(json={"images": [base64.b64encode(png()).decode()], "top_k": [1]}), 422,
+     "top_k must be an integer, got a list"),
+    (dict(json={"images": [base64.b64encode(png()).decode()], "tasks": {"a": 1}}), 422,
+     "tasks must be a list"),
+    (dict(content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, ""),
+])
+def test_error_messages_show_no_object_reprs(roomy, kwargs, status, message):
+    c, _, _ = roomy
+    r = c.post("/predict", **kwargs)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert message in detail
+    assert not re.search(r"object at 0x|<[A-Za-z_.]+[ >]|UploadFile", detail), detail

@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from inca._files import FolderLock, check_writable, storage_error
 from inca.errors import InCAError
 
 app = typer.Typer(
@@ -31,6 +32,12 @@ def _friendly(fn):
         except KeyboardInterrupt:
             typer.secho("interrupted; completed work is kept (re-run to resume)", err=True)
             raise typer.Exit(130) from None
+        except OSError as e:  # disk full, read-only, permission: say so, no traceback
+            err = storage_error(e, e.filename or "the output")
+            if err is None:
+                raise
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -186,9 +193,7 @@ def fit_cmd(
     backbone_dtype: BackboneDtype = "float32",
 ) -> None:
     """Train a bank of adapters in parallel, select on validation, save the task and report."""
-    from inca.backbones import create_backbone
-    from inca.data import load_dataset
-    from inca.training import FitConfig, fit
+    from inca.training import FitConfig
 
     config = FitConfig(
         layers=layers, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
@@ -200,6 +205,21 @@ def fit_cmd(
     from inca._precision import resolve_device
 
     dev, dtype = resolve_device(device), _dtype(backbone_dtype)  # checked before any work
+    check_writable(out)  # before hours of work whose result could not be saved
+    with FolderLock(out, "run folder"):
+        _fit_into(out, backbone, data, config, dev, dtype, input_size, pretrained, limit,
+                  test_limit, val_data, val_fraction, skip_unreadable, seed, num_workers)
+
+
+def _fit_into(out: Path, backbone: str, data: str, config: Any, dev: Any, dtype: Any,
+              input_size: int | None, pretrained: bool, limit: int | None,
+              test_limit: int | None, val_data: str | None, val_fraction: float,
+              skip_unreadable: bool, seed: int, num_workers: int | None) -> None:
+    """``inca fit`` once its run folder is locked."""
+    from inca.backbones import create_backbone
+    from inca.data import load_dataset
+    from inca.training import fit
+
     bb = create_backbone(backbone, device=dev, dtype=dtype,
                          **_backbone_kwargs(input_size, pretrained))
     train = load_dataset(data, split="train", limit=limit, skip_unreadable=skip_unreadable,
@@ -263,24 +283,41 @@ def serve_cmd(
     batching: Annotated[bool, typer.Option(help="batch concurrent requests")] = True,
     max_upload_mb: Annotated[float, typer.Option(help="largest request body (413 above)")]
     = 10.0,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="INCA_API_KEY", help="require this X-API-Key header")
+    max_images: Annotated[int, typer.Option(help="most images per request (413 above)")] = 64,
+    max_image_megapixels: Annotated[float, typer.Option(
+        help="largest image, width x height, checked before decoding (413 above: "
+             "decompression bombs)")] = 40.0,
+    max_request_megapixels: Annotated[float, typer.Option(
+        help="most pixels of all images of one request together (413 above)")] = 160.0,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="INCA_API_KEY", help="require this X-API-Key header (an empty key is refused)")
     ] = None,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",
 ) -> None:
     """Serve tasks over HTTP: POST /predict, GET /tasks, GET /health (docs at /docs)."""
+    import os
+
     import uvicorn
 
     from inca.runtime import MultiTaskModel
     from inca.runtime.server import ServerConfig, create_app
 
+    if api_key is None and os.environ.get("INCA_API_KEY") is not None:
+        # click reads an empty variable as unset: say so rather than serve without a key
+        raise InCAError("INCA_API_KEY is set but empty, which would serve without "
+                        "authentication; set it to the key, or unset it to serve without one")
+    config = ServerConfig(  # checked before the (slow) model loading
+        max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching,
+        max_upload_bytes=int(max_upload_mb * 2**20), max_images=max_images,
+        max_image_pixels=int(max_image_megapixels * 1e6),
+        max_request_pixels=int(max_request_megapixels * 1e6), api_key=api_key)
     model = MultiTaskModel.from_paths(list(task), device=device, precision=precision,
                                       dtype=_dtype(backbone_dtype))
-    config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching,
-                          max_upload_bytes=int(max_upload_mb * 2**20), api_key=api_key)
-    typer.echo(f"serving {', '.join(model.tasks)} on http://{host}:{port} (docs: /docs)")
+    auth = "X-API-Key required" if api_key is not None else "no API key"
+    typer.echo(f"serving {', '.join(model.tasks)} on http://{host}:{port} ({auth}; "
+               "docs: /docs)")
     uvicorn.run(create_app(model, config), host=host, port=port, log_level="warning")
 
 

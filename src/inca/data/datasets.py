@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from inca._paths import cache_dir
+from inca.data.images import ImageError, open_image
 from inca.errors import AssetError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -168,13 +169,14 @@ class ImageFolderDataset(ImageDataset):
 
 
 def _read_image(path: Path) -> Image.Image:
+    """The file as RGB through :func:`open_image` (bounded size, deep images scaled); a bad,
+    truncated or too large file raises :class:`ImageError` (a ``DataError``), so
+    ``skip_unreadable`` leaves it out."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad/truncated files
-        raise DataError(f"cannot read image {path}: {e}. Fix or remove the file, or pass "
-                        "skip_unreadable=True (--skip-unreadable) to leave such files out") from e
+        return open_image(path, name=str(path))
+    except ImageError as e:
+        raise e.with_hint("Fix or remove the file, or pass skip_unreadable=True "
+                          "(--skip-unreadable) to leave such files out") from None
 
 
 class HFDiskDataset(ImageDataset):
@@ -212,7 +214,7 @@ class HFDiskDataset(ImageDataset):
         im = self.ds[int(i)][self.image_column]
         if not isinstance(im, Image.Image):
             raise DataError(f"{self.name}: sample {i} column {self.image_column!r} is not an image")
-        return im.convert("RGB"), int(self.targets[i])
+        return open_image(im, name=f"{self.name}[{i}]"), int(self.targets[i])
 
     def _identity(self) -> str:
         return _hash(self.name, getattr(self.ds, "_fingerprint", ""), len(self.ds))
