@@ -36,6 +36,9 @@ def storage_error(e: OSError, path: Path | str) -> StorageError | None:
                             "or write to another folder")
     if e.errno == errno.EROFS:
         return StorageError(f"{path} is on a read-only file system: write to another folder")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return StorageError(f"{path} cannot be created: part of it is a file, not a folder; "
+                            "choose another folder")
     if e.errno in (errno.EACCES, errno.EPERM):
         return StorageError(f"permission denied writing {path}: make it writable or write "
                             "to another folder")

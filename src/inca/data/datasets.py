@@ -114,9 +114,11 @@ class ArrayDataset(ImageDataset):
 class ImageFolderDataset(ImageDataset):
     """``root/<class>/<image>`` files; classes sorted by folder name.
 
-    Files are checked when read, and a bad one raises :class:`DataError` naming it. With
-    ``skip_unreadable=True`` every file is opened and verified up front instead, the
-    unreadable ones are left out and listed in ``skipped`` (a cost of one open per file).
+    Hidden files and folders (names starting with ``.``, e.g. ``.ipynb_checkpoints/``)
+    are ignored. Files are checked when read, and a bad one raises :class:`DataError`
+    naming it. With ``skip_unreadable=True`` every file is opened and verified up front
+    instead, the unreadable ones are left out and listed in ``skipped`` (a cost of one
+    open per file).
     """
 
     def __init__(self, root: str | Path, *, skip_unreadable: bool = False) -> None:
@@ -135,7 +137,7 @@ class ImageFolderDataset(ImageDataset):
         targets: list[int] = []
         for label, d in enumerate(class_dirs):
             found = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                           and p.is_file())
+                           and not _hidden(p.relative_to(d)) and p.is_file())
             if not found:
                 raise DataError(f"class folder {d} holds no images "
                                 f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images")
@@ -161,11 +163,21 @@ class ImageFolderDataset(ImageDataset):
         return _read_image(self.files[i]), int(self.targets[i])
 
     def _identity(self) -> str:
+        # The change time (ctime) moves on every write and cannot be set back (unlike the
+        # modification time, which cp -p, rsync -t or touch -r restore): an edited image
+        # never reuses stale features. A copied folder is extracted again.
         parts = []
         for f in self.files:
             st = f.stat()
-            parts.append(f"{f.relative_to(self.root)}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{f.relative_to(self.root)}:{st.st_size}:{st.st_mtime_ns}:"
+                         f"{st.st_ctime_ns}")
         return _hash(*parts)
+
+
+def _hidden(relative: Path) -> bool:
+    """Whether a path inside a class folder is hidden (``.DS_Store``, files under
+    ``.ipynb_checkpoints/``): never a training image."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _read_image(path: Path) -> Image.Image:
