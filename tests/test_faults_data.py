@@ -229,3 +229,20 @@ def test_kill_9_during_training_keeps_the_cache_and_the_rerun_finishes(tmp_path)
     from inca.runtime import load_task
 
     assert load_task(task, make_backbone("module", tmp_path)).classes
+
+
+def test_an_unreadable_image_read_by_a_worker_is_one_line_naming_it(tmp_path):
+    from tiny import save_tiny_hf_vit
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+
+    root = _folder(tmp_path / "data")
+    (root / "dog" / "1.png").write_bytes(b"junk")
+    vit = save_tiny_hf_vit(tmp_path / "vit")
+    res = CliRunner().invoke(app, ["extract", "--backbone", f"hf:{vit}", "--data", str(root),
+                                   "--out", str(tmp_path / "cache"), "--num-workers", "1"])
+    assert res.exit_code == 2
+    err = next(line for line in res.output.splitlines() if "error:" in line)
+    assert "dog/1.png" in err and "--skip-unreadable" in err
+    assert "Traceback" not in res.output and "DataLoader" not in res.output

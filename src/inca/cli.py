@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from inca._files import FolderLock, check_writable, storage_error
-from inca.errors import InCAError
+from inca.errors import InCAError, user_message
 
 app = typer.Typer(
     add_completion=False,
@@ -27,7 +27,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except InCAError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {user_message(e)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.secho("interrupted; completed work is kept (re-run to resume)", err=True)

@@ -33,3 +33,16 @@ class AssetError(InCAError):
 
 class StorageError(InCAError):
     """A file cannot be written (disk full, read-only, permission) or a folder is in use."""
+
+
+def user_message(error: BaseException) -> str:
+    """The text to show for ``error``: its message, without the traceback that a PyTorch
+    DataLoader worker wraps around an error raised while it reads data."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        lines = text.rstrip().splitlines()
+        head = f"{type(error).__module__}.{type(error).__qualname__}: "
+        for i in range(len(lines) - 1, -1, -1):  # the original error is the last entry
+            if lines[i].startswith(head):
+                return "\n".join(lines[i:])[len(head):]
+    return text

@@ -126,7 +126,7 @@ def open_image(source: ImageSource, *, name: str | None = None,
         limit, fix = max_pixels, "pass a larger max_pixels"
     if isinstance(source, Image.Image):
         check_pixels(source.size, limit, name=name, fix=fix)
-        return _convert(source, name)
+        return to_rgb(source, name)
     with _open_lazy(source, name) as im:
         check_pixels(im.size, limit, name=name, fix=fix)
         try:
@@ -135,7 +135,7 @@ def open_image(source: ImageSource, *, name: str | None = None,
             raise _too_large(name, e) from None
         except _PIL_ERRORS as e:
             raise ImageError(f"cannot read image {name}: {_reason(e)}") from None
-        return _convert(im, name)
+        return to_rgb(im, name)
 
 
 def _open_lazy(source: ImageSource, name: str) -> Image.Image:
@@ -158,7 +158,7 @@ def _open_lazy(source: ImageSource, name: str) -> Image.Image:
         raise ImageError(f"cannot read image {name}: {_reason(e)}") from None
 
 
-def _convert(im: Image.Image, name: str) -> Image.Image:
+def to_rgb(im: Image.Image, name: str = "image") -> Image.Image:
     """8-bit RGB; deep (16-bit, int32, float) grey images scaled, not saturated."""
     try:
         if im.mode in _HIGH_BIT_MODES:

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from inca.backbones.base import Preprocessing
+from inca.data.images import to_rgb
 from inca.errors import DataError
 
 _INTERPOLATION = {
@@ -119,7 +120,7 @@ def to_model_input(images: torch.Tensor, preprocessing: Preprocessing,
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return img if img.mode == "RGB" else to_rgb(img)
 
 
 class TransformedDataset(Dataset):
