@@ -169,7 +169,7 @@ def test_soup_and_ensemble_candidates(tmp_path):
     assert names[:2] == ["best", "ensemble"]
     assert {"soup:inca/stem", "soup:inca/block1"} <= set(names)
     chosen = next(c for c in task.report.candidates if c["name"] == task.report.chosen)
-    assert chosen["val_accuracy"] == max(c["val_accuracy"] for c in task.report.candidates)
+    assert chosen["val_loss"] == min(c["val_loss"] for c in task.report.candidates)
     ens = next(c for c in task.report.candidates if c["name"] == "ensemble")
     assert len(ens["members"]) == 2
     # a soup is one adapter whose weights average the lr grid's members

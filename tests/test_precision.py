@@ -168,7 +168,7 @@ def test_bf16_mixed_fit_matches_fp32(planted_both):
     for kind in ("inca", "linear"):
         assert best["bf16-mixed"][kind] == pytest.approx(best["32"][kind], abs=0.04), kind
     ref, mixed = planted_both["32"].report, planted_both["bf16-mixed"].report
-    assert mixed.val_accuracy > 0.85
+    assert mixed.val_accuracy > 0.8
     assert mixed.test_accuracy[mixed.chosen] == pytest.approx(
         ref.test_accuracy[ref.chosen], abs=0.04)
     # validation and test agree under bf16 (they did not inside one outer autocast)

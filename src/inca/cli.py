@@ -178,8 +178,9 @@ def fit_cmd(
     = 64.0,
     ensemble_k: Annotated[int, typer.Option(help="top-k ensemble size")] = 3,
     select_by: Annotated[str, typer.Option(
-        help="validation measure that picks epochs and adapters: accuracy or loss")]
-    = "accuracy",
+        help="validation measure that picks epochs and adapters: loss (cross-entropy, "
+             "steadier on small validation sets) or accuracy")]
+    = "loss",
     soup: Annotated[bool, typer.Option(help="also try weight-averaged soups")] = False,
     token_grid: Annotated[int | None, typer.Option(help="pool patch tokens to a grid")] = None,
     input_size: Annotated[int | None, typer.Option(help="image side fed to the backbone")] = None,

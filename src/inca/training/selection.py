@@ -28,7 +28,7 @@ class Candidate:
         return (*selection_key(self.val_accuracy, self.val_loss, select_by), self.name != "best")
 
 
-def rank_members(members: list[MemberResult], select_by: str = "accuracy") -> list[int]:
+def rank_members(members: list[MemberResult], select_by: str = "loss") -> list[int]:
     """Member indices from best to worst on validation (see ``FitConfig.select_by``)."""
     return sorted(range(len(members)), key=lambda i: (
         *selection_key(members[i].val_accuracy, members[i].val_loss, select_by), i))
@@ -41,14 +41,14 @@ def scores(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     return acc, nll
 
 
-def best_member(result: BankResult, select_by: str = "accuracy") -> Candidate:
+def best_member(result: BankResult, select_by: str = "loss") -> Candidate:
     """The single best member on validation."""
     i = rank_members(result.members, select_by)[0]
     m = result.members[i]
     return Candidate("best", [i], m.val_accuracy, m.val_loss)
 
 
-def top_k_ensemble(result: BankResult, k: int, select_by: str = "accuracy") -> Candidate:
+def top_k_ensemble(result: BankResult, k: int, select_by: str = "loss") -> Candidate:
     """The top-k members on validation, their best-epoch probabilities averaged."""
     top = rank_members(result.members, select_by)[:k]
     probs = torch.stack([result.members[i].val_probs for i in top]).mean(0)
