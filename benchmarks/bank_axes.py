@@ -25,6 +25,8 @@ VARIANTS = {
     "inca:q4cat": {"num_queries": 4, "query_reduce": "concat"},
     "inca:h1": {"num_heads": 1},
     "inca:drop": {"dropout": 0.2},
+    "inca:patch": {"attend_prefix": False},  # patch tokens only, no CLS
+    "inca:mlp": {"head_hidden": 384},  # Linear-GELU-Linear head
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from inca.adapters import (
     AdapterError,
@@ -483,3 +484,42 @@ def test_narrow_attention_equals_its_unfolded_definition():
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(AdapterError, match="attn_dim 16 is not divisible by num_heads 3"):
         InCAAdapter(D, C, InCAConfig(num_heads=3, attn_dim=16))
+
+
+def test_patch_tokens_only_attends_past_the_prefix():
+    cfg = InCAConfig(num_heads=4, attend_prefix=False, num_prefix_tokens=2)
+    adapter = _randomize(InCAAdapter(D, C, cfg, dtype=torch.float64)).eval()
+    z = torch.randn(B, N, D, dtype=torch.float64)
+    out, weights = adapter.attend(z, need_weights=True)
+    mha = _mha_like(adapter)
+    x = adapter.token_norm(z[:, 2:])
+    ref, ref_weights = mha(adapter.query.expand(B, -1, -1), x, x, need_weights=True,
+                           average_attn_weights=False)
+    assert weights.shape == (B, 4, 1, N - 2)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    every = InCAAdapter(D, C, cfg.replace(attend_prefix=True), dtype=torch.float64)
+    every.load_state_dict(adapter.state_dict())
+    assert not torch.allclose(every.eval()(z), adapter(z))  # the prefix did count there
+    adapters = _adapters(3, cfg)
+    stack = StackedInCA.from_adapters(adapters)
+    tokens = torch.randn(3, B, N, D)
+    for i, a in enumerate(adapters):
+        torch.testing.assert_close(stack(tokens)[i], a(tokens[i]), atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_head_stacks_and_round_trips(tmp_path):
+    cfg = InCAConfig(num_heads=4, head_hidden=24)
+    adapters = _adapters(4, cfg)
+    a = adapters[0]
+    assert a.hidden.weight.shape == (24, D) and a.head.weight.shape == (C, 24)
+    z = torch.randn(B, N, D)
+    feat = a.norm(a.attend(z)).mean(1)
+    torch.testing.assert_close(a(z), a.head(F.gelu(a.hidden(feat))), atol=1e-6, rtol=1e-6)
+    stack = StackedInCA.from_adapters(adapters)
+    assert stack.hidden_weight.shape == (4, 24, D)
+    tokens = torch.randn(2, B, N, D)
+    for i, ad in enumerate(adapters):
+        torch.testing.assert_close(stack(tokens)[i], ad(tokens[i // 2]), atol=1e-5, rtol=1e-5)
+    assert stack.unstack(3).config == adapters[3].config
+    with pytest.raises(AdapterError, match="head_hidden"):
+        InCAConfig(head_hidden=0)

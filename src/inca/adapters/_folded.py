@@ -169,6 +169,7 @@ def cross_attention(
     num_heads: int,
     eps: float,
     need_weights: bool = False,
+    skip_tokens: int = 0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Cross-attention of several groups of adapters to LN(tokens), folded (module docstring).
 
@@ -182,11 +183,17 @@ def cross_attention(
         num_heads: attention heads H.
         eps: epsilon of the token LayerNorm.
         need_weights: also return the attention weights.
+        skip_tokens: leading tokens (CLS, registers) that no adapter attends to.
 
     Returns:
         Per group, ``out (K_p, B, Q, D)`` equal to ``nn.MultiheadAttention(q, LN(z), LN(z))``;
-        and the weights ``(K_p, B, H, Q, N)`` per group (``None`` unless asked for).
+        and the weights ``(K_p, B, H, Q, N - skip_tokens)`` per group (``None`` unless
+        asked for).
     """
+    if skip_tokens:
+        check(tokens.shape[2] > skip_tokens,
+              f"{tokens.shape[2]} tokens leave none after skipping {skip_tokens}")
+        tokens = tokens[:, :, skip_tokens:].contiguous()
     n_layers, b, n, d = tokens.shape
     q_count, h = parts[0].query.shape[1], num_heads
     m = q_count * h  # query-heads per adapter
@@ -245,6 +252,7 @@ def attend_single(
     num_heads: int,
     eps: float,
     need_weights: bool,
+    skip_tokens: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One adapter's folded attention to tokens ``(B, N, D)``: ``(B, Q, D)`` [, weights]."""
     check(
@@ -252,7 +260,8 @@ def attend_single(
         f"tokens must be (B, N, {params.query.shape[-1]}), got {tuple(tokens.shape)}",
     )
     tokens = compute_input(tokens, params.query).unsqueeze(0)  # (1, B, N, D)
-    outs, weights = cross_attention(tokens, [params], [[0]], num_heads, eps, need_weights)
+    outs, weights = cross_attention(tokens, [params], [[0]], num_heads, eps, need_weights,
+                                    skip_tokens)
     return (outs[0][0], weights[0][0]) if weights is not None else outs[0][0]
 
 

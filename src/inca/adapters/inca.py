@@ -21,6 +21,7 @@ from inca.adapters._folded import (
 from inca.adapters.base import (
     MAX_DIM,
     MAX_HEADS,
+    MAX_PREFIX_TOKENS,
     MAX_QUERIES,
     Adapter,
     AdapterConfig,
@@ -54,6 +55,12 @@ class InCAConfig(AdapterConfig):
             as ``nn.MultiheadAttention``). The projections hold ``4·A·D`` numbers instead
             of ``4·D²``: a narrower attention keeps an adapter over a wide layer small
             (MobileNetV2's 1,280 channels made a full-width adapter 188% of the backbone).
+        head_hidden: ``None`` (the paper's linear classifier), or the width of a two-layer
+            MLP head (Linear, GELU, Linear) after the output LayerNorm.
+        attend_prefix: attend to the prefix tokens (CLS, registers) as well as the patch
+            tokens (the default), or to the patch tokens only.
+        num_prefix_tokens: leading CLS/register tokens of the layer (the bank sets the
+            backbone's); only read when ``attend_prefix`` is off.
     """
 
     num_heads: int | None = None
@@ -63,6 +70,14 @@ class InCAConfig(AdapterConfig):
     init_std: float = 0.02
     norm_eps: float = 1e-6
     attn_dim: int | None = None
+    head_hidden: int | None = None
+    attend_prefix: bool = True
+    num_prefix_tokens: int = 0
+
+    @property
+    def skip_tokens(self) -> int:
+        """Leading tokens the attention ignores."""
+        return 0 if self.attend_prefix else self.num_prefix_tokens
 
     def __post_init__(self) -> None:
         if self.num_heads is not None:
@@ -77,6 +92,11 @@ class InCAConfig(AdapterConfig):
         check_real(self.dropout, "dropout", 0.0, 1.0, high_open=True)
         check_real(self.init_std, "init_std", 0.0, 1e3, low_open=True)
         check_real(self.norm_eps, "norm_eps", 0.0, 1.0, low_open=True)
+        if self.head_hidden is not None:
+            check_int(self.head_hidden, "head_hidden (or None)", 1, MAX_DIM)
+        check(isinstance(self.attend_prefix, bool),
+              f"attend_prefix must be true or false, got {self.attend_prefix!r}")
+        check_int(self.num_prefix_tokens, "num_prefix_tokens", 0, MAX_PREFIX_TOKENS)
 
 
 class HeadParams(NamedTuple):
@@ -84,8 +104,10 @@ class HeadParams(NamedTuple):
 
     norm_weight: torch.Tensor  # (K, D)
     norm_bias: torch.Tensor  # (K, D)
-    weight: torch.Tensor  # (K, C, F)
+    weight: torch.Tensor  # (K, C, F) classifier; F is the MLP's width with an MLP head
     bias: torch.Tensor  # (K, C)
+    hidden_weight: torch.Tensor | None = None  # (K, F, D·) first layer of an MLP head
+    hidden_bias: torch.Tensor | None = None  # (K, F)
 
 
 def inca_head(
@@ -97,6 +119,8 @@ def inca_head(
     feat = feat * p.norm_weight[:, None, None, :] + p.norm_bias[:, None, None, :]
     feat = feat.mean(dim=2) if config.query_reduce == "mean" else feat.flatten(2)  # (K, B, F)
     feat = F.dropout(feat, config.dropout, training)
+    if p.hidden_weight is not None:  # an MLP head
+        feat = F.gelu(stacked_linear(feat, p.hidden_weight, p.hidden_bias))
     return stacked_linear(feat, p.weight, p.bias)
 
 
@@ -154,7 +178,9 @@ class InCAAdapter(Adapter):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * a, **fk))
         self.out_proj = nn.Linear(a, d, **fk)
         self.norm = nn.LayerNorm(d, eps=self.config.norm_eps, **fk)
-        self.head = nn.Linear(feat_dim, num_classes, **fk)
+        hidden = self.config.head_hidden
+        self.hidden = None if hidden is None else nn.Linear(feat_dim, hidden, **fk)
+        self.head = nn.Linear(hidden or feat_dim, num_classes, **fk)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -167,6 +193,8 @@ class InCAAdapter(Adapter):
         self.out_proj.reset_parameters()
         nn.init.zeros_(self.out_proj.bias)
         self.norm.reset_parameters()
+        if self.hidden is not None:
+            self.hidden.reset_parameters()
         nn.init.normal_(self.head.weight, std=0.01)  # as dinov2's linear heads
         nn.init.zeros_(self.head.bias)
 
@@ -189,6 +217,8 @@ class InCAAdapter(Adapter):
             self.norm.bias.unsqueeze(0),
             self.head.weight.unsqueeze(0),
             self.head.bias.unsqueeze(0),
+            *((self.hidden.weight.unsqueeze(0), self.hidden.bias.unsqueeze(0))
+              if self.hidden is not None else ()),
         )
 
     def attend(
@@ -205,7 +235,7 @@ class InCAAdapter(Adapter):
             ``(B, Q, D)``, or that and the weights.
         """
         return attend_single(tokens, self.attention_params(), self.config.num_heads,
-                             self.config.norm_eps, need_weights)
+                             self.config.norm_eps, need_weights, self.config.skip_tokens)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C)`` from tokens ``(B, N, D)``."""

@@ -221,7 +221,8 @@ class StackedInCA(_Stacked):
 
     def head_params(self) -> HeadParams:
         """Every member's output LayerNorm and classifier, stacked along K."""
-        return HeadParams(self.norm_weight, self.norm_bias, self.head_weight, self.head_bias)
+        return HeadParams(self.norm_weight, self.norm_bias, self.head_weight, self.head_bias,
+                          getattr(self, "hidden_weight", None), getattr(self, "hidden_bias", None))
 
     def attend(self, tokens: Tokens, layer_index: Sequence[int] | None = None,
                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +232,7 @@ class StackedInCA(_Stacked):
             layer_index = regular_layers(len(self), layers.shape[0])
         outs, weights = cross_attention(layers, [self.attention_params()], [layer_index],
                                         self.config.num_heads, self.config.norm_eps,
-                                        need_weights)
+                                        need_weights, self.config.skip_tokens)
         return (outs[0], weights[0]) if weights is not None else outs[0]
 
     @classmethod
@@ -240,7 +241,8 @@ class StackedInCA(_Stacked):
         first = stacks[0]
         tokens = compute_input(tokens, first.query)
         outs, _ = cross_attention(tokens, [s.attention_params() for s in stacks], layer_index,
-                                  first.config.num_heads, first.config.norm_eps)
+                                  first.config.num_heads, first.config.norm_eps,
+                                  skip_tokens=first.config.skip_tokens)
         return [inca_head(out, s.head_params(), s.config, s.training)
                 for out, s in zip(outs, stacks, strict=True)]
 
