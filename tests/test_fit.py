@@ -264,3 +264,26 @@ def test_cli_variants_and_their_errors(tmp_path):
     res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "c"), "--adapter-options",
                                    "{num_queries: 2}"])
     assert res.exit_code == 2 and "not valid JSON" in res.output
+
+
+@pytest.mark.parametrize("kinds", [("inca:w2",), ("inca:mlp", "inca:patch")])
+def test_a_task_of_windowed_mlp_or_patch_adapters_round_trips(kinds, tmp_path):
+    from inca.runtime import MultiTaskModel
+
+    opts = {"inca:w2": {"num_layers": 2}, "inca:mlp": {"head_hidden": 8},
+            "inca:patch": {"attend_prefix": False}}
+    bb = planted_backbone()
+    task = inca.fit(bb, planted_data(96, 0), layers=["stem", "block1"], kinds=kinds,
+                    adapter_options={k: opts[k] for k in kinds}, lrs=(3e-3, 1e-2), epochs=1,
+                    ensemble_k=2, progress=False, cache_dir=tmp_path / "c")
+    assert all(k.split("/")[0] in kinds for k in task.keys)
+    if kinds == ("inca:w2",):
+        assert task.member_layers[0] == ["stem", "block1"]
+    task.save(tmp_path / "t")
+    loaded = load_task(tmp_path / "t", bb)
+    x = torch.randint(0, 255, (4, 3, SIZE, SIZE), dtype=torch.uint8)
+    torch.testing.assert_close(loaded.predict_proba(x), task.predict_proba(x))
+    model = MultiTaskModel(bb)
+    model.add_task("a", tmp_path / "t")
+    torch.testing.assert_close(model.predict_proba(x)["a"], task.predict_proba(x),
+                               atol=1e-5, rtol=1e-5)

@@ -44,7 +44,7 @@ def test_bank_keys_and_stacking():
     assert [len(s) for s in bank.stacks[:4]] == [3] * 4
     assert [g["lr"] for g in bank.param_groups()] == [1e-3, 1e-2] * 3
     stacked = [f for f in bank._families if f.kind is not None]
-    assert len(stacked) == 2 and all(f.layers == LAYERS for f in stacked)
+    assert len(stacked) == 2 and all(f.layers == [(k,) for k in LAYERS] for f in stacked)
     feats, y = next(_source(8, 0).batches(8))
     bank.eval()
     logits = bank.logits(feats)
@@ -224,3 +224,28 @@ def test_select_by_loss_picks_epochs_and_members_by_validation_loss():
     assert res.members[by_acc[0]].val_accuracy == max(m.val_accuracy for m in res.members)
     with pytest.raises(ConfigError, match="select_by must be 'accuracy' or 'loss'"):
         FitConfig(select_by="auc")
+
+
+def test_adapters_reading_adjacent_layers_stack_and_export():
+    config = FitConfig(layers=LAYERS, kinds=("inca", "inca:w2"), lrs=(3e-3,), epochs=3,
+                       batch_size=32, patience=0, adapter_options={"inca:w2": {"num_layers": 2}})
+    specs = plan_members(LAYERS, config)
+    assert [s.key for s in specs if s.kind == "inca:w2"] == \
+        ["inca:w2/l0+l1/lr=0.003", "inca:w2/l1+l2/lr=0.003"]
+    wide = plan_members(LAYERS, config, {"l0": D, "l1": D, "l2": 2 * D})
+    assert [s.layers for s in wide if s.kind == "inca:w2"] == [("l0", "l1")]  # not across widths
+    bank = _bank(config)
+    assert len(bank.stacks) == 2  # windows of 2 layers stack as (L'=2, B, 2N, D)
+    feats, _ = next(_source(8, 0).batches(8))
+    bank.eval()
+    logits = bank.logits(feats)
+    for i, s in enumerate(bank.specs):
+        adapter = bank.export(i)
+        x = [feats[k] for k in s.layers] if len(s.layers) > 1 else feats[s.layers[0]]
+        torch.testing.assert_close(logits[i], adapter(x), atol=1e-5, rtol=1e-5)
+    res = train_bank(bank, _source(256, 0), _source(128, 1), config, progress=False)
+    accs = {m.key: m.val_accuracy for m in res.members}
+    assert accs["inca:w2/l0+l1/lr=0.003"] > 0.9  # the window holding the signal layer learns
+    with pytest.raises(TrainingError, match="reads 4 adjacent layers"):
+        plan_members(LAYERS, FitConfig(kinds=("inca",), adapter_options={"inca": {
+            "num_layers": 4}}))

@@ -6,6 +6,7 @@ computed in the folded form of :mod:`inca.adapters._folded`, O(N·D) per query-h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from inca.adapters._folded import (
 from inca.adapters.base import (
     MAX_DIM,
     MAX_HEADS,
+    MAX_LAYERS,
     MAX_PREFIX_TOKENS,
     MAX_QUERIES,
     Adapter,
@@ -61,6 +63,8 @@ class InCAConfig(AdapterConfig):
             tokens (the default), or to the patch tokens only.
         num_prefix_tokens: leading CLS/register tokens of the layer (the bank sets the
             backbone's); only read when ``attend_prefix`` is off.
+        num_layers: adjacent layers read at once: the adapter attends to their tokens
+            together (a list of ``num_layers`` token tensors, joined along the tokens).
     """
 
     num_heads: int | None = None
@@ -73,6 +77,7 @@ class InCAConfig(AdapterConfig):
     head_hidden: int | None = None
     attend_prefix: bool = True
     num_prefix_tokens: int = 0
+    num_layers: int = 1
 
     @property
     def skip_tokens(self) -> int:
@@ -97,6 +102,9 @@ class InCAConfig(AdapterConfig):
         check(isinstance(self.attend_prefix, bool),
               f"attend_prefix must be true or false, got {self.attend_prefix!r}")
         check_int(self.num_prefix_tokens, "num_prefix_tokens", 0, MAX_PREFIX_TOKENS)
+        check_int(self.num_layers, "num_layers", 1, MAX_LAYERS)
+        check(self.num_layers == 1 or self.attend_prefix,
+              "attend_prefix=False reads one layer: it cannot be combined with num_layers > 1")
 
 
 class HeadParams(NamedTuple):
@@ -221,23 +229,34 @@ class InCAAdapter(Adapter):
               if self.hidden is not None else ()),
         )
 
+    def join(self, tokens: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The tokens the adapter attends to, ``(B, N, D)``: one layer's, or the
+        ``num_layers`` layers' of a list joined along the tokens."""
+        n = self.config.num_layers
+        if isinstance(tokens, (list, tuple)):
+            check(len(tokens) == n, f"this adapter reads {n} layer(s), got {len(tokens)}")
+            return tokens[0] if n == 1 else torch.cat(list(tokens), dim=1)
+        check(n == 1, f"this adapter reads {n} layers: pass a list of their tokens")
+        return tokens
+
     def attend(
-        self, tokens: torch.Tensor, need_weights: bool = False
+        self, tokens: torch.Tensor | Sequence[torch.Tensor], need_weights: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The attention output, equal to ``nn.MultiheadAttention(q, LN(z), LN(z))``.
 
         Args:
-            tokens: ``(B, N, D)``.
+            tokens: ``(B, N, D)``, or a list of ``num_layers`` such tensors (see
+                :meth:`join`).
             need_weights: also return the attention weights ``(B, H, Q, N)`` (per head,
                 as ``nn.MultiheadAttention(..., average_attn_weights=False)``).
 
         Returns:
             ``(B, Q, D)``, or that and the weights.
         """
-        return attend_single(tokens, self.attention_params(), self.config.num_heads,
+        return attend_single(self.join(tokens), self.attention_params(), self.config.num_heads,
                              self.config.norm_eps, need_weights, self.config.skip_tokens)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, C)`` from tokens ``(B, N, D)``."""
+    def forward(self, tokens: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits ``(B, C)`` from tokens ``(B, N, D)`` (a list of them: :meth:`join`)."""
         out = self.attend(tokens).unsqueeze(0)  # (1, B, Q, D)
         return inca_head(out, self.head_params(), self.config, self.training)[0]

@@ -611,11 +611,12 @@ def _check_member(i: int, member: Any, num_classes: int, info: dict[str, Any],
         adapter = adapter_from_spec(spec, device="meta")
     except (InCAError, TypeError, ValueError, OverflowError) as e:
         check.fail(f"{where}.spec: {e}")
-    read = list(getattr(adapter.config, "layers", None) or layers[:1])
-    if read != layers:
+    named = list(getattr(adapter.config, "layers", None) or [])  # multi-layer probes
+    count = len(named) if named else getattr(adapter.config, "num_layers", 1)
+    if (named and named != layers) or len(layers) != count:
         check.fail(f"{where} lists layers {_few(layers)} but its {spec['kind']!r} adapter "
-                   f"reads {_few(read)}")
-    widths = getattr(adapter, "layer_dims", None) or (adapter.embed_dim,)
+                   f"reads {_few(named) if named else f'{count} layer(s)'}")
+    widths = getattr(adapter, "layer_dims", None) or (adapter.embed_dim,) * count
     dims = info.get("embed_dims") or {}
     for layer, width in zip(layers, widths, strict=True):
         if layer in dims and dims[layer] != width:

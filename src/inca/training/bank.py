@@ -46,7 +46,7 @@ class MemberSpec:
     """
 
     kind: str
-    layers: tuple[str, ...]  # one layer, or several for multi-layer probes
+    layers: tuple[str, ...]  # one layer, a window of adjacent layers, or every layer
     lr: float
 
     @property
@@ -56,7 +56,12 @@ class MemberSpec:
 
     @property
     def key(self) -> str:
-        where = self.layers[0] if len(self.layers) == 1 else f"{len(self.layers)}layers"
+        if len(self.layers) == 1:
+            where = self.layers[0]
+        elif self.adapter_kind in MULTI_LAYER_KINDS:  # every layer
+            where = f"{len(self.layers)}layers"
+        else:  # a window of adjacent layers
+            where = "+".join(self.layers)
         return f"{self.kind}/{where}/lr={self.lr:g}"
 
     def seed(self, base: int) -> int:
@@ -68,12 +73,32 @@ class MemberSpec:
 MULTI_LAYER_KINDS = ("multilayer_linear",)
 
 
-def plan_members(layers: Sequence[str], config: FitConfig) -> list[MemberSpec]:
-    """Every (kind, layer, lr) the configuration asks for, in a stable order."""
+def kind_options(kind: str, options: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """A kind's or variant's adapter settings: its kind's, changed by its own."""
+    options = options or {}
+    base = kind.split(":", 1)[0]
+    return {**options.get(base, {}), **(options.get(kind, {}) if kind != base else {})}
+
+
+def plan_members(layers: Sequence[str], config: FitConfig,
+                 embed_dims: dict[str, int] | None = None) -> list[MemberSpec]:
+    """Every (kind, layer, lr) the configuration asks for, in a stable order.
+
+    A kind reading ``num_layers`` = w > 1 layers gets a member per window of w adjacent
+    layers (ending at each layer from the w-th); with ``embed_dims``, windows across a
+    change of width (CNN stages) are left out.
+    """
     members = []
     for kind in config.kinds:
         multi = kind.split(":", 1)[0] in MULTI_LAYER_KINDS
-        targets = [tuple(layers)] if multi else [(ly,) for ly in layers]
+        w = int(kind_options(kind, config.adapter_options).get("num_layers", 1))
+        if w > len(layers):
+            raise TrainingError(f"{kind} reads {w} adjacent layers, but only {len(layers)} "
+                                "are asked for: lower num_layers or read more layers")
+        targets = [tuple(layers)] if multi else \
+            [tuple(layers[i - w + 1:i + 1]) for i in range(w - 1, len(layers))]
+        if embed_dims is not None:
+            targets = [t for t in targets if len({embed_dims[k] for k in t}) == 1]
         for t in targets:
             for lr in config.lrs:
                 members.append(MemberSpec(kind, t, lr))
@@ -119,9 +144,7 @@ def build_adapter(
     otherwise hold an adapter larger than the backbone itself.
     """
     base = spec.adapter_kind
-    options = options or {}
-    # A variant's settings are its kind's, changed by its own.
-    opts = {**options.get(base, {}), **(options.get(spec.kind, {}) if spec.kind != base else {})}
+    opts = kind_options(spec.kind, options)
     if base == "inca" and backbone_params and "attn_dim" not in opts:
         opts["attn_dim"] = narrow_attention(embed_dims[spec.layers[0]], num_classes,
                                             opts.get("num_queries", 1), backbone_params)
@@ -139,7 +162,7 @@ def build_adapter(
 
 
 def _inputs(spec: MemberSpec, feats: dict[str, torch.Tensor]) -> Any:
-    if spec.adapter_kind in MULTI_LAYER_KINDS:
+    if len(spec.layers) > 1:  # every layer, or a window of adjacent layers
         return [feats[k] for k in spec.layers]
     return feats[spec.layers[0]]
 
@@ -154,8 +177,9 @@ class _Family:
 
     kind: type[_Stacked] | None  # None: a single adapter with no stacked form
     stacks: list[int]  # indices into AdapterBank.stacks
-    layers: list[str]  # the token block the family reads, (L, B, N, D)
-    layer_index: list[list[int]]  # per stack, the layer (into ``layers``) of each member
+    layers: list[tuple[str, ...]]  # the inputs of its token block (L, B, N, D): layers, or
+    # windows of adjacent layers whose tokens are joined
+    layer_index: list[list[int]]  # per stack, the input (into ``layers``) of each member
 
 
 class AdapterBank(nn.Module):
@@ -185,9 +209,9 @@ class AdapterBank(nn.Module):
         counts = token_counts or {}
         groups: dict[tuple, list[int]] = {}
         for i, (s, a) in enumerate(zip(self.specs, adapters, strict=True)):
-            if s.adapter_kind in _STACKS and s.layers[0] in counts:
-                key: tuple = (s.adapter_kind, a.embed_dim, counts[s.layers[0]], repr(a.config),
-                              s.lr)
+            if s.adapter_kind in _STACKS and all(k in counts for k in s.layers):
+                n_tokens = sum(counts[k] for k in s.layers)
+                key: tuple = (s.adapter_kind, a.embed_dim, n_tokens, repr(a.config), s.lr)
             else:
                 key = ("single", i)
             groups.setdefault(key, []).append(i)
@@ -206,9 +230,9 @@ class AdapterBank(nn.Module):
                 fam = families.setdefault(key[:-1], _Family(_STACKS[key[0]], [], [], []))
                 fam.stacks.append(s)
                 for i in idx:
-                    if self.specs[i].layers[0] not in fam.layers:
-                        fam.layers.append(self.specs[i].layers[0])
-                fam.layer_index.append([fam.layers.index(self.specs[i].layers[0]) for i in idx])
+                    if self.specs[i].layers not in fam.layers:
+                        fam.layers.append(self.specs[i].layers)
+                fam.layer_index.append([fam.layers.index(self.specs[i].layers) for i in idx])
             self.stack_lrs.append(self.specs[idx[0]].lr)
             self._stack_members.append(idx)
             for pos, i in enumerate(idx):
@@ -291,11 +315,15 @@ class AdapterBank(nn.Module):
         return adapter.eval()
 
 
-def _block(feats: dict[str, torch.Tensor], layers: list[str]) -> torch.Tensor:
-    """The layers' tokens as one block ``(L, B, N, D)``, without a copy when possible."""
-    if isinstance(feats, StackedFeats) and feats.order == layers:
-        return feats.block
-    return torch.stack([feats[k] for k in layers])
+def _block(feats: dict[str, torch.Tensor], inputs: list[tuple[str, ...]]) -> torch.Tensor:
+    """The inputs' tokens as one block ``(L, B, N, D)``, without a copy when possible; an
+    input of several layers joins their tokens."""
+    if all(len(t) == 1 for t in inputs):
+        names = [t[0] for t in inputs]
+        if isinstance(feats, StackedFeats) and feats.order == names:
+            return feats.block
+        return torch.stack([feats[k] for k in names])
+    return torch.stack([torch.cat([feats[k] for k in t], dim=1) for t in inputs])
 
 
 class cosine_with_warmup:  # noqa: N801 - used as a function: LambdaLR(opt, cosine_with_warmup(...))

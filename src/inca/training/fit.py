@@ -199,7 +199,7 @@ def fit(
         train_src, val_src, test_src = sources["train"], sources["val"], sources.get("test")
 
         dims = {k: backbone.embed_dims[k] for k in layers}
-        specs = plan_members(layers, config)
+        specs = plan_members(layers, config, dims)
         n_params = sum(p.numel() for p in backbone.parameters())
         adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=backbone.num_prefix_tokens,
                                   num_classes=len(classes), options=config.adapter_options,
