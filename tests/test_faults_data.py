@@ -21,7 +21,7 @@ from tiny import make_backbone
 from inca.data import ImageFolderDataset, load_dataset
 from inca.errors import StorageError
 from inca.features import extract_to_cache
-from inca.features.cache import read_manifest
+from inca.features.cache import read_manifest, recorded_shards
 
 N = 40
 
@@ -56,7 +56,7 @@ def test_full_disk_mid_extraction_is_named_and_loses_no_shard(tmp_path, digits, 
     with pytest.raises(StorageError, match=r"no space left on the device holding .*cache.*"
                                            r"free some space"):
         extract_to_cache(bb, digits, out, batch_size=4, shard_size=8, progress=False)
-    assert [s["index"] for s in read_manifest(out)["shards"]] == [0, 1]
+    assert [s["index"] for s in recorded_shards(out)] == [0, 1]
     monkeypatch.undo()
     before = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.npy")}
     cache = extract_to_cache(bb, digits, out, batch_size=4, shard_size=8, progress=False)

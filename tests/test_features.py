@@ -19,6 +19,7 @@ from inca.data import build_transform, load_dataset
 from inca.errors import CacheError
 from inca.features import ActivationCache, extract_features, extract_to_cache, reduce_tokens
 from inca.features import cache as cache_mod
+from inca.features.cache import recorded_shards
 
 N = 40
 
@@ -120,8 +121,7 @@ def test_kill_9_mid_extraction_then_resume(tmp_path, digits):
     deadline = time.time() + 120
     try:
         while time.time() < deadline:
-            m = out / "manifest.json"
-            if m.exists() and json.loads(m.read_text())["shards"]:
+            if recorded_shards(out):
                 break
             assert proc.poll() is None, "extraction ended before it could be killed"
             time.sleep(0.05)
@@ -129,7 +129,7 @@ def test_kill_9_mid_extraction_then_resume(tmp_path, digits):
     finally:
         proc.wait()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert not manifest["complete"] and 0 < len(manifest["shards"]) < N // 8
+    assert not manifest["complete"] and 0 < len(recorded_shards(out)) < N // 8
     with pytest.raises(CacheError, match="incomplete"):
         ActivationCache(out)
     bb = make_backbone("module", tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,13 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Adapt frozen vision backbones with parallel cross-attention adapters (InCA).",
 )
+
+
+def context():
+    """This process's place under torchrun (a group of one otherwise); imports torch."""
+    from inca._distributed import context as ctx
+
+    return ctx()
 
 
 def _friendly(fn):
@@ -111,14 +119,16 @@ def extract_cmd(
     from inca.data import load_dataset
     from inca.features import extract_to_cache
 
-    bb = create_backbone(backbone, device=resolve_device(device), dtype=_dtype(backbone_dtype),
-                         **_backbone_kwargs(input_size, pretrained))
+    ctx = context()  # under torchrun, each rank extracts its shards into the same folder
+    bb = create_backbone(backbone, device=resolve_device(ctx.device(device)),
+                         dtype=_dtype(backbone_dtype), **_backbone_kwargs(input_size, pretrained))
     ds = load_dataset(data, split=split, limit=limit, skip_unreadable=skip_unreadable)
     cache = extract_to_cache(
         bb, ds, out, layers=layers, batch_size=batch_size, token_grid=token_grid, dtype=dtype,
         overwrite=overwrite, num_workers=num_workers, precision=precision,
     )
-    print_cache_summary(cache)
+    if ctx.is_main:
+        print_cache_summary(cache)
 
 
 def _json(text: str | None) -> dict:
@@ -205,9 +215,10 @@ def fit_cmd(
     )
     from inca._precision import resolve_device
 
-    dev, dtype = resolve_device(device), _dtype(backbone_dtype)  # checked before any work
+    ctx = context()  # under torchrun: this rank's place; rank 0 writes the results
+    dev, dtype = resolve_device(ctx.device(device)), _dtype(backbone_dtype)  # checked early
     check_writable(out)  # before hours of work whose result could not be saved
-    with FolderLock(out, "run folder"):
+    with FolderLock(out, "run folder") if ctx.is_main else nullcontext():
         _fit_into(out, backbone, data, config, dev, dtype, input_size, pretrained, limit,
                   test_limit, val_data, val_fraction, skip_unreadable, seed, num_workers)
 
@@ -230,21 +241,24 @@ def _fit_into(out: Path, backbone: str, data: str, config: Any, dev: Any, dtype:
         val = load_dataset(val_data, split="val", skip_unreadable=skip_unreadable)
     elif (Path(data) / "val").is_dir() and (Path(data) / "train").is_dir():
         val = load_dataset(data, split="val", skip_unreadable=skip_unreadable)
-    typer.echo(f"validation: {val.name} ({len(val)} images)" if val is not None else
-               f"validation: {val_fraction:.0%} of the training data, stratified")
+    say = typer.echo if context().is_main else (lambda *_: None)
+    say(f"validation: {val.name} ({len(val)} images)" if val is not None else
+        f"validation: {val_fraction:.0%} of the training data, stratified")
     test = None
     if test_limit != 0:
         try:
             test = load_dataset(data, split="test", limit=test_limit,
                                 skip_unreadable=skip_unreadable, seed=seed)
         except InCAError as e:
-            typer.echo(f"no test split evaluated ({e})")
+            say(f"no test split evaluated ({e})")
     task = fit(bb, train, val, test=test, config=config, cache_dir=out / "cache",
                num_workers=num_workers, device=dev)
+    if not context().is_main:
+        return  # every rank holds the same task; rank 0 writes it
     task.save(out / "task")
     files = task.report.write(out)
-    typer.echo(task.report.to_markdown())
-    typer.echo(f"task saved to {out / 'task'}; report: {files['markdown']}, {files['plot']}")
+    say(task.report.to_markdown())
+    say(f"task saved to {out / 'task'}; report: {files['markdown']}, {files['plot']}")
 
 
 @app.command("predict")

@@ -66,15 +66,39 @@ def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> list[str
     return lines
 
 
+SHARD_RECORD = "shard.json"
+
+
+def recorded_shards(root: Path | str, manifest: dict[str, Any] | None = None
+                    ) -> list[dict[str, Any]]:
+    """The shards of a cache folder written completely, sorted by index: each shard's own
+    record (written after its files), and those a manifest lists."""
+    root = Path(root)
+    found = {s["index"]: s for s in (manifest or {}).get("shards", [])}
+    for f in sorted((root / "shards").glob(f"*/{SHARD_RECORD}")):
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # written atomically: only a foreign file can be unreadable
+        found[int(rec["index"])] = {k: int(rec[k]) for k in ("index", "start", "count")}
+    return [found[i] for i in sorted(found)]
+
+
 class CacheWriter:
-    """Writes shards of a cache and records them in the manifest (internal to extraction)."""
+    """Writes shards of a cache (internal to extraction).
+
+    A shard counts once its record ``shards/<index>/shard.json`` exists, written after its
+    files: several processes (the ranks of ``torchrun``) can write shards into one folder
+    at once, and :meth:`finish` (one process, after all of them) lists the shards in the
+    manifest and marks it complete.
+    """
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
 
     def done_shards(self) -> set[int]:
-        return {s["index"] for s in self.manifest["shards"]}
+        return {s["index"] for s in recorded_shards(self.root, self.manifest)}
 
     def write_shard(
         self, index: int, start: int, tokens: dict[str, np.ndarray], labels: np.ndarray
@@ -83,17 +107,20 @@ class CacheWriter:
         for layer, arr in tokens.items():
             atomic_save_npy(folder / _layer_file(layer), arr)
         atomic_save_npy(folder / "labels.npy", labels.astype(np.int64))
-        # The shard counts only once the manifest says so: written after its files.
-        self.manifest["shards"].append({"index": index, "start": start, "count": len(labels)})
-        self.manifest["shards"].sort(key=lambda s: s["index"])
-        atomic_write_json(self.root / MANIFEST, self.manifest)
+        # The shard counts only once its record says so: written after its files.
+        atomic_write_json(folder / SHARD_RECORD,
+                          {"index": index, "start": start, "count": len(labels)})
 
     def finish(self) -> None:
-        counted = sum(s["count"] for s in self.manifest["shards"])
+        """List every recorded shard in the manifest and mark the cache complete."""
+        shards = recorded_shards(self.root, self.manifest)
+        counted = sum(s["count"] for s in shards)
         if counted != self.manifest["num_samples"]:
             raise CacheError(
-                f"cache {self.root} holds {counted} of {self.manifest['num_samples']} samples"
+                f"cache {self.root} holds {counted} of {self.manifest['num_samples']} samples; "
+                "run the same command again to extract the rest"
             )
+        self.manifest["shards"] = shards
         self.manifest["complete"] = True
         atomic_write_json(self.root / MANIFEST, self.manifest)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import shutil
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,17 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from inca._distributed import Dist, context
 from inca._files import FolderLock, atomic_write_json, remove_stale_tmp
 from inca._precision import Precision
 from inca._version import __version__
 from inca.backbones.base import Backbone
 from inca.data.transforms import loader_options, to_model_input
-from inca.errors import CacheError
+from inca.errors import CacheError, InCAError
 from inca.features.cache import (
     FORMAT_VERSION,
     IDENTITY_KEYS,
+    MANIFEST,
     ActivationCache,
     CacheWriter,
     describe_mismatch,
@@ -153,25 +156,48 @@ def extract_to_cache(
     root = Path(out)
     names = backbone.resolve_layers(layers)
     wanted = _wanted_manifest(backbone, dataset, names, token_grid, dtype, shard_size)
-    with FolderLock(root, "activation cache"):  # one writer per folder, kill -9 safe
-        return _extract_locked(backbone, dataset, root, names, wanted, batch_size=batch_size,
-                               token_grid=token_grid, dtype=dtype, shard_size=shard_size,
-                               num_workers=num_workers, overwrite=overwrite,
-                               progress=progress, precision=precision)
+    ctx = context()  # one process, or one rank of torchrun's N
+    with ExitStack() as held:
+        state: tuple[str, Any] = ("extract", None)
+        if ctx.is_main:  # rank 0 holds the folder's lock for the whole extraction
+            try:
+                held.enter_context(FolderLock(root, "activation cache"))
+                state = _prepare(root, wanted, overwrite)
+            except InCAError as e:
+                state = ("error", e)
+        state = ctx.broadcast_object(state)
+        if state[0] == "error":
+            raise state[1] if ctx.is_main else CacheError(f"rank 0 refused: {state[1]}")
+        if state[0] == "complete":
+            return ActivationCache(root)
+        writer = CacheWriter(root, read_manifest(root))
+        ok = False
+        try:
+            _extract_shards(backbone, dataset, writer, names, ctx, batch_size=batch_size,
+                            token_grid=token_grid, dtype=dtype, shard_size=shard_size,
+                            num_workers=num_workers, progress=progress and ctx.is_main,
+                            precision=precision)
+            ok = True
+        finally:
+            # every rank waits for the others here; one that failed stops them all
+            every = ctx.all_ok(ok)
+        if not every:
+            raise CacheError(f"another rank failed while extracting into {root}; run the "
+                             "same command again to resume")
+        if ctx.is_main:
+            writer.finish()
+        ctx.barrier()
+    return ActivationCache(root)
 
 
-def _extract_locked(backbone: Backbone, dataset: Any, root: Path, names: list[str],
-                    wanted: dict[str, Any], *, batch_size: int, token_grid: int | None,
-                    dtype: str, shard_size: int, num_workers: int | None, overwrite: bool,
-                    progress: bool, precision: str | Precision | None) -> ActivationCache:
-    """:func:`extract_to_cache` once the folder's lock is held."""
-    from inca.data import TransformedDataset, build_transform
-
+def _prepare(root: Path, wanted: dict[str, Any], overwrite: bool) -> tuple[str, Any]:
+    """Rank 0, holding the lock: ``("complete", None)`` when a cache serves the request,
+    else ``("extract", None)`` once the folder holds a manifest to resume or start."""
     if root.exists():
         remove_stale_tmp(root)  # left by a killed writer: ours to clean, we hold the lock
     found = read_manifest(root)
     if found is not None and found.get("complete") and _serves(found, wanted):
-        return ActivationCache(root)  # a complete cache of these layers (or more)
+        return ("complete", None)  # a complete cache of these layers (or more)
     if found is not None:
         mismatch = describe_mismatch(found, wanted)
         if mismatch and not overwrite:
@@ -183,19 +209,28 @@ def _extract_locked(backbone: Backbone, dataset: Any, root: Path, names: list[st
             shutil.rmtree(root)
             found = None
         elif found.get("complete"):
-            return ActivationCache(root)
+            return ("complete", None)
     elif _holds_files(root) and not overwrite:
         raise CacheError(f"{root} exists, is not empty and holds no cache; choose another folder")
-    manifest = found if found is not None else wanted
     if found is None:
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(root / "manifest.json", manifest)
-    writer = CacheWriter(root, manifest)
+        atomic_write_json(root / MANIFEST, wanted)
+    return ("extract", None)
+
+
+def _extract_shards(backbone: Backbone, dataset: Any, writer: CacheWriter, names: list[str],
+                    ctx: Dist, *, batch_size: int, token_grid: int | None, dtype: str,
+                    shard_size: int, num_workers: int | None, progress: bool,
+                    precision: str | Precision | None) -> None:
+    """Extract this rank's shards not yet recorded (shard k is rank k mod N's)."""
+    from inca.data import TransformedDataset, build_transform
 
     n = len(dataset)
     shard_bounds = [(k, k * shard_size, min((k + 1) * shard_size, n))
                     for k in range((n + shard_size - 1) // shard_size)]
-    pending = [b for b in shard_bounds if b[0] not in writer.done_shards()]
+    done = writer.done_shards()
+    mine = [b for b in shard_bounds if b[0] % ctx.world == ctx.rank]
+    pending = [b for b in mine if b[0] not in done]
     pending_idx = [i for _, a, b in pending for i in range(a, b)]
     loader = DataLoader(
         Subset(TransformedDataset(dataset, build_transform(backbone.preprocessing)), pending_idx),
@@ -208,7 +243,9 @@ def _extract_locked(backbone: Backbone, dataset: Any, root: Path, names: list[st
     buffered = 0
     shard_iter = iter(pending)
     shard = next(shard_iter, None)
-    bar = tqdm(total=n, initial=n - len(pending_idx), unit="img", desc="extract",
+    todo = sum(b - a for _, a, b in mine)  # this rank's share (the progress bar's total)
+    bar = tqdm(total=todo, initial=todo - len(pending_idx), unit="img",
+               desc="extract" if not ctx.active else f"extract (rank 0 of {ctx.world})",
                disable=not progress)
     prec = precision if isinstance(precision, Precision) else Precision(precision,
                                                                           backbone.device)
@@ -234,8 +271,6 @@ def _extract_locked(backbone: Backbone, dataset: Any, root: Path, names: list[st
             buffered -= count
             shard = next(shard_iter, None)
     bar.close()
-    writer.finish()
-    return ActivationCache(root)
 
 
 def _holds_files(root: Path) -> bool:

@@ -248,6 +248,14 @@ class AdapterBank(nn.Module):
         return [s.key for s in self.specs]
 
     @property
+    def num_classes(self) -> int:
+        return int(self.stacks[0].num_classes)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`logits`: the bank is called as a module (e.g. wrapped in DDP)."""
+        return self.logits(feats)
+
+    @property
     def layers(self) -> list[str]:
         seen: dict[str, None] = {}
         for s in self.specs:

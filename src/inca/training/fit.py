@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from inca._distributed import Dist, context
 from inca._precision import Precision, resolve_device
 from inca.adapters import parameter_report
 from inca.backbones.base import Backbone
@@ -97,12 +101,12 @@ def _task_from(candidate: Candidate, bank: AdapterBank, result: BankResult, clas
 
 def _accuracy(task: Task, source: Any, batch_size: int) -> float:
     """Accuracy of a task on a source of extracted tokens (autocast as ``task.precision``)."""
-    correct = torch.zeros((), dtype=torch.long)
-    total = 0
-    for feats, y in source.batches(batch_size):
-        correct += (task.proba_from_features(feats).argmax(-1) == y).sum().cpu()
-        total += len(y)
-    return int(correct) / max(total, 1)
+    counts = torch.zeros(2, dtype=torch.long)  # correct, seen
+    for feats, y in source.batches(batch_size, part="share"):
+        counts[0] += (task.proba_from_features(feats).argmax(-1) == y).sum().cpu()
+        counts[1] += len(y)
+    correct, total = context().all_sum(counts).tolist()
+    return correct / max(total, 1)
 
 
 @torch.no_grad()
@@ -116,16 +120,19 @@ def _test_accuracies(bank: AdapterBank, result: BankResult, candidates: list[Can
         bank.load_member(i, m.state)
     bank.eval()
     plain = [c for c in candidates if not c.states]
-    hits: torch.Tensor | None = None  # (K + candidates,) correct answers, on the device
+    hits = torch.zeros(len(result.members) + len(plain), dtype=torch.long,
+                       device=next(bank.parameters()).device)  # correct answers
     total = 0
-    for feats, y in source.batches(batch_size):
+    for feats, y in source.batches(batch_size, part="share"):
         with precision.autocast():
             probs = bank.logits(feats).float().softmax(-1)  # (K, B, C)
         batch = torch.cat([(probs.argmax(-1) == y).sum(-1), *(
             (probs[c.member_indices].mean(0).argmax(-1) == y).sum().view(1) for c in plain)])
-        hits = batch if hits is None else hits + batch
+        hits += batch
         total += len(y)
-    acc = (hits.cpu().double() / max(total, 1)).tolist() if hits is not None else []
+    ctx = context()
+    hits, total = ctx.all_sum(hits).cpu(), int(ctx.all_sum(torch.tensor(total)))
+    acc = (hits.double() / max(total, 1)).tolist()
     k = len(result.members)
     return {c.name: a for c, a in zip(plain, acc[k:], strict=True)}, acc[:k]
 
@@ -179,19 +186,21 @@ def fit(
     """
     config = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
     config.__post_init__()
+    ctx = context()  # one process, or one rank of torchrun's N
+    progress = progress and ctx.is_main
     if device is not None:
-        backbone.to(resolve_device(device))
+        backbone.to(resolve_device(ctx.device(device)))
     precision = Precision(config.precision, backbone.device)
     config = replace(config, precision=precision.name)  # recorded as resolved
     layers = backbone.resolve_layers(config.layers)
     classes = list(train.classes)
     shapes = token_shapes(backbone, layers, config.token_grid)
     splits = _splits(train, val, test, config)
-    with tempfile.TemporaryDirectory(prefix="inca-cache-") as tmp:
-        root = Path(cache_dir) if cache_dir is not None else Path(tmp)
+    with _cache_root(cache_dir, ctx) as root:
         images = sum(len(ds) for ds in {id(ds): ds for ds, _ in splits.values()}.values())
-        mode = choose_mode(config, shapes, backbone.num_prefix_tokens, images, root,
-                           backbone.device)
+        mode = ctx.broadcast_object(  # rank 0's choice, made on its disk and device
+            choose_mode(config, shapes, backbone.num_prefix_tokens, images, root,
+                        backbone.device) if ctx.is_main else None)
         if progress:
             tqdm.write(f"mode: {mode.mode} ({mode.reason})")
         sources, extract_s = _sources(backbone, splits, layers, config, mode.mode, root,
@@ -242,6 +251,23 @@ def fit(
     task.metrics = report.summary()
     task.report = report
     return task
+
+
+@contextmanager
+def _cache_root(cache_dir: str | Path | None, ctx: Dist) -> Iterator[Path]:
+    """``cache_dir``, or a temporary folder (rank 0's, shared with the other ranks of one
+    node; ranks on several nodes need a ``cache_dir`` on storage they all see)."""
+    if cache_dir is not None:
+        yield Path(cache_dir)
+        return
+    tmp = tempfile.mkdtemp(prefix="inca-cache-") if ctx.is_main else None
+    tmp = ctx.broadcast_object(tmp)
+    try:
+        yield Path(tmp)
+    finally:
+        ctx.barrier()
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _linear_probe_baseline(bank: AdapterBank, result: BankResult, layers: list[str],

@@ -8,11 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from inca._distributed import context
 from inca._precision import Precision
 from inca.training.bank import AdapterBank, TrainingError, bank_loss, cosine_with_warmup
 from inca.training.config import FitConfig, selection_key
+from inca.training.sources import batch_order
 
 
 @dataclass
@@ -58,18 +62,23 @@ def bank_precision(bank: AdapterBank, precision: str | Precision | None) -> Prec
 def evaluate(bank: AdapterBank, source: Any, batch_size: int,
              precision: str | Precision | None = "32") -> tuple[torch.Tensor, torch.Tensor]:
     """Every member's probabilities ``(K, N, C)`` on a source (kept on the CPU: nothing
-    that grows with the data stays on the device), and the labels ``(N,)``."""
+    that grows with the data stays on the device), and the labels ``(N,)``. Under
+    ``torchrun`` each rank scores a share and every rank gets all of them, in order."""
     prec = bank_precision(bank, precision)
     was_training = bank.training
     bank.eval()
-    probs, labels = [], []
-    for feats, y in source.batches(batch_size):
+    k = len(bank.keys)
+    probs = [torch.zeros(k, 0, bank.num_classes)]
+    labels = [torch.zeros(0, dtype=torch.long)]
+    for feats, y in source.batches(batch_size, part="share"):
         with prec.autocast():
             logits = bank.logits(feats)
         probs.append(logits.float().softmax(-1).cpu())
-        labels.append(y.cpu())
+        labels.append(y.cpu().long())
     bank.train(was_training)
-    return torch.cat(probs, dim=1), torch.cat(labels)
+    ctx = context()
+    return (ctx.gather_rows(torch.cat(probs, dim=1).transpose(0, 1)).transpose(0, 1),
+            ctx.gather_rows(torch.cat(labels)))
 
 
 def train_bank(
@@ -106,10 +115,17 @@ def train_bank(
     """
     prec = bank_precision(bank, precision if precision is not None else config.precision)
     device = next(bank.parameters()).device
+    ctx = context()
+    # Under torchrun: DDP all-reduces the gradients; each rank reads its part of every batch
+    model: nn.Module = bank if not ctx.active else DistributedDataParallel(
+        bank, device_ids=[device.index] if device.type == "cuda" else None)
     gen = torch.Generator().manual_seed(config.seed)
     optimizer = _adamw(bank.param_groups(), config.weight_decay)
     scaler = prec.grad_scaler()
-    steps_per_epoch = -(-len(train) // config.batch_size)
+    # the single-process batch sizes, which the ranks' parts add up to
+    sizes = [len(b) for b in batch_order(len(train), config.batch_size)
+             if not ctx.active or len(b) >= ctx.world]
+    steps_per_epoch = len(sizes)
     total = steps_per_epoch * config.epochs
     lr_factor = cosine_with_warmup(total, round(config.warmup_epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -126,9 +142,12 @@ def train_bank(
     for epoch in range(config.epochs):
         bank.train()
         loss_sum, seen = torch.zeros(len(bank.keys), device=device), 0
-        for feats, y in train.batches(config.batch_size, shuffle=True, generator=gen):
+        for step, (feats, y) in enumerate(train.batches(config.batch_size, shuffle=True,
+                                                        generator=gen, part="batch")):
             with prec.autocast():
-                losses = bank_loss(bank.logits(feats), y, config.label_smoothing)  # (K,)
+                losses = bank_loss(model(feats), y, config.label_smoothing)  # (K,)
+            if ctx.active:  # DDP averages over ranks: weigh each part by its share
+                losses = losses * (len(y) * ctx.world / sizes[step])
             active &= torch.isfinite(losses.detach())  # on the device: no wait
             losses = torch.where(active, losses, 0.0)
             optimizer.zero_grad(set_to_none=True)
@@ -137,9 +156,13 @@ def train_bank(
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
-            loss_sum += losses.detach() * len(y)
+            loss_sum += losses.detach() * (sizes[step] / ctx.world if ctx.active else len(y))
             seen += len(y)
             bar.update(1)
+        if ctx.active:
+            loss_sum = ctx.all_sum(loss_sum)
+            seen = sum(sizes)
+            active = ctx.all_sum((~active).int()) == 0  # dropped on any rank: on all
         epoch_loss = (loss_sum / max(seen, 1)).cpu()  # the epoch's one wait for the device
         alive = active.cpu()
         if not alive.any():
@@ -174,6 +197,7 @@ def train_bank(
             # As many epochs as fit in the budget, the schedule decaying over exactly those.
             per_epoch = time.perf_counter() - start
             epochs = max(1, min(config.epochs, int(config.time_budget_s // per_epoch)))
+            epochs = ctx.broadcast_object(epochs)  # rank 0's timing: every rank stops together
             lr_factor.total_steps = steps_per_epoch * epochs
             bar.total = lr_factor.total_steps
         stale = 0 if improved else stale + 1

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inca._distributed import context
 from inca._precision import Precision
 from inca.training.bank import AdapterBank, MemberSpec
 from inca.training.config import selection_key
@@ -76,11 +77,13 @@ def soups(bank: AdapterBank, result: BankResult, val, batch_size: int,
         adapter = bank.export(idx[0], avg)
         probs, labels = [], []
         with torch.no_grad(), (precision or Precision("32")).autocast():
-            for feats, y in val.batches(batch_size):
+            for feats, y in val.batches(batch_size, part="share"):
                 x = feats[layers[0]] if len(layers) == 1 else [feats[k] for k in layers]
                 probs.append(adapter(x).float().softmax(-1).cpu())
-                labels.append(y.cpu())
+                labels.append(y.cpu().long())
+        ctx = context()  # under torchrun: every rank's share, in order
+        p = ctx.gather_rows(torch.cat(probs) if probs else torch.zeros(0, bank.num_classes))
+        y = ctx.gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
         name = f"soup:{MemberSpec(kind, layers, 0).key.rsplit('/', 1)[0]}"
-        out.append(Candidate(name, idx[:1], *scores(torch.cat(probs), torch.cat(labels)),
-                             [avg]))
+        out.append(Candidate(name, idx[:1], *scores(p, y), [avg]))
     return out

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from inca._distributed import context
 from inca._precision import Precision
 from inca.backbones.base import Backbone
 from inca.data.transforms import TransformedDataset, default_num_workers, loader_options
@@ -42,12 +43,26 @@ class StackedFeats(dict):
 
 
 def batch_order(n: int, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> list[np.ndarray]:
+                generator: torch.Generator | None = None, part: str | None = None
+                ) -> list[np.ndarray]:
     """The positions of each batch of an epoch: a seeded permutation (or ``0..n-1``) cut
     into batches, each sorted, so that a batch is read in file order (a batch's loss does
-    not depend on the order of its samples)."""
+    not depend on the order of its samples).
+
+    Under ``torchrun`` (several ranks), ``part`` picks this rank's part: ``"batch"`` splits
+    every batch between the ranks (training: together they make the single-process batch;
+    a last batch smaller than the number of ranks is left out), ``"share"`` keeps a
+    contiguous share of the positions (scoring: gathered in rank order afterwards).
+    ``None`` (or one process) keeps everything.
+    """
     order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
-    return [np.sort(order[s:s + batch_size]) for s in range(0, n, batch_size)]
+    ctx = context()
+    if part == "share" and ctx.active:
+        order = order[ctx.share(n)]
+    batches = [np.sort(order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
+    if part == "batch" and ctx.active:
+        batches = [ctx.split(b) for b in batches if len(b) >= ctx.world]
+    return batches
 
 
 class _EpochSampler(Sampler):
@@ -143,8 +158,9 @@ class CachedSource:
         return len(self.indices)
 
     def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
-        order = batch_order(len(self), batch_size, shuffle, generator)
+                generator: torch.Generator | None = None,
+                part: str | None = None) -> Iterator[Batch]:
+        order = batch_order(len(self), batch_size, shuffle, generator, part)
         rows = [self.indices[pos].tolist() for pos in order]  # sorted: file order
         for tokens, y in self._loader.epoch(rows):
             y = y.to(self.device, non_blocking=True).long()
@@ -189,8 +205,9 @@ class StreamingSource:
         return len(self.indices)
 
     def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
-        order = batch_order(len(self), batch_size, shuffle, generator)
+                generator: torch.Generator | None = None,
+                part: str | None = None) -> Iterator[Batch]:
+        order = batch_order(len(self), batch_size, shuffle, generator, part)
         device = self.backbone.device
         for images, y in self._loader.epoch([self.indices[pos].tolist() for pos in order]):
             with self.precision.autocast():
@@ -212,7 +229,8 @@ class MemorySource:
         return len(self.labels)
 
     def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
-        for pos in batch_order(len(self), batch_size, shuffle, generator):
+                generator: torch.Generator | None = None,
+                part: str | None = None) -> Iterator[Batch]:
+        for pos in batch_order(len(self), batch_size, shuffle, generator, part):
             p = torch.from_numpy(pos).to(self.labels.device)
             yield {k: v[p] for k, v in self.feats.items()}, self.labels[p]
