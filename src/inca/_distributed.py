@@ -1,10 +1,11 @@
 """The process group inca runs in: one process, or N started by ``torchrun``.
 
 ``torchrun --nproc-per-node N -m inca extract|fit ...`` sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; :func:`context` joins the group they describe (NCCL on GPUs, Gloo on
-CPUs) once per process and returns the same :class:`Dist` every time. Without those
-variables it is a group of one, and every collective below is a no-op: the code that calls
-them is the same for 1 and N processes.
+``LOCAL_RANK``; :func:`context` joins the group they describe once per process (NCCL on
+GPUs, Gloo on CPUs; ``INCA_DIST_BACKEND=gloo`` for several ranks sharing one GPU) and
+returns the same :class:`Dist` every time. Without those variables it is a group of one,
+and every collective below is a no-op: the code that calls them is the same for 1 and N
+processes.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def context() -> Dist:
         return _CONTEXT
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        backend = os.environ.get("INCA_DIST_BACKEND") or (
+            "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local)
         try:
