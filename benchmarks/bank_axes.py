@@ -27,6 +27,7 @@ VARIANTS = {
     "inca:drop": {"dropout": 0.2},
     "inca:patch": {"attend_prefix": False},  # patch tokens only, no CLS
     "inca:mlp": {"head_hidden": 384},  # Linear-GELU-Linear head
+    "inca:w2": {"num_layers": 2},  # two adjacent layers' tokens together
 }
 
 
