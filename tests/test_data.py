@@ -12,6 +12,7 @@ from PIL import Image
 from inca.backbones import Preprocessing
 from inca.data import (
     build_transform,
+    has_split,
     list_datasets,
     load_dataset,
     split_train_val,
@@ -47,6 +48,17 @@ def test_folder_with_splits(tmp_path):
     assert len(load_dataset(str(tmp_path / "d"), split="test")) == 2
     with pytest.raises(DataError, match="has splits"):
         load_dataset(str(tmp_path / "d"), split="val")
+
+
+def test_split_names_and_has_split(tmp_path):
+    make_folder(tmp_path / "d" / "train", {"a": 2, "b": 2})
+    make_folder(tmp_path / "d" / "validation", {"a": 1, "b": 1})
+    assert has_split(str(tmp_path / "d"), "val") and not has_split(str(tmp_path / "d"), "test")
+    assert load_dataset(str(tmp_path / "d"), split="val").name.endswith("validation")
+    plain = make_folder(tmp_path / "plain", {"a": 2, "b": 2})
+    assert has_split(str(plain), "train") and not has_split(str(plain), "test")
+    assert len(load_dataset(str(plain), split="val")) == 4  # one split: the data named
+    assert has_split("digits", "test") and not has_split("digits", "val")
 
 
 def test_corrupt_image_named_and_skippable(tmp_path):

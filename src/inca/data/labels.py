@@ -1,0 +1,116 @@
+"""Raw labels -> ``(targets, classes)`` for single-label classification.
+
+Every source that reads labels it did not number itself (Hugging Face columns, manifests,
+foreign data sets, lists of pairs) goes through :func:`encode_labels`, so multi-label and
+regression data are refused in one place, with the column named.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from inca.errors import DataError
+
+SUPPORTED = ("inca supports single-label classification only: one class per sample, given "
+             "as a class name, an integer class index or a Hugging Face ClassLabel")
+
+
+def refuse(source: str, column: str, what: str) -> DataError:
+    """The error for labels inca cannot learn: multi-label, regression, structured."""
+    return DataError(f"{source}: label column {column!r} holds {what}; {SUPPORTED}. Choose "
+                     "another column with --label-column (label_column=), or reduce the labels "
+                     "to one class per sample")
+
+
+def _scalar(v: Any, i: int, source: str, column: str) -> Any:
+    """One label as ``int``, ``str`` or ``float`` (checked later), or an error."""
+    if hasattr(v, "ndim") and hasattr(v, "tolist"):  # numpy / torch values
+        if v.ndim != 0:
+            raise refuse(source, column, f"several values per sample (an array of shape "
+                                         f"{tuple(v.shape)} at sample {i}): multi-label data")
+        v = v.tolist()
+    if isinstance(v, list | tuple | set | frozenset):
+        raise refuse(source, column, f"several labels per sample ({v!r} at sample {i}): "
+                                     "multi-label data")
+    if isinstance(v, dict):
+        raise refuse(source, column, f"structured values ({v!r} at sample {i})")
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+        raise DataError(f"{source}: sample {i} has no label in column {column!r}; remove "
+                        "unlabelled samples")
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int | str | float):
+        return v
+    raise refuse(source, column, f"values of type {type(v).__name__} ({v!r} at sample {i})")
+
+
+def _number(text: str) -> int | float | str:
+    """A label read as text (CSV) as the number it spells, if any."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def encode_labels(values: Iterable[Any], *, source: str, column: str,
+                  classes: Sequence[str] | None = None, parse_text: bool = False
+                  ) -> tuple[np.ndarray, list[str]]:
+    """Integer targets and class names for raw labels.
+
+    Integers index ``classes`` when given; otherwise the class names are the sorted
+    distinct labels (integers sorted as numbers and named by their digits). Text labels
+    are class names. Whole floats (``3.0``) count as integers.
+
+    Args:
+        values: one label per sample.
+        source: how messages name the data.
+        column: how messages name the labels.
+        classes: known class names (a ClassLabel's, a data set's ``classes``).
+        parse_text: read text that spells a number as that number (CSV cells).
+
+    Raises:
+        DataError: multi-label or regression-looking labels, a missing label, a label
+            that ``classes`` does not name.
+    """
+    raw = [_scalar(v, i, source, column) for i, v in enumerate(values)]
+    if parse_text:
+        raw = [_number(v) if isinstance(v, str) else v for v in raw]
+    for i, v in enumerate(raw):
+        if isinstance(v, float):
+            if not math.isfinite(v) or not v.is_integer():
+                raise refuse(source, column, f"fractional numbers ({v!r} at sample {i}), which "
+                                             "look like regression targets")
+            raw[i] = int(v)
+    if not raw:
+        return np.zeros(0, dtype=np.int64), list(classes or [])
+    if all(isinstance(v, int) for v in raw):
+        ints = np.asarray(raw, dtype=np.int64)
+        if classes is not None:
+            return ints, [str(c) for c in classes]
+        neg = np.nonzero(ints < 0)[0]
+        if neg.size:
+            i = int(neg[0])
+            raise DataError(f"{source}: sample {i} has label {int(ints[i])}, outside the "
+                            f"classes (column {column!r}); a negative label marks an "
+                            "unlabelled sample: remove those samples")
+        distinct = np.unique(ints)
+        return np.searchsorted(distinct, ints).astype(np.int64), [str(v) for v in distinct]
+    names = [str(v) for v in raw]
+    if classes is None:
+        known = sorted(set(names))
+    else:
+        known = [str(c) for c in classes]
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise DataError(f"{source}: labels {unknown[:10]} in column {column!r} are not "
+                            f"among the classes {known[:20]}")
+    index = {c: k for k, c in enumerate(known)}
+    return np.asarray([index[n] for n in names], dtype=np.int64), known
