@@ -18,7 +18,7 @@ from test_fit import planted_backbone
 import inca.backbones
 from inca.adapters import AdapterError, create_adapter
 from inca.runtime import Task, TaskError, load_task
-from inca.runtime.task import TASK_JSON, TASK_WEIGHTS, read_task_files
+from inca.runtime.task import TASK_CARD, TASK_JSON, TASK_WEIGHTS, read_task_files
 
 CLASSES = ["c0", "c1", "c2", "c3"]
 
@@ -215,9 +215,9 @@ def test_mixed_folder_of_an_interrupted_file_by_file_save_is_refused(bb, tmp_pat
 def test_good_task_round_trips_bit_exactly(bb, tmp_path, monkeypatch):
     task = make_task(bb, num_queries=2, query_reduce="concat")
     folder = task.save(tmp_path / "task")
-    assert sorted(p.name for p in folder.iterdir()) == [TASK_WEIGHTS, TASK_JSON]
+    assert sorted(p.name for p in folder.iterdir()) == [TASK_CARD, TASK_WEIGHTS, TASK_JSON]
     meta = json.loads((folder / TASK_JSON).read_text())
-    assert meta["format_version"] == 2 and len(meta["weights_sha256"]) == 64
+    assert meta["format_version"] == 3 and len(meta["weights_sha256"]) == 64
     created = []
 
     def create(name: str, **kwargs: Any):
@@ -325,8 +325,9 @@ def test_save_interrupted_at_every_step_leaves_old_or_new_task(bb, tmp_path, mon
 def test_kill_between_the_renames_is_read_from_the_aside_copy(bb, tmp_path, monkeypatch):
     old, new = make_task(bb, seed=0), make_task(bb, seed=1)
     folder = old.save(tmp_path / "task")
-    # fsync weights, fsync task.json, fsync the new folder, rename the old aside: kill next
-    assert not _save_killed_at(4, new, folder, monkeypatch, dead=True)
+    # fsync weights, task.json and README.md, fsync the new folder, rename the old aside:
+    # kill next
+    assert not _save_killed_at(5, new, folder, monkeypatch, dead=True)
     assert not folder.exists()
     files = read_task_files(folder)
     assert files.folder == tmp_path / ".task.old"

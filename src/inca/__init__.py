@@ -11,35 +11,56 @@ Example:
     >>> task = inca.fit(backbone, load_dataset("fashion-mnist", limit=1000))  # doctest: +SKIP
     >>> task.predict(["shoe.png"]); task.save("runs/fmnist/task")  # doctest: +SKIP
     >>> task = inca.load_task("runs/fmnist/task")  # doctest: +SKIP
+    >>> task.report.to_pandas()  # every adapter's validation accuracy  # doctest: +SKIP
+    >>> task.push_to_hub("user/fmnist-inca")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from inca._version import __version__
 from inca.backbones import Backbone, Preprocessing, create_backbone, from_module, list_backbones
 from inca.errors import InCAError
 
+if TYPE_CHECKING:  # imported on first use (below), so `import inca` stays quick
+    from inca.runtime import MultiTaskModel, Task, TaskModule, load_task
+    from inca.training import fit
+    from inca.training.report import FitReport
 
-def fit(*args: Any, **kwargs: Any):
-    """Train a bank of adapters and return the selected task (see :func:`inca.training.fit`)."""
-    from inca.training import fit as _fit
+# name -> module: the real objects, imported on first access (PEP 562), so `inca.fit` *is*
+# inca.training.fit: help() and inspect.signature() show its parameters and docstring.
+_LAZY = {
+    "fit": "inca.training",
+    "load_task": "inca.runtime",
+    "Task": "inca.runtime",
+    "TaskModule": "inca.runtime",
+    "MultiTaskModel": "inca.runtime",
+    "FitReport": "inca.training.report",
+}
 
-    return _fit(*args, **kwargs)
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'inca' has no attribute {name!r}")
 
 
-def load_task(*args: Any, **kwargs: Any):
-    """Load a saved task (see :func:`inca.runtime.load_task`)."""
-    from inca.runtime import load_task as _load
-
-    return _load(*args, **kwargs)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
     "Backbone",
+    "FitReport",
     "InCAError",
+    "MultiTaskModel",
     "Preprocessing",
+    "Task",
+    "TaskModule",
     "__version__",
     "create_backbone",
     "fit",

@@ -2,7 +2,8 @@
 
 Every file is written to a hidden temporary name beside its target, flushed to disk and
 renamed into place, so a reader (or a process resuming after a kill) sees the old file or
-the new one, never half of one. A temporary file left by a kill is removed by the next
+the new one, never half of one; it gets the mode of an ordinary new file (0666 less the
+umask, so 0644 usually). A temporary file left by a kill is removed by the next
 writer that holds the folder's lock. Disk-full, read-only and permission errors become a
 :class:`~inca.errors.StorageError` naming the path and the fix instead of a raw ``OSError``.
 """
@@ -13,6 +14,7 @@ import errno
 import json
 import math
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,6 +71,9 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
+                # mkstemp makes it 0600, a mode the rename would carry to `path`, hiding it
+                # from other users: give it an ordinary new file's mode (0666 less umask)
+                os.chmod(tmp, 0o666 & ~_umask())
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -77,6 +82,33 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS shows it (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back at once
+    os.umask(mask)
+    return mask
+
+
+def make_new_dir(parent: Path | str, prefix: str) -> Path:
+    """A new folder ``<parent>/<prefix><random>`` with the mode of an ordinary new folder
+    (0777 less the umask: 0755 usually), where ``tempfile.mkdtemp`` would make it 0700."""
+    for _ in range(100):
+        folder = Path(parent) / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            folder.mkdir(mode=0o777)
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary folder name", str(parent))
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:

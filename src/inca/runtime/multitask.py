@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,17 +77,21 @@ class MultiTaskModel(nn.Module):
             self.add_task(name, task)
 
     @classmethod
-    def from_paths(cls, paths: list[str | Path], backbone: Backbone | None = None,
+    def from_paths(cls, paths: list[str | Path], backbone: Backbone | str | None = None,
                    names: list[str] | None = None, *, device: str | torch.device | None = None,
-                   dtype: torch.dtype | None = None, precision: str = "auto") -> MultiTaskModel:
+                   dtype: torch.dtype | None = None, precision: str = "auto",
+                   **backbone_kwargs: Any) -> MultiTaskModel:
         """Load task folders onto one backbone.
 
         Every folder is read and checked first (:func:`~inca.runtime.task.read_task_files`),
         and the tasks must record the same backbone weights; an error names the task and
         its folder. Only then is the backbone taken: ``backbone`` when given (moved to
-        ``device``/``dtype`` when given), else the one named by the first task's record is
-        **created, which may download its weights**, on ``device`` in ``dtype``. Each
-        task's fingerprint is checked against it before any task is built.
+        ``device``/``dtype`` when given); a spec string (``"hf:/models/vit"``) is created
+        with ``backbone_kwargs`` at the tasks' input size; without one, the backbone the
+        first task records is created again (see :func:`~inca.runtime.task.load_task`:
+        from local files only when the record says so, else it **may download its
+        weights**), on ``device`` in ``dtype``. Each task's fingerprint is checked against
+        it before any task is built.
 
         Raises:
             TaskError: a folder is not a valid task, or the tasks' backbones differ.
@@ -110,7 +115,8 @@ class MultiTaskModel(nn.Module):
                     f"{first['fingerprint']}): one model serves tasks of one backbone; "
                     "serve them from separate models")
         backbone = task_backbone(first, backbone, device=device, dtype=dtype,
-                                 what=f"task {names[0]!r} ({files[0].folder})")
+                                 what=f"task {names[0]!r} ({files[0].folder})",
+                                 **backbone_kwargs)
         for name, f in zip(names, files, strict=True):
             check_backbone(f.backbone_info, backbone, what=f"task {name!r} ({f.folder})")
         model = cls(backbone, precision=precision)
@@ -168,13 +174,16 @@ class MultiTaskModel(nn.Module):
     # -- inference ------------------------------------------------------------------
     @torch.no_grad()
     def predict_proba(self, images: Any, tasks: list[str] | None = None,
-                      batch_size: int = 64) -> dict[str, torch.Tensor]:
-        """``{task: probabilities (B, C)}`` from one backbone pass per batch.
+                      batch_size: int = 64, *, numpy: bool = False
+                      ) -> dict[str, torch.Tensor] | dict[str, np.ndarray]:
+        """``{task: probabilities (B, C)}`` (float32, on the CPU) from one backbone pass
+        per batch.
 
         Args:
             images: a preprocessed tensor ``(B, 3, H, W)``, or PIL images / file paths.
             tasks: which tasks to run (all by default).
             batch_size: images per backbone pass.
+            numpy: NumPy arrays instead of torch tensors.
         """
         names = self._select(tasks)
         for n in names:
@@ -205,7 +214,7 @@ class MultiTaskModel(nn.Module):
                     probs[name] = probs[name] + self._share(name, member(x_in))
             for n in names:
                 out[n].append(probs[n].cpu())
-        return {n: torch.cat(v) for n, v in out.items()}
+        return {n: torch.cat(v).numpy() if numpy else torch.cat(v) for n, v in out.items()}
 
     def _token_counts(self, names: tuple[str, ...]) -> dict[tuple[str, int | None], int]:
         """Tokens N of each (layer, grid) the tasks read (one probe pass per grid)."""

@@ -1,70 +1,49 @@
-"""A fitted task: the trained head(s) over a frozen backbone, saved as safetensors + JSON.
+"""A fitted task: the trained head(s) over a frozen backbone, and how it is loaded.
 
-A task file stores only what was trained (one adapter, or the members of an ensemble),
-never the backbone and never a pickle. It records the backbone's id and weights
-fingerprint, and loading it onto another backbone is refused.
-
-A task folder holds ``task.json`` (format version, classes, members' layers and adapter
-specs, the backbone's description, metrics, the weights' sha256) and
-``adapter_model.safetensors`` (``members.<i>.<name>`` tensors). Reading one checks
-everything local first (:func:`read_task_files`: schema and bounds, weight names, shapes
-and values, the hash) and only then creates or checks a backbone. Saving swaps a complete,
-flushed copy in (:meth:`Task.save`), so a kill never leaves a folder mixing two saves.
+A task stores only what was trained (one adapter, or the members of an ensemble), never the
+backbone and never a pickle (the folder format: :mod:`inca.runtime.task_format`). It
+records the backbone's weights fingerprint and how to create the backbone again (its spec
+with local paths absolute, or hub id and revision; whether pretrained weights or a local
+checkpoint were used), and loading it onto other weights is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, overload
 
+import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from inca._files import FolderLock, disk_errors, strict_json
 from inca._precision import Precision, resolve_device
-from inca.adapters import Adapter, adapter_from_spec
-from inca.adapters.base import MAX_DIM, MAX_LAYERS, MAX_PREFIX_TOKENS
+from inca.adapters import Adapter
 from inca.backbones.base import Backbone, Preprocessing
-from inca.errors import InCAError
+from inca.errors import BackboneError
 from inca.features import extract_features
+from inca.runtime.task_format import (
+    TASK_CARD,
+    TASK_FORMAT,
+    TASK_JSON,
+    TASK_REPORT,
+    TASK_WEIGHTS,
+    TaskError,
+    TaskFiles,
+    read_task_files,
+    write_task_folder,
+)
 
-TASK_JSON = "task.json"
-TASK_WEIGHTS = "adapter_model.safetensors"
-TASK_FORMAT = 2  # 2 records the weights' sha256 in task.json
-READABLE_FORMATS = (1, 2)
+if TYPE_CHECKING:
+    from inca.runtime.export import TaskModule
+    from inca.training.report import FitReport
 
-# Bounds of what a task.json may ask for: far above real tasks, far below exhausting memory.
-MAX_CLASSES = 1_000_000
-MAX_MEMBERS = 1024
-MAX_NAME = 4096  # characters of a class, layer, key or backbone name (a path)
-MAX_TOKEN_GRID = 1024
-MAX_INPUT_SIZE = 16_384
-_MAX_JSON_BYTES = 64 << 20
-_MAX_BACKBONE_LAYERS = 100_000
-# The weights file may hold float64 at most, plus its JSON header (a few hundred bytes a
-# tensor): anything longer is not these members' weights and is not read.
-_HEADER_SLACK, _HEADER_PER_TENSOR = 1 << 20, 1024
-_READ_ATTEMPTS = 3
-_FIX = "save the task again (Task.save, or `inca fit --out ...`)"
-
-
-class TaskError(InCAError):
-    """A task file is missing, malformed, or does not fit the backbone."""
-
-
-class _ReadRace(TaskError):
-    """The folder changed while it was read (a save swapped it in): worth reading again."""
+__all__ = [
+    "TASK_CARD", "TASK_FORMAT", "TASK_JSON", "TASK_REPORT", "TASK_WEIGHTS", "Task", "TaskError",
+    "TaskFiles", "check_backbone", "load_task", "read_task_files", "task_backbone",
+]
 
 
 class Task(nn.Module):
@@ -89,7 +68,11 @@ class Task(nn.Module):
         >>> task = inca.fit(backbone, train, layers="all")  # doctest: +SKIP
         >>> task.predict(["shoe.png"])  # doctest: +SKIP
         ['Sneaker']
+        >>> task.predict_proba(["shoe.png"], numpy=True).shape  # doctest: +SKIP
+        (1, 10)
         >>> task.save("runs/fmnist/task"); inca.load_task("runs/fmnist/task")  # doctest: +SKIP
+        >>> task.push_to_hub("user/fmnist-inca")  # doctest: +SKIP
+        >>> inca.Task.from_pretrained("user/fmnist-inca").report.to_pandas()  # doctest: +SKIP
     """
 
     def __init__(
@@ -122,7 +105,7 @@ class Task(nn.Module):
                                                          range(len(members))]
         self.precision = precision
         self.backbone = backbone
-        self.report: Any = None  # the FitReport when produced by inca.fit
+        self.report: FitReport | None = None  # by inca.fit, or read by load_task
 
     # -- description ---------------------------------------------------------------
     @property
@@ -185,10 +168,31 @@ class Task(nn.Module):
         tf = build_transform(self.preprocessing)
         return torch.stack([tf(_open_image(im)) for im in images])
 
+    @overload
+    def predict_proba(self, images: Any, batch_size: int = ...,
+                      *, numpy: Literal[False] = ...) -> torch.Tensor: ...
+
+    @overload
+    def predict_proba(self, images: Any, batch_size: int = ...,
+                      *, numpy: Literal[True]) -> np.ndarray: ...
+
     @torch.no_grad()
-    def predict_proba(self, images: Any, batch_size: int = 64) -> torch.Tensor:
-        """Probabilities ``(B, C)`` for images: a tensor ``(B, 3, H, W)`` (``uint8`` pixels,
-        or preprocessed floats), or a list of PIL images or file paths."""
+    def predict_proba(self, images: Any, batch_size: int = 64,
+                      *, numpy: bool = False) -> torch.Tensor | np.ndarray:
+        """Class probabilities ``(B, C)``, float32, on the CPU; column ``i`` is
+        ``classes[i]``.
+
+        Args:
+            images: a tensor ``(B, 3, H, W)`` (``uint8`` pixels, or preprocessed floats), or
+                a list of PIL images or file paths.
+            batch_size: images per backbone pass.
+            numpy: return a NumPy array (as scikit-learn does) instead of a torch tensor.
+
+        Example:
+            >>> proba = task.predict_proba(["shoe.png"], numpy=True)  # doctest: +SKIP
+            >>> task.classes_[proba.argmax(1)]  # doctest: +SKIP
+            array(['Sneaker'], dtype='<U11')
+        """
         if self.backbone is None:
             raise TaskError("no backbone attached: use task.attach(backbone) or "
                             "inca.load_task(path) which creates it")
@@ -200,25 +204,69 @@ class Task(nn.Module):
                 feats = extract_features(self.backbone, x[start:start + batch_size],
                                          self.layers, self.token_grid)
             out.append(self.proba_from_features(feats).cpu())
-        return torch.cat(out)
+        probs = torch.cat(out)
+        return probs.numpy() if numpy else probs
 
-    def predict(self, images: Any, batch_size: int = 64) -> list[str]:
-        """Predicted class names."""
-        probs = self.predict_proba(images, batch_size)
-        return [self.classes[i] for i in probs.argmax(-1).tolist()]
+    @overload
+    def predict(self, images: Any, batch_size: int = ...,
+                *, numpy: Literal[False] = ...) -> list[str]: ...
+
+    @overload
+    def predict(self, images: Any, batch_size: int = ...,
+                *, numpy: Literal[True]) -> np.ndarray: ...
+
+    def predict(self, images: Any, batch_size: int = 64,
+                *, numpy: bool = False) -> list[str] | np.ndarray:
+        """Predicted class names: a list, or with ``numpy=True`` a NumPy array of strings
+        (scikit-learn's ``predict``)."""
+        idx = self.predict_proba(images, batch_size).argmax(-1).numpy()
+        return self.classes_[idx] if numpy else [self.classes[i] for i in idx.tolist()]
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """The class names as a NumPy array (scikit-learn's name): ``classes_[i]`` is the
+        class of probability column ``i``."""
+        return np.asarray(self.classes)
+
+    def to_module(self) -> TaskModule:
+        """Backbone and heads as one ``nn.Module``: preprocessed images ``(B, 3, H, W)``
+        (``uint8`` pixels, or normalized floats) to probabilities ``(B, C)``.
+
+        It shares the task's weights (no copy), runs in any autograd mode (no
+        ``inference_mode`` inside, so its outputs can enter a graph that is trained), and
+        exports with ``torch.export.export`` (and ONNX where the backbone's operations
+        allow). See :class:`~inca.runtime.export.TaskModule`.
+
+        Example:
+            >>> x = torch.rand(1, 3, 224, 224)
+            >>> program = torch.export.export(task.to_module(), (x,))  # doctest: +SKIP
+        """
+        if self.backbone is None:
+            raise TaskError("no backbone attached: use task.attach(backbone) or "
+                            "inca.load_task(path) which creates it")
+        from inca.runtime.export import TaskModule
+
+        self.follow_backbone()
+        return TaskModule(self.backbone, self.members, self.member_layers,
+                          token_grid=self.token_grid)
 
     # -- files ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the task into the folder ``path``, replacing a task saved there before.
 
-        The folder gets ``task.json`` (recording the weights' sha256) and
-        ``adapter_model.safetensors``. The swap survives a kill at any instant: the complete
-        task is written and flushed to disk in a hidden sibling (``.<name>.new-*``), then
-        the old folder is renamed aside (``.<name>.old``), the new one renamed in, and the
-        old one removed. Between those two renames :func:`load_task` reads the aside copy,
-        so the folder always loads as the complete old task or the complete new one; the
-        next save puts back or removes whatever a kill left. One process saves a folder at
-        a time (a lock file beside it, ``.<name>.lock``).
+        The folder gets ``task.json`` (classes, members, the backbone's description and how
+        to create it again, metrics, the sha256 of the weights and report),
+        ``adapter_model.safetensors``, ``report.json`` (the fit report, when the task has
+        one) and ``README.md`` (a model card: the Hugging Face hub shows it). Files get mode
+        0644, less what the umask removes. :meth:`save_pretrained` is this same method.
+
+        The swap survives a kill at any instant: the complete task is written and flushed
+        to disk in a hidden sibling (``.<name>.new-*``), then the old folder is renamed
+        aside (``.<name>.old``), the new one renamed in, and the old one removed. Between
+        those two renames :func:`load_task` reads the aside copy, so the folder always loads
+        as the complete old task or the complete new one; the next save puts back or
+        removes whatever a kill left. One process saves a folder at a time (a lock file
+        beside it, ``.<name>.lock``).
 
         Returns:
             The folder.
@@ -228,15 +276,14 @@ class Task(nn.Module):
                 other files than a task's (saving would delete them).
             StorageError: the disk is full or read-only, or another process is saving there.
         """
-        folder = Path(path)
+        from inca.runtime.hub import model_card
+
         tensors = {
             f"members.{i}.{k}": v.detach().cpu().contiguous()
             for i, m in enumerate(self.members)
             for k, v in m.state_dict().items()
         }
-        weights = save_safetensors(tensors)
         meta = {
-            "format_version": TASK_FORMAT,
             "classes": self.classes,
             "members": [
                 {"key": key, "layers": layers, "spec": m.spec()}
@@ -247,20 +294,75 @@ class Task(nn.Module):
             "backbone": dict(self.backbone_info),
             "metrics": self.metrics,
             "num_parameters": self.num_parameters(),
-            "weights_sha256": hashlib.sha256(weights).hexdigest(),
         }
-        text = json.dumps(strict_json(meta), indent=2, allow_nan=False) + "\n"
-        # A task that would not load is not written: the checks load_task makes, made now.
-        fix = "fix the task before saving it"
-        members = _check_meta(json.loads(text), _Checker(folder / TASK_JSON, fix))
-        _check_tensors(tensors, _expected_tensors(members), _Checker(folder / TASK_WEIGHTS, fix))
-        with disk_errors(folder):
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            with FolderLock(folder, what="task folder"):
-                _recover(folder)
-                _check_replaceable(folder)
-                _swap_in(folder, {TASK_WEIGHTS: weights, TASK_JSON: text.encode()})
-        return folder
+        report = self.report.to_dict() if self.report is not None else None
+        return write_task_folder(Path(path), meta, tensors, report=report,
+                                 card=model_card(self))
+
+    save_pretrained = save  # the Hugging Face name; one writer
+
+    @classmethod
+    def from_pretrained(cls, folder_or_repo_id: str | Path,
+                        backbone: Backbone | str | None = None, *,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | Path | None = None,
+                        device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, precision: str = "auto",
+                        **backbone_kwargs: Any) -> Task:
+        """Load a task from a local folder, or from a Hugging Face hub repo (downloaded with
+        ``huggingface_hub.snapshot_download``: its task files only, into the hub's cache).
+
+        A string that names an existing folder, or looks like a path (starts with ``.``,
+        ``/`` or ``~``, or has more than one ``/``), is a folder; otherwise a repo id
+        (``"user/fashion-mnist-inca"``). The rest is :func:`load_task`.
+
+        Args:
+            folder_or_repo_id: the task folder, or the hub repo id.
+            backbone: see :func:`load_task`.
+            revision: the repo's branch, tag or commit.
+            token: the hub token (private repos); the logged-in one by default.
+            cache_dir: where downloads go (the hub's cache by default).
+            device: see :func:`load_task`.
+            dtype: see :func:`load_task`.
+            precision: see :func:`load_task`.
+            **backbone_kwargs: see :func:`load_task`.
+
+        Example:
+            >>> task = inca.Task.from_pretrained("user/fashion-mnist-inca")  # doctest: +SKIP
+        """
+        from inca.runtime.hub import task_folder
+
+        folder = task_folder(folder_or_repo_id, revision=revision, token=token,
+                             cache_dir=cache_dir)
+        return load_task(folder, backbone, device=device, dtype=dtype, precision=precision,
+                         **backbone_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, token: str | bool | None = None,
+                    private: bool | None = None, revision: str | None = None,
+                    commit_message: str = "Upload inca task", create_pr: bool = False) -> Any:
+        """Upload the task (:meth:`save_pretrained`'s files, model card included) to a
+        Hugging Face hub model repo, created if needed (``huggingface_hub``'s
+        ``create_repo`` and ``upload_folder``). The backbone's record goes with it: a
+        backbone from a local folder or checkpoint is named by its absolute path here.
+
+        Args:
+            repo_id: ``"user/name"``.
+            token: the hub token; the logged-in one by default.
+            private: make a new repo private.
+            revision: the branch to push to.
+            commit_message: the commit's message.
+            create_pr: open a pull request instead of committing.
+
+        Returns:
+            ``huggingface_hub``'s ``CommitInfo`` (its ``commit_url``, ``oid``).
+
+        Example:
+            >>> task.push_to_hub("user/fashion-mnist-inca")  # doctest: +SKIP
+        """
+        from inca.runtime.hub import push_task
+
+        return push_task(self, repo_id, token=token, private=private, revision=revision,
+                         commit_message=commit_message, create_pr=create_pr)
 
 
 def check_backbone(info: dict[str, Any], backbone: Backbone, what: str) -> None:
@@ -291,32 +393,45 @@ def _open_image(im: Any) -> Image.Image:
         raise TaskError(str(e)) from e
 
 
-def load_task(path: str | Path, backbone: Backbone | None = None, *,
+def load_task(path: str | Path, backbone: Backbone | str | None = None, *,
               device: str | torch.device | None = None, dtype: torch.dtype | None = None,
               precision: str = "auto", **backbone_kwargs: Any) -> Task:
-    """Load a task folder written by :meth:`Task.save`.
+    """Load a task folder written by :meth:`Task.save`, its fit report as ``task.report``.
 
     Everything local is checked first, before any backbone is created or moved
     (:func:`read_task_files`: the schema and bounds of ``task.json``, the weights' names,
-    shapes and values, their sha256). Without ``backbone``, the backbone named in
-    ``task.json`` is then **created, which may download its weights** (from the Hugging
-    Face hub for ``timm:``/``hf:`` names); its weights fingerprint is checked right after,
-    before it is used. Pass ``backbone`` to load only local files. The task runs on the
-    device and dtype of its backbone.
+    shapes and values, their sha256). Without ``backbone``, the backbone is then created
+    again as ``task.json`` records it (its spec, local paths absolute; the hub revision;
+    whether pretrained weights or a local checkpoint were used). That reads only local
+    files when the record says so (a bundled backbone, a local folder or checkpoint, or
+    ``pretrained=False``: the Hugging Face hub is switched to offline meanwhile), and
+    **may download the weights** otherwise (``timm:``/``hf:`` hub models). Its weights
+    fingerprint is checked right after, before it is used. The task runs on the device and
+    dtype of its backbone.
 
     Args:
         path: the folder.
-        backbone: the backbone to attach; created from the recorded id when omitted.
+        backbone: the backbone to attach: a :class:`~inca.Backbone`, or a spec for
+            :func:`inca.create_backbone` to create instead of the recorded one (e.g. the
+            same weights in another folder, ``"hf:/data/models/vit"``), at the task's input
+            size; created from the task's record when omitted. It must have the weights
+            the task was trained on.
         device: where to run (``"auto"``: CUDA when available). A given backbone is moved
             there; by default it stays where it is, and a created one goes to ``"auto"``.
         dtype: the backbone's and members' parameter dtype (float32 by default; a task
             saved in float32 loads in bfloat16 too).
         precision: autocast of predictions (``"auto"``: bf16-mixed on a GPU, 32 on CPU).
-        **backbone_kwargs: passed to :func:`inca.create_backbone` when creating it.
+        **backbone_kwargs: passed to :func:`inca.create_backbone` when creating it (over
+            the recorded arguments).
 
     Raises:
         TaskError: the folder is not a valid task (the message names the file, the cause
-            and the fix), or the backbone's weights or preprocessing differ.
+            and the fix), the backbone cannot be created again, or its weights or
+            preprocessing differ.
+
+    Example:
+        >>> task = inca.load_task("runs/fmnist/task")  # doctest: +SKIP
+        >>> task.predict(["shoe.png"]), task.report.to_pandas()  # doctest: +SKIP
     """
     files = read_task_files(path)
     backbone = task_backbone(files.backbone_info, backbone, device=device, dtype=dtype,
@@ -324,425 +439,67 @@ def load_task(path: str | Path, backbone: Backbone | None = None, *,
     return files.build(precision).attach(backbone)
 
 
-def task_backbone(info: dict[str, Any], backbone: Backbone | None = None, *,
+def task_backbone(info: dict[str, Any], backbone: Backbone | str | None = None, *,
                   device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                   what: str = "this task", **backbone_kwargs: Any) -> Backbone:
     """The backbone for a task recorded as ``info`` (``TaskFiles.backbone_info``), checked.
 
-    A given ``backbone`` is checked, then moved to ``device``/``dtype`` when given. Without
-    one, the backbone named in ``info`` is created (which may download it) on ``device``
-    (``"auto"`` by default) and checked at once, before anything uses it.
+    A given ``backbone`` is checked, then moved to ``device``/``dtype`` when given. A spec
+    (a string) is created at the task's input size; without one, the backbone recorded in
+    ``info`` is created again (see :func:`load_task`). Either goes to ``device``
+    (``"auto"`` by default) and is checked at once, before anything uses it.
 
     Raises:
-        TaskError: its weights fingerprint or preprocessing differ from ``info``'s.
+        TaskError: it cannot be created, or its weights fingerprint or preprocessing differ
+            from ``info``'s.
     """
-    if backbone is None:
-        from inca.backbones import create_backbone
-
-        backbone_kwargs.setdefault("input_size", info["preprocessing"]["input_size"])
-        backbone = create_backbone(info["name"], device=resolve_device(device), dtype=dtype,
-                                   **backbone_kwargs)
+    if isinstance(backbone, Backbone):
         check_backbone(info, backbone, what=what)
+        if device is not None or dtype is not None:
+            backbone.to(device=None if device is None else resolve_device(device),
+                        dtype=dtype)
         return backbone
-    check_backbone(info, backbone, what=what)
-    if device is not None or dtype is not None:
-        backbone.to(device=None if device is None else resolve_device(device), dtype=dtype)
-    return backbone
+    if isinstance(backbone, str):
+        spec, offline = backbone, False
+        backbone_kwargs.setdefault("input_size", info["preprocessing"]["input_size"])
+    else:
+        spec, offline, backbone_kwargs = _recorded(info, what, backbone_kwargs)
+    from inca.backbones import create_backbone
+    from inca.backbones._hub import offline_mode
 
-
-@dataclass(frozen=True)
-class TaskFiles:
-    """A task folder read and checked by :func:`read_task_files`; no backbone involved.
-
-    Attributes:
-        folder: where it was read: the folder, or its aside copy (``.<name>.old``) when a
-            save was killed between its two renames.
-        meta: the checked ``task.json``.
-        tensors: the checked weights, ``members.<i>.<name>`` (on the CPU, as saved).
-    """
-
-    folder: Path
-    meta: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-
-    @property
-    def backbone_info(self) -> dict[str, Any]:
-        """``Backbone.describe()`` of the backbone the task was trained on."""
-        return self.meta["backbone"]
-
-    def build(self, precision: str = "auto") -> Task:
-        """The task (members on the CPU in float32, no backbone attached yet)."""
-        members = []
-        for i, m in enumerate(self.meta["members"]):
-            adapter = adapter_from_spec(m["spec"])
-            prefix = f"members.{i}."
-            adapter.load_state_dict({k[len(prefix):]: v for k, v in self.tensors.items()
-                                     if k.startswith(prefix)})
-            members.append(adapter)
-        meta = self.meta
-        return Task(members, [m["layers"] for m in meta["members"]], meta["classes"],
-                    meta["backbone"], token_grid=meta.get("token_grid"),
-                    metrics=meta.get("metrics"), keys=[m["key"] for m in meta["members"]],
-                    precision=precision)
-
-
-def read_task_files(path: str | Path) -> TaskFiles:
-    """Read a task folder and check everything that needs no backbone.
-
-    In order, before any module is built or any weight is read: ``task.json`` against the
-    schema (types, required keys, a readable format version, every field within bounds,
-    one class name per output of every member, layers the backbone has); then the
-    weights file's size against what the members can hold, its sha256 against the one
-    ``task.json`` records (format 2), its safetensors header, and every tensor's name,
-    shape, dtype and values (finite) against the members' specs.
-
-    Raises:
-        TaskError: one line naming the file, the cause and the fix.
-    """
-    folder = Path(path)
-    for attempt in range(_READ_ATTEMPTS):
-        try:
-            return _read_checked(_readable_folder(folder))
-        except _ReadRace:  # a save swapped the folder while we read it: read it again
-            if attempt == _READ_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _readable_folder(folder: Path) -> Path:
-    """``folder``, or its aside copy when a save was killed between its two renames."""
-    aside = _aside(folder)
-    return aside if not folder.exists() and aside.is_dir() else folder
-
-
-def _read_checked(folder: Path) -> TaskFiles:
-    meta_file, weights_file = folder / TASK_JSON, folder / TASK_WEIGHTS
-    if not meta_file.is_file() or not weights_file.is_file():
-        raise TaskError(f"{folder} is not a task folder (needs {TASK_JSON} and "
-                        f"{TASK_WEIGHTS}); create one with `inca fit --out ...`")
-    meta_check, weights_check = _Checker(meta_file), _Checker(weights_file)
-    meta = _parse_json(_read_bytes(meta_file, _MAX_JSON_BYTES, meta_check), meta_check)
-    expected = _expected_tensors(_check_meta(meta, meta_check))
-    limit = (8 * sum(t.numel() for t in expected.values()) + _HEADER_SLACK
-             + _HEADER_PER_TENSOR * len(expected))
-    data = _read_bytes(weights_file, limit, weights_check)
-    recorded = meta.get("weights_sha256")
-    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
-        raise _ReadRace(
-            f"{weights_file}: its sha256 differs from the one {TASK_JSON} records, so the "
-            "two files come from different saves (an interrupted save or copy, or an "
-            f"edit); {_FIX}")
+    # Offline as recorded: timm and transformers read their local cache only, never the
+    # network (without huggingface_hub installed, nothing could download anyway).
+    offline = offline and importlib.util.find_spec("huggingface_hub") is not None
     try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError) as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TaskError(f"{weights_file} is not a readable safetensors file ({first_line}): "
-                        f"it is truncated or corrupted; {_FIX}") from e
-    _check_tensors(tensors, expected, weights_check)
-    return TaskFiles(folder, meta, tensors)
+        with offline_mode(offline):
+            created = create_backbone(spec, device=resolve_device(device), dtype=dtype,
+                                      **backbone_kwargs)
+    except BackboneError as e:
+        how = " (from local files only, as recorded)" if offline else ""
+        raise TaskError(f"{what}: cannot create its backbone {spec!r}{how}: {e}. Pass the "
+                        "backbone it was trained on (backbone=..., or --backbone)") from e
+    check_backbone(info, created, what=what)
+    return created
 
 
-def _read_bytes(file: Path, limit: int, check: _Checker) -> bytes:
-    try:
-        size = file.stat().st_size
-        if size > limit:
-            check.fail(f"the file is {size:,} bytes, more than the {limit:,} its task can "
-                       "need, so it is not this task's")
-        return file.read_bytes()
-    except FileNotFoundError as e:  # renamed away by a concurrent save
-        raise _ReadRace(f"{file} disappeared while it was read; load the task again") from e
-    except OSError as e:
-        raise TaskError(f"cannot read {file}: {e.strerror or e}; check its permissions") \
-            from e
-
-
-def _parse_json(data: bytes, check: _Checker) -> Any:
-    try:
-        # NaN/Infinity (which old saves wrote in metrics) read as null: a config field that
-        # is NaN is then refused by its type check.
-        return json.loads(data.decode("utf-8"), parse_constant=lambda _: None)
-    except UnicodeDecodeError:
-        check.fail("the file is not UTF-8 text")
-    except json.JSONDecodeError as e:
-        check.fail(f"the file is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
-    except (ValueError, RecursionError):  # over-long integers, absurd nesting
-        check.fail("the file is not valid JSON (a number too long or nesting too deep)")
-
-
-# -- the schema of task.json --------------------------------------------------------------
-class _Checker:
-    """Raises the one-line :class:`TaskError` of a check that failed on ``file``."""
-
-    def __init__(self, file: Path, fix: str = _FIX) -> None:
-        self.file = file
-        self.fix = fix
-
-    def fail(self, cause: str, fix: str | None = None) -> NoReturn:
-        raise TaskError(f"{self.file}: {cause}; {fix or self.fix}")
-
-    def obj(self, value: Any, where: str, required: Iterable[str],
-            optional: Iterable[str] = (), *, open_ended: bool = False) -> dict[str, Any]:
-        """A JSON object holding ``required`` keys (and, unless ``open_ended``, no others)."""
-        if not isinstance(value, dict):
-            self.fail(f"{where} must be a JSON object, got {_shown(value)}")
-        missing = sorted(set(required) - set(value))
-        if missing:
-            self.fail(f"{where} lacks the key(s) {_few(missing)}")
-        unknown = sorted(set(value) - set(required) - set(optional))
-        if unknown and not open_ended:
-            self.fail(f"{where} has unknown key(s) {_few(unknown)}")
-        return value
-
-    def integer(self, value: Any, where: str, low: int, high: int) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            self.fail(f"{where} must be an integer in [{low:,}, {high:,}], got {_shown(value)}")
-        return value
-
-    def name(self, value: Any, where: str) -> str:
-        if not isinstance(value, str) or not value or len(value) > MAX_NAME:
-            self.fail(f"{where} must be a non-empty string of at most {MAX_NAME} characters, "
-                      f"got {_shown(value)}")
-        return value
-
-    def names(self, value: Any, where: str, high: int) -> list[str]:
-        """A list of 1 to ``high`` distinct names."""
-        if not isinstance(value, list) or not 1 <= len(value) <= high:
-            self.fail(f"{where} must be a list of 1 to {high:,} names, got {_shown(value)}")
-        for i, v in enumerate(value):
-            self.name(v, f"{where}[{i}]")
-        seen: set[str] = set()
-        for v in value:
-            if v in seen:
-                self.fail(f"{where} names {v!r} more than once")
-            seen.add(v)
-        return value
-
-
-def _check_meta(meta: Any, check: _Checker) -> list[Adapter]:
-    """Check a task.json's contents; return its members built on the ``meta`` device
-    (shapes only, no memory), for the weights to be checked against."""
-    top = check.obj(meta, "the top level", {"format_version"}, open_ended=True)
-    version = top["format_version"]
-    if not isinstance(version, int) or isinstance(version, bool) \
-            or version not in READABLE_FORMATS:
-        newer = isinstance(version, int) and version > TASK_FORMAT
-        check.fail(f"format_version {_shown(version)} is not one this inca reads "
-                   f"({', '.join(map(str, READABLE_FORMATS))})",
-                   fix="upgrade inca to load it" if newer else _FIX)
-    optional = {"token_grid", "metrics", "num_parameters"}
-    required = {"format_version", "classes", "members", "backbone"}
-    (required if version >= 2 else optional).add("weights_sha256")
-    check.obj(top, "the top level", required, optional)
-    if "weights_sha256" in top:
-        digest = top["weights_sha256"]
-        if not (isinstance(digest, str) and len(digest) == 64
-                and all(c in "0123456789abcdef" for c in digest)):
-            check.fail(f"weights_sha256 must be 64 lowercase hex digits, got {_shown(digest)}")
-    classes = check.names(top["classes"], "classes", MAX_CLASSES)
-    info = _check_backbone_info(top["backbone"], check)
-    if top.get("token_grid") is not None:
-        check.integer(top["token_grid"], "token_grid", 1, MAX_TOKEN_GRID)
-    if "metrics" in top and top["metrics"] is not None and not isinstance(top["metrics"], dict):
-        check.fail(f"metrics must be a JSON object, got {_shown(top['metrics'])}")
-    if "num_parameters" in top:
-        check.integer(top["num_parameters"], "num_parameters", 0, 1 << 62)
-    members = top["members"]
-    if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
-        check.fail(f"members must be a list of 1 to {MAX_MEMBERS} members, got "
-                   f"{_shown(members)}")
-    known = set(info["layers"]) if "layers" in info else None
-    return [_check_member(i, m, len(classes), info, known, check)
-            for i, m in enumerate(members)]
-
-
-def _check_backbone_info(info: Any, check: _Checker) -> dict[str, Any]:
-    # Open-ended: a backbone's description may grow; the fields read here are checked.
-    info = check.obj(info, "backbone", {"name", "fingerprint", "preprocessing"},
-                     open_ended=True)
-    check.name(info["name"], "backbone.name")
-    check.name(info["fingerprint"], "backbone.fingerprint")
-    if "layers" in info:
-        check.names(info["layers"], "backbone.layers", _MAX_BACKBONE_LAYERS)
-    if "embed_dims" in info:
-        dims = check.obj(info["embed_dims"], "backbone.embed_dims", set(), open_ended=True)
-        for layer, d in dims.items():
-            check.integer(d, f"backbone.embed_dims[{layer!r}]", 1, MAX_DIM)
-    if "num_prefix_tokens" in info:
-        check.integer(info["num_prefix_tokens"], "backbone.num_prefix_tokens", 0,
-                      MAX_PREFIX_TOKENS)
-    prep = check.obj(info["preprocessing"], "backbone.preprocessing",
-                     {"input_size", "mean", "std"}, {"interpolation"})
-    check.integer(prep["input_size"], "backbone.preprocessing.input_size", 1, MAX_INPUT_SIZE)
-    for key in ("mean", "std"):
-        v = prep[key]
-        if not (isinstance(v, list) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e6
-                for x in v)):
-            check.fail(f"backbone.preprocessing.{key} must be 3 numbers, got {_shown(v)}")
-    try:
-        Preprocessing.from_dict(prep)
-    except InCAError as e:
-        check.fail(f"backbone.preprocessing: {e}")
-    return info
-
-
-def _check_member(i: int, member: Any, num_classes: int, info: dict[str, Any],
-                  known: set[str] | None, check: _Checker) -> Adapter:
-    where = f"members[{i}]"
-    member = check.obj(member, where, {"key", "layers", "spec"})
-    key = check.name(member["key"], f"{where}.key")
-    where = f"{where} ({key!r})"
-    layers = check.names(member["layers"], f"{where}.layers", MAX_LAYERS)
-    unknown = [ly for ly in layers if known is not None and ly not in known]
-    if unknown:
-        check.fail(f"{where} reads layer {unknown[0]!r}, which backbone {info['name']!r} "
-                   "does not have")
-    spec = check.obj(member["spec"], f"{where}.spec",
-                     {"kind", "embed_dim", "num_classes", "config"})
-    check.name(spec["kind"], f"{where}.spec.kind")
-    check.integer(spec["embed_dim"], f"{where}.spec.embed_dim", 1, MAX_DIM)
-    check.integer(spec["num_classes"], f"{where}.spec.num_classes", 1, MAX_CLASSES)
-    if spec["num_classes"] != num_classes:
-        check.fail(f"{where} has {spec['num_classes']} outputs but the task has "
-                   f"{num_classes} class names")
-    check.obj(spec["config"], f"{where}.spec.config", set(), open_ended=True)
-    try:
-        # The meta device allocates nothing: the shapes to check the weights against.
-        adapter = adapter_from_spec(spec, device="meta")
-    except (InCAError, TypeError, ValueError, OverflowError) as e:
-        check.fail(f"{where}.spec: {e}")
-    named = list(getattr(adapter.config, "layers", None) or [])  # multi-layer probes
-    count = len(named) if named else getattr(adapter.config, "num_layers", 1)
-    if (named and named != layers) or len(layers) != count:
-        check.fail(f"{where} lists layers {_few(layers)} but its {spec['kind']!r} adapter "
-                   f"reads {_few(named) if named else f'{count} layer(s)'}")
-    widths = getattr(adapter, "layer_dims", None) or (adapter.embed_dim,) * count
-    dims = info.get("embed_dims") or {}
-    for layer, width in zip(layers, widths, strict=True):
-        if layer in dims and dims[layer] != width:
-            check.fail(f"{where} reads {width}-wide tokens of layer {layer!r}, which are "
-                       f"{dims[layer]} wide in backbone {info['name']!r}")
-    return adapter
-
-
-def _expected_tensors(members: list[Adapter]) -> dict[str, torch.Tensor]:
-    """The tensors (on the meta device) a weights file must hold for these members."""
-    return {f"members.{i}.{k}": t for i, m in enumerate(members)
-            for k, t in m.state_dict().items()}
-
-
-def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                   check: _Checker) -> None:
-    missing = sorted(set(expected) - set(tensors))
+def _recorded(info: dict[str, Any], what: str, overrides: dict[str, Any]
+              ) -> tuple[str, bool, dict[str, Any]]:
+    """``(spec, offline, kwargs)`` that create the backbone ``info`` records."""
+    source = info.get("source")
+    if source is None:  # saved before inca recorded sources, or a module it cannot rebuild
+        return info["name"], False, {
+            "input_size": info["preprocessing"]["input_size"], **overrides}
+    if source.get("unrecorded") and not overrides:
+        raise TaskError(
+            f"{what}: its backbone {info['name']!r} was created with arguments a task file "
+            f"cannot hold ({', '.join(map(str, source['unrecorded']))}); pass the backbone "
+            "(backbone=..., or --backbone)")
+    spec, kwargs = source["spec"], {**source["kwargs"], **overrides}
+    missing = [str(p) for p in (spec.partition(":")[2], kwargs.get("checkpoint_path"))
+               if p and Path(str(p)).is_absolute() and not Path(str(p)).exists()]
     if missing:
-        check.fail(f"it lacks the weight(s) {_few(missing)} that task.json's members need")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        check.fail(f"it holds weight(s) {_few(extra)} that no member of task.json has")
-    for name, want in expected.items():
-        t = tensors[name]
-        if t.shape != want.shape:
-            check.fail(f"weight {name!r} has shape {list(t.shape)}, but task.json's member "
-                       f"needs {list(want.shape)}")
-        if not t.is_floating_point():
-            check.fail(f"weight {name!r} is {str(t.dtype).removeprefix('torch.')}, not "
-                       "floating point")
-        if not bool(torch.isfinite(t).all()):
-            check.fail(f"weight {name!r} holds NaN or infinite values (the training "
-                       "diverged)", fix="fit the task again (e.g. a lower learning rate)")
-
-
-def _shown(value: Any) -> str:
-    """A JSON value for a message, cut short (it may be huge or deeply nested)."""
-    if isinstance(value, list):
-        return f"a list of {len(value)} item(s)"
-    if isinstance(value, dict):
-        return f"an object of {len(value)} key(s)"
-    if isinstance(value, (str, int, float, bool, type(None))):
-        text = json.dumps(value)
-        return text if len(text) <= 40 else text[:37] + "..."
-    return type(value).__name__
-
-
-def _few(names: Sequence[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:3])
-    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-# -- the folder swap ----------------------------------------------------------------------
-def _aside(folder: Path) -> Path:
-    """Where a save moves the old task while it renames the new one in."""
-    return folder.parent / f".{folder.name}.old"
-
-
-def _new_prefix(folder: Path) -> str:
-    return f".{folder.name}.new-"
-
-
-def _swap_in(folder: Path, files: dict[str, bytes]) -> None:
-    """Write ``files`` into a new hidden sibling of ``folder``, flushed, and swap it in."""
-    new = Path(tempfile.mkdtemp(prefix=_new_prefix(folder), dir=folder.parent))
-    try:
-        for name, data in files.items():
-            with open(new / name, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_dir(new)
-        if folder.exists():
-            aside = _aside(folder)
-            os.rename(folder, aside)  # until the next rename, load_task reads `aside`
-            os.rename(new, folder)
-            _fsync_dir(folder.parent)
-            shutil.rmtree(aside)
-        else:
-            os.rename(new, folder)
-            _fsync_dir(folder.parent)
-    except BaseException:
-        _recover(folder)  # put the old task back, remove the new copy
-        raise
-
-
-def _recover(folder: Path) -> None:
-    """Undo what an interrupted save left beside ``folder`` (the caller holds its lock)."""
-    aside = _aside(folder)
-    if aside.exists():
-        if folder.exists():  # interrupted after the swap: the new task is in place
-            shutil.rmtree(aside)
-        else:  # interrupted between the renames: the old task goes back
-            os.rename(aside, folder)
-            _fsync_dir(folder.parent)
-    prefix = _new_prefix(folder)
-    for p in folder.parent.iterdir():
-        if p.name.startswith(prefix) and p.is_dir():
-            shutil.rmtree(p)
-
-
-def _check_replaceable(folder: Path) -> None:
-    """Refuse to replace (and so delete) a folder holding anything but a task's files."""
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise TaskError(f"cannot save a task to {folder}: it is a file; give a folder path")
-    # Hidden *.tmp files are what the earlier, file-by-file save left when interrupted.
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in (TASK_JSON, TASK_WEIGHTS)
-                     and not (p.name.startswith(".") and p.name.endswith(".tmp")))
-    if foreign:
-        raise TaskError(f"cannot save a task to {folder}: it holds other files "
-                        f"({_few(foreign)}) that replacing it would delete; save the task "
-                        "to a new folder or to an existing task folder")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a folder's entries (new files, renames) durable; a no-op where a folder cannot
-    be opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        raise TaskError(
+            f"{what}: its backbone was created from {missing[0]}, which does not exist on "
+            "this machine; pass the same weights from where they are here (backbone="
+            "'hf:<folder>' or a Backbone; --backbone, --checkpoint)")
+    return spec, bool(source.get("offline")), kwargs

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inca._files import atomic_write_bytes, atomic_write_json
 from inca.training.config import selection_key
+
+if TYPE_CHECKING:
+    import pandas
 
 
 @dataclass
@@ -84,6 +87,57 @@ class FitReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitReport:
+        """The report :meth:`to_dict` described (as ``report.json`` holds it). Keys this
+        version does not know are ignored; NaN, saved as ``null``, comes back as NaN.
+
+        Raises:
+            ValueError: ``d`` is not a report (a field is missing or of the wrong type).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a report is a JSON object, not {type(d).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        missing = [n for n, f in known.items() if n not in d
+                   and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise ValueError(f"the report lacks {', '.join(missing)}")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        for key in ("rows", "candidates", "history"):
+            value = kwargs.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+                raise ValueError(f"the report's {key} must be a list of objects")
+        for key in ("backbone", "config", "test_accuracy", "timings", "data"):
+            if not isinstance(kwargs[key], dict):
+                raise ValueError(f"the report's {key} must be an object")
+        numbers = ("val_accuracy", "val_loss", "test_accuracy", "percent_of_backbone")
+        kwargs["rows"] = [_nan_for_null(r, numbers) for r in kwargs["rows"]]
+        kwargs["candidates"] = [_nan_for_null(c, numbers) for c in kwargs["candidates"]]
+        if isinstance(kwargs["linear_probe"], dict):
+            kwargs["linear_probe"] = _nan_for_null(kwargs["linear_probe"], numbers)
+        return cls(**_nan_for_null(kwargs, ("val_accuracy",)))
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """Every adapter of the bank, one row each, in bank order: ``key``, ``kind``,
+        ``layers`` (comma-joined), ``lr``, ``val_accuracy``, ``val_loss``, ``best_epoch``,
+        ``diverged_epoch``, ``parameters``, ``percent_of_backbone``, ``test_accuracy``
+        (when a test set was given; never used to choose) and ``chosen``.
+
+        Example:
+            >>> task.report.to_pandas().sort_values("val_accuracy").tail(3)  # doctest: +SKIP
+
+        Raises:
+            ModuleNotFoundError: pandas is not installed (the message says how to).
+        """
+        try:
+            import pandas
+        except ImportError as e:
+            raise ModuleNotFoundError("FitReport.to_pandas needs pandas: pip install pandas",
+                                      name="pandas") from e
+        rows = [{**r, "layers": ", ".join(r.get("layers", [])),
+                 "chosen": r.get("key") in self.chosen_members} for r in self.rows]
+        return pandas.DataFrame(rows)
 
     def to_markdown(self) -> str:
         bb = self.backbone
@@ -180,3 +234,8 @@ class FitReport:
         atomic_write_bytes(folder / "report.md", self.to_markdown().encode())
         return {"json": folder / "report.json", "markdown": folder / "report.md",
                 "plot": self.plot(folder / "accuracy_per_layer.png")}
+
+
+def _nan_for_null(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``d`` with the ``null`` (strict JSON's NaN) of these number fields back to NaN."""
+    return {k: float("nan") if k in keys and v is None else v for k, v in d.items()}

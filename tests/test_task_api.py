@@ -1,0 +1,393 @@
+"""Portable tasks and the public API: the backbone's record, --backbone, the Hugging Face
+conventions (offline), file modes, real signatures, the saved report, NumPy outputs and
+``task.to_module()`` (autograd, torch.export, ONNX)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import inspect
+import io
+import json
+import os
+import shutil
+import stat
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_fit import planted_backbone, planted_data
+from tiny import SIZE, make_backbone, save_tiny_hf_vit
+
+import inca
+import inca.backbones
+from inca._files import atomic_write_bytes
+from inca.adapters import create_adapter
+from inca.backbones.dinov2 import DinoV2Backbone, DinoV2ViT
+from inca.runtime import MultiTaskModel, Task, TaskError, TaskModule, load_task
+from inca.runtime.task import TASK_CARD, TASK_JSON, TASK_REPORT, TASK_WEIGHTS
+from inca.training.report import FitReport
+
+CLASSES = ["cat", "dog", "eel"]
+
+
+def random_task(bb: Any, *, token_grid: int | None = None, two: bool = True) -> Task:
+    """An ensemble of an InCA adapter (first layer) and a linear probe (last layer)."""
+    torch.manual_seed(1)
+    first, last = bb.layers[0], bb.layers[-1]
+    members = [create_adapter("inca", embed_dim=bb.embed_dims[first], num_classes=3)]
+    layers = [[first]]
+    if two:
+        members.append(create_adapter("linear", embed_dim=bb.embed_dims[last], num_classes=3,
+                                      pool="mean", num_prefix_tokens=bb.num_prefix_tokens))
+        layers.append([last])
+    with torch.no_grad():
+        for m in members:
+            for p in m.parameters():
+                p.normal_(0, 0.5)
+    return Task(members, layers, CLASSES, bb.describe(), backbone=bb, precision="32",
+                token_grid=token_grid, keys=[f"m{i}" for i in range(len(members))])
+
+
+def spy_creation(monkeypatch) -> list[tuple[str, dict[str, Any], bool]]:
+    """Record every backbone creation (spec, arguments, hub offline) and let it happen."""
+    from huggingface_hub import constants
+
+    calls: list[tuple[str, dict[str, Any], bool]] = []
+    real = inca.backbones.create_backbone
+
+    def create(spec: str, **kwargs: Any):
+        calls.append((spec, kwargs, constants.HF_HUB_OFFLINE))
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(inca.backbones, "create_backbone", create)
+    return calls
+
+
+def images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+
+
+# -- the backbone's record ----------------------------------------------------------------
+def test_local_folder_is_recorded_absolute_and_rebuilt_from_anywhere_offline(tmp_path,
+                                                                          monkeypatch):
+    save_tiny_hf_vit(tmp_path / "models" / "vit")
+    monkeypatch.chdir(tmp_path / "models")
+    bb = inca.create_backbone("hf:vit")  # a relative path
+    source = bb.describe()["source"]
+    assert source["spec"] == f"hf:{tmp_path / 'models' / 'vit'}"
+    assert source["pretrained"] is True and source["offline"] is True
+    assert source["hub_id"] is None and source["revision"] is None
+    task = random_task(bb)
+    folder = task.save(tmp_path / "task")
+    monkeypatch.chdir(tmp_path / "task")  # another working folder
+    calls = spy_creation(monkeypatch)
+    loaded = load_task(folder, device="cpu", precision="32")
+    assert calls == [(source["spec"], {"device": torch.device("cpu"), "dtype": None,
+                                       "pretrained": True}, True)]  # hub offline meanwhile
+    torch.testing.assert_close(loaded.predict_proba(images()), task.predict_proba(images()))
+
+
+def test_checkpoint_and_no_pretrained_are_recorded_and_rebuilt(tmp_path, monkeypatch):
+    import timm
+
+    arch = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=SIZE)
+    torch.manual_seed(3)
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, **arch).state_dict(),
+               tmp_path / "weights.pth")
+    monkeypatch.chdir(tmp_path)
+    kwargs = dict(input_size=SIZE, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    bb = inca.create_backbone("timm:vit_tiny_patch16_224", pretrained=False,
+                              checkpoint_path="weights.pth", **kwargs)
+    source = bb.describe()["source"]
+    assert source["checkpoint_path"] == str(tmp_path / "weights.pth")
+    assert source["pretrained"] is False and source["offline"] is True
+    assert source["kwargs"] == {**kwargs, "pretrained": False,
+                                "checkpoint_path": str(tmp_path / "weights.pth")}
+    folder = random_task(bb).save(tmp_path / "task")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    calls = spy_creation(monkeypatch)
+    loaded = load_task(folder, device="cpu")  # the same weights: the fingerprint agrees
+    assert calls[0][0] == "timm:vit_tiny_patch16_224" and calls[0][2] is True
+    assert loaded.backbone.fingerprint() == bb.fingerprint()
+    # the checkpoint gone: said clearly, before anything is created
+    os.rename(tmp_path / "weights.pth", tmp_path / "moved.pth")
+    with pytest.raises(TaskError, match=r"weights.pth, which does not exist on this machine"):
+        load_task(folder)
+    assert len(calls) == 1
+    assert load_task(folder, checkpoint_path=str(tmp_path / "moved.pth")).classes == CLASSES
+
+
+def test_old_task_json_and_unrebuildable_backbones(tmp_path, monkeypatch):
+    bb = planted_backbone()  # from_module: nothing records how to build it again
+    assert "source" not in bb.describe()
+    folder = random_task(bb).save(tmp_path / "task")
+    with pytest.raises(TaskError, match=r"cannot create its backbone 'planted'.*Pass the "
+                                        r"backbone it was trained on"):
+        load_task(folder)
+    assert load_task(folder, bb).classes == CLASSES
+    # a format-2 task.json (before sources and reports) still loads, by name as before
+    meta = json.loads((folder / TASK_JSON).read_text())
+    meta["format_version"] = 2
+    (folder / TASK_JSON).write_text(json.dumps(meta))
+    created = []
+    monkeypatch.setattr(inca.backbones, "create_backbone",
+                        lambda spec, **kw: created.append((spec, kw["input_size"])) or bb)
+    assert load_task(folder).classes == CLASSES and created == [("planted", 16)]
+
+
+def test_a_task_file_cannot_make_backbone_creation_run_hub_code(tmp_path, monkeypatch):
+    bb = make_backbone("timm-cnn", tmp_path)
+    folder = random_task(bb, two=False).save(tmp_path / "task")
+    meta = json.loads((folder / TASK_JSON).read_text())
+    meta["backbone"]["source"]["kwargs"]["trust_remote_code"] = True
+    (folder / TASK_JSON).write_text(json.dumps(meta))
+    monkeypatch.setattr(inca.backbones, "create_backbone",
+                        lambda *a, **k: pytest.fail("a backbone was created"))
+    with pytest.raises(TaskError, match=r"trust_remote_code.*would run code from the hub"):
+        load_task(folder)
+
+
+def test_cli_predict_and_serve_take_a_backbone_override(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+
+    bb = inca.create_backbone(f"hf:{save_tiny_hf_vit(tmp_path / 'a')}")
+    folder = random_task(bb).save(tmp_path / "task")
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(images(1)[0].permute(1, 2, 0).numpy()).save(img)
+    os.rename(tmp_path / "a", tmp_path / "b")  # the weights moved
+    run = CliRunner().invoke
+    res = run(app, ["predict", "--task", str(folder), str(img)])
+    assert res.exit_code == 2 and "does not exist on this machine" in res.output, res.output
+    res = run(app, ["predict", "--task", str(folder), str(img), "--backbone",
+                    f"hf:{tmp_path / 'b'}", "--device", "cpu"])
+    assert res.exit_code == 0 and "x.png: " in res.output, res.output
+    shutil.copytree(tmp_path / "b", tmp_path / "c")  # other weights
+    weights = load_file(tmp_path / "c" / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, tmp_path / "c" / "model.safetensors", metadata={"format": "pt"})
+    res = run(app, ["predict", "--task", str(folder), str(img), "--backbone",
+                    f"hf:{tmp_path / 'c'}"])
+    assert res.exit_code == 2 and "does not fit" in res.output and "fingerprint" in res.output
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: served.append(app_))
+    res = run(app, ["serve", "--task", str(folder), "--backbone", f"hf:{tmp_path / 'b'}",
+                    "--device", "cpu"])
+    assert res.exit_code == 0 and len(served) == 1, res.output
+
+
+# -- Hugging Face conventions ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fitted():
+    bb = planted_backbone()
+    task = inca.fit(bb, planted_data(96, 0), test=planted_data(40, 1), layers=["stem", "block1"],
+                    kinds=("linear",), lrs=(1e-2,), epochs=2, progress=False)
+    return bb, task
+
+
+def test_report_is_saved_with_the_task_and_reloaded(fitted, tmp_path):
+    bb, task = fitted
+    folder = task.save(tmp_path / "task")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [TASK_CARD, TASK_JSON, TASK_REPORT, TASK_WEIGHTS])
+    loaded = load_task(folder, bb)
+    assert isinstance(loaded.report, FitReport)
+    assert loaded.report.to_markdown() == task.report.to_markdown()
+    table = loaded.report.to_pandas()
+    assert list(table["key"]) == [r["key"] for r in task.report.rows]
+    assert {"layers", "lr", "val_accuracy", "val_loss", "test_accuracy", "chosen"} <= set(
+        table.columns)
+    assert table["chosen"].sum() == len(task.report.chosen_members)
+    # NaN (a diverged loss), saved as null, comes back as NaN: the report still renders
+    report = json.loads((folder / TASK_REPORT).read_text())
+    report["rows"][0].update(val_loss=None, test_accuracy=None)
+    report["linear_probe"]["val_loss"] = None
+    text = json.dumps(report).encode()
+    (folder / TASK_REPORT).write_bytes(text)
+    meta = json.loads((folder / TASK_JSON).read_text())
+    meta["report_sha256"] = hashlib.sha256(text).hexdigest()
+    (folder / TASK_JSON).write_text(json.dumps(meta))
+    nan_loaded = load_task(folder, bb)
+    assert np.isnan(nan_loaded.report.to_pandas()["val_loss"][0])
+    assert "| nan |" in nan_loaded.report.to_markdown()
+    nan_loaded.save(tmp_path / "again")  # its model card renders the report too
+    # a report from another save is refused; a task copied without its report loads
+    report["chosen"] = "edited"
+    (folder / TASK_REPORT).write_text(json.dumps(report))
+    with pytest.raises(TaskError, match="report.json: its sha256 differs"):
+        load_task(folder, bb)
+    (folder / TASK_REPORT).unlink()
+    assert load_task(folder, bb).report is None
+
+
+def test_to_pandas_says_how_to_install_pandas(fitted, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ModuleNotFoundError, match="pip install pandas"):
+        fitted[1].report.to_pandas()
+
+
+def test_save_pretrained_from_pretrained_push_to_hub(fitted, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    bb, task = fitted
+    assert Task.save_pretrained is Task.save  # one writer
+    folder = task.save_pretrained(tmp_path / "local")
+    card = (folder / TASK_CARD).read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "library_name: inca" in front and "- image-classification" in front
+    assert "metrics:\n- accuracy" in front
+    assert "`planted`" in body and "c0" in body and "m0" not in body
+    for key in task.keys:
+        assert key in body
+    assert f"{task.metrics['val_accuracy']:.4f}" in body and "test accuracy" in body
+    assert "## Fit report" in body and "| adapter | val acc |" in body
+    assert Task.from_pretrained(folder, bb).classes == task.classes  # a local folder
+
+    hub = tmp_path / "hub"
+    calls: list[tuple[str, Any]] = []
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(("create_repo", repo_id))
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        calls.append(("upload_folder", sorted(kw["allow_patterns"])))
+        shutil.copytree(folder_path, hub / repo_id, dirs_exist_ok=True)
+        return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    assert task.push_to_hub("me/planted-task", token="t0k") == "commit-info"
+    assert calls[0] == ("create_repo", "me/planted-task") and calls[1][0] == "upload_folder"
+    assert sorted(p.name for p in (hub / "me" / "planted-task").iterdir()) == sorted(
+        [TASK_CARD, TASK_JSON, TASK_REPORT, TASK_WEIGHTS])
+
+    def snapshot_download(repo_id, **kw):
+        calls.append(("snapshot_download", repo_id, kw["revision"]))
+        return str(hub / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded = Task.from_pretrained("me/planted-task", bb, revision="main")
+    assert calls[-1] == ("snapshot_download", "me/planted-task", "main")
+    assert loaded.report.chosen == task.report.chosen
+    torch.testing.assert_close(loaded.predict_proba(images(3)), task.predict_proba(images(3)))
+
+    def offline(repo_id, **kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline, not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(TaskError, match="not a folder here, and downloading it.*offline"):
+        Task.from_pretrained("me/other-task")
+    with pytest.raises(TaskError, match="is not a task folder"):
+        Task.from_pretrained(tmp_path / "nothing")  # a path: never the hub
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_ordinary_modes(fitted, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        folder = fitted[1].save(tmp_path / "task")
+        atomic_write_bytes(tmp_path / "plain.txt", b"x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for f in [*folder.iterdir(), tmp_path / "plain.txt"]:
+        assert stat.S_IMODE(f.stat().st_mode) == want, f
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+
+
+# -- the Python API ------------------------------------------------------------------------
+def test_real_signatures_and_py_typed():
+    import inca.runtime
+    import inca.training
+
+    assert inca.fit is inca.training.fit and inca.load_task is inca.runtime.load_task
+    assert list(inspect.signature(inca.fit).parameters)[:3] == ["backbone", "train", "val"]
+    assert list(inspect.signature(inca.load_task).parameters)[:2] == ["path", "backbone"]
+    assert "Load a task folder" in inca.load_task.__doc__
+    assert inca.Task is Task and inca.TaskModule is TaskModule
+    assert {"fit", "load_task", "Task"} <= set(dir(inca))
+    with pytest.raises(AttributeError):
+        inca.no_such_thing  # noqa: B018
+    assert importlib.resources.files("inca").joinpath("py.typed").is_file()
+
+
+def test_numpy_outputs(fitted):
+    bb, task = fitted
+    x = images(5)
+    proba = task.predict_proba(x, numpy=True)
+    assert isinstance(proba, np.ndarray) and proba.dtype == np.float32 and proba.shape == (5, 4)
+    np.testing.assert_allclose(proba, task.predict_proba(x).numpy())
+    labels = task.predict(x, numpy=True)
+    assert isinstance(labels, np.ndarray) and list(labels) == task.predict(x)
+    assert list(task.classes_[proba.argmax(1)]) == list(labels)
+    multi = MultiTaskModel(bb, {"t": task}).predict_proba(x, numpy=True)
+    np.testing.assert_allclose(multi["t"], proba, rtol=1e-5, atol=1e-6)
+
+
+# -- to_module: autograd, torch.export, ONNX ------------------------------------------------
+def tiny_dinov2() -> DinoV2Backbone:
+    torch.manual_seed(0)
+    return DinoV2Backbone(DinoV2ViT(embed_dim=32, depth=2, num_heads=2, patch_size=8,
+                                    pos_grid=4), input_size=SIZE)
+
+
+@pytest.fixture(scope="module", params=["timm-vit", "timm-cnn", "module", "dinov2"])
+def module_task(request, tmp_path_factory):
+    source = request.param
+    bb = tiny_dinov2() if source == "dinov2" else make_backbone(
+        source, tmp_path_factory.mktemp(source))
+    return source, random_task(bb, token_grid=2 if source == "timm-vit" else None)
+
+
+def test_to_module_matches_predict_and_trains_outside_inference_mode(module_task):
+    _, task = module_task
+    module = task.to_module()
+    pixels = images(3)
+    expected = task.predict_proba(pixels)
+    torch.testing.assert_close(module(pixels), expected)  # uint8 pixels
+    prep = task.preprocessing
+    mean, std = torch.tensor(prep.mean).view(1, 3, 1, 1), torch.tensor(prep.std).view(1, 3, 1, 1)
+    x = ((pixels / 255 - mean) / std).requires_grad_()  # normalized floats, in grad mode
+    probs = module(x)
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+    probs[:, 0].sum().backward()  # no "Inference tensors cannot be saved for backward"
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in task.backbone.parameters())  # the backbone is frozen
+
+
+def test_to_module_exports_with_torch_export(module_task):
+    source, task = module_task
+    module = task.to_module()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    dynamic = ({0: torch.export.Dim("batch", max=1024)},) if source == "timm-vit" else None
+    program = torch.export.export(module, (x,), dynamic_shapes=dynamic)
+    torch.testing.assert_close(program.module()(x), module(x))
+    if dynamic:
+        x5 = torch.randn(5, 3, SIZE, SIZE)
+        torch.testing.assert_close(program.module()(x5), module(x5))
+
+
+def test_to_module_exports_to_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    task = random_task(make_backbone("module", tmp_path))
+    module, x = task.to_module(), torch.randn(2, 3, SIZE, SIZE)
+    buf = io.BytesIO()
+    torch.onnx.export(module, (x,), buf, dynamo=False, input_names=["images"])
+    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()))
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(buf.getvalue())
+    out = session.run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(out, module(x).detach().numpy(), rtol=1e-4, atol=1e-5)
