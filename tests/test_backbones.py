@@ -152,3 +152,203 @@ def test_bundled_mobilenet_v2():
     # ImageNet weights: the classifier ranks a constant image's classes deterministically.
     out = bb(torch.zeros(1, 3, 64, 64))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+# -- timm: the size and the token layout are asked of the model, not guessed --------------
+
+_TINY_VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def test_timm_img_size_is_asked_of_the_class():
+    import timm.models.cait as cait
+    import timm.models.convnext as convnext
+    import timm.models.deit as deit
+    import timm.models.resnet as resnet
+    import timm.models.vision_transformer as vit
+
+    from inca.backbones.timm_source import takes_img_size
+
+    assert takes_img_size(vit.VisionTransformer) and takes_img_size(cait.Cait)
+    assert takes_img_size(deit.VisionTransformerDistilled)  # (*args, **kwargs) -> its parent
+    assert not takes_img_size(resnet.ResNet) and not takes_img_size(convnext.ConvNeXt)
+
+
+@pytest.mark.parametrize("name, kwargs, prefix, claimed", [
+    ("vit_tiny_patch16_224", _TINY_VIT, 1, 1),
+    ("vit_small_patch14_reg4_dinov2", _TINY_VIT, 5, 5),  # CLS + 4 registers
+    ("deit_tiny_distilled_patch16_224", _TINY_VIT, 2, 2),  # CLS + distillation token
+    # class attention: the blocks hold patches only, though the model says 1 prefix token
+    ("cait_xxs24_224", dict(_TINY_VIT, depth_token_only=1), 0, 1),
+    ("resnet10t", {}, 0, 0),
+])
+def test_timm_prefix_tokens_are_read_from_the_output(name, kwargs, prefix, claimed):
+    bb = inca.create_backbone(f"timm:{name}", pretrained=False, input_size=SIZE, **kwargs)
+    assert int(getattr(bb.model, "num_prefix_tokens", 0) or 0) == claimed
+    assert bb.num_prefix_tokens == prefix == bb.token_layout["prefix_tokens"]
+    assert bb.describe()["token_layout"] == bb.token_layout
+    h, w = bb.token_layout["grid"]
+    tokens = bb.extract(torch.randn(1, 3, SIZE, SIZE), [bb.layers[0]])[bb.layers[0]]
+    assert tokens.shape[1] == prefix + h * w
+    if bb.token_layout["format"] == "tokens":  # a ViT resized to the input: a 4x4 grid
+        assert (h, w) == (SIZE // 8, SIZE // 8)
+
+
+def test_timm_resize_routes(tmp_path):
+    # set_input_size (ViT), a rebuild with img_size (CaiT has no set_input_size), nothing
+    # for a CNN; each runs at the size asked for.
+    for name, kwargs in [("vit_tiny_patch16_224", _TINY_VIT),
+                         ("cait_xxs24_224", dict(_TINY_VIT, depth_token_only=1)),
+                         ("resnet10t", {})]:
+        bb = inca.create_backbone(f"timm:{name}", pretrained=False, input_size=48, **kwargs)
+        assert bb.preprocessing.input_size == 48
+        feats = bb.extract(torch.randn(1, 3, 48, 48), "last")
+        assert all(torch.isfinite(v).all() for v in feats.values())
+
+
+def test_timm_model_that_cannot_run_at_the_size_is_refused_clearly():
+    import timm
+
+    from inca.backbones.timm_source import TimmBackbone
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                              img_size=SIZE, **_TINY_VIT)  # fixed at 32 px
+    with pytest.raises(BackboneError, match=r"timm:vit_tiny.* does not run on 48 px images.*"
+                                            r"Fix: use --input-size 32"):
+        TimmBackbone(model, name="timm:vit_tiny_patch16_224", input_size=48)
+
+
+def test_timm_layout_mismatch_is_refused(tmp_path):
+    bb = make_backbone("timm-vit", tmp_path)
+    bb.num_prefix_tokens = 2  # as if a layer came back with another layout
+    with pytest.raises(BackboneError, match="carries 1 prefix token"):
+        bb.extract(torch.randn(1, 3, SIZE, SIZE))
+
+
+# -- local weights -----------------------------------------------------------------------
+
+
+def test_timm_checkpoint_loads_as_timm_loads_weights(tmp_path):
+    import timm
+
+    torch.manual_seed(1)
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
+                            img_size=SIZE, **_TINY_VIT)
+    plain, wrapped = tmp_path / "w.pth", tmp_path / "ckpt.pth"
+    torch.save(src.state_dict(), plain)
+    torch.save({"state_dict": src.state_dict(), "epoch": 3}, wrapped)
+    for path in (plain, wrapped):  # a classifier of another size is dropped
+        bb = inca.create_backbone("timm:vit_tiny_patch16_224", checkpoint_path=str(path),
+                                  input_size=SIZE, **_TINY_VIT)
+        for k, v in bb.model.state_dict().items():
+            torch.testing.assert_close(v, src.state_dict()[k], msg=k)
+    # at another size, position embeddings are resampled as for hub weights
+    bb = inca.create_backbone("timm:vit_tiny_patch16_224", checkpoint_path=str(plain),
+                              input_size=48, **_TINY_VIT)
+    assert bb.token_layout["grid"] == [6, 6]
+    torch.testing.assert_close(bb.model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    with pytest.raises(BackboneError, match="checkpoint file not found"):
+        inca.create_backbone("timm:resnet10t", checkpoint_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(BackboneError, match=r"could not load timm:resnet10t from .*w\.pth"):
+        inca.create_backbone("timm:resnet10t", checkpoint_path=str(plain))  # a ViT's weights
+
+
+def test_torchvision_checkpoint_and_bundled_refusal(tmp_path):
+    import torchvision
+
+    torch.manual_seed(2)
+    src = torchvision.models.mobilenet_v2(width_mult=0.25)
+    torch.save({"model": src.state_dict()}, tmp_path / "mnv2.pth")
+    bb = inca.create_backbone("torchvision:mobilenet_v2", input_size=SIZE, width_mult=0.25,
+                              checkpoint_path=str(tmp_path / "mnv2.pth"))
+    for k, v in bb.model.state_dict().items():
+        torch.testing.assert_close(v, src.state_dict()[k], msg=k)
+    with pytest.raises(BackboneError, match="bundled weights"):
+        inca.create_backbone("dinov2_vits14", checkpoint_path=str(tmp_path / "mnv2.pth"))
+    with pytest.raises(BackboneError, match="hf:<folder>"):
+        inca.create_backbone("hf:some/model", checkpoint_path=str(tmp_path / "mnv2.pth"))
+
+
+# -- offline: the hint at once, not after the hub's retries ------------------------------
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("how", ["env", "no-connection"])
+def test_offline_hub_fails_fast_with_the_hint(empty_hub_cache, monkeypatch, how):
+    import time
+
+    from huggingface_hub import constants
+
+    from inca.backbones import _hub
+
+    if how == "env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(_hub, "hub_reachable", lambda *a, **k: pytest.fail("asked the hub"))
+    else:  # not declared offline: one quick request finds no hub
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(_hub, "hub_reachable", lambda *a, **k: False)
+    before, t = constants.HF_HUB_OFFLINE, time.perf_counter()
+    with pytest.raises(BackboneError, match=r"not reachable.*--checkpoint PATH"):
+        inca.create_backbone("timm:resnet10t", pretrained=True)
+    with pytest.raises(BackboneError, match=r"not reachable.*save_pretrained"):
+        inca.create_backbone("hf:google/vit-base-patch16-224")
+    assert time.perf_counter() - t < 10  # the hub's own retries take about 45 s
+    assert constants.HF_HUB_OFFLINE == before  # offline mode only while loading
+
+
+def test_unknown_names_suggest_the_close_match():
+    with pytest.raises(BackboneError, match="did you mean 'dinov2_vits14'"):
+        inca.create_backbone("dinov2_vits16")
+    with pytest.raises(BackboneError, match="did you mean 'timm:'"):
+        inca.create_backbone("tim:resnet10t")
+    with pytest.raises(BackboneError, match="did you mean 'vit_tiny_patch16_224'"):
+        inca.create_backbone("timm:vit_tiny_patch16_22", pretrained=False)
+    with pytest.raises(BackboneError, match="did you mean 'mobilenet_v2'"):
+        inca.create_backbone("torchvision:mobilenet_v22", pretrained=False)
+
+
+# -- optional extras: the install command, not a bare ModuleNotFoundError ------------------
+
+
+@pytest.mark.parametrize("module, extra", [
+    ("timm", "timm"), ("transformers", "hf"), ("datasets", "hf"), ("fastapi", "serve"),
+    ("uvicorn", "serve"), ("peft", "baselines"), ("sklearn", "offline"), ("onnx", "offline"),
+])
+def test_missing_extra_names_its_install_command(monkeypatch, module, extra):
+    from inca._hints import MissingDependencyError, require
+
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=rf'pip install "inca\[{extra}\]"') as e:
+        require(module)
+    assert isinstance(e.value, inca.InCAError) and isinstance(e.value, ImportError)
+
+
+def test_backbone_sources_use_the_install_hint(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(inca.InCAError, match=r'pip install "inca\[timm\]"'):
+        inca.create_backbone("timm:resnet10t", pretrained=False)
+    with pytest.raises(inca.InCAError, match=r'pip install "inca\[hf\]"'):
+        inca.create_backbone("hf:google/vit-base-patch16-224")
+
+
+def test_packaging_dependencies():
+    import pathlib
+
+    tomllib = pytest.importorskip("tomllib")
+    meta = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert any(d.startswith("matplotlib") for d in project["dependencies"])  # every fit plots
+    hf = project["optional-dependencies"]["hf"]
+    assert any(d.startswith("transformers") and "<6" in d for d in hf)

@@ -47,3 +47,19 @@ def test_gpu_scale_benchmark_runs_on_cpu(tmp_path):
     assert {(r["n_images"], r["method"]) for r in payload["e2e"]} == {
         (n, m) for n in (32, 48) for m in ("inca", "full")}
     assert "InCA streaming step / plain bf16 forward" in (tmp_path / "gpu.md").read_text()
+
+
+def test_faults_benchmark_quick(tmp_path):
+    """benchmarks/faults.py --quick: the library cases, the results' shape."""
+    script = SCRIPT.parent / "faults.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--results-dir", str(tmp_path)],
+                   check=True, timeout=120)
+    payload = json.loads((tmp_path / "faults.json").read_text())
+    assert {"faults_injected", "faults_survived", "bad_inputs_tried",
+            "bad_inputs_handled_clearly", "silent_wrong_results", "data_lost_events",
+            "load"} <= set(payload)
+    assert set(payload["load"]) == {"requests", "errors", "wrong_answers", "p99_ms_normal",
+                                    "p99_ms_normal_under_bombs"}
+    assert payload["bad_inputs_tried"] >= 4 and not payload["harness_errors"]
+    assert {c["id"] for c in payload["bad_inputs"]} >= {"open-16-bit", "task-predict-bomb"}
+    assert "| open-16-bit | library |" in (tmp_path / "faults.md").read_text()

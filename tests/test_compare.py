@@ -69,3 +69,89 @@ def test_config_and_summary():
     assert rows["inca"]["memory_vs_full"] == pytest.approx(0.3)
     assert rows["inca"]["accuracy_minus_full"] == pytest.approx(-0.03)
     assert rows["inca"]["stored_percent_of_backbone"] == pytest.approx(2.0)
+
+
+def test_config_checks_every_option_and_suggests():
+    with pytest.raises(InCAError, match="did you mean 'lora'"):
+        CompareConfig(methods=("full", "lorra"), device="cpu")
+    for bad in ({"limit": 0}, {"lrs": (0.0,)}, {"batch_size": 0}, {"token_grid": 0},
+                {"methods": ("inca", "inca")}, {"val_fraction": 1.0}):
+        with pytest.raises(InCAError):
+            CompareConfig(device="cpu", **bad)
+
+
+def _fake_child(fail: dict[str, str]):
+    """In-process stand-in for the child processes: a made-up run per job, or the error
+    ``fail`` gives for its method."""
+    from dataclasses import asdict
+
+    from inca.baselines.compare import Run
+
+    def child(job):
+        method = job["method"]
+        if method in fail:
+            raise InCAError(fail[method])
+        if method == "extract":
+            return [{"seconds": 1.0, "peak_rss_mib": 10.0, "cuda_peak_mib": None}]
+        label = method + (" @ full's time" if job.get("time_budget_s") else "")
+        return [asdict(Run(label, job["seed"], 0.5, 0.5, 10.0, 100.0, None, 10, 40,
+                           {"epochs_run": 1}))]
+
+    return child
+
+
+def test_compare_writes_what_finished(tmp_path, monkeypatch):
+    from inca.baselines import compare
+
+    folder = save_tiny_hf_vit(tmp_path / "vit")
+    monkeypatch.setattr(compare, "_in_child", _fake_child(
+        {"lora": "prepare: no attention projections\nto put LoRA on"}))
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, [
+        "compare", "--backbone", f"hf:{folder}", "--data", "digits", "--out", str(out),
+        "--methods", "full,lora,linear", "--seeds", "1", "--limit", "60", "--test-limit", "30"])
+    assert res.exit_code == 1, res.output
+    assert "1 run(s) failed (lora)" in res.output
+    result = json.loads((out / "compare.json").read_text())
+    assert {r["method"] for r in result["summary"]} == {"full", "linear"}
+    assert result["failures"] == [{"method": "lora", "seed": 0, "error": "InCAError: prepare: "
+                                   "no attention projections to put LoRA on"}]
+    md = (out / "compare.md").read_text()
+    assert "| lora | 0 | failed |" in md and "- lora seed 0: InCAError: prepare" in md
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_failed_extraction_and_full(tmp_path, monkeypatch):
+    from inca.baselines import compare
+
+    folder = save_tiny_hf_vit(tmp_path / "vit")
+    monkeypatch.setattr(compare, "_in_child", _fake_child({"extract": "disk full"}))
+    config = CompareConfig(backbone=f"hf:{folder}", data="digits", methods=("full", "inca"),
+                           seeds=1, limit=60, test_limit=30, device="cpu", equal_time=True)
+    result = compare.run_compare(config, progress=False)
+    assert [r["method"] for r in result["summary"]] == ["full"]
+    failed = {f["method"]: f["error"] for f in result["failures"]}
+    assert failed == {"inca": "the shared extraction failed: InCAError: disk full",
+                      "inca @ full's time": "the shared extraction failed: InCAError: "
+                                            "disk full"}
+    monkeypatch.setattr(compare, "_in_child", _fake_child({"full": "out of memory"}))
+    result = compare.run_compare(config, progress=False)
+    failed = {f["method"]: f["error"] for f in result["failures"]}
+    assert failed["full"] == "InCAError: out of memory"
+    assert "full fine-tuning failed" in failed["inca @ full's time"]
+    assert [r["method"] for r in result["summary"]] == ["inca"]
+    assert "n/a" in compare.to_markdown(result)  # no ratios without full
+
+
+def test_lora_finds_the_attention_projections_of_current_transformers(tmp_path):
+    import inca
+    from inca.baselines.finetune import FineTuneConfig, _lora_targets, prepare
+
+    bb = inca.create_backbone(f"hf:{save_tiny_hf_vit(tmp_path / 'vit')}")
+    targets = _lora_targets(bb.model)  # q_proj/k_proj/v_proj (5) or query/key/value (4)
+    assert len(targets) == 3 * len(bb.layers)
+    assert {t.rsplit(".", 1)[-1] for t in targets} in ({"q_proj", "k_proj", "v_proj"},
+                                                       {"query", "key", "value"})
+    pytest.importorskip("peft")
+    tuned, names = prepare(bb, FineTuneConfig(method="lora"))
+    assert names and all("lora_" in n for n in names)

@@ -20,6 +20,21 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from inca._version import __version__
+
+        typer.echo(f"inca {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="print inca's version and exit")] = False) -> None:
+    """Adapt frozen vision backbones with parallel cross-attention adapters (InCA)."""
+
+
 def context():
     """This process's place under torchrun (a group of one otherwise); imports torch."""
     from inca._distributed import context as ctx
@@ -62,6 +77,14 @@ BackboneDtype = Annotated[str, typer.Option(
          "memory)")]
 NumWorkers = Annotated[
     int | None, typer.Option(help="data-loading workers (default: cores - 1, at most 8)")]
+ImageColumn = Annotated[str | None, typer.Option(
+    help="the images' column in a Hugging Face set or a manifest (default: the Image "
+         "feature, or a column named image / path)")]
+LabelColumn = Annotated[str | None, typer.Option(
+    help="the labels' column (default: the ClassLabel feature, or a column named label / "
+         "class); one class per sample")]
+_DATA_HELP = ("fashion-mnist, digits, an image folder, a .csv/.jsonl manifest (path,label), "
+              "hf:<folder or hub id>")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -73,11 +96,57 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
-def _backbone_kwargs(input_size: int | None, pretrained: bool) -> dict:
+def _backbone_kwargs(input_size: int | None, pretrained: bool,
+                     checkpoint: Path | None = None) -> dict:
+    """The backbone's creation arguments, checked (cheaply) before any expensive work."""
     kw: dict = {"pretrained": pretrained}
     if input_size is not None:
+        if input_size < 1:
+            raise InCAError(f"--input-size must be positive, got {input_size}")
         kw["input_size"] = input_size
+    if checkpoint is not None:
+        if not checkpoint.expanduser().is_file():
+            raise InCAError(f"--checkpoint {checkpoint}: no such file")
+        kw["checkpoint_path"] = str(checkpoint.expanduser().resolve())
     return kw
+
+
+Checkpoint = Annotated[Path | None, typer.Option(
+    help="local weights file for a timm:/torchvision: backbone (a state_dict, or a "
+         "checkpoint holding one), instead of the hub's")]
+
+
+def _positive(**values: int | None) -> None:
+    """Refuse a zero or negative count (``None``: not given) before any work."""
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise InCAError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+
+def _check_data(*specs: str | None) -> None:
+    """A misspelt built-in data set (``fashion_mnist``) refused with the close match before
+    any work; anything else is left to the data loader to read or refuse."""
+    from inca._hints import did_you_mean
+    from inca.data.builtin import list_datasets
+
+    names = list_datasets()
+    for spec in specs:
+        if spec is None or spec in names or spec.startswith("hf:") or Path(spec).exists():
+            continue
+        hint = did_you_mean(spec, names)
+        if hint:
+            raise InCAError(f"unknown data set {spec!r}{hint}: not a built-in "
+                            f"({', '.join(names)}) nor an existing folder or file")
+
+
+def _choices(option: str, given: list[str], allowed: list[str]) -> None:
+    """Refuse an unknown name with the close match and the choices."""
+    from inca._hints import did_you_mean
+
+    for name in given:
+        if name not in allowed:
+            raise InCAError(f"unknown {option} {name!r}{did_you_mean(name, allowed)}; "
+                            f"choose from {', '.join(allowed)}")
 
 
 @app.command("backbones")
@@ -94,10 +163,10 @@ def backbones_cmd() -> None:
 @_friendly
 def extract_cmd(
     backbone: Annotated[str, typer.Option(help="e.g. dinov2_vits14, timm:<name>, hf:<path>")],
-    data: Annotated[str, typer.Option(help="fashion-mnist, digits, an image folder, hf:<path>")],
+    data: Annotated[str, typer.Option(help=_DATA_HELP)],
     out: Annotated[Path, typer.Option(help="cache folder to write (resumed if interrupted)")],
     layers: Annotated[str, typer.Option(help="'all', 'last', or comma-separated names")] = "all",
-    split: Annotated[str, typer.Option(help="data split: train or test")] = "train",
+    split: Annotated[str, typer.Option(help="data split: train, val or test")] = "train",
     limit: Annotated[int | None, typer.Option(help="use at most this many samples")] = None,
     batch_size: Annotated[int, typer.Option(help="images per backbone pass")] = 32,
     token_grid: Annotated[
@@ -106,23 +175,33 @@ def extract_cmd(
     input_size: Annotated[int | None, typer.Option(help="image side fed to the backbone")] = None,
     dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
     skip_unreadable: Annotated[bool, typer.Option(help="skip unreadable images")] = False,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
     pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
     overwrite: Annotated[bool, typer.Option(help="replace a cache made differently")] = False,
+    checkpoint: Checkpoint = None,
     num_workers: NumWorkers = None,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",
 ) -> None:
     """Extract many layers' tokens in one pass into a resumable activation cache."""
-    from inca._precision import resolve_device
+    from inca._precision import resolve_device, resolve_precision
     from inca.backbones import create_backbone
     from inca.data import load_dataset
     from inca.features import extract_to_cache
 
+    # Every option checked before the backbone loads or a byte is extracted.
+    _positive(limit=limit, batch_size=batch_size, token_grid=token_grid)
+    _choices("--dtype", [dtype], ["float16", "float32"])
+    _check_data(data)
     ctx = context()  # under torchrun, each rank extracts its shards into the same folder
-    bb = create_backbone(backbone, device=resolve_device(ctx.device(device)),
-                         dtype=_dtype(backbone_dtype), **_backbone_kwargs(input_size, pretrained))
-    ds = load_dataset(data, split=split, limit=limit, skip_unreadable=skip_unreadable)
+    dev, bb_dtype = resolve_device(ctx.device(device)), _dtype(backbone_dtype)
+    resolve_precision(precision, dev)
+    bb_kwargs = _backbone_kwargs(input_size, pretrained, checkpoint)
+    ds = load_dataset(data, split=split, limit=limit, skip_unreadable=skip_unreadable,
+                      image_column=image_column, label_column=label_column)
+    bb = create_backbone(backbone, device=dev, dtype=bb_dtype, **bb_kwargs)
     cache = extract_to_cache(
         bb, ds, out, layers=layers, batch_size=batch_size, token_grid=token_grid, dtype=dtype,
         overwrite=overwrite, num_workers=num_workers, precision=precision,
@@ -157,7 +236,7 @@ def _floats(text: str) -> tuple[float, ...]:
 @_friendly
 def fit_cmd(
     backbone: Annotated[str, typer.Option(help="e.g. dinov2_vits14, timm:<name>, hf:<path>")],
-    data: Annotated[str, typer.Option(help="fashion-mnist, digits, an image folder, hf:<path>")],
+    data: Annotated[str, typer.Option(help=_DATA_HELP)],
     out: Annotated[Path, typer.Option(help="run folder: task/, report.*, cache/")],
     layers: Annotated[str, typer.Option(help="'all', 'last', or comma-separated names")] = "all",
     kinds: Annotated[str, typer.Option(
@@ -176,8 +255,12 @@ def fit_cmd(
     ] = None,
     val_fraction: Annotated[float, typer.Option(help="share held out for selection")] = 0.15,
     val_data: Annotated[str | None, typer.Option(
-        help="validation data for selection (default: a val/ folder beside train/, else "
-             "--val-fraction of the training data)")] = None,
+        help="validation data for selection (default: the data's val/validation split or "
+             "folder, else --val-fraction of the training data)")] = None,
+    test_data: Annotated[str | None, typer.Option(
+        help="test data, reported only (default: the data's test split, if any)")] = None,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
     mode: Annotated[str, typer.Option(
         help="auto (cache when it fits --cache-budget-gb and pays off), cached or streaming")
     ] = "auto",
@@ -198,16 +281,27 @@ def fit_cmd(
     patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")] = 5,
     skip_unreadable: Annotated[bool, typer.Option(help="skip unreadable images")] = False,
     pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
+    overwrite: Annotated[bool, typer.Option(
+        help="replace the task and report that an earlier run left in --out (its caches "
+             "are reused when they match, replaced when made differently)")] = False,
+    checkpoint: Checkpoint = None,
     num_workers: NumWorkers = None,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",
 ) -> None:
     """Train a bank of adapters in parallel, select on validation, save the task and report."""
+    from inca.adapters import list_adapters
     from inca.training import FitConfig
 
+    # Every option checked before the backbone loads or a byte is extracted.
+    kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
+    _choices("--kinds kind", [k.split(":", 1)[0] for k in kind_list],
+             [a["name"] for a in list_adapters()])
+    _positive(limit=limit, test_limit=None if test_limit == 0 else test_limit)
+    _check_data(data, val_data, test_data)
     config = FitConfig(
-        layers=layers, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+        layers=layers, kinds=tuple(kind_list),
         lrs=_floats(lrs), epochs=epochs, batch_size=batch_size, val_fraction=val_fraction,
         mode=mode, augment=augment, cache_budget_gb=cache_budget_gb, ensemble_k=ensemble_k,
         soup=soup, token_grid=token_grid, seed=seed, select_by=select_by,
@@ -217,42 +311,84 @@ def fit_cmd(
 
     ctx = context()  # under torchrun: this rank's place; rank 0 writes the results
     dev, dtype = resolve_device(ctx.device(device)), _dtype(backbone_dtype)  # checked early
+    bb_kwargs = _backbone_kwargs(input_size, pretrained, checkpoint)
+    _check_no_task(out, overwrite)
     check_writable(out)  # before hours of work whose result could not be saved
     with FolderLock(out, "run folder") if ctx.is_main else nullcontext():
         _fit_into(out, backbone, data, config, dev, dtype, input_size, pretrained, limit,
-                  test_limit, val_data, val_fraction, skip_unreadable, seed, num_workers)
+                  test_limit, val_data, val_fraction, skip_unreadable, seed, num_workers,
+                  test_data, {"image_column": image_column, "label_column": label_column},
+                  bb_kwargs=bb_kwargs, overwrite=overwrite)
+
+
+def _fit_replacing(run: Any, cache_root: Path, overwrite: bool) -> Any:
+    """``run()``; with --overwrite, a cache in the run folder made differently (another
+    backbone, data or layers) is removed and the fit run again (it stops at once, before
+    extracting, when it finds one); a cache that matches is reused."""
+    from inca.errors import CacheError
+
+    try:
+        return run()
+    except CacheError as e:
+        made_differently = "made differently" in str(e) or "holds no cache" in str(e)
+        if not (overwrite and made_differently and cache_root.is_dir()):
+            raise
+    import shutil
+
+    ctx = context()
+    if ctx.is_main:  # one rank removes; the others wait for it
+        typer.echo(f"--overwrite: replacing the caches in {cache_root}, made differently")
+        shutil.rmtree(cache_root)
+    ctx.barrier()
+    return run()
+
+
+def _check_no_task(out: Path, overwrite: bool) -> None:
+    """Refuse to replace the task of an earlier run unless asked to (--overwrite)."""
+    task = out / "task"
+    if not overwrite and task.is_dir() and any(task.iterdir()):
+        raise InCAError(f"{out} already holds a fitted task ({task}); pass --overwrite to "
+                        "replace it, or choose another --out")
 
 
 def _fit_into(out: Path, backbone: str, data: str, config: Any, dev: Any, dtype: Any,
               input_size: int | None, pretrained: bool, limit: int | None,
               test_limit: int | None, val_data: str | None, val_fraction: float,
-              skip_unreadable: bool, seed: int, num_workers: int | None) -> None:
+              skip_unreadable: bool, seed: int, num_workers: int | None,
+              test_data: str | None = None, columns: dict | None = None, *,
+              bb_kwargs: dict | None = None, overwrite: bool = False) -> None:
     """``inca fit`` once its run folder is locked."""
     from inca.backbones import create_backbone
-    from inca.data import load_dataset
+    from inca.data import has_split, load_dataset
     from inca.training import fit
 
-    bb = create_backbone(backbone, device=dev, dtype=dtype,
-                         **_backbone_kwargs(input_size, pretrained))
-    train = load_dataset(data, split="train", limit=limit, skip_unreadable=skip_unreadable,
-                         seed=seed)
+    columns = {**(columns or {}), "skip_unreadable": skip_unreadable}
+    train = load_dataset(data, split="train", limit=limit, seed=seed, **columns)
     val = None
     if val_data is not None:
-        val = load_dataset(val_data, split="val", skip_unreadable=skip_unreadable)
-    elif (Path(data) / "val").is_dir() and (Path(data) / "train").is_dir():
-        val = load_dataset(data, split="val", skip_unreadable=skip_unreadable)
+        val = load_dataset(val_data, split="val", **columns)
+    elif has_split(data, "val"):  # a val/ folder, a validation split
+        val = load_dataset(data, split="val", **columns)
     say = typer.echo if context().is_main else (lambda *_: None)
     say(f"validation: {val.name} ({len(val)} images)" if val is not None else
         f"validation: {val_fraction:.0%} of the training data, stratified")
     test = None
-    if test_limit != 0:
+    if test_limit != 0 and (test_data is not None or has_split(data, "test")):
         try:
-            test = load_dataset(data, split="test", limit=test_limit,
-                                skip_unreadable=skip_unreadable, seed=seed)
+            test = load_dataset(test_data or data, split="test", limit=test_limit, seed=seed,
+                                **columns)
         except InCAError as e:
-            say(f"no test split evaluated ({e})")
-    task = fit(bb, train, val, test=test, config=config, cache_dir=out / "cache",
-               num_workers=num_workers, device=dev)
+            if test_data is not None:
+                raise
+            say(f"no test split evaluated ({e})")  # e.g. a hub test split without labels
+    elif test_limit != 0:
+        say(f"no test split evaluated ({data} has none; pass --test-data)")
+    # the data first: a misspelt name or folder costs no backbone download
+    bb = create_backbone(backbone, device=dev, dtype=dtype,
+                         **(bb_kwargs or _backbone_kwargs(input_size, pretrained)))
+    task = _fit_replacing(lambda: fit(bb, train, val, test=test, config=config,
+                                      cache_dir=out / "cache", num_workers=num_workers,
+                                      device=dev), out / "cache", overwrite)
     if not context().is_main:
         return  # every rank holds the same task; rank 0 writes it
     task.save(out / "task")
@@ -267,6 +403,13 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="image files")],
     task: Annotated[list[Path], typer.Option(help="task folder(s) written by inca fit")],
     top_k: Annotated[int, typer.Option(help="labels shown per image")] = 3,
+    backbone: Annotated[str | None, typer.Option(
+        help="create the backbone from this instead of the tasks' record (e.g. the same "
+             "weights elsewhere: hf:<folder>); it must have the weights the tasks were "
+             "trained on")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="local weights file for the backbone (timm), instead of the recorded one")]
+    = None,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",
@@ -274,12 +417,14 @@ def predict_cmd(
     """Predict labels and probabilities of images with one or more fitted tasks.
 
     Several tasks share one backbone pass (they must have been trained on the same
-    backbone weights).
+    backbone weights). The backbone is created as the tasks record it (local paths are
+    absolute; no download for local or --no-pretrained backbones), or from --backbone.
     """
     from inca.runtime import MultiTaskModel
 
-    model = MultiTaskModel.from_paths(list(task), device=device, precision=precision,
-                                      dtype=_dtype(backbone_dtype))
+    model = MultiTaskModel.from_paths(
+        list(task), backbone, device=device, precision=precision, dtype=_dtype(backbone_dtype),
+        **({"checkpoint_path": str(checkpoint.resolve())} if checkpoint else {}))
     for name, per_image in model.predict([str(p) for p in images], top_k=top_k).items():
         typer.echo(f"task {name}:")
         for img, top in zip(images, per_image, strict=True):
@@ -307,6 +452,13 @@ def serve_cmd(
     api_key: Annotated[str | None, typer.Option(
         envvar="INCA_API_KEY", help="require this X-API-Key header (an empty key is refused)")
     ] = None,
+    backbone: Annotated[str | None, typer.Option(
+        help="create the backbone from this instead of the tasks' record (e.g. the same "
+             "weights elsewhere: hf:<folder>); it must have the weights the tasks were "
+             "trained on")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="local weights file for the backbone (timm), instead of the recorded one")]
+    = None,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",
@@ -314,8 +466,10 @@ def serve_cmd(
     """Serve tasks over HTTP: POST /predict, GET /tasks, GET /health (docs at /docs)."""
     import os
 
-    import uvicorn
+    from inca._hints import require
 
+    uvicorn = require("uvicorn", purpose="inca serve")
+    require("fastapi", purpose="inca serve")
     from inca.runtime import MultiTaskModel
     from inca.runtime.server import ServerConfig, create_app
 
@@ -328,8 +482,9 @@ def serve_cmd(
         max_upload_bytes=int(max_upload_mb * 2**20), max_images=max_images,
         max_image_pixels=int(max_image_megapixels * 1e6),
         max_request_pixels=int(max_request_megapixels * 1e6), api_key=api_key)
-    model = MultiTaskModel.from_paths(list(task), device=device, precision=precision,
-                                      dtype=_dtype(backbone_dtype))
+    model = MultiTaskModel.from_paths(
+        list(task), backbone, device=device, precision=precision, dtype=_dtype(backbone_dtype),
+        **({"checkpoint_path": str(checkpoint.resolve())} if checkpoint else {}))
     auth = "X-API-Key required" if api_key is not None else "no API key"
     typer.echo(f"serving {', '.join(model.tasks)} on http://{host}:{port} ({auth}; "
                "docs: /docs)")
@@ -358,22 +513,38 @@ def compare_cmd(
     time_fraction: Annotated[float, typer.Option(
         help="share of full fine-tuning's time an equal-time run gets")] = 1.0,
     max_epochs: Annotated[int, typer.Option(help="most epochs of an equal-time run")] = 30,
+    pretrained: Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")] = True,
+    checkpoint: Checkpoint = None,
     device: Device = "auto",
     precision: Precision = "auto",
 ) -> None:
-    """Compare InCA with full/last-layer fine-tuning, LoRA and probes: one table, one run."""
+    """Compare InCA with full/last-layer fine-tuning, LoRA and probes: one table, one run.
+
+    A method that fails does not stop the others: the table and compare.json hold what
+    finished and list each failure with its error (the exit code is then 1).
+    """
     from inca.baselines.compare import CompareConfig, run_compare, to_markdown, write
 
+    checkpoint_path = _backbone_kwargs(None, True, checkpoint).get("checkpoint_path")
+    _check_data(data)
     config = CompareConfig(
         backbone=backbone, data=data, methods=tuple(m.strip() for m in methods.split(",")),
         epochs=epochs, limit=limit, test_limit=test_limit, seeds=seeds,
         expensive_seeds=expensive_seeds, batch_size=batch_size, lrs=_floats(lrs),
         input_size=input_size, token_grid=token_grid, device=device, precision=precision,
-        equal_time=equal_time, time_fraction=time_fraction, max_epochs=max_epochs)
+        equal_time=equal_time, time_fraction=time_fraction, max_epochs=max_epochs,
+        checkpoint_path=checkpoint_path, pretrained=pretrained)
+    check_writable(out)  # before hours of work whose table could not be saved
     result = run_compare(config)
     files = write(result, out, command=" ".join(["inca", *sys.argv[1:]]))
     typer.echo(to_markdown(result))
     typer.echo(f"wrote {files['markdown']}, {files['json']}, {files['plot']}")
+    if result["failures"]:
+        failed = sorted({f["method"] for f in result["failures"]})
+        typer.secho(f"error: {len(result['failures'])} run(s) failed ({', '.join(failed)}); "
+                    f"the others' results are in {files['markdown']}", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(1)
 
 
 def print_cache_summary(cache) -> None:

@@ -118,6 +118,9 @@ class Backbone(nn.Module):
         num_prefix_tokens: leading non-patch tokens (CLS, registers) in each layer's tokens;
             0 for CNNs.
         preprocessing: the input the backbone expects.
+        source: how to create it again (set by :func:`~inca.create_backbone`: its spec and
+            arguments, local paths absolute), recorded in task files; ``None`` for a
+            backbone built otherwise (:func:`~inca.from_module`).
 
     Example:
         >>> import inca, torch
@@ -133,6 +136,7 @@ class Backbone(nn.Module):
     embed_dims: dict[str, int]
     num_prefix_tokens: int
     preprocessing: Preprocessing
+    source: dict[str, Any] | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -261,4 +265,5 @@ class Backbone(nn.Module):
             "num_prefix_tokens": self.num_prefix_tokens,
             "preprocessing": self.preprocessing.to_dict(),
             "num_params": sum(p.numel() for p in self.parameters()),
+            **({"source": dict(self.source)} if self.source is not None else {}),
         }

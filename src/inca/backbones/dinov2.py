@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inca._hints import require
 from inca._paths import cache_dir
 from inca.backbones.base import Backbone, Preprocessing
 from inca.errors import AssetError, BackboneError
@@ -366,13 +367,7 @@ def onnx_to_state_dict(model_proto: Any) -> dict[str, torch.Tensor]:
 
 
 def _convert(source: Path) -> dict[str, torch.Tensor]:
-    try:
-        import onnx
-    except ImportError as e:
-        raise AssetError(
-            f"converting the {NAME} weights needs the onnx package once: "
-            "pip install onnx (or pip install 'inca[offline]')"
-        ) from e
+    onnx = require("onnx", purpose=f"converting the {NAME} weights, once")
     return onnx_to_state_dict(onnx.load(str(source)))
 
 
@@ -523,8 +518,7 @@ def verify_against_onnx(
     Raises:
         BackboneError: the difference exceeds ``atol``.
     """
-    import onnx
-
+    onnx = require("onnx", purpose="checking against the ONNX graph")
     size = input_size or backbone.preprocessing.input_size
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, size, size, generator=g)  # (n, 3, S, S)

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from inca._hints import require
+from inca.backbones._hub import hub_offline, is_hub_error, offline_hint, offline_mode
 from inca.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from inca.backbones.hooks import HookBackbone
 from inca.errors import BackboneError
@@ -23,12 +26,13 @@ def _find_blocks(model: nn.Module, depth: int) -> str:
     raise BackboneError(f"cannot find the {depth} encoder blocks of {type(model).__name__}")
 
 
-def _hf_preprocessing(path: str, config: Any, input_size: int | None) -> Preprocessing:
+def _hf_preprocessing(path: str, config: Any, input_size: int | None,
+                      **hub: Any) -> Preprocessing:
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, getattr(config, "image_size", 224)
     try:
         from transformers import AutoImageProcessor
 
-        proc = AutoImageProcessor.from_pretrained(path)
+        proc = AutoImageProcessor.from_pretrained(path, **hub)
         mean = tuple(proc.image_mean) if getattr(proc, "image_mean", None) else mean
         std = tuple(proc.image_std) if getattr(proc, "image_std", None) else std
     except Exception:  # noqa: BLE001 - a model saved without a processor keeps the defaults
@@ -39,35 +43,49 @@ def _hf_preprocessing(path: str, config: Any, input_size: int | None) -> Preproc
 
 
 def create_hf_backbone(
-    id_or_path: str, *, pretrained: bool = True, input_size: int | None = None, **kwargs: Any
+    id_or_path: str, *, pretrained: bool = True, input_size: int | None = None,
+    checkpoint_path: str | None = None, **kwargs: Any
 ) -> HookBackbone:
     """Load a transformers vision model (``AutoModel``) and wrap its encoder blocks.
 
     Args:
         id_or_path: a hub id (needs internet or a populated cache) or a local folder
-            written by ``save_pretrained``.
+            written by ``save_pretrained``. Offline (``HF_HUB_OFFLINE=1``, or the hub does
+            not answer), a hub id missing from the cache fails at once with the fix.
         pretrained: load the saved weights; ``False`` builds the architecture at random.
         input_size: image side; position embeddings are interpolated when it differs.
+        checkpoint_path: not taken: local weights are a folder, given as ``id_or_path``.
+        **kwargs: passed to ``AutoModel.from_pretrained`` (``revision`` also reads the
+            config and the image processor of that commit).
     """
+    if checkpoint_path is not None:
+        raise BackboneError("hf: backbones read local weights from a folder written by "
+                            "save_pretrained(): pass it as hf:<folder> instead of a checkpoint")
+    transformers = require("transformers", purpose="hf backbones")
+    local = Path(id_or_path).expanduser().exists()
+    if not local and (id_or_path.startswith(("/", ".", "~")) or id_or_path.count("/") > 1):
+        raise BackboneError(f"could not load transformers model {id_or_path!r}: no such "
+                            "folder (a hub id is <org>/<name>)")
+    offline = not local and hub_offline()
+    hub = {"revision": kwargs["revision"]} if kwargs.get("revision") else {}
     try:
-        from transformers import AutoConfig, AutoModel
-    except ImportError as e:  # pragma: no cover - optional extra
-        raise BackboneError("hf backbones need transformers: pip install 'inca[hf]'") from e
-    try:
-        config = AutoConfig.from_pretrained(id_or_path)
-        if pretrained:
-            model = AutoModel.from_pretrained(id_or_path, **kwargs)
-        else:
-            model = AutoModel.from_config(config)
+        with offline_mode(offline):
+            config = transformers.AutoConfig.from_pretrained(id_or_path, **hub)
+            if pretrained:
+                model = transformers.AutoModel.from_pretrained(id_or_path, **kwargs)
+            else:
+                model = transformers.AutoModel.from_config(config)
+            prep = _hf_preprocessing(id_or_path, config, input_size, **hub)
     except Exception as e:
-        raise BackboneError(
-            f"could not load transformers model {id_or_path!r}: {e}. Offline? pass a local "
-            "folder written by save_pretrained()."
-        ) from e
+        if not local and is_hub_error(e):
+            raise BackboneError(
+                f"could not load transformers model {id_or_path!r}: " + offline_hint(
+                    "pass a local folder written by save_pretrained() as hf:<folder>",
+                    offline)) from e
+        raise BackboneError(f"could not load transformers model {id_or_path!r}: {e}") from e
     depth = int(config.num_hidden_layers)
     blocks = _find_blocks(model, depth)
     layers = [f"{blocks}.{i}" for i in range(depth)]
-    prep = _hf_preprocessing(id_or_path, config, input_size)
     patch = int(getattr(config, "patch_size", 16))
     num_patches = (prep.input_size // patch) ** 2
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inca._hints import did_you_mean
+from inca.backbones._hub import is_hub_error
 from inca.backbones.base import Preprocessing
 from inca.backbones.hooks import HookBackbone
 from inca.errors import AssetError, BackboneError
@@ -35,7 +37,8 @@ def _num_prefix(model: nn.Module) -> int:
 
 
 def create_torchvision_backbone(
-    name: str, *, pretrained: bool = True, input_size: int | None = None, **kwargs
+    name: str, *, pretrained: bool = True, input_size: int | None = None,
+    checkpoint_path: str | None = None, **kwargs
 ) -> HookBackbone:
     """A torchvision classification model with hooks on its stages.
 
@@ -43,22 +46,30 @@ def create_torchvision_backbone(
         name: a name from ``torchvision.models.list_models()``.
         pretrained: the ``DEFAULT`` weights (download on first use, needs internet).
         input_size: image side (224 by default).
+        checkpoint_path: load weights from this local file (a ``state_dict``, or a
+            checkpoint holding one under ``state_dict`` / ``model``) instead of downloading.
         **kwargs: passed to ``torchvision.models.get_model`` (e.g. ``width_mult=0.25``).
     """
     import torchvision
 
     if name not in torchvision.models.list_models():
+        hint = did_you_mean(name, torchvision.models.list_models())
         raise BackboneError(
-            f"torchvision has no model {name!r}; see torchvision.models.list_models()"
+            f"torchvision has no model {name!r}{hint}; see torchvision.models.list_models()"
         )
+    download = pretrained and checkpoint_path is None
     try:
-        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None,
+        model = torchvision.models.get_model(name, weights="DEFAULT" if download else None,
                                              **kwargs)
     except Exception as e:
-        raise BackboneError(
-            f"could not create torchvision:{name} (pretrained={pretrained}): {e}. Offline? use "
-            "pretrained=False or a bundled backbone (inca backbones)."
-        ) from e
+        if download and is_hub_error(e):
+            raise BackboneError(
+                f"could not download the weights of torchvision:{name} ({e}). Offline? pass "
+                "local weights (--checkpoint PATH), --no-pretrained, or use a bundled backbone "
+                "(inca backbones).") from e
+        raise BackboneError(f"could not build torchvision:{name} with {kwargs}: {e}") from e
+    if checkpoint_path is not None:
+        load_weights(model, checkpoint_path)
     return HookBackbone(
         model,
         default_layers(model),
@@ -66,6 +77,28 @@ def create_torchvision_backbone(
         preprocessing=Preprocessing(input_size=input_size or 224, interpolation="bilinear"),
         num_prefix_tokens=_num_prefix(model),
     )
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into ``model``, every parameter matched (strict)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model.load_state_dict(state)
+    except Exception as e:
+        raise BackboneError(f"could not load checkpoint {path}: {e}. Is it a checkpoint of "
+                            "this model?") from e
 
 
 def mobilenet_v2_weights_path() -> Path:

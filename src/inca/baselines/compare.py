@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from inca._precision import resolve_device, resolve_precision
-from inca.errors import InCAError
+from inca.errors import DataError, InCAError
 
 METHODS = ("full", "last", "lora", "linear", "multilayer", "inca")
 EXPENSIVE = ("full", "last", "lora")
@@ -57,6 +57,10 @@ class CompareConfig:
         time_fraction: the share of full fine-tuning's wall time an equal-time run gets
             (0.5: half of it).
         max_epochs: the most epochs an equal-time run may take.
+        checkpoint_path: local weights of the backbone (``timm:``/``torchvision:``) instead
+            of the hub's.
+        pretrained: load the backbone's pretrained weights (``False``: built at random, for
+            trying the pipeline offline).
         device: where to run (``"auto"``: CUDA when available).
         precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` or ``"auto"`` (bf16-mixed on a
             GPU), the same for every method.
@@ -79,17 +83,34 @@ class CompareConfig:
     equal_time: bool = False
     time_fraction: float = 1.0
     max_epochs: int = 30
+    checkpoint_path: str | None = None
+    pretrained: bool = True
     device: str = "auto"
     precision: str = "auto"
     workdir: str | None = None
 
     def __post_init__(self) -> None:
+        from inca._hints import did_you_mean
+
         self.methods = tuple(self.methods)
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise InCAError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        for m in self.methods:
+            if m not in METHODS:
+                raise InCAError(f"unknown method {m!r}{did_you_mean(m, METHODS)}; choose from "
+                                f"{', '.join(METHODS)}")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise InCAError(f"methods must name each method once, got {list(self.methods)}")
         if self.epochs < 1 or self.seeds < 1 or self.expensive_seeds < 1:
             raise InCAError("epochs, seeds and expensive_seeds must be at least 1")
+        for name in ("limit", "test_limit", "input_size", "token_grid"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InCAError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 1 or self.max_epochs < 1:
+            raise InCAError("batch_size and max_epochs must be at least 1")
+        self.lrs = tuple(float(v) for v in self.lrs)
+        if not self.lrs or not all(0 < v < float("inf") for v in self.lrs):
+            raise InCAError(f"lrs must be positive numbers, got {list(self.lrs)}")
+        if not 0 < self.val_fraction < 1:
+            raise InCAError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.time_fraction <= 10:
             raise InCAError(f"time_fraction must be in (0, 10], got {self.time_fraction}")
         if self.equal_time and "full" not in self.methods:
@@ -153,11 +174,16 @@ def method_settings(config: CompareConfig) -> dict[str, str]:
     return out
 
 
-def _backbone(config: CompareConfig):
+def _backbone(config: CompareConfig, device: str | None = None):
     import inca
 
-    kwargs = {} if config.input_size is None else {"input_size": config.input_size}
-    return inca.create_backbone(config.backbone, device=config.device, **kwargs)
+    kwargs: dict[str, Any] = {} if config.input_size is None else {
+        "input_size": config.input_size}
+    if not config.pretrained:  # only then: bundled backbones take no such argument
+        kwargs["pretrained"] = False
+    if config.checkpoint_path is not None:
+        kwargs["checkpoint_path"] = config.checkpoint_path
+    return inca.create_backbone(config.backbone, device=device or config.device, **kwargs)
 
 
 def _setup(config: CompareConfig):
@@ -212,6 +238,7 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
 
     ext = job["extraction"]
     budget = job.get("time_budget_s")  # equal time: what is left after the extraction
+    written = _manifests(cache_root)
     with PeakMemory(device=device) as mem:
         t = time.perf_counter()
         task = inca.fit(backbone, tr, val, test=test, seed=seed,
@@ -222,7 +249,7 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
                         precision=config.precision, **_FIT_ARGS[method])
         seconds = time.perf_counter() - t
     rep = task.report
-    if rep.timings["extract_seconds"] > 0.5 * ext["seconds"]:
+    if _manifests(cache_root) != written:  # a cache (re)written: not the shared one's
         raise InCAError("the shared activation cache was not reused; costs would count "
                         "extraction twice")
     runs = []
@@ -247,22 +274,48 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
     return runs
 
 
+def _manifests(root: Path) -> dict[str, int]:
+    """Each cache manifest under ``root`` and when it was last written: a fit that reuses
+    the shared caches writes none of them."""
+    return {str(p): p.stat().st_mtime_ns for p in sorted(root.glob("*/manifest.json"))}
+
+
 def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     """Run every method (each in a fresh child process) and summarise.
 
+    A method that fails does not stop the others: its error is recorded under
+    ``"failures"`` (the methods that needed it, such as the probes after a failed shared
+    extraction, too) and the table holds what finished.
+
     Returns:
-        ``{"config", "runs", "summary", "backbone"}``; see :func:`to_markdown`.
+        ``{"config", "runs", "failures", "summary", "backbone", ...}``; see
+        :func:`to_markdown`.
     """
-    ctx = mp.get_context("spawn")
+    # Built once here, on the CPU: a backbone that cannot be created fails now, before any
+    # child process starts; its description and size go in the report.
+    backbone = _backbone(config, device="cpu")
+    backbone_info = {**backbone.describe(),
+                     "bytes": sum(p.numel() * p.element_size() for p in backbone.parameters())}
+    del backbone
+    from inca.data import has_split, load_dataset
 
-    def child(job: dict[str, Any]) -> list[dict[str, Any]]:
-        # A fresh process: peak memory of this job alone. Not a multiprocessing.Pool, whose
-        # daemonic workers may not start the data-loading workers every method uses.
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            return pool.submit(_run_one, job).result()
-
+    if not has_split(config.data, "test"):
+        raise DataError(f"{config.data} has no test split of its own: compare scores every "
+                           "method on held-out test data (a test/ folder beside train/, or a "
+                           "data set with a test split)")
+    for split, limit in (("train", config.limit), ("test", config.test_limit)):
+        load_dataset(config.data, split=split, limit=limit, seed=0)  # read, or refused, now
     runs: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+
+    def failed(job: dict[str, Any], error: str) -> None:
+        label = job["method"] + (" @ full's time" if job.get("equal_time") else "")
+        failures.append({"method": label, "seed": job["seed"], "error": error})
+        if progress:
+            print(f"  {label} seed {job['seed']} failed: {error}", flush=True)
+
     extraction: dict[str, Any] = {}
+    extraction_error = None
     with tempfile.TemporaryDirectory(prefix="inca-compare-") as tmp:
         root = Path(config.workdir or tmp) / "cache"
         base = {"config": asdict(config), "cache_root": str(root)}
@@ -270,7 +323,12 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
         if cheap:
             if progress:
                 print("extracting every layer once for " + ", ".join(cheap), flush=True)
-            extraction = child({**base, "method": "extract", "seed": 0})[0]
+            try:
+                extraction = _in_child({**base, "method": "extract", "seed": 0})[0]
+            except Exception as e:  # noqa: BLE001 - recorded against every method needing it
+                extraction_error = f"the shared extraction failed: {_error_text(e)}"
+                if progress:
+                    print(f"  {extraction_error}", flush=True)
         jobs = []
         for method in sorted(config.methods, key=lambda m: m != "full"):  # full first
             n = config.expensive_seeds if method in EXPENSIVE else config.seeds
@@ -282,18 +340,49 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
             if progress:
                 print(f"[{i + 1}/{len(jobs)}] {job['method']} seed {job['seed']}"
                       + (" (full's time)" if job.get("equal_time") else ""), flush=True)
+            if extraction_error and job["method"] in cheap:
+                failed(job, extraction_error)
+                continue
             if job.get("equal_time"):
-                full = min((r for r in runs if r["method"] == "full"), key=lambda r: r["seed"])
+                full = min((r for r in runs if r["method"] == "full"), key=lambda r: r["seed"],
+                           default=None)
+                if full is None:
+                    failed(job, "needs full fine-tuning's wall time, and full fine-tuning "
+                                "failed")
+                    continue
                 job = {**job, "time_budget_s": config.time_fraction * full["train_seconds"]}
-            runs += child(job)
-    backbone = _backbone(config)
-    backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters())
-    return {"config": asdict(config), "runs": runs, "extraction": extraction,
-            "settings": method_settings(config),
+            try:
+                runs += _in_child(job)
+            except Exception as e:  # noqa: BLE001 - one method's failure is reported, not fatal
+                failed(job, _error_text(e))
+    return {"config": asdict(config), "runs": runs, "failures": failures,
+            "extraction": extraction, "settings": method_settings(config),
             "time_budget_s": next((config.time_fraction * r["train_seconds"] for r in runs
                                    if r["method"] == "full" and r["seed"] == 0), None),
-            "backbone": {**backbone.describe(), "bytes": backbone_bytes},
-            "summary": summarise(runs, backbone_bytes)}
+            "backbone": backbone_info,
+            "summary": summarise(runs, backbone_info["bytes"])}
+
+
+def _in_child(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`_run_one` in a fresh (spawned) process: the peak memory of this job alone.
+    Not a multiprocessing.Pool, whose daemonic workers may not start the data-loading
+    workers every method uses."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_run_one, job).result()
+
+
+def _error_text(error: BaseException) -> str:
+    """One line for a child's error: its type and message (the child's traceback is not
+    the reader's business; a crash that killed the process says so)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    if isinstance(error, BrokenProcessPool):
+        return ("its process died (out of memory, or killed): "
+                + (str(error) or type(error).__name__))
+    text = " ".join(line.strip() for line in str(error).strip().splitlines())
+    if len(text) > 600:
+        text = text[:600] + " ..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def summarise(runs: list[dict[str, Any]], backbone_bytes: int) -> list[dict[str, Any]]:
@@ -354,6 +443,13 @@ def to_markdown(result: dict[str, Any], command: str = "") -> str:
             f"{ratio('time_vs_full')} | {r['peak_rss_mib']:.0f} | {ratio('memory_vs_full')} | "
             f"{r['trainable_parameters']:,} | {_size(r['stored_bytes'])} | "
             f"{r['stored_percent_of_backbone']:.2f} |")
+    finished = {r["method"] for r in result["summary"]}
+    failures = result.get("failures", [])
+    for method in dict.fromkeys(f["method"] for f in failures if f["method"] not in finished):
+        lines.append(f"| {method} | 0 | failed | n/a | | | | | | | |")
+    if failures:
+        lines += ["", "Failed runs (the other methods' results above are complete):", ""]
+        lines += [f"- {f['method']} seed {f['seed']}: {f['error']}" for f in failures]
     timed = [r for r in result["runs"] if r["method"].endswith("@ full's time")]
     if timed:
         epochs = sorted({r["extra"]["epochs_run"] for r in timed})

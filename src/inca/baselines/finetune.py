@@ -118,9 +118,14 @@ class FineTuneResult:
     head_: nn.Module | None = field(default=None, repr=False)
 
 
+# Attention projections as timm (qkv), transformers 4 (query/key/value) and transformers 5
+# (q_proj/k_proj/v_proj, as in its language models) name them.
+_ATTENTION_PROJECTIONS = ("qkv", "query", "key", "value", "q_proj", "k_proj", "v_proj")
+
+
 def _lora_targets(model: nn.Module) -> list[str]:
-    names = [n for n, _ in model.named_modules()]
-    attn = [n for n in names if n.rsplit(".", 1)[-1] in ("qkv", "query", "key", "value")]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    attn = [n for n in names if n.rsplit(".", 1)[-1] in _ATTENTION_PROJECTIONS]
     if attn:
         return attn
     return [n for n, m in model.named_modules()
@@ -151,10 +156,10 @@ def prepare(backbone: Backbone, config: FineTuneConfig) -> tuple[Backbone, list[
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
     else:
-        try:
-            from peft import LoraConfig, inject_adapter_in_model
-        except ImportError as e:  # pragma: no cover - optional extra
-            raise InCAError("LoRA needs peft: pip install 'inca[baselines]'") from e
+        from inca._hints import require
+
+        peft = require("peft", purpose="the LoRA baseline")
+        LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
         targets = list(config.lora_targets or _lora_targets(model))
         if not targets:
             raise InCAError(f"{backbone.name}: no attention projections or 1x1 convolutions "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import shutil
+import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,7 +21,7 @@ from inca._precision import Precision
 from inca._version import __version__
 from inca.backbones.base import Backbone
 from inca.data.transforms import loader_options, to_model_input
-from inca.errors import CacheError, InCAError
+from inca.errors import CacheError, InCAError, StorageError
 from inca.features.cache import (
     FORMAT_VERSION,
     IDENTITY_KEYS,
@@ -29,6 +30,7 @@ from inca.features.cache import (
     CacheWriter,
     describe_mismatch,
     read_manifest,
+    recorded_shards,
 )
 from inca.features.tokens import reduce_tokens
 
@@ -125,7 +127,9 @@ def extract_to_cache(
 
     Args:
         backbone: the frozen backbone.
-        dataset: an :class:`inca.data.ImageDataset` (or split) yielding ``(image, label)``.
+        dataset: the images: an :class:`inca.data.ImageDataset`, or anything
+            :func:`inca.data.as_image_dataset` takes (torchvision and Hugging Face data sets,
+            lists of ``(image, label)``).
         out: the cache folder.
         layers: layers to store (all by default).
         batch_size: images per backbone pass.
@@ -155,6 +159,9 @@ def extract_to_cache(
         raise CacheError("shard_size and batch_size must be positive")
     root = Path(out)
     names = backbone.resolve_layers(layers)
+    from inca.data import as_image_dataset
+
+    dataset = as_image_dataset(dataset)  # torchvision, Hugging Face, lists of pairs too
     wanted = _wanted_manifest(backbone, dataset, names, token_grid, dtype, shard_size)
     ctx = context()  # one process, or one rank of torchrun's N
     with ExitStack() as held:
@@ -162,6 +169,7 @@ def extract_to_cache(
         if ctx.is_main:  # rank 0 holds the folder's lock for the whole extraction
             try:
                 held.enter_context(FolderLock(root, "activation cache"))
+                check_disk_space(root, wanted)  # before the folder is touched
                 state = _prepare(root, wanted, overwrite)
             except InCAError as e:
                 state = ("error", e)
@@ -188,6 +196,48 @@ def extract_to_cache(
             writer.finish()
         ctx.barrier()
     return ActivationCache(root)
+
+
+LARGE_CACHE_BYTES = 10 * 2**30  # a cache above this size is announced with a warning
+
+
+def check_disk_space(root: Path, wanted: dict[str, Any]) -> int:
+    """Refuse an extraction whose cache cannot fit on the disk; warn when it is large.
+
+    The size is the manifest's ``bytes_per_sample`` times the samples still to extract
+    (none when a complete cache serves the request; those not yet recorded when an
+    interrupted one is resumed).
+
+    Returns:
+        The bytes still to write.
+
+    Raises:
+        StorageError: they exceed the free space of the disk holding ``root``.
+    """
+    found = read_manifest(root) if root.is_dir() else None
+    done = 0
+    if found is not None and not describe_mismatch(found, wanted):
+        done = sum(s["count"] for s in recorded_shards(root, found))
+    elif found is not None and found.get("complete") and _serves(found, wanted):
+        return 0
+    per, n = int(wanted["bytes_per_sample"]), int(wanted["num_samples"]) - done
+    need = per * max(n, 0)
+    where = next(p for p in (root, *root.absolute().parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    what = (f"the cache would take {_gib(need)} ({per / 1024:.1f} KiB per image x {n} images, "
+            f"{len(wanted['layers'])} layer(s))")
+    fix = ("pool the patch tokens (--token-grid, e.g. 4), store fewer layers (--layers), or "
+           "write the cache to another folder")
+    if need > 0.95 * free:  # a little room for the manifest and the rest of the system
+        raise StorageError(f"{what}, but {where} has only {_gib(free)} free. Fix: {fix}")
+    if need > LARGE_CACHE_BYTES:
+        warnings.warn(f"{what} at {root} ({_gib(free)} free). To make it smaller: {fix}",
+                      stacklevel=2)
+    return need
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _prepare(root: Path, wanted: dict[str, Any], overwrite: bool) -> tuple[str, Any]:

@@ -158,7 +158,9 @@ def fit(
 
     Args:
         backbone: the frozen backbone.
-        train: training data (an :class:`inca.data.ImageDataset`).
+        train: training data: an :class:`inca.data.ImageDataset`, or anything
+            :func:`inca.data.as_image_dataset` takes (torchvision and Hugging Face data
+            sets, lists of ``(image, label)`` pairs, names and paths).
         val: validation data; by default a seeded, stratified split of ``train``.
         test: optional held-out data, evaluated for the report only (never for selection).
         config: a :class:`FitConfig`; keyword ``overrides`` change its fields.
@@ -193,6 +195,10 @@ def fit(
     precision = Precision(config.precision, backbone.device)
     config = replace(config, precision=precision.name)  # recorded as resolved
     layers = backbone.resolve_layers(config.layers)
+    from inca.data import as_image_dataset  # torchvision, Hugging Face, lists of pairs ...
+
+    train, val, test = (None if d is None else as_image_dataset(d, split=s)
+                        for d, s in ((train, "train"), (val, "val"), (test, "test")))
     classes = list(train.classes)
     shapes = token_shapes(backbone, layers, config.token_grid)
     splits = _splits(train, val, test, config)

@@ -1,0 +1,229 @@
+"""The command line as a new user meets it: --version, every option checked before any
+expensive work, close-match suggestions, --overwrite, --checkpoint, the disk-space check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from tiny import SIZE, make_backbone
+from typer.testing import CliRunner
+
+import inca
+from inca.cli import app
+from inca.errors import CacheError, InCAError, StorageError
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a backbone is created or data is loaded: options must be refused
+    before either."""
+    import inca.backbones
+    import inca.data
+
+    def boom(*a, **k):
+        raise AssertionError("expensive work started before the options were checked")
+
+    monkeypatch.setattr(inca.backbones, "create_backbone", boom)
+    monkeypatch.setattr(inca.data, "load_dataset", boom)
+
+
+def test_version():
+    res = run("--version")
+    assert res.exit_code == 0 and res.output.strip() == f"inca {inca.__version__}"
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--kinds", "inca,inka"], "unknown --kinds kind 'inka' (did you mean 'inca'?)"),
+    (["--kinds", "linear:big"], "needs its settings"),
+    (["--lrs", "fast"], "expected comma-separated numbers"),
+    (["--lrs", "0"], "lrs must be positive"),
+    (["--adapter-options", "{oops"], "not valid JSON"),
+    (["--adapter-options", '{"inca": {"num_querys": 4}}'], "not settings of 'inca'"),
+    (["--mode", "fast"], "mode must be"),
+    (["--precision", "fp8"], "precision must be one of"),
+    (["--backbone-dtype", "int8"], "unknown --backbone-dtype"),
+    (["--select-by", "luck"], "select_by must be"),
+    (["--epochs", "0"], "epochs must be at least 1"),
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--input-size", "0"], "--input-size must be positive"),
+    (["--checkpoint", "/no/such/weights.pth"], "no such file"),
+    (["--data", "fashion_mnist"], "did you mean 'fashion-mnist'"),
+    (["--val-data", "digit"], "did you mean 'digits'"),
+])
+def test_fit_checks_options_before_any_work(tmp_path, no_work, option, message):
+    args = ["fit", "--backbone", "timm:resnet10t", "--data", "digits", "--out", tmp_path / "r"]
+    if option[0] == "--data":
+        args = args[:3] + args[5:]
+    res = run(*args, *option)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--dtype", "float8"], "unknown --dtype 'float8'"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--token-grid", "0"], "--token-grid must be at least 1"),
+    (["--checkpoint", "/no/such/weights.pth"], "no such file"),
+    (["--precision", "fp8"], "unknown precision"),
+    (["--data", "fashion_mnist"], "did you mean 'fashion-mnist'"),
+])
+def test_extract_checks_options_before_any_work(tmp_path, no_work, option, message):
+    args = ["extract", "--backbone", "timm:resnet10t", "--data", "digits", "--out", tmp_path]
+    if option[0] == "--data":
+        args = args[:3] + args[5:]
+    res = run(*args, *option)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+
+
+def test_compare_checks_methods_before_any_work(tmp_path, no_work):
+    res = run("compare", "--backbone", "timm:resnet10t", "--data", "digits", "--out", tmp_path,
+              "--methods", "full,lorra")
+    assert res.exit_code == 2 and "unknown method 'lorra' (did you mean 'lora'?)" in res.output
+
+
+def test_unknown_backbone_suggests_the_close_match(tmp_path):
+    res = run("extract", "--backbone", "dinov2_vits16", "--data", "digits", "--limit", "10",
+              "--out", tmp_path)
+    assert res.exit_code == 2 and "did you mean 'dinov2_vits14'" in res.output
+
+
+def test_checkpoint_option_on_every_command_that_builds_a_backbone():
+    for command in ("extract", "fit", "compare"):
+        assert "--checkpoint" in run(command, "--help").output, command
+
+
+# -- fit --overwrite ---------------------------------------------------------------------
+
+
+def test_fit_refuses_to_replace_a_task_unless_overwrite(tmp_path, monkeypatch):
+    import inca.backbones
+
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "task.json").write_text("{}")
+    args = ["fit", "--backbone", "timm:resnet10t", "--data", "digits", "--limit", "20",
+            "--test-limit", "0", "--out", tmp_path]
+    res = run(*args)
+    assert res.exit_code == 2
+    assert "already holds a fitted task" in res.output and "--overwrite" in res.output
+
+    def reached(*a, **k):
+        raise InCAError("reached the backbone")
+
+    monkeypatch.setattr(inca.backbones, "create_backbone", reached)
+    res = run(*args, "--overwrite")
+    assert res.exit_code == 2 and "reached the backbone" in res.output
+
+
+def test_overwrite_replaces_a_cache_made_differently_and_nothing_else(tmp_path):
+    from inca.cli import _fit_replacing
+
+    root = tmp_path / "cache"
+    (root / "train").mkdir(parents=True)
+    calls = []
+
+    def fit_once():
+        calls.append(root.exists())
+        if len(calls) == 1:
+            raise CacheError(f"{root / 'train'} holds a cache made differently: ...")
+        return "task"
+
+    with pytest.raises(CacheError):  # without --overwrite: refused, the cache kept
+        _fit_replacing(fit_once, root, overwrite=False)
+    assert root.exists()
+    calls.clear()
+    assert _fit_replacing(fit_once, root, overwrite=True) == "task"
+    assert calls == [True, False]  # removed, then fitted again
+
+    def other_error():
+        raise CacheError("layer x produced non-finite activations")
+
+    with pytest.raises(CacheError, match="non-finite"):  # not a mismatch: never deleted
+        (root / "train").mkdir(parents=True)
+        _fit_replacing(other_error, root, overwrite=True)
+    assert root.exists()
+
+
+# -- extract --checkpoint, end to end ------------------------------------------------------
+
+
+def test_extract_with_a_local_checkpoint(tmp_path):
+    import timm
+
+    torch.manual_seed(3)
+    src = timm.create_model("resnet10t", pretrained=False)  # with its classifier
+    ckpt = tmp_path / "resnet10t.pth"
+    torch.save(src.state_dict(), ckpt)
+    res = run("extract", "--backbone", "timm:resnet10t", "--checkpoint", ckpt, "--data",
+              "digits", "--limit", "20", "--input-size", SIZE, "--layers", "last",
+              "--out", tmp_path / "cache", "--num-workers", "0")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    want = inca.create_backbone("timm:resnet10t", checkpoint_path=str(ckpt), input_size=SIZE)
+    assert manifest["fingerprint"] == want.fingerprint()
+
+
+# -- the cache's size against the free disk ------------------------------------------------
+
+
+def _tiny_data():
+    from inca.data import load_dataset
+
+    return load_dataset("digits", limit=20)
+
+
+def test_extraction_refused_when_the_cache_cannot_fit(tmp_path, monkeypatch):
+    from inca.features import extract_to_cache
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    bb = make_backbone("module", tmp_path)
+    with pytest.raises(StorageError) as e:
+        extract_to_cache(bb, _tiny_data(), tmp_path / "cache", progress=False, num_workers=0)
+    text = str(e.value)
+    for part in ("KiB per image x 20 images", "0.0 MiB free", "--token-grid", "--layers",
+                 "another folder"):
+        assert part in text, part
+    assert not (tmp_path / "cache" / "manifest.json").exists()  # refused before writing
+
+
+def test_large_cache_warns_and_resume_counts_what_is_left(tmp_path, monkeypatch):
+    import inca.features.extract as ex
+
+    bb, data = make_backbone("module", tmp_path), _tiny_data()
+    monkeypatch.setattr(ex, "LARGE_CACHE_BYTES", 0)
+    with pytest.warns(UserWarning, match=r"the cache would take .* x 20 images"):
+        cache = ex.extract_to_cache(bb, data, tmp_path / "c", progress=False, num_workers=0,
+                                    shard_size=8)
+    assert len(cache) == 20
+    with warnings.catch_warnings():  # complete: nothing to write, nothing to warn about
+        warnings.simplefilter("error")
+        ex.extract_to_cache(bb, data, tmp_path / "c", progress=False, num_workers=0,
+                            shard_size=8)
+    monkeypatch.setattr(ex, "LARGE_CACHE_BYTES", 2**40)
+    wanted = ex._wanted_manifest(bb, data, bb.layers, None, "float16", 8)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert ex.check_disk_space(tmp_path / "c", wanted) == 0
+    # an interrupted extraction: only the shards not yet recorded count
+    manifest.update(complete=False, shards=manifest["shards"][:1])
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(tmp_path / "c" / "shards" / "00001")
+    shutil.rmtree(tmp_path / "c" / "shards" / "00002")
+    assert ex.check_disk_space(tmp_path / "c", wanted) == 12 * wanted["bytes_per_sample"]
+
+
+def test_extract_cli_refuses_a_cache_too_large(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    res = run("extract", "--backbone", "timm:resnet10t", "--no-pretrained", "--data", "digits",
+              "--limit", "10", "--input-size", SIZE, "--out", tmp_path / "cache")
+    assert res.exit_code == 2 and "the cache would take" in res.output
+    assert "--token-grid" in res.output
