@@ -246,3 +246,35 @@ def test_an_unreadable_image_read_by_a_worker_is_one_line_naming_it(tmp_path):
     err = next(line for line in res.output.splitlines() if "error:" in line)
     assert "dog/1.png" in err and "--skip-unreadable" in err
     assert "Traceback" not in res.output and "DataLoader" not in res.output
+
+
+@pytest.mark.parametrize("damage", ["labels-deleted", "tokens-cut"])
+def test_a_damaged_complete_cache_is_a_clear_error(tmp_path, digits, damage):
+    from inca.errors import CacheError
+
+    bb = make_backbone("module", tmp_path)
+    out = tmp_path / "cache"
+    extract_to_cache(bb, digits, out, batch_size=8, shard_size=16, progress=False)
+    shard = out / "shards" / "00000"
+    if damage == "labels-deleted":
+        (shard / "labels.npy").unlink()
+    else:
+        f = next(p for p in shard.glob("*.npy") if p.name != "labels.npy")
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CacheError, match=r"is damaged: shards/00000/.* delete the folder"):
+        cache = extract_to_cache(bb, digits, out, batch_size=8, shard_size=16, progress=False)
+        for layer in cache.layers:
+            cache.load(layer)
+
+
+def test_serve_refuses_a_port_in_use_clearly():
+    import socket
+
+    from inca.cli import _check_port
+    from inca.errors import InCAError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(InCAError, match=r"another program uses that port; choose another"):
+            _check_port("127.0.0.1", s.getsockname()[1])

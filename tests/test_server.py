@@ -303,6 +303,8 @@ def test_memory_is_handed_back_after_large_requests_only(roomy, monkeypatch):
     (dict(json={"images": [base64.b64encode(png()).decode()], "tasks": {"a": 1}}), 422,
      "tasks must be a list"),
     (dict(content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    (dict(content=b"[" * 100_000 + b"]" * 100_000,
+          headers={"content-type": "application/json"}), 400, "nested too deeply"),
     (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, ""),
 ])
 def test_error_messages_show_no_object_reprs(roomy, kwargs, status, message):

@@ -488,7 +488,27 @@ def serve_cmd(
     auth = "X-API-Key required" if api_key is not None else "no API key"
     typer.echo(f"serving {', '.join(model.tasks)} on http://{host}:{port} ({auth}; "
                "docs: /docs)")
+    _check_port(host, port)
     uvicorn.run(create_app(model, config), host=host, port=port, log_level="warning")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port another program listens on, with the fix (uvicorn would log an error
+    and exit)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise InCAError(f"cannot resolve --host {host!r}: {e}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise InCAError(f"cannot listen on {host}:{port} ({e.strerror}): another program "
+                            "uses that port; choose another --port or stop it") from None
 
 
 @app.command("compare")

@@ -166,8 +166,18 @@ class ActivationCache:
         self._folders = [self.path / "shards" / f"{s['index']:05d}" for s in shards]
         self._mmaps: dict[tuple[int, str], np.ndarray] = {}
         self.labels = np.concatenate(
-            [np.load(f / "labels.npy") for f in self._folders]
+            [self._load(f / "labels.npy") for f in self._folders]
         ) if shards else np.zeros(0, dtype=np.int64)
+
+    def _load(self, path: Path, mmap_mode: str | None = None) -> np.ndarray:
+        """One of the cache's arrays; a missing or damaged file is a clear error."""
+        try:
+            return np.load(path, mmap_mode=mmap_mode)
+        except (OSError, ValueError, EOFError) as e:
+            raise CacheError(
+                f"the cache at {self.path} is damaged: {path.relative_to(self.path)} is "
+                f"missing or cut short ({type(e).__name__}: {e}); delete the folder and "
+                "extract again (or run with --overwrite)") from None
 
     # -- description -----------------------------------------------------------------
     @property
@@ -204,7 +214,7 @@ class ActivationCache:
             if layer not in self.manifest["layers"]:
                 raise CacheError(f"layer {layer!r} is not in the cache at {self.path}; "
                                  f"it has {', '.join(self.layers)}")
-            self._mmaps[key] = np.load(self._folders[i] / _layer_file(layer), mmap_mode="r")
+            self._mmaps[key] = self._load(self._folders[i] / _layer_file(layer), mmap_mode="r")
         return self._mmaps[key]
 
     def get_numpy(self, layer: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:

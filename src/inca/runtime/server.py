@@ -316,16 +316,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The body, read incrementally and cut off with 413 as soon as it passes ``limit``
     (a chunked body has no Content-Length to check first)."""
     length = request.headers.get("content-length")
+    # "Connection: close": the server stops reading what the client still sends
+    close = {"Connection": "close"}
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPException(413, f"request of {int(length)} bytes is over the limit of "
-                                 f"{limit} bytes; send fewer or smaller images")
+                                 f"{limit} bytes; send fewer or smaller images", close)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"request body is over the limit of {limit} bytes "
                                      f"(stopped reading at {size}); send fewer or smaller "
-                                     "images")
+                                     "images", close)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -382,6 +384,9 @@ def _parse_json(body: bytes) -> tuple[list[tuple[str, bytes]], list[str], int]:
         payload = json.loads(body)
     except ValueError as e:
         raise HTTPException(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise HTTPException(400, "body is JSON nested too deeply; expected "
+                                 '{"images": [...], "tasks": [...], "top_k": k}') from None
     usage = 'expected {"images": [base64 strings], "tasks": [names], "top_k": k}'
     if not isinstance(payload, dict) or not isinstance(payload.get("images", []), list):
         raise HTTPException(422, usage)
