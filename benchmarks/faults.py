@@ -1,36 +1,44 @@
 """Faults at scale: repeated kill -9, a catalogue of bad inputs, `inca serve` under bombs.
 
 Usage: python benchmarks/faults.py [--kills 8] [--fit-kills 4] [--seed 0] [--jobs 2]
-           [--requests 200] [--clients 4] [--bomb-clients 2] [--bombs-per-request 3]
-           [--parts kills,inputs,load] [--backbone auto] [--quick] [--results-dir DIR]
+           [--threads 1] [--requests 400] [--rounds 4] [--clients 4] [--bomb-clients 2]
+           [--bombs-per-request 3] [--parts kills,inputs,load] [--backbone auto]
+           [--quick] [--results-dir DIR]
 
 The heavier, repeated version of the fault tests (tests/test_faults_*.py), on a small
 backbone (the bundled DINOv2 ViT-S/14 at 28 px, or a tiny random Hugging Face ViT where
-its weights are not installed) and scikit-learn's digits:
+its weights are not installed) and scikit-learn's digits. About 4 minutes on 2 busy cores.
 
-1. Kills. Subprocesses get SIGKILL at seeded random moments: ``extract_to_cache``
-   (``--kills`` times; resumed here, the cache must equal an uninterrupted extraction bit
-   for bit, and the shards recorded before the kill must not be extracted again);
-   ``Task.save`` rotating three tasks into one folder (``--kills`` times; the folder must
-   load as exactly the last saved task or the one being saved, and the next save must
-   leave nothing behind); ``inca fit --out`` (``--fit-kills`` times; the same command run
-   again must succeed, keep the cache shards recorded before the kill, and give the
-   cache and the task of an uninterrupted run).
-2. Bad inputs. A catalogue of bad images and folders, tampered task files, bad options,
-   a full and a slow disk, concurrent writers and hostile HTTP requests, through the CLI
-   (real subprocesses, ``--jobs`` at a time), the library, or a real ``inca serve``.
-   Handled clearly: a 4xx with a JSON ``detail``; exit code 2 with one ``error: ...``
-   line ending stderr and no traceback; or the correct result where one is expected
-   (16-bit images scaled, hidden files ignored). A bad input that is accepted, or a valid
-   one answered wrongly, is a silent wrong result.
-3. Load with bombs. ``inca serve`` (batching on, an API key) answers one-image requests
-   from ``--clients`` threads, alone and while ``--bomb-clients`` threads post
-   decompression bombs (12000x12000 PNGs, ``--bombs-per-request`` each) without pause;
-   alternating rounds of each. Every answer is checked against in-process
-   ``Task.predict_proba`` of the same bytes. Client threads share the server's CPUs.
+1. Kills (``--parts extract,save,fit``). Subprocesses get SIGKILL at seeded random
+   moments. ``extract_to_cache`` (``--kills`` times, a moment within the time an
+   uninterrupted worker took): resumed here, the cache must equal the uninterrupted one
+   and no shard recorded before the kill may be extracted again. ``Task.save`` rotating
+   three tasks into one folder (``--kills`` times): the folder must load as exactly the
+   last finished save or the one in progress, and the next save must leave nothing
+   behind. ``inca fit --out`` (``--fit-kills`` times, each after one of the run's moments
+   in turn, plus a random part of the next phase): the same command run again must
+   succeed, keep the cache files recorded before the kill, and give the cache and the task
+   of an uninterrupted run. Workers start one ahead and wait for ``go``, so start-up costs
+   neither time nor kill moments.
+2. Bad inputs (``--parts library,cli,http``). Bad images and folders, tampered task files,
+   bad options, a full and a stalled disk, a second writer, damaged caches, ``inca serve``
+   refusing to start, hostile HTTP requests to a real ``inca serve``. Handled clearly: a
+   4xx with a JSON ``detail``; exit code 2 with one ``error: ...`` line on stderr (only
+   progress-bar redraws after it) and no traceback; or the correct result where one is
+   expected (16-bit images scaled, hidden files ignored). A bad input accepted, or a valid
+   one answered wrongly, is a silent wrong result. CLI cases that need a process of their
+   own (patched disks, second writers, data-loading workers, serve) get one, ``--jobs``
+   at a time; the others run through typer's runner in this process.
+3. Load with bombs (``--parts load``). ``inca serve`` (batching on, an API key) answers
+   one-image requests from ``--clients`` threads, alone and while ``--bomb-clients``
+   threads post decompression bombs (12000x12000 PNGs, ``--bombs-per-request`` each)
+   without pause, in alternating rounds. Every answer is checked against in-process
+   ``Task.predict_proba`` of the same bytes. The bombers are a process of their own;
+   clients, bombers and server share the CPUs.
 
-Every subprocess is ended in ``finally`` blocks; everything is written to a temporary
-folder. Results: benchmarks/results/faults.{json,md}.
+``--quick`` runs the library cases only (a smoke test). Every subprocess is ended in
+``finally`` blocks; everything is written to a temporary folder.
+Results: benchmarks/results/faults.{json,md}.
 """
 
 from __future__ import annotations
@@ -86,29 +94,25 @@ CLASSES = [str(i) for i in range(10)]
 HANDLED, UNCLEAR, REFUSED, SILENT = ("handled", "unclear error", "wrongly refused",
                                      "silent wrong")
 
-# `inca` with os.fsync patched, for a full or a slow disk (FAULTS_FSYNC selects the fault).
-WRAPPER = '''"""`inca` with os.fsync patched: a full disk or a slow one (benchmarks/faults.py).
+# `inca` with os.fsync patched: a full or a stalled disk (FAULTS_FSYNC selects the fault).
+WRAPPER = '''"""`inca` with os.fsync patched: a full disk or a stalled one (benchmarks/faults.py).
 
-FAULTS_FSYNC=enospc-after:N   the (N+1)-th and later fsyncs fail with ENOSPC
-FAULTS_FSYNC=enospc-path:TEXT fsyncs of files whose path holds TEXT fail with ENOSPC
+FAULTS_FSYNC=enospc-path:TEXT  fsyncs of files whose path holds TEXT fail with ENOSPC, as
+                               a full disk reports it when data is flushed
 FAULTS_FSYNC=stall:FILE        every fsync waits until FILE exists (a stalled disk)
 """
 import errno, os, sys, time
 
 mode, _, arg = os.environ.get("FAULTS_FSYNC", "").partition(":")
-real_fsync, calls = os.fsync, [0]
+real_fsync = os.fsync
 
 
 def fsync(fd):
-    calls[0] += 1
-    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if mode == "stall":
         while not os.path.exists(arg):
             time.sleep(0.05)
-    elif mode == "enospc-after" and calls[0] > int(arg):
-        raise full
     elif mode == "enospc-path" and arg in os.readlink(f"/proc/self/fd/{fd}"):
-        raise full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return real_fsync(fd)
 
 
@@ -161,6 +165,44 @@ while True:
     tasks[i % len(tasks)].save(cfg["folder"])
     i += 1
     print(i, flush=True)
+'''
+
+
+# Posts decompression bombs from several threads until told "stop" (part 3): a process of
+# its own, as an attacker is, so its threads hold no lock the measured clients need.
+BOMBER = '''
+import json, sys, threading, time
+import httpx
+cfg = json.loads(sys.argv[1])
+body = open(cfg["body"], "rb").read()
+stop, lock = threading.Event(), threading.Lock()
+stats = {"sent": 0, "status": {}, "latency": []}
+
+def bomb():
+    headers = {"X-API-Key": cfg["key"], "Content-Type": cfg["ctype"]}
+    with httpx.Client(timeout=cfg["timeout"], headers=headers) as c:
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                status = str(c.post(cfg["url"], content=body).status_code)
+            except Exception as e:
+                status = type(e).__name__
+            with lock:
+                stats["sent"] += 1
+                stats["status"][status] = stats["status"].get(status, 0) + 1
+                stats["latency"].append(time.perf_counter() - t)
+
+threads = [threading.Thread(target=bomb, daemon=True) for _ in range(cfg["threads"])]
+for th in threads:
+    th.start()
+while stats["sent"] < cfg["threads"]:
+    time.sleep(0.01)
+print("ready", flush=True)
+sys.stdin.readline()
+stop.set()
+for th in threads:
+    th.join(timeout=cfg["timeout"] + 5)
+print(json.dumps(stats), flush=True)
 '''
 
 
@@ -773,9 +815,14 @@ def rerun_fit(b: Bench, out: Path, when: str, ref_task: Task,
     row: dict[str, Any] = {"kind": "inca fit", "killed_at": when,
                            "state_at_kill": state,
                            "shard_files_recorded": sum(len(v) for v in before.values())}
+    finished = (out / "report.json").is_file()
     r = b.run(fit_args(b, out))
-    row["rerun_exit"] = r.rc
-    row["rerun_s"] = round(r.seconds, 2)
+    row.update(rerun_exit=r.rc, rerun_s=round(r.seconds, 2))
+    refused = r.rc == 2 and "--overwrite" in r.stderr
+    if refused:  # the task was saved: the same command will not replace it unasked
+        row["rerun_error"] = b.scrub(last_line(r.stderr))
+        r = b.run([*fit_args(b, out), "--overwrite"])  # as the message says
+        row["overwrite_exit"] = r.rc
     if r.rc != 0:
         row["rerun_error"] = b.scrub(last_line(r.stderr))
         row.update(data_lost=True, silent_wrong=False, survived=False)
@@ -797,8 +844,10 @@ def rerun_fit(b: Bench, out: Path, when: str, ref_task: Task,
                stale_tmp_after=len(stale(out)))
     row["data_lost"] = rewritten > 0
     row["silent_wrong"] = not (max(diffs) <= 1e-3 and tdiff <= 1e-4)
+    # refusing to replace the task of a finished run protects it; of an unfinished one (no
+    # report yet) it means the same command cannot finish the run
     row["survived"] = not (row["data_lost"] or row["silent_wrong"]) and row["report_written"] \
-        and not row["stale_tmp_after"]
+        and not row["stale_tmp_after"] and (finished or not refused)
     return row
 
 
@@ -892,6 +941,13 @@ def edit_weights(folder: Path, change: Callable[[dict[str, torch.Tensor]], Any])
     change(tensors)
     save_file(tensors, str(folder / TASK_WEIGHTS))
     rehash(folder)
+
+
+def unknown_backbone(meta: dict[str, Any]) -> None:
+    """The backbone a task rebuilds: its name, and its recorded source where there is one."""
+    meta["backbone"]["name"] = "nope:xyz"
+    if isinstance(meta["backbone"].get("source"), dict):
+        meta["backbone"]["source"]["spec"] = "nope:xyz"
 
 
 def nan_weight(t: dict[str, torch.Tensor]) -> None:
@@ -1149,8 +1205,8 @@ def task_cases(b: Bench, x: Inputs, task: Path) -> list[Case]:
         ("task-other-fingerprint", "task.json records another backbone fingerprint",
          lambda f: edit_json(f, lambda m: m["backbone"].update(fingerprint="0" * 16)),
          ("fingerprint",)),
-        ("task-unknown-backbone", "task.json names backbone 'nope:xyz'",
-         lambda f: edit_json(f, lambda m: m["backbone"].update(name="nope:xyz")), ("nope",)),
+        ("task-unknown-backbone", "task.json names backbone 'nope:xyz' (name and source)",
+         lambda f: edit_json(f, unknown_backbone), ("nope",)),
     ]
     cases = []
     for cid, what, tamper, mention in tampers:
@@ -1383,13 +1439,16 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
     run = root / "fit-full"
     fargs = [*fit, "--data", "digits", "--limit", "60", "--out", str(run)]
     patch2 = "enospc-path:.task.new-"
+    # fit again, another lr: a new task over the old (--overwrite where fit asks for it)
+    again = [*fargs, "--lrs", "3e-2"] + (["--overwrite"] if "--overwrite" in
+                                         b.cli(["fit", "--help"]).stdout else [])
 
     def save_full() -> Verdict:
         first = b.cli(fargs)
         if first.rc != 0:
             raise RuntimeError(f"the first fit failed: {first.stderr[-2000:]}")
         old = read_task_files(run / "task").build()
-        v = error_verdict(b.run([*fargs, "--lrs", "3e-2"], patch=patch2), ("no space",))
+        v = error_verdict(b.run(again, patch=patch2), ("no space",))
         try:
             kept = task_diff(read_task_files(run / "task").build(), old) == 0
         except InCAError as e:
@@ -1403,7 +1462,31 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
         return v
     cases.append(Case("disk-full-task-save", "cli", "the disk fills while inca fit saves its "
                       "task over an older one (old task must stay intact)", "clear error",
-                      save_full, b.repro([*fargs, "--lrs", "3e-2"], patch2), "own"))
+                      save_full, b.repro(again, patch2), "own"))
+
+    # a run killed between saving its task and writing its report, run again
+    unfinished = root / "fit-unfinished"
+    uargs = [*fit, "--data", "digits", "--limit", "60", "--out", str(unfinished)]
+
+    def no_report() -> Verdict:
+        first = b.cli(uargs)
+        if first.rc != 0:
+            raise RuntimeError(f"the first fit failed: {first.stderr[-2000:]}")
+        saved = read_task_files(unfinished / "task").build()
+        for f in unfinished.glob("report.*"):
+            f.unlink()
+        r = b.cli(uargs)
+
+        def check() -> str | None:
+            if not (unfinished / "report.json").is_file():
+                return "exit 0 but no report written"
+            diff = task_diff(read_task_files(unfinished / "task").build(), saved)
+            return None if diff <= 1e-4 else f"the task differs from the first run's by {diff}"
+        return result_verdict(r, check)
+    cases.append(Case("fit-rerun-without-report", "cli", "inca fit run again on its run folder "
+                      "whose task was saved but whose report was not (a kill between the two): "
+                      "the same command should finish the run", "correct result", no_report,
+                      b.repro(uargs), "shared"))
 
     # a second writer while the first one holds the folder (its disk stalled)
     for cid, what, cmd, out in (
@@ -1812,26 +1895,25 @@ def run_cases(cases: list[Case], jobs: int, scrub: Callable[[str], str]
 
 
 # -- part 3: load with bombs ------------------------------------------------------------
-def load_phase(port: int, images: list[bytes], expected: torch.Tensor, classes: list[str],
-               *, requests: int, clients: int, bomb_clients: int, bomb_body: tuple[bytes, str],
-               timeout: float) -> dict[str, Any]:
+def load_phase(b: Bench, port: int, images: list[bytes], expected: torch.Tensor,
+               classes: list[str], *, requests: int, clients: int, bomb_clients: int,
+               bomb_file: Path, bomb_ctype: str, timeout: float) -> dict[str, Any]:
     """``requests`` one-image POSTs from ``clients`` threads (with ``bomb_clients`` threads
-    posting bombs meanwhile); latency of each, errors and wrong answers."""
+    of another process posting bombs meanwhile); latency of each, errors, wrong answers."""
+    import httpx
+
     url = f"http://{HOST}:{port}/predict"
-    lock, stop = threading.Lock(), threading.Event()
+    lock = threading.Lock()
     todo = iter(range(requests))
     lat: list[float] = []
     errors: list[str] = []
     wrong: list[str] = []
-    bombs: dict[str, Any] = {"sent": 0, "status": {}, "latency": []}
 
     def take() -> int | None:
         with lock:
             return next(todo, None)
 
     def client() -> None:
-        import httpx
-
         with httpx.Client(timeout=timeout, headers={"X-API-Key": KEY}) as c:
             while (i := take()) is not None:
                 k = i % len(images)
@@ -1854,45 +1936,34 @@ def load_phase(port: int, images: list[bytes], expected: torch.Tensor, classes: 
                         if answer:
                             wrong.append(f"image {k}: {answer}")
 
-    def bomber() -> None:
-        import httpx
-
-        body, ctype = bomb_body
-        with httpx.Client(timeout=timeout, headers={"X-API-Key": KEY,
-                                                    "Content-Type": ctype}) as c:
-            while not stop.is_set():
-                t = time.perf_counter()
-                try:
-                    status = str(c.post(url, content=body).status_code)
-                except Exception as e:  # noqa: BLE001 - counted by kind
-                    status = type(e).__name__
-                with lock:
-                    bombs["sent"] += 1
-                    bombs["status"][status] = bombs["status"].get(status, 0) + 1
-                    bombs["latency"].append(time.perf_counter() - t)
-
-    bomb_threads = [threading.Thread(target=bomber, daemon=True) for _ in range(bomb_clients)]
-    for th in bomb_threads:
-        th.start()
+    bomber = None
     if bomb_clients:  # the bombs are flowing before the measured requests start
-        deadline = time.monotonic() + 30
-        while bombs["sent"] < bomb_clients and time.monotonic() < deadline:
-            time.sleep(0.01)
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=requests * timeout)
-    wall = time.perf_counter() - t0
-    stop.set()
-    for th in bomb_threads:
-        th.join(timeout=timeout + 5)
+        cfg = {"body": str(bomb_file), "ctype": bomb_ctype, "url": url, "key": KEY,
+               "threads": bomb_clients, "timeout": timeout}
+        bomber = b.spawn([sys.executable, "-c", BOMBER, json.dumps(cfg)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, env=b.env())
+    try:
+        if bomber is not None and wait_line(bomber, b"ready", 60) is None:
+            raise RuntimeError("the bomber did not start")
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=requests * timeout)
+        wall = time.perf_counter() - t0
+        stats: dict[str, Any] = {"sent": 0, "status": {}, "latency": []}
+        if bomber is not None:
+            out, _ = bomber.communicate(b"stop\n", timeout=timeout + 30)
+            stats = json.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        if bomber is not None:
+            b.end(bomber)
     return {"requests": requests, "ok": len(lat), "errors": len(errors),
             "wrong_answers": len(wrong), "error_examples": errors[:3],
             "wrong_examples": wrong[:3], "wall_s": wall, "latencies_s": lat,
-            "bomb_requests": bombs["sent"], "bomb_status": bombs["status"],
-            "bomb_latencies_s": bombs["latency"]}
+            "bomb_requests": stats["sent"], "bomb_status": stats["status"],
+            "bomb_latencies_s": stats["latency"]}
 
 
 @contextlib.contextmanager
@@ -1912,22 +1983,36 @@ def pct(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, round(q / 100 * (len(v) - 1)))] * 1000
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_load(b: Bench, server: Any, task: Task, args: argparse.Namespace) -> dict[str, Any]:
     imgs = digit_images(64, scale=1)  # 8x8 grey, as small as requests get
     images = [png(im) for im in imgs]
     expected = task.predict_proba(images)
     bomb = png(Image.new("1", (12000, 12000)))
-    bomb_body = multipart([(f"bomb{i}.png", bomb) for i in range(args.bombs_per_request)])
-    common = dict(port=server.port, images=images, expected=expected, classes=task.classes,
-                  clients=args.clients, bomb_body=bomb_body, timeout=60.0)
+    body, ctype = multipart([(f"bomb{i}.png", bomb) for i in range(args.bombs_per_request)])
+    bomb_file = b.tmp / "bombs.multipart"
+    bomb_file.write_bytes(body)
+    common = dict(b=b, port=server.port, images=images, expected=expected,
+                  classes=task.classes, clients=args.clients, bomb_file=bomb_file,
+                  bomb_ctype=ctype, timeout=60.0)
     load_phase(requests=16, bomb_clients=0, **common)  # warm-up
     rss_before = server.peak_rss_mib()
     rounds: dict[str, list[dict[str, Any]]] = {"alone": [], "bombs": []}
     per_round = max(1, args.requests // args.rounds)
     for r in range(args.rounds):
         for phase in ("alone", "bombs"):
+            cpu = cpu_seconds(server.proc.pid)
             res = load_phase(requests=per_round, bomb_clients=args.bomb_clients if
                              phase == "bombs" else 0, **common)
+            res["server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu
             rounds[phase].append(res)
             print(f"  round {r + 1} {phase}: p99 {pct(res['latencies_s'], 99) or 0:.0f} ms, "
                   f"{res['errors']} errors, {res['wrong_answers']} wrong, "
@@ -1951,6 +2036,8 @@ def run_load(b: Bench, server: Any, task: Task, args: argparse.Namespace) -> dic
             "requests_per_s": len(lat) / sum(r["wall_s"] for r in runs),
             "bomb_requests": sum(r["bomb_requests"] for r in runs), "bomb_status": status,
             "bomb_latency_ms": {"p50": pct(blat, 50), "p99": pct(blat, 99)},
+            "server_cpu_s": sum(r["server_cpu_s"] for r in runs),
+            "wall_s": sum(r["wall_s"] for r in runs),
         }
     return {"phases": phases, "server_peak_rss_mib_before": rss_before,
             "server_peak_rss_mib_after": server.peak_rss_mib(),
@@ -1981,8 +2068,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of every process (on few busy cores more threads "
                          "spin-wait: 2 made extraction 10x slower here)")
-    ap.add_argument("--requests", type=int, default=200, help="per load phase")
-    ap.add_argument("--rounds", type=int, default=2, help="alternations alone / with bombs")
+    ap.add_argument("--requests", type=int, default=400, help="per load phase")
+    ap.add_argument("--rounds", type=int, default=4, help="alternations alone / with bombs")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--bomb-clients", type=int, default=2)
     ap.add_argument("--bombs-per-request", type=int, default=3)
@@ -2124,7 +2211,7 @@ def to_markdown(p: dict[str, Any]) -> str:
         f"{p['inca_source']['commit']}"
         + (" with uncommitted changes" if p["inca_source"]["uncommitted_changes_in_src"]
            else "") + ".  ",
-        "Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in p["part_seconds"].items())
+        "Seconds per part: " + ", ".join(f"{k} {v:.1f}" for k, v in p["part_seconds"].items())
         + " (the machine's 2 cores were shared with other work).",
         "",
         "| measure | value |",
@@ -2155,7 +2242,18 @@ def to_markdown(p: dict[str, Any]) -> str:
                "uninterrupted one, with no recorded shard extracted again; `Task.save` left "
                "the last finished save or the one in progress, and the next save left nothing "
                "behind; `inca fit` run again exited 0, kept every recorded shard file, and gave "
-               "the clean run's cache and task weights.", ""]
+               "the clean run's cache and task weights (a run killed after its report was "
+               "written may instead be refused clearly, as a finished run, and is then fitted "
+               "again with `--overwrite`). Data lost: a resume that failed or wrote a recorded "
+               "shard again. Each kill's details are in faults.json (`kills`).", ""]
+        not_survived = [k for k in p["kills"] if not k["survived"]]
+        if not_survived:
+            why = [k.get("rerun_error") or k.get("resume_error") or k.get("loaded_as")
+                   for k in not_survived]
+            md += ["Not survived:", ""] + [
+                f"- {k['kind']}, killed at {k.get('killed_at') or k.get('kill_after_s')} "
+                f"({k.get('state_at_kill')}): {cell(w, 300)}"
+                for k, w in zip(not_survived, why, strict=True)] + [""]
     if p["bad_inputs"]:
         md += ["## Bad inputs", "",
                "Handled clearly: a 4xx with a JSON `detail`; exit code 2 with one `error: ...` "
@@ -2183,8 +2281,11 @@ def to_markdown(p: dict[str, Any]) -> str:
         md += ["## Load with bombs", "",
                f"`inca serve` (batching on, max batch 32, wait 5 ms, API key), one 8x8 PNG per "
                f"request from {p['settings']['clients']} client threads; bombs: "
-               f"{detail['bomb']} from {p['settings']['bomb_clients']} "
-               f"threads without pause; {p['settings']['rounds']} alternating rounds.", "",
+               f"{detail['bomb']} from {p['settings']['bomb_clients']} threads of another "
+               f"process, without pause; {p['settings']['rounds']} alternating rounds of "
+               f"{p['settings']['requests'] // p['settings']['rounds']} requests. Server, "
+               "clients and bombers share the machine's 2 cores; every answer is checked "
+               "against in-process `Task.predict_proba` (probabilities within 1e-4).", "",
                "| phase | requests | errors | wrong | p50 ms | p90 ms | p99 ms | max ms | "
                "bomb requests (status) | bomb p50 ms |",
                "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -2196,8 +2297,15 @@ def to_markdown(p: dict[str, Any]) -> str:
                       f"{ms(lat['max'])} | {ph['bomb_requests']} ({status or '-'}) | "
                       f"{ms(ph['bomb_latency_ms']['p50'])} |")
         ratio = p["p99_under_bombs_over_alone"]
+        alone, bombs = detail["phases"]["alone"], detail["phases"]["bombs"]
+        per_bomb = ((bombs["server_cpu_s"] - alone["server_cpu_s"]) / bombs["bomb_requests"]
+                    * 1000 if bombs["bomb_requests"] else None)
         md += ["", f"- p99 under bombs / alone: **{ratio:.2f}** (target: at most 2)"
                if ratio else "- p99 ratio: n/a",
+               f"- server CPU: {alone['server_cpu_s']:.1f} s in {alone['wall_s']:.1f} s alone, "
+               f"{bombs['server_cpu_s']:.1f} s in {bombs['wall_s']:.1f} s under bombs: about "
+               f"{ms(per_bomb)} ms per rejected bomb request (parsing the body, reading the "
+               "headers); the bombs cost CPU time, not memory",
                f"- server peak RSS: {ms(detail['server_peak_rss_mib_before'])} MiB before the "
                f"load, {ms(detail['server_peak_rss_mib_after'])} MiB after (a decoded bomb "
                "would add 430 MiB)", ""]

@@ -111,14 +111,18 @@ def test_fit_refuses_to_replace_a_task_unless_overwrite(tmp_path, monkeypatch):
     (tmp_path / "task" / "task.json").write_text("{}")
     args = ["fit", "--backbone", "timm:resnet10t", "--data", "digits", "--limit", "20",
             "--test-limit", "0", "--out", tmp_path]
-    res = run(*args)
-    assert res.exit_code == 2
-    assert "already holds a fitted task" in res.output and "--overwrite" in res.output
 
     def reached(*a, **k):
         raise InCAError("reached the backbone")
 
     monkeypatch.setattr(inca.backbones, "create_backbone", reached)
+    # a run killed before its report was written: the same command completes it
+    res = run(*args)
+    assert res.exit_code == 2 and "reached the backbone" in res.output
+    (tmp_path / "report.json").write_text("{}")  # a finished run: refused
+    res = run(*args)
+    assert res.exit_code == 2
+    assert "already holds a fitted task" in res.output and "--overwrite" in res.output
     res = run(*args, "--overwrite")
     assert res.exit_code == 2 and "reached the backbone" in res.output
 

@@ -344,9 +344,12 @@ def _fit_replacing(run: Any, cache_root: Path, overwrite: bool) -> Any:
 
 
 def _check_no_task(out: Path, overwrite: bool) -> None:
-    """Refuse to replace the task of an earlier run unless asked to (--overwrite)."""
+    """Refuse to replace the task of an earlier, finished run unless asked to
+    (--overwrite). A run interrupted before its report was written is not finished: the
+    same command completes it."""
     task = out / "task"
-    if not overwrite and task.is_dir() and any(task.iterdir()):
+    finished = (out / "report.json").is_file()  # the run's last file
+    if not overwrite and finished and task.is_dir() and any(task.iterdir()):
         raise InCAError(f"{out} already holds a fitted task ({task}); pass --overwrite to "
                         "replace it, or choose another --out")
 

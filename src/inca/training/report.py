@@ -228,12 +228,13 @@ class FitReport:
         return Path(path)
 
     def write(self, folder: str | Path) -> dict[str, Path]:
-        """Write ``report.json``, ``report.md`` and ``accuracy_per_layer.png``."""
+        """Write ``report.md``, ``accuracy_per_layer.png`` and, last (a finished run is
+        one whose ``report.json`` exists), ``report.json``."""
         folder = Path(folder)
-        atomic_write_json(folder / "report.json", self.to_dict())
         atomic_write_bytes(folder / "report.md", self.to_markdown().encode())
-        return {"json": folder / "report.json", "markdown": folder / "report.md",
-                "plot": self.plot(folder / "accuracy_per_layer.png")}
+        plot = self.plot(folder / "accuracy_per_layer.png")
+        atomic_write_json(folder / "report.json", self.to_dict())
+        return {"json": folder / "report.json", "markdown": folder / "report.md", "plot": plot}
 
 
 def _nan_for_null(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
