@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 ASSETS := $(VENV)/.assets-installed
 PIP    := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: all venv assets demo test test-all lint bench clean
+.PHONY: all venv assets demo test test-fast lint bench clean
 
 all: test
 
@@ -31,11 +31,12 @@ $(ASSETS): $(DEPS) scripts/fetch_assets.sh
 demo: $(ASSETS)
 	bash scripts/demo.sh $(BIN)
 
+# Everything, the slow tests included (CI); plain `pytest` is the quick suite (-m "not slow").
 test: $(ASSETS)
-	$(BIN)/python -m pytest -q
-
-test-all: $(ASSETS)
 	$(BIN)/python -m pytest -q -m ''
+
+test-fast: $(ASSETS)
+	$(BIN)/python -m pytest -q
 
 lint: $(DEPS)
 	$(BIN)/ruff check src tests benchmarks

@@ -81,8 +81,7 @@ from inca.data import load_dataset
 from inca.errors import InCAError
 from inca.features import extract_to_cache
 from inca.features.cache import ActivationCache, read_manifest
-from inca.runtime import Task, load_task
-from inca.runtime.task import TASK_JSON, TASK_WEIGHTS, read_task_files
+from inca.task import TASK_JSON, TASK_WEIGHTS, Task, load_task, read_task_files
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = Path(inca.__file__).resolve().parents[2]  # the checkout whose inca runs
@@ -146,7 +145,7 @@ SAVE_WORKER = '''
 import json, sys, torch
 cfg = json.loads(sys.argv[1])
 from inca.adapters import create_adapter
-from inca.runtime import Task
+from inca.task import Task
 info = json.loads(open(cfg["info"]).read())
 
 def make(seed):
@@ -1580,7 +1579,7 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
 def library_cases(b: Bench, x: Inputs, task: Task) -> list[Case]:
     """Deep images through ``open_image``; a bomb through ``Task.predict``."""
     from inca.data.images import open_image
-    from inca.runtime import TaskError
+    from inca.task import TaskError
 
     def pixels(data: bytes, twin: bytes, what: str) -> Callable[[], Verdict]:
         def go() -> Verdict:

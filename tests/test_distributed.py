@@ -93,6 +93,7 @@ def test_two_ranks_extract_the_single_process_cache(tmp_path, digits):
     assert [s["index"] for s in dist.manifest["shards"]] == list(range(7))
 
 
+@pytest.mark.slow  # make test runs it; plain pytest skips it
 def test_a_rank_killed_mid_extraction_leaves_a_cache_a_rerun_completes(tmp_path, digits):
     out = tmp_path / "dist"
     args = dict(tests=TESTS, tmp=str(tmp_path), n=N, out=str(out), shard=SHARD)
@@ -109,6 +110,7 @@ def test_a_rank_killed_mid_extraction_leaves_a_cache_a_rerun_completes(tmp_path,
         torch.testing.assert_close(dist.load(layer), single.load(layer), atol=0, rtol=0)
 
 
+@pytest.mark.slow  # make test runs it; plain pytest skips it
 def test_two_ranks_train_and_select_as_one_process(tmp_path):
     args = dict(tests=TESTS, tmp=str(tmp_path))
     res = _torchrun(_FIT.format(cache=str(tmp_path / "c2"), out=str(tmp_path / "two.json"),

@@ -226,7 +226,7 @@ def test_kill_9_during_training_keeps_the_cache_and_the_rerun_finishes(tmp_path)
     subprocess.run([sys.executable, "-c", _FIT.format(epochs=1, **args)], check=True,
                    timeout=120)
     assert {p: p.stat().st_mtime_ns for p in (cache / "train").rglob("*.npy")} == shards
-    from inca.runtime import load_task
+    from inca.task import load_task
 
     assert load_task(task, make_backbone("module", tmp_path)).classes
 
@@ -270,7 +270,7 @@ def test_a_damaged_complete_cache_is_a_clear_error(tmp_path, digits, damage):
 def test_serve_refuses_a_port_in_use_clearly():
     import socket
 
-    from inca.cli import _check_port
+    from inca.cli.predict import _check_port
     from inca.errors import InCAError
 
     with socket.socket() as s:

@@ -17,8 +17,15 @@ from test_fit import planted_backbone
 
 import inca.backbones
 from inca.adapters import AdapterError, create_adapter
-from inca.runtime import Task, TaskError, load_task
-from inca.runtime.task import TASK_CARD, TASK_JSON, TASK_WEIGHTS, read_task_files
+from inca.task import (
+    TASK_CARD,
+    TASK_JSON,
+    TASK_WEIGHTS,
+    Task,
+    TaskError,
+    load_task,
+    read_task_files,
+)
 
 CLASSES = ["c0", "c1", "c2", "c3"]
 

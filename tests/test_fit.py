@@ -13,7 +13,7 @@ import inca
 from inca.backbones import Preprocessing
 from inca.data import ArrayDataset
 from inca.errors import InCAError
-from inca.runtime import TaskError, load_task
+from inca.task import TaskError, load_task
 
 D, PATCH, SIZE, CLASSES = 16, 4, 16, 4
 
@@ -125,10 +125,33 @@ def test_cached_mode_equals_streaming_mode(tmp_path):
             torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-3, msg=k)
 
 
-def test_streaming_with_augmentation_runs(tmp_path):
+def test_streaming_with_augmentation_runs(monkeypatch):
+    """Each epoch trains on a new random view of every training image; validation sees the
+    same images every epoch."""
+    import inca.data
+
+    build, views = inca.data.build_transform, {}  # {augment: {image bytes: [views]}}
+
+    def spy(preprocessing, augment="none"):
+        transform, seen = build(preprocessing, augment), views.setdefault(augment, {})
+
+        def record(image):
+            out = transform(image)
+            seen.setdefault(image.tobytes(), []).append(out)
+            return out
+        return record
+
+    monkeypatch.setattr(inca.data, "build_transform", spy)
     task = inca.fit(planted_backbone(), planted_data(96, 0), mode="streaming", layers="stem",
-                    kinds=("linear",), lrs=(1e-2,), epochs=1, progress=False)
-    assert task.report.timings["epochs_run"] == 1
+                    kinds=("linear",), lrs=(1e-2,), epochs=2, patience=0, augment="crop",
+                    num_workers=0, progress=False)
+    assert task.report.timings["epochs_run"] == 2
+    train, val = views.pop("crop"), views.pop("none")
+    assert not views and len(train) + len(val) == 96 and len(val) >= 10
+    assert all(len(v) == 2 for v in (*train.values(), *val.values()))  # once per epoch
+    changed = sum(not torch.equal(a, b) for a, b in train.values())
+    assert changed >= 0.9 * len(train)  # a crop repeats only by chance
+    assert all(torch.equal(a, b) for a, b in val.values())
 
 
 def test_cli_fit_and_predict(tmp_path):
@@ -161,7 +184,7 @@ def test_cli_fit_and_predict(tmp_path):
     assert res.exit_code == 2 and "lrs must be positive" in res.output
 
 
-def test_soup_and_ensemble_candidates(tmp_path):
+def test_soup_and_ensemble_candidates(tmp_path, monkeypatch):
     task = inca.fit(planted_backbone(), planted_data(160, 0), layers=["stem", "block1"],
                     kinds=("inca",), lrs=(3e-3, 1e-2), epochs=3, soup=True, ensemble_k=2,
                     progress=False, cache_dir=tmp_path)
@@ -173,10 +196,29 @@ def test_soup_and_ensemble_candidates(tmp_path):
     ens = next(c for c in task.report.candidates if c["name"] == "ensemble")
     assert len(ens["members"]) == 2
     # a soup is one adapter whose weights average the lr grid's members
+    import inca.training.fitting as fitting
+
+    real, made = fitting.soups, []
+
+    def spy(bank, result, *args, **kwargs):
+        made.append((bank, result, real(bank, result, *args, **kwargs)))
+        return made[-1][2]
+
+    monkeypatch.setattr(fitting, "soups", spy)
     soup = inca.fit(planted_backbone(), planted_data(160, 0), layers=["stem"], kinds=("inca",),
                     lrs=(3e-3, 1e-2), epochs=1, soup=True, ensemble_k=1, progress=False,
                     cache_dir=tmp_path / "s", patience=0)
     assert {c["name"] for c in soup.report.candidates} == {"best", "soup:inca/stem"}
+    [(bank, result, [candidate])] = made
+    assert [s.key for s in bank.specs] == ["inca/stem/lr=0.003", "inca/stem/lr=0.01"]
+    first, second = (m.state for m in result.members)
+    [averaged] = candidate.states
+    assert averaged.keys() == first.keys()
+    for key, weight in averaged.items():
+        torch.testing.assert_close(weight, (first[key] + second[key]) / 2, rtol=0, atol=1e-7)
+    assert not torch.equal(first["query"], second["query"])  # two trainings, a true average
+    exported = bank.export(candidate.member_indices[0], averaged).state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in averaged.items())
 
 
 def _image_folders(root, splits: dict[str, dict[str, int]], seed: int = 0):

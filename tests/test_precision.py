@@ -18,7 +18,8 @@ import inca
 from inca._precision import Precision, resolve_device, resolve_precision
 from inca.baselines.finetune import FineTuneConfig, finetune
 from inca.errors import InCAError
-from inca.runtime import MultiTaskModel, Task, load_task
+from inca.runtime import MultiTaskModel
+from inca.task import Task, load_task
 from inca.training import FitConfig, train_bank
 from inca.training.bank import bank_loss
 from inca.training.sources import MemorySource

@@ -11,7 +11,8 @@ from test_fit import planted_backbone, planted_data
 import inca
 import inca.backbones
 from inca.adapters import create_adapter
-from inca.runtime import MultiTaskModel, Task, TaskError
+from inca.runtime import MultiTaskModel
+from inca.task import Task, TaskError
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,11 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from inca.data.images import ImageError, ImageTooLargeError, open_image  # noqa: E402
-from inca.runtime import MultiTaskModel, TaskError, server  # noqa: E402
-from inca.runtime.server import ServerConfig, ServerConfigError, create_app  # noqa: E402
-from inca.runtime.task import _open_image  # noqa: E402
+from inca.errors import ServerConfigError  # noqa: E402
+from inca.runtime import MultiTaskModel, memory  # noqa: E402
+from inca.runtime.server import ServerConfig, create_app  # noqa: E402
+from inca.task import TaskError  # noqa: E402
+from inca.task.model import _open_image  # noqa: E402
 
 
 def png(value: int = 128, size: int = 16) -> bytes:
@@ -278,7 +280,7 @@ def test_cli_serve_refuses_an_empty_api_key(tmp_path):
 def test_memory_is_handed_back_after_large_requests_only(roomy, monkeypatch):
     c, app, _ = roomy
     calls = []
-    monkeypatch.setattr(server, "_malloc_trim", lambda: calls.append(1) or True)
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: calls.append(1) or True)
     for _ in range(3):  # 3 x 16x16x3 bytes: far below trim_every_bytes
         assert c.post("/predict", files=[("files", ("s.png", png()))]).status_code == 200
     assert calls == [] and app.state.memory.trims == 0
@@ -287,7 +289,7 @@ def test_memory_is_handed_back_after_large_requests_only(roomy, monkeypatch):
     assert c.post("/predict", files=files).status_code == 200  # 120 KB: one trim
     assert calls == [1] and app.state.memory.trims == 1
     monkeypatch.undo()
-    assert isinstance(server._malloc_trim(), bool)  # the real one: glibc, or a no-op
+    assert isinstance(memory._malloc_trim(), bool)  # the real one: glibc, or a no-op
 
 
 @pytest.mark.parametrize("kwargs, status, message", [

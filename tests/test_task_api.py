@@ -25,9 +25,18 @@ import inca.backbones
 from inca._files import atomic_write_bytes
 from inca.adapters import create_adapter
 from inca.backbones.dinov2 import DinoV2Backbone, DinoV2ViT
-from inca.runtime import MultiTaskModel, Task, TaskError, TaskModule, load_task
-from inca.runtime.task import TASK_CARD, TASK_JSON, TASK_REPORT, TASK_WEIGHTS
-from inca.training.report import FitReport
+from inca.runtime import MultiTaskModel
+from inca.task import (
+    TASK_CARD,
+    TASK_JSON,
+    TASK_REPORT,
+    TASK_WEIGHTS,
+    FitReport,
+    Task,
+    TaskError,
+    TaskModule,
+    load_task,
+)
 
 CLASSES = ["cat", "dog", "eel"]
 

@@ -25,19 +25,19 @@ from inca.backbones import Backbone, Preprocessing, create_backbone, from_module
 from inca.errors import InCAError
 
 if TYPE_CHECKING:  # imported on first use (below), so `import inca` stays quick
-    from inca.runtime import MultiTaskModel, Task, TaskModule, load_task
+    from inca.runtime import MultiTaskModel
+    from inca.task import FitReport, Task, TaskModule, load_task
     from inca.training import fit
-    from inca.training.report import FitReport
 
 # name -> module: the real objects, imported on first access (PEP 562), so `inca.fit` *is*
 # inca.training.fit: help() and inspect.signature() show its parameters and docstring.
 _LAZY = {
     "fit": "inca.training",
-    "load_task": "inca.runtime",
-    "Task": "inca.runtime",
-    "TaskModule": "inca.runtime",
+    "load_task": "inca.task",
+    "Task": "inca.task",
+    "TaskModule": "inca.task",
     "MultiTaskModel": "inca.runtime",
-    "FitReport": "inca.training.report",
+    "FitReport": "inca.task",
 }
 
 

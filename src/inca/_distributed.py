@@ -20,11 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from inca.errors import InCAError
-
-
-class DistributedError(InCAError):
-    """The process group cannot be joined, or a rank failed."""
+from inca.errors import DistributedError
 
 
 @dataclass(frozen=True)

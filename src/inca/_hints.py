@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Iterable
 from types import ModuleType
 
-from inca.errors import InCAError
+from inca.errors import MissingDependencyError
 
 # The extra of pyproject.toml that installs each optional top-level module.
 EXTRAS: dict[str, str] = {
@@ -29,14 +29,6 @@ EXTRAS: dict[str, str] = {
     "onnx": "offline",
     "onnxruntime": "offline",
 }
-
-
-class MissingDependencyError(InCAError, ImportError):
-    """An optional dependency is not installed; the message names the install command.
-
-    Also an :class:`ImportError`, so code that falls back when a module is missing keeps
-    working.
-    """
 
 
 def install_hint(module: str, extra: str | None = None) -> str:

@@ -1,10 +1,13 @@
-"""Exceptions raised for user-facing failures.
+"""Exceptions raised for user-facing failures, all of them in this one module.
 
 Every error a user can cause derives from :class:`InCAError`; its message names the cause
-and the fix. The CLI prints the message without a traceback.
+and the fix. The CLI prints the message without a traceback. (:class:`TaskError`, of the
+task file format, lives with that format.)
 """
 
 from __future__ import annotations
+
+import copy
 
 
 class InCAError(Exception):
@@ -33,6 +36,56 @@ class AssetError(InCAError):
 
 class StorageError(InCAError):
     """A file cannot be written (disk full, read-only, permission) or a folder is in use."""
+
+
+class ConfigError(InCAError):
+    """A fit configuration value is invalid."""
+
+
+class TrainingError(InCAError):
+    """Training cannot go on (e.g. the loss became NaN)."""
+
+
+class DistributedError(InCAError):
+    """The process group cannot be joined, or a rank failed."""
+
+
+class ServerConfigError(InCAError):
+    """The service's settings are invalid (an empty API key, a non-positive limit, ...)."""
+
+
+class MissingDependencyError(InCAError, ImportError):
+    """An optional dependency is not installed; the message names the install command.
+
+    Also an :class:`ImportError`, so code that falls back when a module is missing keeps
+    working.
+    """
+
+
+class ImageError(DataError):
+    """An image cannot be read: not an image, truncated, corrupt, or too large."""
+
+    def with_hint(self, hint: str) -> ImageError:
+        """The same error (same type and attributes) whose message ends with ``hint``."""
+        new = copy.copy(self)
+        new.args = (f"{self}. {hint}",)
+        return new
+
+
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed (a guard against decompression bombs).
+
+    Attributes:
+        name: the image (file name or label).
+        size: ``(width, height)`` from its header; ``None`` when Pillow refused it first.
+        pixels: its pixel count (``None`` when unknown).
+        limit: the bound it is over.
+    """
+
+    def __init__(self, message: str, *, name: str = "", size: tuple[int, int] | None = None,
+                 pixels: int | None = None, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.name, self.size, self.pixels, self.limit = name, size, pixels, limit
 
 
 def user_message(error: BaseException) -> str:

@@ -20,6 +20,7 @@ from inca.adapters.base import (
     AdapterConfig,
     AdapterError,
     default_num_heads,
+    member_input,
     parameter_report,
     pool_tokens,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "create_adapter",
     "default_num_heads",
     "list_adapters",
+    "member_input",
     "parameter_report",
     "pool_tokens",
     "register_adapter",

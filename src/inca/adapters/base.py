@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -169,6 +169,24 @@ def check_tokens(tokens: torch.Tensor, embed_dim: int, what: str = "tokens") -> 
         tokens.ndim == 3 and tokens.shape[-1] == embed_dim and tokens.shape[1] > 0,
         f"{what} must be (B, N, {embed_dim}), got {tuple(tokens.shape)}",
     )
+
+
+def member_input(layers: Sequence[str], feats: Mapping[str, torch.Tensor]
+                 ) -> torch.Tensor | list[torch.Tensor]:
+    """What an adapter reading ``layers`` is called with: the one layer's tokens
+    ``(B, N, D)``, or the list of its layers' tokens (a window of adjacent layers, or every
+    layer for a multi-layer probe). The one rule for training, selection and inference.
+
+    Example:
+        >>> feats = {"a": torch.zeros(2, 5, 8), "b": torch.ones(2, 5, 8)}
+        >>> member_input(["a"], feats).shape
+        torch.Size([2, 5, 8])
+        >>> len(member_input(["a", "b"], feats))
+        2
+    """
+    if len(layers) == 1:
+        return feats[layers[0]]
+    return [feats[k] for k in layers]
 
 
 class Adapter(nn.Module):

@@ -14,18 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inca.adapters._folded import (
-    AttentionParams,
-    attend_single,
-    stacked_linear,
-)
+from inca.adapters._folded import AttentionParams, stacked_linear
+from inca.adapters.attention import CrossAttentionAdapter
 from inca.adapters.base import (
     MAX_DIM,
     MAX_HEADS,
     MAX_LAYERS,
     MAX_PREFIX_TOKENS,
     MAX_QUERIES,
-    Adapter,
     AdapterConfig,
     check,
     check_int,
@@ -133,7 +129,7 @@ def inca_head(
 
 
 @register_adapter("inca")
-class InCAAdapter(Adapter):
+class InCAAdapter(CrossAttentionAdapter):
     """Learned queries cross-attend to a layer's tokens; LayerNorm; linear classifier (InCA).
 
     ``logits = Linear(LN(MHA(q, LN(z), LN(z))))``, with the attention folded so that keys
@@ -181,10 +177,7 @@ class InCAAdapter(Adapter):
         d, q = embed_dim, self.config.num_queries
         feat_dim = d if self.config.query_reduce == "mean" else q * d
         self.query = nn.Parameter(torch.empty(q, d, **fk))  # (Q, D)
-        self.token_norm = nn.LayerNorm(d, eps=self.config.norm_eps, **fk)
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * a, d, **fk))  # [W_q; W_k; W_v]
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * a, **fk))
-        self.out_proj = nn.Linear(a, d, **fk)
+        self._add_attention(a, self.config.norm_eps, **fk)  # token_norm, in_proj_*, out_proj
         self.norm = nn.LayerNorm(d, eps=self.config.norm_eps, **fk)
         hidden = self.config.head_hidden
         self.hidden = None if hidden is None else nn.Linear(feat_dim, hidden, **fk)
@@ -195,11 +188,7 @@ class InCAAdapter(Adapter):
     def reset_parameters(self) -> None:
         """Initialize as ``nn.MultiheadAttention`` does; small queries; a near-zero head."""
         nn.init.trunc_normal_(self.query, std=self.config.init_std)
-        self.token_norm.reset_parameters()
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.in_proj_bias)
-        self.out_proj.reset_parameters()
-        nn.init.zeros_(self.out_proj.bias)
+        self.reset_attention()
         self.norm.reset_parameters()
         if self.hidden is not None:
             self.hidden.reset_parameters()
@@ -208,15 +197,7 @@ class InCAAdapter(Adapter):
 
     def attention_params(self) -> AttentionParams:
         """The attention parameters as views with a leading adapter dimension of 1."""
-        return AttentionParams(
-            self.query.unsqueeze(0),
-            self.token_norm.weight.unsqueeze(0),
-            self.token_norm.bias.unsqueeze(0),
-            *self.in_proj_weight.unsqueeze(0).chunk(3, dim=1),  # W_q, W_k, W_v
-            self.in_proj_bias.unsqueeze(0),
-            self.out_proj.weight.unsqueeze(0),
-            self.out_proj.bias.unsqueeze(0),
-        )
+        return self._attention_params(self.query)
 
     def head_params(self) -> HeadParams:
         """The output LayerNorm and classifier as views with a leading dimension of 1."""
@@ -253,8 +234,8 @@ class InCAAdapter(Adapter):
         Returns:
             ``(B, Q, D)``, or that and the weights.
         """
-        return attend_single(self.join(tokens), self.attention_params(), self.config.num_heads,
-                             self.config.norm_eps, need_weights, self.config.skip_tokens)
+        return self._attend(self.join(tokens), self.attention_params(), need_weights,
+                            self.config.skip_tokens)
 
     def forward(self, tokens: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits ``(B, C)`` from tokens ``(B, N, D)`` (a list of them: :meth:`join`)."""

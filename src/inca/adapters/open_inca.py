@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inca.adapters._folded import AttentionParams, attend_single
+from inca.adapters._folded import AttentionParams
+from inca.adapters.attention import CrossAttentionAdapter
 from inca.adapters.base import (
     MAX_CLASS_GROUPS,
     MAX_HEADS,
-    Adapter,
     AdapterConfig,
     check,
     check_int,
@@ -70,7 +70,7 @@ class OpenInCAConfig(AdapterConfig):
 
 
 @register_adapter("open_inca")
-class OpenInCAAdapter(Adapter):
+class OpenInCAAdapter(CrossAttentionAdapter):
     """One query and one diagonal head per class, over shared cross-attention (Open-InCA).
 
     Shared: the token LayerNorm and the attention projections (``in_proj_weight``,
@@ -128,12 +128,7 @@ class OpenInCAAdapter(Adapter):
         self.config = config.replace(
             num_heads=resolve_num_heads(config.num_heads, embed_dim), class_groups=groups
         )
-        fk = {"device": device, "dtype": dtype}
-        d = embed_dim
-        self.token_norm = nn.LayerNorm(d, eps=config.norm_eps, **fk)
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d, **fk))  # [W_q; W_k; W_v]
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * d, **fk))
-        self.out_proj = nn.Linear(d, d, **fk)
+        self._add_attention(embed_dim, config.norm_eps, device=device, dtype=dtype)
         self.queries = nn.ParameterList()  # one (C_g, D) tensor per class group
         self.class_weights = nn.ParameterList()  # (C_g, D)
         self.class_biases = nn.ParameterList()  # (C_g,)
@@ -144,11 +139,7 @@ class OpenInCAAdapter(Adapter):
     @torch.no_grad()
     def reset_shared_parameters(self) -> None:
         """Initialize the shared attention as ``nn.MultiheadAttention`` does."""
-        self.token_norm.reset_parameters()
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.in_proj_bias)
-        self.out_proj.reset_parameters()
-        nn.init.zeros_(self.out_proj.bias)
+        self.reset_attention()
 
     def _append_group(self, n: int) -> None:
         like = self.in_proj_weight
@@ -162,8 +153,7 @@ class OpenInCAAdapter(Adapter):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The parameters every class depends on (token LN, attention projections)."""
-        return [*self.token_norm.parameters(), self.in_proj_weight, self.in_proj_bias,
-                *self.out_proj.parameters()]
+        return self.attention_parameters()
 
     def freeze_old_classes(self) -> OpenInCAAdapter:
         """Freeze the shared parameters and every class present now; returns ``self``.
@@ -199,22 +189,13 @@ class OpenInCAAdapter(Adapter):
 
     def attention_params(self) -> AttentionParams:
         """Attention parameters with a leading adapter dimension of 1; one query per class."""
-        return AttentionParams(
-            torch.cat(list(self.queries)).unsqueeze(0),  # (1, C, D)
-            self.token_norm.weight.unsqueeze(0),
-            self.token_norm.bias.unsqueeze(0),
-            *self.in_proj_weight.unsqueeze(0).chunk(3, dim=1),  # W_q, W_k, W_v
-            self.in_proj_bias.unsqueeze(0),
-            self.out_proj.weight.unsqueeze(0),
-            self.out_proj.bias.unsqueeze(0),
-        )
+        return self._attention_params(torch.cat(list(self.queries)))  # queries (C, D)
 
     def attend(
         self, tokens: torch.Tensor, need_weights: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Each class query's attention output ``(B, C, D)`` (and weights ``(B, H, C, N)``)."""
-        return attend_single(tokens, self.attention_params(), self.config.num_heads,
-                             self.config.norm_eps, need_weights)
+        return self._attend(tokens, self.attention_params(), need_weights)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C)`` from tokens ``(B, N, D)``."""

@@ -37,6 +37,7 @@ from inca.adapters._folded import (
     regular_layers,
     stacked_linear,
 )
+from inca.adapters.attention import attention_params
 from inca.adapters.base import Adapter, AdapterConfig, check, count_parameters
 from inca.adapters.inca import HeadParams, InCAAdapter, InCAConfig, inca_head
 from inca.adapters.linear import LinearConfig, LinearProbe, linear_features
@@ -213,11 +214,9 @@ class StackedInCA(_Stacked):
 
     def attention_params(self) -> AttentionParams:
         """Every member's attention parameters, stacked along K (views, no copies)."""
-        return AttentionParams(
-            self.query, self.token_norm_weight, self.token_norm_bias,
-            *self.in_proj_weight.chunk(3, dim=1), self.in_proj_bias,
-            self.out_proj_weight, self.out_proj_bias,
-        )
+        return attention_params(self.query, self.token_norm_weight, self.token_norm_bias,
+                                self.in_proj_weight, self.in_proj_bias, self.out_proj_weight,
+                                self.out_proj_bias)
 
     def head_params(self) -> HeadParams:
         """Every member's output LayerNorm and classifier, stacked along K."""

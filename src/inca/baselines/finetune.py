@@ -29,7 +29,7 @@ from inca.data.transforms import (
     loader_options,
     to_model_input,
 )
-from inca.errors import InCAError
+from inca.errors import ConfigError, InCAError, TrainingError
 
 FINETUNE_METHODS = ("full", "last", "lora")
 _NORMS = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm, nn.BatchNorm1d)
@@ -86,17 +86,17 @@ class FineTuneConfig:
 
     def __post_init__(self) -> None:
         if self.method not in FINETUNE_METHODS:
-            raise InCAError(f"method must be one of {FINETUNE_METHODS}, got {self.method!r}")
+            raise ConfigError(f"method must be one of {FINETUNE_METHODS}, got {self.method!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lora_r < 1:
-            raise InCAError("epochs, batch_size and lora_r must be at least 1")
+            raise ConfigError("epochs, batch_size and lora_r must be at least 1")
         if min(self.lr_head, self.lr_backbone, self.lr_lora) <= 0:
-            raise InCAError("learning rates must be positive")
+            raise ConfigError("learning rates must be positive")
         self.augment = augmentation(self.augment)
         if not 0 < self.layer_decay <= 1:
-            raise InCAError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.precision not in ("auto", *PRECISIONS):
-            raise InCAError(f"precision must be one of auto, {', '.join(PRECISIONS)}; "
-                            f"got {self.precision!r}")
+            raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; "
+                              f"got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -257,7 +257,7 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         device: where the copy trains (``"auto"``: CUDA when available); the backbone's
             device when omitted.
     """
-    from inca.training.bank import cosine_with_warmup
+    from inca.training.schedule import cosine_with_warmup
 
     config = config or FineTuneConfig()
     tuned, names = prepare(backbone, config)
@@ -318,8 +318,8 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
             bar.update(1)
         epoch_loss = float(loss_sum) / max(len(loader), 1)  # the epoch's one wait
         if not math.isfinite(epoch_loss):
-            raise InCAError(f"{config.method} fine-tuning: the loss became {epoch_loss} "
-                            f"at epoch {epoch + 1}; lower the learning rates")
+            raise TrainingError(f"{config.method} fine-tuning: the loss became {epoch_loss} "
+                                f"at epoch {epoch + 1}; lower the learning rates")
         _set_mode(tuned, config, False)
         acc = _accuracy(tuned, head, eval_loader(val), precision)
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss, "val_accuracy": acc})

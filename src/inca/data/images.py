@@ -12,7 +12,6 @@ them.
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import re
@@ -22,7 +21,7 @@ from typing import IO, Any, Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from inca.errors import DataError
+from inca.errors import ImageError, ImageTooLargeError
 
 #: ``max_pixels`` that follows Pillow's own bound, ``PIL.Image.MAX_IMAGE_PIXELS`` at call
 #: time (89.5 megapixels unless changed, about 0.25 GiB once decoded as RGB).
@@ -35,32 +34,6 @@ _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexEr
                TypeError, ZeroDivisionError, KeyError)
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-class ImageError(DataError):
-    """An image cannot be read: not an image, truncated, corrupt, or too large."""
-
-    def with_hint(self, hint: str) -> ImageError:
-        """The same error (same type and attributes) whose message ends with ``hint``."""
-        new = copy.copy(self)
-        new.args = (f"{self}. {hint}",)
-        return new
-
-
-class ImageTooLargeError(ImageError):
-    """An image has more pixels than allowed (a guard against decompression bombs).
-
-    Attributes:
-        name: the image (file name or label).
-        size: ``(width, height)`` from its header; ``None`` when Pillow refused it first.
-        pixels: its pixel count (``None`` when unknown).
-        limit: the bound it is over.
-    """
-
-    def __init__(self, message: str, *, name: str = "", size: tuple[int, int] | None = None,
-                 pixels: int | None = None, limit: int | None = None) -> None:
-        super().__init__(message)
-        self.name, self.size, self.pixels, self.limit = name, size, pixels, limit
 
 
 def image_size(source: ImageSource, *, name: str | None = None) -> tuple[int, int]:

@@ -16,18 +16,10 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
 from inca.backbones.base import Preprocessing
 from inca.data.images import to_rgb
 from inca.errors import DataError
-
-_INTERPOLATION = {
-    "bilinear": T.InterpolationMode.BILINEAR,
-    "bicubic": T.InterpolationMode.BICUBIC,
-    "nearest": T.InterpolationMode.NEAREST,
-}
-
 
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 
@@ -55,7 +47,9 @@ def build_transform(preprocessing: Preprocessing, augment: bool | str = "none"
     """
     policy = augmentation(augment)
     s = preprocessing.input_size
-    interp = _INTERPOLATION[preprocessing.interpolation]
+    from torchvision import transforms as T  # here: importing torchvision takes a second
+
+    interp = T.InterpolationMode(preprocessing.interpolation)
     if policy == "none":
         head = [T.Resize(s, interpolation=interp), T.CenterCrop(s)]
     else:
@@ -107,9 +101,9 @@ def to_model_input(images: torch.Tensor, preprocessing: Preprocessing,
     Example:
         >>> from inca.backbones import Preprocessing
         >>> x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
-        >>> to_model_input(x, Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), "cpu")[0, 0]
-        tensor([[2., 2.],
-                [2., 2.]])
+        >>> y = to_model_input(x, Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), "cpu")
+        >>> y[0, 0].round(decimals=4).tolist()  # (1 - 0.5) / 0.25
+        [[2.0, 2.0], [2.0, 2.0]]
     """
     device = torch.device(device)
     x = images.to(device, non_blocking=True)

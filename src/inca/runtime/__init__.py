@@ -1,7 +1,10 @@
-"""Inference: fitted tasks, and many tasks on one backbone pass."""
+"""Serving: many tasks on one backbone pass (:class:`MultiTaskModel`), and the HTTP service.
 
-from inca.runtime.export import TaskModule
+The task itself (``Task``, ``load_task``, its folder format) is :mod:`inca.task`; the names
+below it are re-exported here for code written before it moved.
+"""
+
 from inca.runtime.multitask import MultiTaskModel
-from inca.runtime.task import Task, TaskError, load_task
+from inca.task import Task, TaskError, TaskModule, load_task  # noqa: F401 - compatibility
 
-__all__ = ["MultiTaskModel", "Task", "TaskError", "TaskModule", "load_task"]
+__all__ = ["MultiTaskModel"]

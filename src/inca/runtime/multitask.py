@@ -17,7 +17,7 @@ from inca.backbones.base import Backbone
 from inca.data.transforms import to_model_input
 from inca.features import token_shapes
 from inca.features.tokens import reduce_tokens
-from inca.runtime.task import (
+from inca.task import (
     Task,
     TaskError,
     TaskFiles,
@@ -83,12 +83,12 @@ class MultiTaskModel(nn.Module):
                    **backbone_kwargs: Any) -> MultiTaskModel:
         """Load task folders onto one backbone.
 
-        Every folder is read and checked first (:func:`~inca.runtime.task.read_task_files`),
+        Every folder is read and checked first (:func:`~inca.task.read_task_files`),
         and the tasks must record the same backbone weights; an error names the task and
         its folder. Only then is the backbone taken: ``backbone`` when given (moved to
         ``device``/``dtype`` when given); a spec string (``"hf:/models/vit"``) is created
         with ``backbone_kwargs`` at the tasks' input size; without one, the backbone the
-        first task records is created again (see :func:`~inca.runtime.task.load_task`:
+        first task records is created again (see :func:`~inca.task.load_task`:
         from local files only when the record says so, else it **may download its
         weights**), on ``device`` in ``dtype``. Each task's fingerprint is checked against
         it before any task is built.

@@ -1,19 +1,33 @@
-"""Parallel training of adapter banks, selection on validation, ensembling."""
+"""Parallel training of adapter banks, selection on validation, ensembling.
 
-from inca.training.bank import AdapterBank, MemberSpec, TrainingError, plan_members
-from inca.training.config import ConfigError, FitConfig
-from inca.training.fit import fit
-from inca.training.loop import train_bank
-from inca.training.report import FitReport
+The names load on first use (``inca.training.FitConfig`` does not import the trainer).
+"""
 
-__all__ = [
-    "AdapterBank",
-    "ConfigError",
-    "FitConfig",
-    "FitReport",
-    "MemberSpec",
-    "TrainingError",
-    "fit",
-    "plan_members",
-    "train_bank",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "AdapterBank": "inca.training.bank",
+    "ConfigError": "inca.errors",
+    "FitConfig": "inca.training.config",
+    "FitReport": "inca.task",
+    "MemberSpec": "inca.training.plan",
+    "TrainingError": "inca.errors",
+    "fit": "inca.training.fitting",
+    "plan_members": "inca.training.plan",
+    "train_bank": "inca.training.loop",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'inca.training' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -8,19 +8,9 @@ from typing import Any
 
 from inca._precision import PRECISIONS
 from inca.data.transforms import augmentation
-from inca.errors import InCAError
+from inca.errors import ConfigError, InCAError
 
 SELECT_BY = ("accuracy", "loss")
-
-
-def selection_key(accuracy: float, loss: float, select_by: str) -> tuple[float, float]:
-    """Sort key of a validation score, smaller is better: by ``select_by``, the other
-    measure breaking ties."""
-    return (-accuracy, loss) if select_by == "accuracy" else (loss, -accuracy)
-
-
-class ConfigError(InCAError):
-    """A fit configuration value is invalid."""
 
 
 @dataclass

@@ -7,9 +7,11 @@ from dataclasses import replace
 from typing import Any
 
 from inca.adapters import OpenInCAAdapter
-from inca.training.bank import AdapterBank, MemberSpec, TrainingError
+from inca.errors import TrainingError
+from inca.training.bank import AdapterBank
 from inca.training.config import FitConfig
 from inca.training.loop import train_bank
+from inca.training.plan import MemberSpec
 
 
 def add_classes(

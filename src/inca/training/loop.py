@@ -14,8 +14,12 @@ from tqdm.auto import tqdm
 
 from inca._distributed import context
 from inca._precision import Precision
-from inca.training.bank import AdapterBank, TrainingError, bank_loss, cosine_with_warmup
-from inca.training.config import FitConfig, selection_key
+from inca.errors import TrainingError
+from inca.task import selection_key
+from inca.training.bank import AdapterBank
+from inca.training.config import FitConfig
+from inca.training.loss import bank_loss
+from inca.training.schedule import cosine_with_warmup
 from inca.training.sources import batch_order
 
 

@@ -9,8 +9,9 @@ import torch
 
 from inca._distributed import context
 from inca._precision import Precision
-from inca.training.bank import AdapterBank, MemberSpec
-from inca.training.config import selection_key
+from inca.adapters import member_input
+from inca.task import selection_key
+from inca.training.bank import AdapterBank
 from inca.training.loop import BankResult, MemberResult
 
 
@@ -68,7 +69,7 @@ def soups(bank: AdapterBank, result: BankResult, val, batch_size: int,
     for i, s in enumerate(bank.specs):
         groups[(s.kind, s.layers)].append(i)
     out = []
-    for (kind, layers), idx in groups.items():
+    for (_, layers), idx in groups.items():
         if len(idx) < 2:
             continue
         states = [result.members[i].state for i in idx]
@@ -78,12 +79,11 @@ def soups(bank: AdapterBank, result: BankResult, val, batch_size: int,
         probs, labels = [], []
         with torch.no_grad(), (precision or Precision("32")).autocast():
             for feats, y in val.batches(batch_size, part="share"):
-                x = feats[layers[0]] if len(layers) == 1 else [feats[k] for k in layers]
-                probs.append(adapter(x).float().softmax(-1).cpu())
+                probs.append(adapter(member_input(layers, feats)).float().softmax(-1).cpu())
                 labels.append(y.cpu().long())
         ctx = context()  # under torchrun: every rank's share, in order
         p = ctx.gather_rows(torch.cat(probs) if probs else torch.zeros(0, bank.num_classes))
         y = ctx.gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
-        name = f"soup:{MemberSpec(kind, layers, 0).key.rsplit('/', 1)[0]}"
+        name = f"soup:{bank.specs[idx[0]].name}"
         out.append(Candidate(name, idx[:1], *scores(p, y), [avg]))
     return out

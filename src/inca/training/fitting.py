@@ -21,12 +21,14 @@ from inca.adapters import parameter_report
 from inca.backbones.base import Backbone
 from inca.errors import InCAError
 from inca.features import extract_to_cache, token_shapes
-from inca.runtime.task import Task
-from inca.training.bank import AdapterBank, build_adapter, plan_members
-from inca.training.config import FitConfig, selection_key
+from inca.task import Task, selection_key
+from inca.training.bank import AdapterBank
+from inca.training.config import FitConfig
+from inca.training.factory import build_adapter
 from inca.training.loop import BankResult, train_bank
 from inca.training.mode import choose_mode
-from inca.training.report import FitReport
+from inca.training.plan import plan_members
+from inca.training.report import build_report
 from inca.training.selection import Candidate, best_member, soups, top_k_ensemble
 from inca.training.sources import CachedSource, StreamingSource
 
@@ -174,7 +176,7 @@ def fit(
         **overrides: fields of :class:`FitConfig`, e.g. ``epochs=5, precision="bf16-mixed"``.
 
     Returns:
-        The :class:`~inca.runtime.task.Task` chosen on validation (the best adapter, or
+        The :class:`~inca.task.Task` chosen on validation (the best adapter, or
         the top-k ensemble when it is better), with ``task.report`` describing every
         adapter of the bank.
 
@@ -246,7 +248,7 @@ def fit(
                                                          config), test_src, config.batch_size)
 
     params = [parameter_report(bank.export(i), n_params) for i in range(len(specs))]
-    report = FitReport.build(
+    report = build_report(
         backbone=backbone.describe(), config=config, specs=specs, result=result,
         params=params, candidates=candidates, chosen=chosen, baseline=baseline, tests=tests,
         extract_seconds=extract_s, num_train=len(train_src), num_val=len(val_src),

@@ -1,7 +1,7 @@
 """A task as one plain ``nn.Module`` (backbone + heads), for autograd, ``torch.export`` and ONNX.
 
 :meth:`Backbone.extract <inca.backbones.Backbone.extract>` and :meth:`Task.predict_proba
-<inca.runtime.task.Task.predict_proba>` run under ``torch.no_grad`` and move data between
+<inca.task.Task.predict_proba>` run under ``torch.no_grad`` and move data between
 devices; :class:`TaskModule` does neither: its forward is tensor in, tensor out, in whatever
 autograd mode the caller runs it (its weights are frozen, so nothing is recorded unless the
 input requires a gradient).
@@ -32,7 +32,7 @@ from inca.features.tokens import reduce_tokens
 class TaskModule(nn.Module):
     """Images to class probabilities: one backbone pass, every member, their average.
 
-    Made by :meth:`Task.to_module <inca.runtime.task.Task.to_module>`; it holds the task's
+    Made by :meth:`Task.to_module <inca.task.Task.to_module>`; it holds the task's
     backbone and members themselves (no copies: ``copy.deepcopy`` it for an independent
     one).
 

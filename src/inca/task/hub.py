@@ -4,8 +4,8 @@ A task folder is a hub model repo as it is: ``task.json``, ``adapter_model.safet
 ``report.json`` and the model card ``README.md`` (YAML front matter with
 ``library_name: inca``, tags and metrics; then the backbone, classes, chosen adapters,
 metrics and the fit report's table). :meth:`Task.push_to_hub
-<inca.runtime.task.Task.push_to_hub>` uploads one with ``huggingface_hub``'s
-``upload_folder``; :meth:`Task.from_pretrained <inca.runtime.task.Task.from_pretrained>`
+<inca.task.Task.push_to_hub>` uploads one with ``huggingface_hub``'s
+``upload_folder``; :meth:`Task.from_pretrained <inca.task.Task.from_pretrained>`
 downloads one with ``snapshot_download``. ``huggingface_hub`` is imported only then.
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inca._version import __version__
-from inca.runtime.task_format import TASK_FILES, TaskError
+from inca.task.schema import TASK_FILES, TaskError
 
 if TYPE_CHECKING:
-    from inca.runtime.task import Task
+    from inca.task.model import Task
 
 _HINT = "pip install huggingface_hub (it comes with inca[hf] and inca[timm])"
 _MAX_CLASSES_SHOWN = 100

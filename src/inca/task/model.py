@@ -1,49 +1,32 @@
 """A fitted task: the trained head(s) over a frozen backbone, and how it is loaded.
 
 A task stores only what was trained (one adapter, or the members of an ensemble), never the
-backbone and never a pickle (the folder format: :mod:`inca.runtime.task_format`). It
-records the backbone's weights fingerprint and how to create the backbone again (its spec
-with local paths absolute, or hub id and revision; whether pretrained weights or a local
-checkpoint were used), and loading it onto other weights is refused.
+backbone and never a pickle (the folder format: :mod:`inca.task.files`). It records the
+backbone's weights fingerprint and how to create the backbone again
+(:mod:`inca.task.backbone`), and loading it onto other weights is refused.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from inca._precision import Precision, resolve_device
+from inca._precision import Precision
 from inca.adapters import Adapter
 from inca.backbones.base import Backbone, Preprocessing
-from inca.errors import BackboneError
 from inca.features import extract_features
-from inca.runtime.task_format import (
-    TASK_CARD,
-    TASK_FORMAT,
-    TASK_JSON,
-    TASK_REPORT,
-    TASK_WEIGHTS,
-    TaskError,
-    TaskFiles,
-    read_task_files,
-    write_task_folder,
-)
-
-if TYPE_CHECKING:
-    from inca.runtime.export import TaskModule
-    from inca.training.report import FitReport
-
-__all__ = [
-    "TASK_CARD", "TASK_FORMAT", "TASK_JSON", "TASK_REPORT", "TASK_WEIGHTS", "Task", "TaskError",
-    "TaskFiles", "check_backbone", "load_task", "read_task_files", "task_backbone",
-]
+from inca.task.backbone import check_backbone, task_backbone
+from inca.task.export import TaskModule
+from inca.task.files import read_task_files, write_task_folder
+from inca.task.hub import model_card, push_task, task_folder
+from inca.task.report import FitReport
+from inca.task.schema import TaskError
 
 
 class Task(nn.Module):
@@ -235,7 +218,7 @@ class Task(nn.Module):
         It shares the task's weights (no copy), runs in any autograd mode (no
         ``inference_mode`` inside, so its outputs can enter a graph that is trained), and
         exports with ``torch.export.export`` (and ONNX where the backbone's operations
-        allow). See :class:`~inca.runtime.export.TaskModule`.
+        allow). See :class:`~inca.task.export.TaskModule`.
 
         Example:
             >>> x = torch.rand(1, 3, 224, 224)
@@ -244,8 +227,6 @@ class Task(nn.Module):
         if self.backbone is None:
             raise TaskError("no backbone attached: use task.attach(backbone) or "
                             "inca.load_task(path) which creates it")
-        from inca.runtime.export import TaskModule
-
         self.follow_backbone()
         return TaskModule(self.backbone, self.members, self.member_layers,
                           token_grid=self.token_grid)
@@ -276,8 +257,6 @@ class Task(nn.Module):
                 other files than a task's (saving would delete them).
             StorageError: the disk is full or read-only, or another process is saving there.
         """
-        from inca.runtime.hub import model_card
-
         tensors = {
             f"members.{i}.{k}": v.detach().cpu().contiguous()
             for i, m in enumerate(self.members)
@@ -330,8 +309,6 @@ class Task(nn.Module):
         Example:
             >>> task = inca.Task.from_pretrained("user/fashion-mnist-inca")  # doctest: +SKIP
         """
-        from inca.runtime.hub import task_folder
-
         folder = task_folder(folder_or_repo_id, revision=revision, token=token,
                              cache_dir=cache_dir)
         return load_task(folder, backbone, device=device, dtype=dtype, precision=precision,
@@ -359,33 +336,16 @@ class Task(nn.Module):
         Example:
             >>> task.push_to_hub("user/fashion-mnist-inca")  # doctest: +SKIP
         """
-        from inca.runtime.hub import push_task
-
         return push_task(self, repo_id, token=token, private=private, revision=revision,
                          commit_message=commit_message, create_pr=create_pr)
 
-
-def check_backbone(info: dict[str, Any], backbone: Backbone, what: str) -> None:
-    """Refuse a backbone whose weights or preprocessing differ from ``info``'s."""
-    problems = []
-    if info.get("fingerprint") != backbone.fingerprint():
-        problems.append(f"weights fingerprint {backbone.fingerprint()} != "
-                        f"{info.get('fingerprint')} it was trained with")
-    if info.get("preprocessing") and info["preprocessing"] != backbone.preprocessing.to_dict():
-        problems.append(f"preprocessing {backbone.preprocessing.to_dict()} != "
-                        f"{info['preprocessing']}")
-    if problems:
-        raise TaskError(
-            f"{what} was trained on backbone {info.get('name')!r} and does not fit "
-            f"{backbone.name!r}: " + "; ".join(problems)
-            + f". Load it with the backbone it was trained on ({info.get('name')})."
-        )
 
 
 def _open_image(im: Any) -> Image.Image:
     """A path, bytes or PIL image as RGB through :func:`inca.data.images.open_image` (size
     bounded by ``PIL.Image.MAX_IMAGE_PIXELS`` before decoding, deep images scaled)."""
-    from inca.data.images import ImageError, open_image
+    from inca.data.images import open_image
+    from inca.errors import ImageError
 
     try:
         return open_image(im)
@@ -437,69 +397,3 @@ def load_task(path: str | Path, backbone: Backbone | str | None = None, *,
     backbone = task_backbone(files.backbone_info, backbone, device=device, dtype=dtype,
                              what=f"the task in {files.folder}", **backbone_kwargs)
     return files.build(precision).attach(backbone)
-
-
-def task_backbone(info: dict[str, Any], backbone: Backbone | str | None = None, *,
-                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                  what: str = "this task", **backbone_kwargs: Any) -> Backbone:
-    """The backbone for a task recorded as ``info`` (``TaskFiles.backbone_info``), checked.
-
-    A given ``backbone`` is checked, then moved to ``device``/``dtype`` when given. A spec
-    (a string) is created at the task's input size; without one, the backbone recorded in
-    ``info`` is created again (see :func:`load_task`). Either goes to ``device``
-    (``"auto"`` by default) and is checked at once, before anything uses it.
-
-    Raises:
-        TaskError: it cannot be created, or its weights fingerprint or preprocessing differ
-            from ``info``'s.
-    """
-    if isinstance(backbone, Backbone):
-        check_backbone(info, backbone, what=what)
-        if device is not None or dtype is not None:
-            backbone.to(device=None if device is None else resolve_device(device),
-                        dtype=dtype)
-        return backbone
-    if isinstance(backbone, str):
-        spec, offline = backbone, False
-        backbone_kwargs.setdefault("input_size", info["preprocessing"]["input_size"])
-    else:
-        spec, offline, backbone_kwargs = _recorded(info, what, backbone_kwargs)
-    from inca.backbones import create_backbone
-    from inca.backbones._hub import offline_mode
-
-    # Offline as recorded: timm and transformers read their local cache only, never the
-    # network (without huggingface_hub installed, nothing could download anyway).
-    offline = offline and importlib.util.find_spec("huggingface_hub") is not None
-    try:
-        with offline_mode(offline):
-            created = create_backbone(spec, device=resolve_device(device), dtype=dtype,
-                                      **backbone_kwargs)
-    except BackboneError as e:
-        how = " (from local files only, as recorded)" if offline else ""
-        raise TaskError(f"{what}: cannot create its backbone {spec!r}{how}: {e}. Pass the "
-                        "backbone it was trained on (backbone=..., or --backbone)") from e
-    check_backbone(info, created, what=what)
-    return created
-
-
-def _recorded(info: dict[str, Any], what: str, overrides: dict[str, Any]
-              ) -> tuple[str, bool, dict[str, Any]]:
-    """``(spec, offline, kwargs)`` that create the backbone ``info`` records."""
-    source = info.get("source")
-    if source is None:  # saved before inca recorded sources, or a module it cannot rebuild
-        return info["name"], False, {
-            "input_size": info["preprocessing"]["input_size"], **overrides}
-    if source.get("unrecorded") and not overrides:
-        raise TaskError(
-            f"{what}: its backbone {info['name']!r} was created with arguments a task file "
-            f"cannot hold ({', '.join(map(str, source['unrecorded']))}); pass the backbone "
-            "(backbone=..., or --backbone)")
-    spec, kwargs = source["spec"], {**source["kwargs"], **overrides}
-    missing = [str(p) for p in (spec.partition(":")[2], kwargs.get("checkpoint_path"))
-               if p and Path(str(p)).is_absolute() and not Path(str(p)).exists()]
-    if missing:
-        raise TaskError(
-            f"{what}: its backbone was created from {missing[0]}, which does not exist on "
-            "this machine; pass the same weights from where they are here (backbone="
-            "'hf:<folder>' or a Backbone; --backbone, --checkpoint)")
-    return spec, bool(source.get("offline")), kwargs

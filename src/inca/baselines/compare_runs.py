@@ -1,0 +1,171 @@
+"""One ``inca compare`` job in a child process of its own: one method at one seed (or the
+shared extraction), timed, its peak memory sampled while it trains.
+
+A fresh spawned process per job measures each method's peak resident memory the same way,
+and a crash (out of memory, killed) is that job's failure, not the comparison's.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inca.baselines.compare_config import EXPENSIVE, CompareConfig
+from inca.errors import InCAError
+
+# What each cheap method asks of inca.fit.
+FIT_ARGS = {
+    "linear": {"kinds": ("linear",), "layers": "last"},
+    "multilayer": {"kinds": ("multilayer_linear",), "layers": "all"},
+    "inca": {"kinds": ("inca",), "layers": "all"},
+}
+
+
+@dataclass
+class Run:
+    """One method at one seed."""
+
+    method: str
+    seed: int
+    test_accuracy: float
+    val_accuracy: float
+    train_seconds: float
+    peak_rss_mib: float
+    cuda_peak_mib: float | None
+    trainable_parameters: int
+    stored_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def backbone_for(config: CompareConfig, device: str | None = None):
+    """The compared backbone, created as ``config`` asks, on ``device`` (its own by
+    default)."""
+    import inca
+
+    kwargs: dict[str, Any] = {} if config.input_size is None else {
+        "input_size": config.input_size}
+    if not config.pretrained:  # only then: bundled backbones take no such argument
+        kwargs["pretrained"] = False
+    if config.checkpoint_path is not None:
+        kwargs["checkpoint_path"] = config.checkpoint_path
+    return inca.create_backbone(config.backbone, device=device or config.device, **kwargs)
+
+
+def _setup(config: CompareConfig):
+    from inca.data import load_dataset
+
+    backbone = backbone_for(config)
+    train = load_dataset(config.data, split="train", limit=config.limit, seed=0)
+    test = load_dataset(config.data, split="test", limit=config.test_limit, seed=0)
+    return backbone, train, test
+
+
+def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """A child process: one method at one seed (or the shared extraction); returns dicts."""
+    import torch
+
+    from inca._memory import PeakMemory
+    from inca.data import split_train_val
+
+    config = CompareConfig(**job["config"])
+    method, seed = job["method"], job["seed"]
+    torch.manual_seed(seed)
+    backbone, train, test = _setup(config)
+    tr, val = split_train_val(train, config.val_fraction, 0)  # one split for every method
+    device = torch.device(config.device)
+    cache_root = Path(job["cache_root"])
+    if method == "extract":
+        from inca.features import extract_to_cache
+
+        with PeakMemory(device=device) as mem:
+            t = time.perf_counter()
+            for name, ds in (("train", tr), ("val", val), ("test", test)):
+                extract_to_cache(backbone, ds, cache_root / name, layers="all",
+                                 batch_size=config.batch_size, token_grid=config.token_grid,
+                                 progress=False, precision=config.precision)
+            seconds = time.perf_counter() - t
+        return [{"seconds": seconds, "peak_rss_mib": mem.peak_rss_mib,
+                 "cuda_peak_mib": mem.cuda_peak_mib}]
+    if method in EXPENSIVE:
+        from inca.baselines.finetune import FineTuneConfig, finetune
+
+        ft = FineTuneConfig(method=method, epochs=config.epochs, batch_size=config.batch_size,
+                            seed=seed, precision=config.precision)
+        with PeakMemory(device=device) as mem:
+            t = time.perf_counter()
+            res = finetune(backbone, tr, val, test, ft, progress=False)
+            seconds = time.perf_counter() - t
+        return [asdict(Run(method, seed, res.test_accuracy or 0.0, res.val_accuracy, seconds,
+                           mem.peak_rss_mib, mem.cuda_peak_mib, res.trainable_parameters,
+                           res.stored_bytes, {"epochs_run": res.epochs_run}))]
+
+    import inca
+
+    ext = job["extraction"]
+    budget = job.get("time_budget_s")  # equal time: what is left after the extraction
+    written = _manifests(cache_root)
+    with PeakMemory(device=device) as mem:
+        t = time.perf_counter()
+        task = inca.fit(backbone, tr, val, test=test, seed=seed,
+                        epochs=config.max_epochs if budget else config.epochs,
+                        time_budget_s=max(budget - ext["seconds"], 1e-3) if budget else None,
+                        batch_size=config.batch_size, lrs=config.lrs, patience=0,
+                        token_grid=config.token_grid, progress=False, cache_dir=cache_root,
+                        precision=config.precision, **FIT_ARGS[method])
+        seconds = time.perf_counter() - t
+    rep = task.report
+    if _manifests(cache_root) != written:  # a cache (re)written: not the shared one's
+        raise InCAError("the shared activation cache was not reused; costs would count "
+                        "extraction twice")
+    runs = []
+    names = ["best", "ensemble"] if method == "inca" else ["best"]
+    for name in names:
+        cand = next((c for c in rep.candidates if c["name"] == name), None)
+        if cand is None:
+            continue
+        members = [r for r in rep.rows if r["key"] in cand["members"]]
+        label = method if name == "best" else f"{method}-ensemble"
+        label += " @ full's time" if budget else ""
+        cuda = None if mem.cuda_peak_mib is None else max(mem.cuda_peak_mib,
+                                                          ext["cuda_peak_mib"] or 0)
+        runs.append(asdict(Run(
+            label, seed, rep.test_accuracy[name], cand["val_accuracy"],
+            ext["seconds"] + seconds, max(ext["peak_rss_mib"], mem.peak_rss_mib), cuda,
+            sum(r["parameters"] for r in rep.rows),  # the whole bank was trained
+            sum(r["parameters"] for r in members) * 4,  # fp32 safetensors of the chosen
+            {"members": cand["members"], "extract_seconds": ext["seconds"],
+             "fit_seconds": seconds, "bank_size": len(rep.rows),
+             "epochs_run": rep.timings["epochs_run"]})))
+    return runs
+
+
+def _manifests(root: Path) -> dict[str, int]:
+    """Each cache manifest under ``root`` and when it was last written: a fit that reuses
+    the shared caches writes none of them."""
+    return {str(p): p.stat().st_mtime_ns for p in sorted(root.glob("*/manifest.json"))}
+
+
+def run_in_child(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`_run_one` in a fresh (spawned) process: the peak memory of this job alone.
+    Not a multiprocessing.Pool, whose daemonic workers may not start the data-loading
+    workers every method uses."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_run_one, job).result()
+
+
+def error_text(error: BaseException) -> str:
+    """One line for a child's error: its type and message (the child's traceback is not
+    the reader's business; a crash that killed the process says so)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    if isinstance(error, BrokenProcessPool):
+        return ("its process died (out of memory, or killed): "
+                + (str(error) or type(error).__name__))
+    text = " ".join(line.strip() for line in str(error).strip().splitlines())
+    if len(text) > 600:
+        text = text[:600] + " ..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

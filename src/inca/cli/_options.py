@@ -1,0 +1,161 @@
+"""What several commands share: option types, defaults read from the configs, and the
+cheap checks every command runs before any expensive work."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from inca.errors import InCAError
+
+
+def config_default(config: type, name: str) -> Any:
+    """The default of the dataclass field ``config.name``, written as its option reads it
+    (a tuple as comma-separated text): a command's defaults live in its config only.
+
+    Example:
+        >>> from inca.training.config import FitConfig
+        >>> config_default(FitConfig, "epochs"), config_default(FitConfig, "kinds")
+        (15, 'inca,linear')
+    """
+    field = config.__dataclass_fields__[name]
+    value = field.default_factory() if field.default is MISSING else field.default
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+# -- option types shared by commands --------------------------------------------------------
+
+BackboneSpec = Annotated[str, typer.Option(help="e.g. dinov2_vits14, timm:<name>, hf:<path>")]
+Data = Annotated[str, typer.Option(
+    help="fashion-mnist, digits, an image folder, a .csv/.jsonl manifest (path,label), "
+         "hf:<folder or hub id>")]
+Layers = Annotated[str, typer.Option(help="'all', 'last', or comma-separated names")]
+InputSize = Annotated[int | None, typer.Option(help="image side fed to the backbone")]
+TokenGrid = Annotated[int | None, typer.Option(
+    help="pool patch tokens to a GRIDxGRID grid (less memory, a smaller cache)")]
+Lrs = Annotated[str, typer.Option(help="learning-rate grid, comma-separated")]
+SkipUnreadable = Annotated[bool, typer.Option(help="skip unreadable images")]
+Pretrained = Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")]
+Checkpoint = Annotated[Path | None, typer.Option(
+    help="local weights file for a timm:/torchvision: backbone (a state_dict, or a "
+         "checkpoint holding one), instead of the hub's")]
+NumWorkers = Annotated[
+    int | None, typer.Option(help="data-loading workers (default: cores - 1, at most 8)")]
+ImageColumn = Annotated[str | None, typer.Option(
+    help="the images' column in a Hugging Face set or a manifest (default: the Image "
+         "feature, or a column named image / path)")]
+LabelColumn = Annotated[str | None, typer.Option(
+    help="the labels' column (default: the ClassLabel feature, or a column named label / "
+         "class); one class per sample")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available, else cpu), cpu, cuda, "
+                                          "cuda:N")]
+Precision = Annotated[str, typer.Option(help="auto (bf16-mixed on a GPU, 32 on the CPU), 32, "
+                                             "bf16-mixed, 16-mixed")]
+BackboneDtype = Annotated[str, typer.Option(
+    help="the backbone's weights: float32 (autocast computes in 16 bits), or bfloat16 / "
+         "float16 held in 16 bits (frozen, so no float32 copy is needed: faster, half the "
+         "memory)")]
+# predict and serve: the tasks, and where their backbone comes from
+TaskFolders = Annotated[list[Path], typer.Option(help="task folder(s) written by inca fit")]
+TaskBackbone = Annotated[str | None, typer.Option(
+    help="create the backbone from this instead of the tasks' record (e.g. the same "
+         "weights elsewhere: hf:<folder>); it must have the weights the tasks were "
+         "trained on")]
+TaskCheckpoint = Annotated[Path | None, typer.Option(
+    help="local weights file for the backbone (timm), instead of the recorded one")]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+# -- parsing and checking, before any expensive work ---------------------------------------
+
+
+def torch_dtype(name: str):
+    """``--backbone-dtype``'s torch dtype; imports torch."""
+    import torch
+
+    if name not in _DTYPES:
+        raise InCAError(f"unknown --backbone-dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return getattr(torch, name)
+
+
+def floats(text: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers (``--lrs``)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InCAError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names (``--kinds``, ``--methods``), blanks dropped."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def parse_adapter_options(text: str | None) -> dict:
+    """``--adapter-options``: JSON mapping kinds (or variants) to settings."""
+    import json
+
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InCAError(f"--adapter-options is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise InCAError('--adapter-options must map kinds to settings, e.g. '
+                        '{"inca:q4": {"num_queries": 4}}')
+    return value
+
+
+def backbone_kwargs(input_size: int | None, pretrained: bool,
+                    checkpoint: Path | None = None) -> dict:
+    """The backbone's creation arguments, checked (cheaply) before any expensive work."""
+    kw: dict = {"pretrained": pretrained}
+    if input_size is not None:
+        if input_size < 1:
+            raise InCAError(f"--input-size must be positive, got {input_size}")
+        kw["input_size"] = input_size
+    if checkpoint is not None:
+        if not checkpoint.expanduser().is_file():
+            raise InCAError(f"--checkpoint {checkpoint}: no such file")
+        kw["checkpoint_path"] = str(checkpoint.expanduser().resolve())
+    return kw
+
+
+def check_positive(**values: int | None) -> None:
+    """Refuse a zero or negative count (``None``: not given) before any work."""
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise InCAError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+
+def check_data(*specs: str | None) -> None:
+    """A misspelt built-in data set (``fashion_mnist``) refused with the close match before
+    any work; anything else is left to the data loader to read or refuse."""
+    from inca._hints import did_you_mean
+    from inca.data.builtin import list_datasets
+
+    known = list_datasets()
+    for spec in specs:
+        if spec is None or spec in known or spec.startswith("hf:") or Path(spec).exists():
+            continue
+        hint = did_you_mean(spec, known)
+        if hint:
+            raise InCAError(f"unknown data set {spec!r}{hint}: not a built-in "
+                            f"({', '.join(known)}) nor an existing folder or file")
+
+
+def check_choices(option: str, given: list[str], allowed: list[str]) -> None:
+    """Refuse an unknown name with the close match and the choices."""
+    from inca._hints import did_you_mean
+
+    for name in given:
+        if name not in allowed:
+            raise InCAError(f"unknown {option} {name!r}{did_you_mean(name, allowed)}; "
+                            f"choose from {', '.join(allowed)}")

@@ -1,0 +1,128 @@
+"""``inca predict`` and ``inca serve``: fitted tasks sharing one backbone pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from inca.cli._app import app, friendly
+from inca.cli._options import (
+    BackboneDtype,
+    Device,
+    Precision,
+    TaskBackbone,
+    TaskCheckpoint,
+    TaskFolders,
+    torch_dtype,
+)
+from inca.errors import InCAError
+
+
+def _model(task: list[Path], backbone: str | None, checkpoint: Path | None, device: str,
+           precision: str, backbone_dtype: str):
+    """The tasks' multi-task model, its backbone as they record it or from ``backbone``."""
+    from inca.runtime import MultiTaskModel
+
+    return MultiTaskModel.from_paths(
+        list(task), backbone, device=device, precision=precision,
+        dtype=torch_dtype(backbone_dtype),
+        **({"checkpoint_path": str(checkpoint.resolve())} if checkpoint else {}))
+
+
+@app.command("predict")
+@friendly
+def predict_cmd(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    task: TaskFolders,
+    top_k: Annotated[int, typer.Option(help="labels shown per image")] = 3,
+    backbone: TaskBackbone = None,
+    checkpoint: TaskCheckpoint = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    backbone_dtype: BackboneDtype = "float32",
+) -> None:
+    """Predict labels and probabilities of images with one or more fitted tasks.
+
+    Several tasks share one backbone pass (they must have been trained on the same
+    backbone weights). The backbone is created as the tasks record it (local paths are
+    absolute; no download for local or --no-pretrained backbones), or from --backbone.
+    """
+    model = _model(task, backbone, checkpoint, device, precision, backbone_dtype)
+    for name, per_image in model.predict([str(p) for p in images], top_k=top_k).items():
+        typer.echo(f"task {name}:")
+        for img, top in zip(images, per_image, strict=True):
+            typer.echo(f"  {img}: " + ", ".join(f"{label} {p:.3f}" for label, p in top))
+
+
+@app.command("serve")
+@friendly
+def serve_cmd(
+    task: TaskFolders,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="most images per backbone pass")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="batching wait for the first request")]
+    = 5.0,
+    batching: Annotated[bool, typer.Option(help="batch concurrent requests")] = True,
+    max_upload_mb: Annotated[float, typer.Option(help="largest request body (413 above)")]
+    = 10.0,
+    max_images: Annotated[int, typer.Option(help="most images per request (413 above)")] = 64,
+    max_image_megapixels: Annotated[float, typer.Option(
+        help="largest image, width x height, checked before decoding (413 above: "
+             "decompression bombs)")] = 40.0,
+    max_request_megapixels: Annotated[float, typer.Option(
+        help="most pixels of all images of one request together (413 above)")] = 160.0,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="INCA_API_KEY", help="require this X-API-Key header (an empty key is refused)")
+    ] = None,
+    backbone: TaskBackbone = None,
+    checkpoint: TaskCheckpoint = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    backbone_dtype: BackboneDtype = "float32",
+) -> None:
+    """Serve tasks over HTTP: POST /predict, GET /tasks, GET /health (docs at /docs)."""
+    import os
+
+    from inca._hints import require
+
+    uvicorn = require("uvicorn", purpose="inca serve")
+    require("fastapi", purpose="inca serve")
+    from inca.runtime.server import ServerConfig, create_app
+
+    if api_key is None and os.environ.get("INCA_API_KEY") is not None:
+        # click reads an empty variable as unset: say so rather than serve without a key
+        raise InCAError("INCA_API_KEY is set but empty, which would serve without "
+                        "authentication; set it to the key, or unset it to serve without one")
+    config = ServerConfig(  # checked before the (slow) model loading
+        max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching,
+        max_upload_bytes=int(max_upload_mb * 2**20), max_images=max_images,
+        max_image_pixels=int(max_image_megapixels * 1e6),
+        max_request_pixels=int(max_request_megapixels * 1e6), api_key=api_key)
+    model = _model(task, backbone, checkpoint, device, precision, backbone_dtype)
+    auth = "X-API-Key required" if api_key is not None else "no API key"
+    typer.echo(f"serving {', '.join(model.tasks)} on http://{host}:{port} ({auth}; "
+               "docs: /docs)")
+    _check_port(host, port)
+    uvicorn.run(create_app(model, config), host=host, port=port, log_level="warning")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port another program listens on, with the fix (uvicorn would log an error
+    and exit)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise InCAError(f"cannot resolve --host {host!r}: {e}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise InCAError(f"cannot listen on {host}:{port} ({e.strerror}): another program "
+                            "uses that port; choose another --port or stop it") from None

@@ -1,0 +1,103 @@
+"""The backbone of a task: created again from the record in ``task.json``, and checked.
+
+A task records its backbone's weights fingerprint and preprocessing, and how to create it
+again (its spec with local paths absolute, or hub id and revision; whether pretrained
+weights or a local checkpoint were used). :func:`task_backbone` creates it (reading only
+local files when the record says so) and :func:`check_backbone` refuses other weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inca._precision import resolve_device
+from inca.backbones.base import Backbone
+from inca.errors import BackboneError
+from inca.task.schema import TaskError
+
+
+def check_backbone(info: dict[str, Any], backbone: Backbone, what: str) -> None:
+    """Refuse a backbone whose weights or preprocessing differ from ``info``'s."""
+    problems = []
+    if info.get("fingerprint") != backbone.fingerprint():
+        problems.append(f"weights fingerprint {backbone.fingerprint()} != "
+                        f"{info.get('fingerprint')} it was trained with")
+    if info.get("preprocessing") and info["preprocessing"] != backbone.preprocessing.to_dict():
+        problems.append(f"preprocessing {backbone.preprocessing.to_dict()} != "
+                        f"{info['preprocessing']}")
+    if problems:
+        raise TaskError(
+            f"{what} was trained on backbone {info.get('name')!r} and does not fit "
+            f"{backbone.name!r}: " + "; ".join(problems)
+            + f". Load it with the backbone it was trained on ({info.get('name')})."
+        )
+
+
+def task_backbone(info: dict[str, Any], backbone: Backbone | str | None = None, *,
+                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                  what: str = "this task", **backbone_kwargs: Any) -> Backbone:
+    """The backbone for a task recorded as ``info`` (``TaskFiles.backbone_info``), checked.
+
+    A given ``backbone`` is checked, then moved to ``device``/``dtype`` when given. A spec
+    (a string) is created at the task's input size; without one, the backbone recorded in
+    ``info`` is created again (see :func:`inca.load_task`). Either goes to ``device``
+    (``"auto"`` by default) and is checked at once, before anything uses it.
+
+    Raises:
+        TaskError: it cannot be created, or its weights fingerprint or preprocessing differ
+            from ``info``'s.
+    """
+    if isinstance(backbone, Backbone):
+        check_backbone(info, backbone, what=what)
+        if device is not None or dtype is not None:
+            backbone.to(device=None if device is None else resolve_device(device),
+                        dtype=dtype)
+        return backbone
+    if isinstance(backbone, str):
+        spec, offline = backbone, False
+        backbone_kwargs.setdefault("input_size", info["preprocessing"]["input_size"])
+    else:
+        spec, offline, backbone_kwargs = _recorded(info, what, backbone_kwargs)
+    from inca.backbones import create_backbone
+    from inca.backbones._hub import offline_mode
+
+    # Offline as recorded: timm and transformers read their local cache only, never the
+    # network (without huggingface_hub installed, nothing could download anyway).
+    offline = offline and importlib.util.find_spec("huggingface_hub") is not None
+    try:
+        with offline_mode(offline):
+            created = create_backbone(spec, device=resolve_device(device), dtype=dtype,
+                                      **backbone_kwargs)
+    except BackboneError as e:
+        how = " (from local files only, as recorded)" if offline else ""
+        raise TaskError(f"{what}: cannot create its backbone {spec!r}{how}: {e}. Pass the "
+                        "backbone it was trained on (backbone=..., or --backbone)") from e
+    check_backbone(info, created, what=what)
+    return created
+
+
+def _recorded(info: dict[str, Any], what: str, overrides: dict[str, Any]
+              ) -> tuple[str, bool, dict[str, Any]]:
+    """``(spec, offline, kwargs)`` that create the backbone ``info`` records."""
+    source = info.get("source")
+    if source is None:  # saved before inca recorded sources, or a module it cannot rebuild
+        return info["name"], False, {
+            "input_size": info["preprocessing"]["input_size"], **overrides}
+    if source.get("unrecorded") and not overrides:
+        raise TaskError(
+            f"{what}: its backbone {info['name']!r} was created with arguments a task file "
+            f"cannot hold ({', '.join(map(str, source['unrecorded']))}); pass the backbone "
+            "(backbone=..., or --backbone)")
+    spec, kwargs = source["spec"], {**source["kwargs"], **overrides}
+    missing = [str(p) for p in (spec.partition(":")[2], kwargs.get("checkpoint_path"))
+               if p and Path(str(p)).is_absolute() and not Path(str(p)).exists()]
+    if missing:
+        raise TaskError(
+            f"{what}: its backbone was created from {missing[0]}, which does not exist on "
+            "this machine; pass the same weights from where they are here (backbone="
+            "'hf:<folder>' or a Backbone; --backbone, --checkpoint)")
+    return spec, bool(source.get("offline")), kwargs

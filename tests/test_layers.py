@@ -1,0 +1,64 @@
+"""The architecture's one rule: imports flow one way through the rooms of the tree.
+
+plumbing (errors, files, precision, distributed...) -> backbones -> data -> features ->
+adapters -> task -> training -> runtime -> baselines -> cli. A module may import its own
+room and the rooms before it, never a later one (lazy imports inside functions count).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "inca"
+ROOMS = ["_plumbing", "backbones", "data", "features", "adapters", "task", "training",
+         "runtime", "baselines", "cli"]
+TOP = {"__init__", "__main__"}  # the package's face: may import anything
+
+
+def room(module: str) -> str | None:
+    """The room of ``inca.x.y`` (None for the package's top-level face)."""
+    parts = module.split(".")
+    if parts[0] != "inca":
+        return None
+    if len(parts) == 1 or parts[1] in TOP:
+        return None
+    head = parts[1]
+    return head if head in ROOMS else "_plumbing"
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    package = ".".join(("inca", *path.relative_to(SRC).with_suffix("").parts[:-1]))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                found.add(f"{base}.{node.module}" if node.module else base)
+            elif node.module:
+                found.add(node.module)
+    return {m for m in found if m == "inca" or m.startswith("inca.")}
+
+
+def test_imports_flow_one_way():
+    assert len(list(SRC.rglob("*.py"))) > 40, SRC  # the tree itself, not an empty folder
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        module = ".".join(("inca", *path.relative_to(SRC).with_suffix("").parts))
+        mine = room(module)
+        if mine is None:
+            continue
+        for target in imports(path):
+            theirs = room(target)
+            if theirs is not None and ROOMS.index(theirs) > ROOMS.index(mine):
+                wrong.append(f"{module} ({mine}) imports {target} ({theirs})")
+    assert not wrong, "imports against the flow:\n  " + "\n  ".join(wrong)
+
+
+def test_no_module_is_too_long():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 420}
+    assert not long, f"modules over ~400 lines (split them by job): {long}"
