@@ -1,8 +1,7 @@
 """Exceptions raised for user-facing failures, all of them in this one module.
 
 Every error a user can cause derives from :class:`InCAError`; its message names the cause
-and the fix. The CLI prints the message without a traceback. (:class:`TaskError`, of the
-task file format, lives with that format.)
+and the fix. The CLI prints the message without a traceback.
 """
 
 from __future__ import annotations
@@ -99,3 +98,7 @@ def user_message(error: BaseException) -> str:
             if lines[i].startswith(head):
                 return "\n".join(lines[i:])[len(head):]
     return text
+
+
+class TaskError(InCAError):
+    """A task file is missing, malformed, or does not fit the backbone."""

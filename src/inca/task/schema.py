@@ -18,7 +18,7 @@ import torch
 from inca.adapters import Adapter, adapter_from_spec
 from inca.adapters.base import MAX_DIM, MAX_LAYERS, MAX_PREFIX_TOKENS
 from inca.backbones.base import Preprocessing
-from inca.errors import InCAError
+from inca.errors import InCAError, TaskError
 
 TASK_JSON = "task.json"
 TASK_WEIGHTS = "adapter_model.safetensors"
@@ -41,10 +41,6 @@ FIX = "save the task again (Task.save, or `inca fit --out ...`)"
 # Arguments a task file may not pass to create_backbone: a task downloaded from the hub
 # must not run code from the hub when its backbone is created.
 _UNSAFE_KWARGS = ("trust_remote_code", "code_revision")
-
-
-class TaskError(InCAError):
-    """A task file is missing, malformed, or does not fit the backbone."""
 
 
 class Checker:
