@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from inca._precision import Precision
-from inca.adapters import InCAAdapter, StackedInCA
+from inca.adapters import InCAAdapter, StackedInCA, member_input
 from inca.backbones.base import Backbone
 from inca.data.transforms import to_model_input
 from inca.features import token_shapes
@@ -209,8 +209,7 @@ class MultiTaskModel(nn.Module):
                         probs[name] = probs[name] + self._share(name, logits)
                 for name, member, member_layers in alone:
                     feats = reduced[self._tasks[name].token_grid]
-                    x_in = (feats[member_layers[0]] if len(member_layers) == 1
-                            else [feats[k] for k in member_layers])
+                    x_in = member_input(member_layers, feats)
                     probs[name] = probs[name] + self._share(name, member(x_in))
             for n in names:
                 out[n].append(probs[n].cpu())

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from inca.adapters import member_input
 from inca.backbones.base import Backbone, to_tokens
 from inca.backbones.hooks import HookBackbone, _first_tensor
 from inca.errors import BackboneError
@@ -83,8 +84,7 @@ class TaskModule(nn.Module):
                  for k, v in layer_tokens(self.backbone, x, self.layers).items()}
         probs = None
         for member, layers in zip(self.members, self.member_layers, strict=True):
-            inp = feats[layers[0]] if len(layers) == 1 else [feats[k] for k in layers]
-            p = member(inp).float().softmax(-1)  # (B, C)
+            p = member(member_input(layers, feats)).float().softmax(-1)  # (B, C)
             probs = p if probs is None else probs + p
         return probs / len(self.members)
 

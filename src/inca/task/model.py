@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from inca._precision import Precision
-from inca.adapters import Adapter
+from inca.adapters import Adapter, member_input
 from inca.backbones.base import Backbone, Preprocessing
 from inca.features import extract_features
 from inca.task.backbone import check_backbone, task_backbone
@@ -138,8 +138,7 @@ class Task(nn.Module):
         probs = None
         with self._precision().autocast():
             for member, layers in zip(self.members, self.member_layers, strict=True):
-                x = feats[layers[0]] if len(layers) == 1 else [feats[k] for k in layers]
-                p = member(x).float().softmax(-1)
+                p = member(member_input(layers, feats)).float().softmax(-1)
                 probs = p if probs is None else probs + p
         return probs / len(self.members)
 
