@@ -75,3 +75,14 @@ def make_backbone(spec: str, *, input_size: int | None, device, random_weights: 
     if random_weights:
         kwargs["pretrained"] = False
     return inca.create_backbone(spec, device=device, **kwargs)
+
+
+def publish(name: str, fields: dict[str, Any], markdown: list[str],
+            env: dict[str, Any] | None = None) -> Path:
+    """Write ``results/<name>.{json,md}``: ``fields`` with the benchmark's name, command and
+    environment, and the Markdown lines; say where."""
+    payload = {"benchmark": name, "command": command_line(),
+               "environment": env or environment(), **fields}
+    path = write_results(name, payload, "\n".join(markdown) + "\n")
+    print(f"wrote {path}")
+    return path

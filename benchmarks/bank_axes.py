@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import command_line, environment, write_results
+from _common import command_line, environment, publish
 
 import inca
 from inca.data import load_dataset
@@ -66,13 +66,9 @@ def main() -> None:
                   f"{r['percent_of_backbone']:.2f} |")
     md += ["", f"Chosen on validation: {rep.chosen} ({', '.join(rep.chosen_members)}), "
            f"test {100 * rep.test_accuracy[rep.chosen]:.1f}%."]
-    path = write_results("bank-axes", {"benchmark": "bank-axes", "command": command_line(),
-                                       "environment": env, "best": best,
-                                       "chosen": rep.chosen, "members": rep.chosen_members,
-                                       "test_accuracy": rep.test_accuracy},
-                         "\n".join(md) + "\n")
     print("\n".join(md))
-    print(f"wrote {path}")
+    publish("bank-axes", {"best": best, "chosen": rep.chosen, "members": rep.chosen_members,
+                          "test_accuracy": rep.test_accuracy}, md, env)
 
 
 if __name__ == "__main__":

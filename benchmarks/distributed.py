@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import command_line, environment, write_results
+from _common import command_line, environment, publish
 
 _RUN = """
 import json, sys, time
@@ -110,11 +110,8 @@ def main() -> None:
                   f"{r['extract_images_per_s'] / base['extract_images_per_s']:.2f} | "
                   f"{r['train_samples_per_s'] / base['train_samples_per_s']:.2f} | "
                   f"{', '.join(r['chosen'])} |")
-    path = write_results("distributed", {"benchmark": "distributed", "command": command_line(),
-                                         "environment": env, "runs": runs},
-                         "\n".join(md) + "\n")
     print("\n".join(md))
-    print(f"wrote {path}")
+    publish("distributed", {"runs": runs}, md, env)
 
 
 if __name__ == "__main__":

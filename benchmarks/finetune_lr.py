@@ -14,7 +14,7 @@ import argparse
 import time
 
 import torch
-from _common import command_line, environment, write_results
+from _common import command_line, environment, publish
 
 import inca
 from inca.baselines.finetune import FineTuneConfig, finetune
@@ -60,10 +60,7 @@ def main() -> None:
     md += ["", "The default is the best setting on validation (the test column is not used to "
            "choose). One seed on a few hundred images: differences of a point or two are "
            "within noise."]
-    path = write_results("finetune-lr", {"benchmark": "finetune-lr",
-                                         "command": command_line(), "environment": env,
-                                         "runs": runs}, "\n".join(md) + "\n")
-    print(f"wrote {path}")
+    publish("finetune-lr", {"runs": runs}, md, env)
 
 
 if __name__ == "__main__":

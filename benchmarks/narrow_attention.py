@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import command_line, environment, write_results
+from _common import command_line, environment, publish
 
 import inca
 from inca.data import load_dataset
@@ -60,10 +60,7 @@ def main() -> None:
         md.append(f"| {name} | {r['chosen']}: {', '.join(r['best'])} | "
                   f"{100 * r['val_accuracy']:.1f}% | {100 * r['test_accuracy']:.1f}% | "
                   f"{r['largest_adapter_percent']:.1f} | {r['chosen_percent']:.1f} |")
-    path = write_results("narrow-attention", {"benchmark": "narrow-attention",
-                                              "command": command_line(), "environment": env,
-                                              "runs": runs}, "\n".join(md) + "\n")
-    print(f"wrote {path}")
+    publish("narrow-attention", {"runs": runs}, md, env)
 
 
 if __name__ == "__main__":

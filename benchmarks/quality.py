@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import RESULTS, command_line, environment, write_results
+from _common import RESULTS, command_line, environment, publish
 
 from inca.baselines.compare import CompareConfig, run_compare, write
 
@@ -69,10 +69,7 @@ def main() -> None:
             ens = 100 * (m["inca_ensemble"]["test_accuracy"] - m["full"]["test_accuracy"])
             md.append(f"- {name}: InCA best {gap:+.1f} points, ensemble {ens:+.1f} points "
                       "vs full fine-tuning.")
-    path = write_results("quality", {"benchmark": "quality", "command": command_line(),
-                                     "environment": env, "gpu": None, "cpu": cpu},
-                         "\n".join(md) + "\n")
-    print(f"wrote {path}")
+    publish("quality", {"gpu": None, "cpu": cpu}, md, env)
 
 
 if __name__ == "__main__":

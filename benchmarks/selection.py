@@ -19,7 +19,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import command_line, environment, write_results
+from _common import command_line, environment, publish
 
 import inca
 from inca.data import load_dataset
@@ -83,10 +83,7 @@ def main() -> None:
         md.append(f"| {rule} | {100 * s['chosen_val_accuracy']:.1f}% | "
                   f"{100 * s['chosen_test_accuracy']:.1f}% | "
                   f"{100 * s['ensemble_test_accuracy']:.1f}% |")
-    path = write_results("selection", {"benchmark": "selection", "command": command_line(),
-                                       "environment": env, "runs": runs, "summary": summary},
-                         "\n".join(md) + "\n")
-    print(f"wrote {path}")
+    publish("selection", {"runs": runs, "summary": summary}, md, env)
 
 
 if __name__ == "__main__":
