@@ -129,3 +129,55 @@ def test_two_ranks_train_and_select_as_one_process(tmp_path):
         assert two["rows"][key][0] == pytest.approx(acc, abs=1e-9), key
         assert two["rows"][key][1] == pytest.approx(loss, rel=1e-4), key
         assert two["rows"][key][2] == pytest.approx(test, abs=1e-9), key
+
+
+class _FakeCuda:
+    """A machine with ``count`` GPUs, as torch.cuda reports it; records set_device."""
+
+    def __init__(self, monkeypatch, count: int) -> None:
+        self.selected: list[torch.device] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_device", self.selected.append)
+        monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+
+
+@pytest.mark.parametrize(("gpus", "local_world", "backend"), [
+    (2, 2, "cpu:gloo,cuda:nccl"),  # a GPU per rank: NCCL for CUDA tensors, Gloo for CPU
+    (1, 2, "gloo"),  # two ranks on one GPU: NCCL refuses that
+    (0, 2, "gloo"),
+])
+def test_the_backend_follows_the_gpus_per_rank(monkeypatch, gpus, local_world, backend):
+    from inca._distributed import _default_backend
+
+    _FakeCuda(monkeypatch, gpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert _default_backend() == backend
+
+
+def test_each_rank_gets_a_gpu_that_exists_and_only_when_it_asks_for_cuda(monkeypatch):
+    from inca._distributed import Dist
+
+    cuda = _FakeCuda(monkeypatch, 1)
+    rank1 = Dist(rank=1, world=2, local_rank=1)
+    assert rank1.device("cpu") == "cpu" and cuda.selected == []  # --device cpu on a GPU box
+    assert rank1.device("cuda") == torch.device("cuda", 0)  # two ranks sharing one GPU
+    assert cuda.selected == [torch.device("cuda", 0)]
+    cuda = _FakeCuda(monkeypatch, 4)
+    assert Dist(rank=5, world=8, local_rank=3).device("auto") == torch.device("cuda", 3)
+    assert Dist().device("cuda") == "cuda"  # one process: as asked
+
+
+def test_ranks_holding_other_weights_are_refused(monkeypatch):
+    from inca._distributed import Dist
+    from inca.errors import DistributedError
+
+    def gather(out, value):  # rank 1 built its backbone with other random weights
+        out[:] = [value, "f00d"]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    with pytest.raises(DistributedError, match=r"rank\(s\) \[1\] hold other backbone weights"
+                                               r" .*--checkpoint"):
+        Dist(rank=0, world=2).agree("beef", "backbone weights", "use the same --checkpoint")
+    Dist(rank=0, world=2).agree("f00d", "backbone weights", "")  # the same: fine
+    Dist().agree("anything", "backbone weights", "")  # one process: nothing to compare

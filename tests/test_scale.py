@@ -8,6 +8,7 @@ import torch
 from test_fit import planted_backbone, planted_data
 
 import inca
+from inca._precision import Precision
 from inca.data import build_transform
 from inca.errors import InCAError
 from inca.features import extract_to_cache
@@ -132,6 +133,21 @@ def test_streaming_source_with_persistent_workers_equals_cache(cached):
             assert torch.equal(ya, yb)
             torch.testing.assert_close(fa.block, fb.block, atol=2e-3, rtol=1e-2)  # fp16 cache
     assert stream._loader._loader is not None and stream._loader._loader.persistent_workers
+
+
+def test_streaming_source_hands_the_compute_dtype_to_the_bank(cached):
+    """Under bf16-mixed the backbone's float32 residual stream is cast once, as the cached
+    source hands its tokens over, and equals the float32 tokens rounded."""
+    bb, data, _ = cached
+    idx = np.arange(0, 40, 2)
+    tf = build_transform(bb.preprocessing)
+    mixed = StreamingSource(bb, data, idx, bb.layers, tf, num_workers=0,
+                            precision=Precision("bf16-mixed", "cpu"))
+    plain = StreamingSource(bb, data, idx, bb.layers, tf, num_workers=0)
+    (fm, _), (fp, _) = next(mixed.batches(8)), next(plain.batches(8))
+    assert fm.block.dtype == torch.bfloat16 and fp.block.dtype == torch.float32
+    assert all(v.dtype == torch.bfloat16 for v in fm.values())
+    torch.testing.assert_close(fm.block.float(), fp.block, atol=0.1, rtol=0.05)
 
 
 def test_streaming_fit_scores_validation_through_the_backbone_every_epoch(tmp_path):

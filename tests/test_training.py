@@ -10,7 +10,7 @@ from inca.training import AdapterBank, FitConfig, TrainingError, plan_members, t
 from inca.training.factory import MAX_ADAPTER_SHARE, build_adapter, narrow_attention
 from inca.training.incremental import add_classes
 from inca.training.plan import MemberSpec
-from inca.training.sources import MemorySource
+from inca.training.sources import MemorySource, StackedFeats
 
 LAYERS = ["l0", "l1", "l2"]
 D, N, C = 16, 9, 4
@@ -114,6 +114,44 @@ def test_a_diverging_member_is_dropped_and_the_others_train_on():
     for i, (a, b) in enumerate(zip(clean.members, res.members, strict=True)):
         if i != bad:  # the others train exactly as without it
             assert b.diverged_epoch is None and b.val_accuracy == pytest.approx(a.val_accuracy)
+
+
+def test_a_diverging_member_does_not_stop_the_others_under_16_mixed():
+    """Under float16 a gradient scaler skips the whole step when any gradient is not
+    finite: a diverged member's NaN gradients must not reach it."""
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=1,
+                       batch_size=16, patience=0, precision="16-mixed")
+    train, val = _source(64, 0), _source(32, 1)
+    clean_bank = _bank(config)
+    train_bank(clean_bank, train, val, config, progress=False)
+    bank = _bank(config)
+    start = [bank.member_state(i) for i in range(len(bank.keys))]
+    bad = bank.keys.index("inca/l2/lr=0.003")
+    with torch.no_grad():  # an exploded member: its own weights are infinite
+        for p, row in bank.member_slices(bad):
+            p[row].fill_(float("inf"))
+    with pytest.warns(RuntimeWarning, match="dropped inca/l2/lr=0.003"):
+        train_bank(bank, train, val, config, progress=False)
+    for i in range(len(bank.keys)):
+        if i != bad:  # the others took every step, exactly as without it
+            moved = bank.member_state(i)
+            assert any(not torch.equal(moved[k], start[i][k]) for k in moved)
+            for k, v in clean_bank.member_state(i).items():
+                torch.testing.assert_close(moved[k], v)
+
+
+def test_stacked_feats_survive_being_moved_by_ddp():
+    """DistributedDataParallel with device_ids moves its inputs with ``_recursive_to``,
+    which rebuilds a dict subclass from its pairs (torch 2.11)."""
+    from torch.distributed.utils import _recursive_to
+
+    block = torch.randn(3, 2, N, D)
+    feats = StackedFeats(block, LAYERS)
+    [(moved,)] = _recursive_to((feats,), torch.device("meta"), False)  # [(inputs...)]
+    assert isinstance(moved, StackedFeats) and moved.order == LAYERS
+    assert moved.block.shape == block.shape and list(moved) == LAYERS
+    same = StackedFeats(list(feats.items()))
+    assert torch.equal(same.block, block) and same.order == LAYERS
 
 
 def test_nan_everywhere_stops_with_a_clear_error():

@@ -1,8 +1,9 @@
 """The process group inca runs in: one process, or N started by ``torchrun``.
 
 ``torchrun --nproc-per-node N -m inca extract|fit ...`` sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; :func:`context` joins the group they describe once per process (NCCL on
-GPUs, Gloo on CPUs; ``INCA_DIST_BACKEND=gloo`` for several ranks sharing one GPU) and
+``LOCAL_RANK``; :func:`context` joins the group they describe once per process (Gloo for
+CPU tensors; NCCL for CUDA tensors when each local rank has a GPU of its own, else Gloo;
+``INCA_DIST_BACKEND`` overrides) and
 returns the same :class:`Dist` every time. Without those variables it is a group of one,
 and every collective below is a no-op: the code that calls them is the same for 1 and N
 processes.
@@ -42,14 +43,42 @@ class Dist:
         return self.rank == 0
 
     def device(self, requested: str | torch.device | None) -> torch.device | str | None:
-        """This rank's device: ``cuda:<LOCAL_RANK>`` when several ranks ask for CUDA (or
-        ``auto`` finds it), else what was asked."""
+        """This rank's device: when several ranks ask for CUDA (or ``auto`` finds it),
+        GPU ``LOCAL_RANK`` modulo the GPUs this node has (ranks beyond them share GPUs, as
+        ``INCA_DIST_BACKEND=gloo`` allows), made the current device; else what was asked.
+
+        Raises:
+            DistributedError: the GPU cannot be selected.
+        """
         if not self.active or requested is None:
             return requested
         name = str(requested)
         if name in ("cuda", "auto") and torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank)
+            dev = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            try:
+                torch.cuda.set_device(dev)
+            except (RuntimeError, AssertionError) as e:
+                raise DistributedError(
+                    f"rank {self.rank} could not select {dev} ({e}); check "
+                    "CUDA_VISIBLE_DEVICES and --nproc-per-node") from None
+            return dev
         return requested
+
+    def agree(self, value: Any, what: str, fix: str) -> None:
+        """Check that every rank holds the same ``value`` (one collective).
+
+        Raises:
+            DistributedError: on every rank, when any rank's value differs from rank 0's.
+        """
+        if not self.active:
+            return
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        differ = [r for r, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise DistributedError(
+                f"rank(s) {differ} hold other {what} than rank 0 ({values[differ[0]]!r} "
+                f"vs {values[0]!r}); {fix}")
 
     def barrier(self) -> None:
         if self.active:
@@ -115,6 +144,18 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _default_backend() -> str:
+    """Gloo for CPU tensors, and NCCL for CUDA tensors when every local rank has a GPU of
+    its own (NCCL refuses two ranks on one GPU; Gloo handles CUDA tensors there). The
+    device is chosen later (:meth:`Dist.device`), so a ``--device cpu`` run on a GPU
+    machine works too."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if (torch.cuda.is_available() and dist.is_nccl_available()
+            and local_world <= torch.cuda.device_count()):
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
 def context() -> Dist:
     """This process's place in its group, joining the group on first use.
 
@@ -130,10 +171,7 @@ def context() -> Dist:
         return _CONTEXT
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = os.environ.get("INCA_DIST_BACKEND") or (
-            "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(local)
+        backend = os.environ.get("INCA_DIST_BACKEND") or _default_backend()
         try:
             dist.init_process_group(backend, timeout=_dt.timedelta(minutes=30))
         except (RuntimeError, ValueError) as e:

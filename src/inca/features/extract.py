@@ -164,6 +164,8 @@ def extract_to_cache(
     dataset = as_image_dataset(dataset)  # torchvision, Hugging Face, lists of pairs too
     wanted = _wanted_manifest(backbone, dataset, names, token_grid, dtype, shard_size)
     ctx = context()  # one process, or one rank of torchrun's N
+    ctx.agree(wanted["fingerprint"], "backbone weights", "give every rank the same pretrained "
+              "weights or --checkpoint (random weights differ per process)")
     with ExitStack() as held:
         state: tuple[str, Any] = ("extract", None)
         if ctx.is_main:  # rank 0 holds the folder's lock for the whole extraction

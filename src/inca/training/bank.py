@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from inca.adapters import Adapter, StackedInCA, StackedLinear, member_input
+from inca.adapters._folded import index_tensor
 from inca.adapters.stacked import _Stacked
 from inca.errors import TrainingError
 from inca.training.factory import build_adapter  # noqa: F401 - re-exported, see below
@@ -150,6 +151,18 @@ class AdapterBank(nn.Module):
             for stack, lr, idx in zip(self.stacks, self.stack_lrs, self._stack_members,
                                       strict=True)
         ]
+
+    @torch.no_grad()
+    def mask_grads(self, keep: torch.Tensor) -> None:
+        """Zero the gradients of the members where ``keep`` ``(K,)`` is false, on the
+        device (no wait for it): their NaN or infinite gradients stay out of the step."""
+        for stack, idx in zip(self.stacks, self._stack_members, strict=True):
+            mask = keep[index_tensor(tuple(idx), keep.device)]  # (K_s,)
+            for p in stack.parameters():
+                if p.grad is not None:
+                    m = mask.view(-1, *[1] * (p.dim() - 1)) if isinstance(stack, _Stacked) \
+                        else mask.view([1] * p.dim())
+                    p.grad.copy_(torch.where(m, p.grad, 0.0))
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member ``i``'s weights as a standalone adapter's state dict (copies)."""

@@ -32,6 +32,9 @@ from inca.training.report import build_report
 from inca.training.selection import Candidate, best_member, soups, top_k_ensemble
 from inca.training.sources import CachedSource, StreamingSource
 
+# under torchrun, every rank must run the same backbone
+_SAME_WEIGHTS = ("give every rank the same pretrained weights or --checkpoint (random "
+                 "weights differ per process)")
 
 def _indices_of(part: Any, parent: Any) -> np.ndarray:
     idx = getattr(part, "indices", None)
@@ -194,6 +197,7 @@ def fit(
     progress = progress and ctx.is_main
     if device is not None:
         backbone.to(resolve_device(ctx.device(device)))
+    ctx.agree(backbone.fingerprint(), "backbone weights", _SAME_WEIGHTS)
     precision = Precision(config.precision, backbone.device)
     config = replace(config, precision=precision.name)  # recorded as resolved
     layers = backbone.resolve_layers(config.layers)

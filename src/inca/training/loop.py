@@ -121,8 +121,10 @@ def train_bank(
     device = next(bank.parameters()).device
     ctx = context()
     # Under torchrun: DDP all-reduces the gradients; each rank reads its part of every batch
+    # device_ids=None: the inputs are already on the bank's device, so DDP never moves
+    # (and rebuilds) them; one device per process is all DDP needs to know.
     model: nn.Module = bank if not ctx.active else DistributedDataParallel(
-        bank, device_ids=[device.index] if device.type == "cuda" else None)
+        bank, device_ids=None)
     gen = torch.Generator().manual_seed(config.seed)
     optimizer = _adamw(bank.param_groups(), config.weight_decay)
     scaler = prec.grad_scaler()
@@ -149,14 +151,22 @@ def train_bank(
         for step, (feats, y) in enumerate(train.batches(config.batch_size, shuffle=True,
                                                         generator=gen, part="batch")):
             with prec.autocast():
-                losses = bank_loss(model(feats), y, config.label_smoothing)  # (K,)
+                logits = model(feats)  # (K, B, C)
+                # A diverged member is masked before its loss (on the device: no wait): the
+                # loss's backward would turn a masked NaN into 0 * NaN = NaN gradients.
+                active &= torch.isfinite(logits.detach()).flatten(1).all(1)
+                logits = torch.where(active[:, None, None], logits, 0.0)
+                losses = bank_loss(logits, y, config.label_smoothing)  # (K,)
             if ctx.active:  # DDP averages over ranks: weigh each part by its share
                 losses = losses * (len(y) * ctx.world / sizes[step])
-            active &= torch.isfinite(losses.detach())  # on the device: no wait
             losses = torch.where(active, losses, 0.0)
             optimizer.zero_grad(set_to_none=True)
             # members are independent: each gets its own gradient from the sum
             scaler.scale(losses.sum()).backward()
+            if scaler.is_enabled():
+                # A member whose own weights are no longer finite still gets NaN gradients
+                # (0 * inf); a float16 gradient scaler would skip every member's step for it.
+                bank.mask_grads(active)
             scaler.step(optimizer)
             scaler.update()
             schedule.step()

@@ -36,7 +36,13 @@ class StackedFeats(dict):
     the block as it is instead of stacking the layers again at every step.
     """
 
-    def __init__(self, block: torch.Tensor, layers: list[str]) -> None:
+    def __init__(self, block: Any, layers: list[str] | None = None) -> None:
+        if layers is None:
+            # Rebuilt from its ``(layer, tokens)`` pairs, as torch rebuilds a dict it moves
+            # (DistributedDataParallel's ``_recursive_to`` calls ``type(obj)(pairs)``).
+            pairs = list(block.items() if isinstance(block, dict) else block)
+            layers = [k for k, _ in pairs]
+            block = torch.stack([v for _, v in pairs])
         super().__init__(zip(layers, block.unbind(0), strict=True))
         self.block = block
         self.order = list(layers)
@@ -212,8 +218,18 @@ class StreamingSource:
         for images, y in self._loader.epoch([self.indices[pos].tolist() for pos in order]):
             with self.precision.autocast():
                 feats = extract_features(self.backbone, images, self.layers, self.token_grid)
+            # In the compute dtype, as the cached source hands them over: a ViT's residual
+            # stream stays float32 under autocast, which would double the block and make
+            # every adapter family cast it again.
+            dtype = self.precision.compute_dtype
             if len({v.shape for v in feats.values()}) == 1:
-                feats = StackedFeats(torch.stack(list(feats.values())), self.layers)
+                first = next(iter(feats.values()))
+                block = first.new_empty((len(feats), *first.shape), dtype=dtype)
+                for row, v in zip(block, feats.values(), strict=True):
+                    row.copy_(v)  # stacked and cast in one write
+                feats = StackedFeats(block, self.layers)
+            else:
+                feats = {k: v.to(dtype) for k, v in feats.items()}
             yield feats, y.to(device, non_blocking=True).long()
 
 
