@@ -99,3 +99,23 @@ def test_layer_wise_learning_rate_decay(tmp_path):
     assert {g["lr"] for g in flat} == {1e-3}
     with pytest.raises(InCAError, match="layer_decay"):
         FineTuneConfig(layer_decay=1.5)
+
+
+def test_the_copy_to_train_is_not_hashed(tmp_path, monkeypatch):
+    # Moving the copy (device=...) must not hash its weights: the hash costs seconds for a
+    # large ViT and is stale once training starts. The caller's fingerprint stays as it was.
+    from inca.backbones import base
+
+    bb = _backbone("timm-vit", tmp_path)
+    fp = bb.fingerprint()
+    hashed: list[object] = []
+    real = base.weights_fingerprint
+    monkeypatch.setattr(base, "weights_fingerprint", lambda m: hashed.append(m) or real(m))
+    train, test = _data(bb)
+    res = finetune(bb, train, test, None, FineTuneConfig(method="last", epochs=1,
+                                                          batch_size=16),
+                   progress=False, device="cpu")
+    assert hashed == []
+    assert bb._fingerprint == fp and res.model_._fingerprint is None
+    assert res.model_.fingerprint() != fp  # when asked: from the trained weights
+    assert hashed == [res.model_]

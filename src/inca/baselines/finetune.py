@@ -144,7 +144,7 @@ def prepare(backbone: Backbone, config: FineTuneConfig) -> tuple[Backbone, list[
     """A trainable copy of ``backbone`` for ``config.method`` and the names of the
     parameters (in ``copy.model.named_parameters()``) it trains."""
     tuned = copy.deepcopy(backbone)
-    tuned._fingerprint = None  # its weights will change
+    tuned._fingerprint = None  # its weights will change: hashed from them only if asked
     model = tuned.model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -202,6 +202,20 @@ def layer_decay_groups(backbone: Backbone, names: list[str], lr: float, decay: f
         groups.setdefault(depths[n], []).append(params[n])
     return [{"params": ps, "lr": lr * decay ** (top - d), "depth": d}
             for d, ps in sorted(groups.items())]
+
+
+def _move_unhashed(tuned: Backbone, device: torch.device) -> None:
+    """Move the copy to be trained without hashing its weights.
+
+    ``Backbone.to`` fixes a missing fingerprint before it moves the weights (seconds for a
+    ViT-g), and the copy's would be stale once training starts: a placeholder stands in
+    during the move, and the copy is left without one, computed from its weights if asked.
+    """
+    tuned._fingerprint = "unhashed: a fine-tuning copy"
+    try:
+        tuned.to(device)
+    finally:
+        tuned._fingerprint = None
 
 
 def _features(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +276,7 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
     config = config or FineTuneConfig()
     tuned, names = prepare(backbone, config)
     if device is not None:
-        tuned.to(resolve_device(device))
+        _move_unhashed(tuned, resolve_device(device))
     model, device = tuned.model, tuned.device
     precision = Precision(config.precision, device)
     params = dict(model.named_parameters())
