@@ -225,6 +225,39 @@ def test_timm_model_that_cannot_run_at_the_size_is_refused_clearly():
         TimmBackbone(model, name="timm:vit_tiny_patch16_224", input_size=48)
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2",  # CLS + 4 registers
+                                  "deit_tiny_distilled_patch16_224", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize("layers", ["all", ["blocks.0"]])
+def test_timm_prefix_tokens_rejoined_without_a_copy(name, layers, monkeypatch):
+    # Bit-identical to forward_intermediates' outputs joined by torch.cat, yet the very
+    # block output timm sliced: no second copy of any layer.
+    torch.manual_seed(0)
+    bb = inca.create_backbone(f"timm:{name}", pretrained=False, input_size=SIZE, **_TINY_VIT)
+    seen = []
+    real = bb.model.forward_intermediates
+    monkeypatch.setattr(bb.model, "forward_intermediates",
+                        lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    feats = bb.extract(torch.randn(2, 3, SIZE, SIZE), layers)
+    (raw,) = seen
+    assert len(raw) == len(feats) and bb.num_prefix_tokens > 0
+    for (patches, prefix), t in zip(raw, feats.values(), strict=True):
+        assert torch.equal(t, torch.cat([prefix, patches], dim=1))
+        assert t.data_ptr() == prefix.data_ptr() and t.is_contiguous()
+
+
+def test_rejoin_copies_what_it_cannot_view_and_keeps_gradients():
+    from inca.backbones.timm_source import rejoin
+
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 5, 4)  # two tensors: concatenated
+    torch.testing.assert_close(rejoin(a, b), torch.cat([a, b], dim=1), rtol=0, atol=0)
+    x = torch.randn(2, 8, 4)
+    assert rejoin(x[:, 3:], x[:, :3]).data_ptr() != x.data_ptr()  # views out of order
+    base = torch.randn(2, 8, 4, requires_grad=True)
+    y = base * 1.0
+    rejoin(y[:, :3], y[:, 3:]).pow(2).sum().backward()  # fine-tuning: through both views
+    torch.testing.assert_close(base.grad, 2 * base.detach())
+
+
 def test_timm_layout_mismatch_is_refused(tmp_path):
     bb = make_backbone("timm-vit", tmp_path)
     bb.num_prefix_tokens = 2  # as if a layer came back with another layout

@@ -22,8 +22,9 @@ class TimmBackbone(Backbone):
 
     ``forward_intermediates(..., stop_early=True)`` runs only up to the deepest index asked
     for. ViT outputs come back as (patch tokens, prefix tokens) and are re-joined as
-    ``[prefix, patches]`` so every layer has the same ``(B, N, D)`` layout as the model's
-    own residual stream.
+    ``[prefix, patches]`` (without a copy: both are views of the block's output, see
+    :func:`rejoin`) so every layer has the same ``(B, N, D)`` layout as the model's own
+    residual stream.
 
     The token layout is read from the model's output, not assumed: on creation one blank
     image runs through the first layer, and ``num_prefix_tokens`` is the number of prefix
@@ -109,7 +110,7 @@ class TimmBackbone(Backbone):
         for name, out in zip(layers, outs, strict=True):
             if isinstance(out, tuple):  # (patches (B, L, D), prefix (B, P, D))
                 self._check(name, out[1].shape[1])
-                out = torch.cat([out[1], out[0]], dim=1)
+                out = rejoin(out[1], out[0])
             elif out.ndim == 4:
                 self._check(name, 0)
             result[name] = out
@@ -127,6 +128,27 @@ class TimmBackbone(Backbone):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "token_layout": dict(self.token_layout)}
+
+
+def rejoin(prefix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """``[prefix, patches]`` along the tokens, without a copy when it can.
+
+    timm's ``forward_intermediates`` slices each block's output ``(B, N, D)`` into two views
+    of it; when they are the two adjacent views of one tensor, that tensor is returned as
+    it is (the very memory, so the very values: no copy, no second layer held). Anything
+    else is concatenated, and so is a pass with autograd (fine-tuning): the gradient of
+    ``as_strided`` over a view would drop the part outside that view.
+    """
+    p, stride = prefix.shape[1], prefix.stride()
+    if (not (prefix.requires_grad or patches.requires_grad)
+            and prefix.ndim == patches.ndim == 3 and prefix.dtype == patches.dtype
+            and prefix.device == patches.device and stride == patches.stride()
+            and prefix.shape[0::2] == patches.shape[0::2]
+            and prefix.untyped_storage().data_ptr() == patches.untyped_storage().data_ptr()
+            and patches.storage_offset() == prefix.storage_offset() + p * stride[1]):
+        b, n, d = patches.shape
+        return prefix.as_strided((b, p + n, d), stride, prefix.storage_offset())
+    return torch.cat([prefix, patches], dim=1)
 
 
 def _grid(n: int, size: int, reduction: int) -> list[int]:
