@@ -213,3 +213,78 @@ def test_cache_of_more_layers_serves_a_subset(tmp_path, digits):
     assert sum(seen) <= 1 and sub.layers == full.layers  # reused, no extraction pass
     with pytest.raises(CacheError, match="token_grid"):  # other identity: still refused
         extract_to_cache(bb, digits, tmp_path / "c", token_grid=1, progress=False)
+
+
+# -- the copy to the host: one packed transfer from a GPU, the plain route on the CPU ------
+
+
+def _layers(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    fmap = torch.randn(batch, 6, 3, 3, generator=g)
+    return {"a": torch.randn(batch, 5, 4, generator=g) * 100,
+            "b": fmap.flatten(2).transpose(1, 2),  # a CNN's tokens: not contiguous
+            "c": torch.randn(batch, 1, 7, generator=g)}
+
+
+def test_packed_host_copy_equals_the_plain_one():
+    from inca.features.extract import HostCopier
+
+    plain = HostCopier(torch.device("cpu"), torch.float16)
+    packed = HostCopier(torch.device("cpu"), torch.float16, staged=True)
+    assert not plain.staged and packed.staged and not packed.pinned
+    kept = []
+    for i, batch in enumerate([4, 2, 5, 3]):  # smaller, then larger than the buffer
+        feats = _layers(batch, i)
+        got, want = packed(feats), plain(feats)
+        assert list(got) == list(feats)
+        for k in feats:
+            assert got[k].dtype == np.float16 and got[k].shape == tuple(feats[k].shape)
+            np.testing.assert_array_equal(got[k], want[k])
+        kept.append((got, want))
+    for got, want in kept:  # the reused buffer was copied out of, not handed out
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_cache_through_the_packed_copy_is_identical(tmp_path, digits, monkeypatch):
+    import functools
+
+    from inca.features import extract as extract_mod
+
+    bb = make_backbone("module", tmp_path)  # three layers of three shapes
+    plain = extract_to_cache(bb, digits, tmp_path / "plain", batch_size=6, shard_size=16,
+                             progress=False)
+    monkeypatch.setattr(extract_mod, "HostCopier",
+                        functools.partial(extract_mod.HostCopier, staged=True))
+    packed = extract_to_cache(bb, digits, tmp_path / "packed", batch_size=6, shard_size=16,
+                              progress=False)
+    for layer in bb.layers:
+        np.testing.assert_array_equal(packed.load(layer).numpy(), plain.load(layer).numpy())
+    for shard in (tmp_path / "plain" / "shards").iterdir():
+        for f in shard.iterdir():
+            assert f.read_bytes() == (tmp_path / "packed" / "shards" / shard.name / f.name
+                                      ).read_bytes(), f
+
+
+@pytest.mark.cuda
+def test_cuda_extraction_waits_once_per_batch(tmp_path, digits, monkeypatch):
+    from inca.features import extract as extract_mod
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # to compare with the CPU
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    bb = make_backbone("timm-cnn", tmp_path)  # five layers of five shapes
+    cpu = extract_to_cache(bb, digits, tmp_path / "cpu", batch_size=8, progress=False)
+    bb.to("cuda")
+    waits, copiers = [], []
+    real_wait, real_copier = torch.cuda.Stream.synchronize, extract_mod.HostCopier
+    monkeypatch.setattr(torch.cuda.Stream, "synchronize",
+                        lambda s: waits.append(1) or real_wait(s))
+    monkeypatch.setattr(extract_mod, "HostCopier",
+                        lambda *a, **k: copiers.append(real_copier(*a, **k)) or copiers[-1])
+    gpu = extract_to_cache(bb, digits, tmp_path / "gpu", batch_size=8, precision="32",
+                           progress=False)
+    (copier,) = copiers
+    assert copier.staged and copier._host.is_pinned()
+    assert len(waits) == -(-N // 8)  # one wait per batch, not one per layer
+    for layer in bb.layers:
+        torch.testing.assert_close(gpu.load(layer), cpu.load(layer), rtol=2e-3, atol=2e-3)
