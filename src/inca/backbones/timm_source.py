@@ -137,10 +137,12 @@ def rejoin(prefix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     of it; when they are the two adjacent views of one tensor, that tensor is returned as
     it is (the very memory, so the very values: no copy, no second layer held). Anything
     else is concatenated, and so is a pass with autograd (fine-tuning): the gradient of
-    ``as_strided`` over a view would drop the part outside that view.
+    ``as_strided`` over a view would drop the part outside that view; and so is a traced
+    pass (``torch.export``, ``torch.compile``), whose tensors have no storage to compare.
     """
     p, stride = prefix.shape[1], prefix.stride()
     if (not (prefix.requires_grad or patches.requires_grad)
+            and not torch.compiler.is_compiling()  # tracing (export, compile): no storage
             and prefix.ndim == patches.ndim == 3 and prefix.dtype == patches.dtype
             and prefix.device == patches.device and stride == patches.stride()
             and prefix.shape[0::2] == patches.shape[0::2]
