@@ -315,6 +315,47 @@ def test_stacked_inca_equals_each_adapter(n_layers, reduce):
     assert out.shape == (k, B, 2, D) and weights.shape == (k, B, 4, 2, N)
 
 
+@pytest.mark.parametrize("layout", ["regular", "any"])
+def test_stacks_of_different_settings_share_the_token_passes_exactly(layout):
+    """Stacks of any query count, heads, width or prefix rule run as one computation on
+    one token block (every pass over a layer shared); each member equals its adapter run
+    alone, forward and gradient, whether the members sit one per layer (views) or
+    anywhere (gathered)."""
+    configs = [InCAConfig(num_heads=4, num_queries=2), InCAConfig(num_heads=2, attn_dim=16),
+               InCAConfig(num_heads=1, attend_prefix=False, num_prefix_tokens=2),
+               InCAConfig(num_heads=4, head_hidden=8)]
+    n_layers = 3
+    index = ([[0, 1, 2]] * 4 if layout == "regular"
+             else [[2, 0, 2], [1], [0, 0, 1, 2], [2, 1]])
+    stacks = [StackedInCA.from_adapters(_adapters(len(idx), cfg))
+              for idx, cfg in zip(index, configs, strict=True)]
+    tokens = torch.randn(n_layers, B, N, D, requires_grad=True)
+    together = StackedInCA.run(tokens, stacks, index)
+    loss = sum((o * torch.arange(C)).sum() for o in together)
+    loss.backward()
+    grad_together = tokens.grad.clone()
+    grad_params = [p.grad.clone() for s in stacks for p in s.parameters()]
+    tokens.grad = None
+    for s in stacks:
+        s.zero_grad(set_to_none=True)
+    alone_loss = 0
+    for s, idx, out in zip(stacks, index, together, strict=True):
+        for j, layer in enumerate(idx):
+            member = s.unstack(j)
+            expected = member(tokens[layer])
+            torch.testing.assert_close(out[j], expected, atol=1e-5, rtol=1e-5)
+        alone = StackedInCA.run(tokens, [s], [idx])[0]
+        alone_loss = alone_loss + (alone * torch.arange(C)).sum()
+    alone_loss.backward()
+    torch.testing.assert_close(tokens.grad, grad_together, atol=1e-4, rtol=1e-4)
+    for g, p in zip(grad_params, [p for s in stacks for p in s.parameters()], strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+    # the attention weights skip the prefix tokens of adapters that ignore them
+    _, w = stacks[2].attend(tokens.detach(), layer_index=index[2], need_weights=True)
+    assert w.shape == (len(index[2]), B, 1, 1, N - 2)
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+
+
 def test_stacked_linear_equals_each_probe():
     torch.manual_seed(0)
     probes = [LinearProbe(D, C, LinearConfig(pool="cls_mean", norm=True)) for _ in range(4)]

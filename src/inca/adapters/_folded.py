@@ -116,15 +116,39 @@ def index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-def _slots(layer_of: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor,
-                                                                      torch.Tensor, int]:
-    """Each adapter's (layer, slot within the layer) and the most adapters on one layer."""
-    seen: dict[int, int] = {}
-    slots = []
-    for layer in layer_of:
-        slots.append(seen.get(layer, 0))
-        seen[layer] = slots[-1] + 1
-    return index_tensor(layer_of, device), index_tensor(tuple(slots), device), max(seen.values())
+class _Layout(NamedTuple):
+    """Where every adapter's query-head rows sit in the per-layer key block ``(L, W, D)``."""
+
+    regular: bool  # every group has one adapter per layer, adapter j on layer j: groups
+    # are laid side by side along W, and each group's rows are a view of the block
+    width: int  # W, the most rows on one layer
+    layer: torch.Tensor  # (R,) per row of every adapter, in order: its layer ...
+    slot: torch.Tensor  # (R,) ... and its row within that layer
+    skip: torch.Tensor | None  # (L, W, 1) leading tokens each row ignores (None: none do)
+
+
+@functools.lru_cache(maxsize=512)
+def _layout(layer_index: tuple[tuple[int, ...], ...], rows: tuple[int, ...],
+            skips: tuple[int, ...], n_layers: int, device: torch.device) -> _Layout:
+    """The key block's layout for groups of adapters (``rows``: query-heads per adapter of
+    each group; ``skips``: leading tokens each group ignores)."""
+    regular = all(idx == tuple(range(n_layers)) for idx in layer_index)
+    used = [0] * n_layers
+    layer, slot, skip_at = [], [], {}
+    for idx, m, sk in zip(layer_index, rows, skips, strict=True):
+        for i in idx:
+            for _ in range(m):
+                layer.append(i)
+                slot.append(used[i])
+                skip_at[i, used[i]] = sk
+                used[i] += 1
+    width = max(used)
+    skip = None
+    if any(skips):
+        skip = index_tensor(tuple(skip_at.get((i, w), 0) for i in range(n_layers)
+                                  for w in range(width)), device).view(n_layers, width, 1)
+    return _Layout(regular, width, index_tensor(tuple(layer), device),
+                   index_tensor(tuple(slot), device), skip)
 
 
 def fold_keys(p: AttentionParams, num_heads: int) -> torch.Tensor:
@@ -166,84 +190,116 @@ def cross_attention(
     tokens: torch.Tensor,
     parts: Sequence[AttentionParams],
     layer_index: Sequence[Sequence[int]],
-    num_heads: int,
+    num_heads: int | Sequence[int],
     eps: float,
     need_weights: bool = False,
-    skip_tokens: int = 0,
+    skip_tokens: int | Sequence[int] = 0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Cross-attention of several groups of adapters to LN(tokens), folded (module docstring).
 
-    All groups share one query count, head count and width; each pass over a layer's
-    tokens are shared by every adapter reading that layer, whichever group it is in.
+    Every pass over a layer's tokens is shared by all adapters reading that layer, whatever
+    their group, query count, head count or width: one matmul scores every query-head of
+    every adapter, one pass gives the tokens' statistics, one matmul pools. Groups differ
+    only in what comes after the pooling (their value and output projections).
 
     Args:
         tokens: ``(L, B, N, D)``.
         parts: groups of adapters' parameters, ``K_p`` adapters each.
         layer_index: for each group, the layer (index into ``tokens``) each adapter reads.
-        num_heads: attention heads H.
-        eps: epsilon of the token LayerNorm.
+        num_heads: attention heads H, one for every group or one per group.
+        eps: epsilon of the token LayerNorm (shared by every group).
         need_weights: also return the attention weights.
-        skip_tokens: leading tokens (CLS, registers) that no adapter attends to.
+        skip_tokens: leading tokens (CLS, registers) that a group's adapters do not attend
+            to, one for every group or one per group.
 
     Returns:
-        Per group, ``out (K_p, B, Q, D)`` equal to ``nn.MultiheadAttention(q, LN(z), LN(z))``;
-        and the weights ``(K_p, B, H, Q, N - skip_tokens)`` per group (``None`` unless
-        asked for).
+        Per group, ``out (K_p, B, Q_p, D)`` equal to ``nn.MultiheadAttention(q, LN(z),
+        LN(z))``; and the weights ``(K_p, B, H_p, Q_p, N - skip_p)`` per group (``None``
+        unless asked for).
     """
-    if skip_tokens:
-        check(tokens.shape[2] > skip_tokens,
-              f"{tokens.shape[2]} tokens leave none after skipping {skip_tokens}")
-        tokens = tokens[:, :, skip_tokens:].contiguous()
     n_layers, b, n, d = tokens.shape
-    q_count, h = parts[0].query.shape[1], num_heads
-    m = q_count * h  # query-heads per adapter
+    heads = _per_group(num_heads, len(parts))
+    skips = _per_group(skip_tokens, len(parts))
+    for sk in skips:
+        check(n > sk, f"{n} tokens leave none after skipping {sk}")
     sizes = [p.query.shape[0] for p in parts]
-    layer_of = tuple(int(i) for idx in layer_index for i in idx)
-    check(len(layer_of) == sum(sizes) and all(0 <= i < n_layers for i in layer_of),
-          f"each adapter needs one layer in [0, {n_layers}); got {list(layer_index)}")
-    layer_t, slot_t, r = _slots(layer_of, tokens.device)
+    rows = [p.query.shape[1] * h for p, h in zip(parts, heads, strict=True)]  # M_p = Q_p·H_p
+    index = tuple(tuple(int(i) for i in idx) for idx in layer_index)
+    check(len(index) == len(parts) and all(
+        len(idx) == k and all(0 <= i < n_layers for i in idx)
+        for idx, k in zip(index, sizes, strict=True)),
+        f"each adapter needs one layer in [0, {n_layers}); got {list(layer_index)}")
+    lay = _layout(index, tuple(rows), tuple(skips), n_layers, tokens.device)
 
-    # Keys of every adapter, laid out per layer: (L, R*M, D), R the most adapters on one
-    # layer (slots left empty score nothing that is read). One matmul per layer scores all
-    # of its adapters' query-heads; an extra row of 1/D yields the tokens' means too.
-    keys = torch.cat([fold_keys(p, h) for p in parts])  # (K, M, D)
-    u = keys.new_zeros(n_layers, r, m, d).index_put((layer_t, slot_t), keys)
-    u = u.view(n_layers, r * m, d)
+    # Keys of every adapter, laid out per layer: (L, W, D). One matmul per layer scores
+    # all of its adapters' query-heads; an extra row of 1/D yields the tokens' means too.
+    keys = [fold_keys(p, h) for p, h in zip(parts, heads, strict=True)]  # (K_p, M_p, D)
+    if lay.regular:  # adapter j of every group reads layer j: groups side by side
+        u = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]  # (L, W, D)
+    else:  # slots left empty score nothing that is read
+        flat = torch.cat([k.reshape(-1, d) for k in keys])  # (R, D)
+        u = flat.new_zeros(n_layers, lay.width, d).index_put((lay.layer, lay.slot), flat)
     u_and_mean = torch.cat([u, u.new_full((n_layers, 1, d), 1.0 / d)], dim=1)
     raw = torch.bmm(tokens.reshape(n_layers, b * n, d), u_and_mean.transpose(1, 2))
-    raw, mean = raw[..., :-1], raw[..., -1:]  # (L, B*N, R*M), (L, B*N, 1)
+    raw, mean = raw[..., :-1], raw[..., -1:]  # (L, B*N, W), (L, B*N, 1)
     inv_std = token_inv_std(tokens, mean.reshape(n_layers, b, n), eps)  # (L, B, N)
     centre = mean * u.sum(-1).unsqueeze(1)  # μ_n Σ_d u_d
     scores = (raw - centre) * inv_std.reshape(n_layers, b * n, 1)  # LN(z)·u, β·u dropped
-    scores = scores.view(n_layers, b, n, r * m).transpose(2, 3)  # (L, B, R*M, N)
+    scores = scores.view(n_layers, b, n, lay.width).transpose(2, 3)  # (L, B, W, N)
+    if lay.skip is not None:  # the rows of adapters that skip leading tokens ignore them
+        ignored = torch.arange(n, device=tokens.device) < lay.skip  # (L, W, N)
+        scores = scores.masked_fill(ignored.unsqueeze(1), float("-inf"))
     attn = scores.softmax(dim=-1, dtype=_accumulate(scores.dtype))
 
     # Weights on normalized tokens = weights / σ on raw tokens, minus the weighted mean.
-    a = compute_input(attn * inv_std.unsqueeze(2), tokens).view(n_layers * b, r * m, n)
-    pooled = torch.bmm(a, tokens.reshape(n_layers * b, n, d))  # (L*B, R*M, D)
+    a = compute_input(attn * inv_std.unsqueeze(2), tokens).view(n_layers * b, lay.width, n)
+    pooled = torch.bmm(a, tokens.reshape(n_layers * b, n, d))  # (L*B, W, D)
     pooled = pooled - torch.bmm(a, mean.reshape(n_layers * b, n, 1))  # Σ_n a_n μ_n / σ_n
-    pooled = pooled.view(n_layers, b, r, m, d)[layer_t, :, slot_t]  # (K, B, M, D)
+    pooled = pooled.view(n_layers, b, lay.width, d)
+    per_group = _rows_per_group(pooled, lay, sizes, rows)  # (K_p, B, M_p, D) each
 
     outs = []
-    for p, x in zip(parts, pooled.split(sizes), strict=True):
-        k, a = x.shape[0], p.v_weight.shape[1]  # A: the attention width
+    for p, x, h in zip(parts, per_group, heads, strict=True):  # x: (K, B, M, D)
+        k, q_count, a = x.shape[0], p.query.shape[1], p.v_weight.shape[1]  # A: attention width
         # The weights sum to 1, so LN's affine applies after the weighted sum.
         x = x * p.norm_weight[:, None, None, :] + p.norm_bias[:, None, None, :]
-        heads = torch.einsum(  # per head, W_v,h after the weighted sum: (K, B, Q, H, A/H)
-            "kbqhd,khed->kbqhe", x.view(k, b, q_count, h, d),
+        heads_out = torch.einsum(  # per head, W_v,h after the weighted sum: (K, B, Q, H, A/H)
+            "kbqhd,khed->kbqhe", x.reshape(k, b, q_count, h, d),
             p.v_weight.reshape(k, h, a // h, d),
         )
         b_v = p.in_proj_bias[:, 2 * a:]  # (K, A)
-        heads = heads.reshape(k, b * q_count, a) + b_v.unsqueeze(1)  # (K, B*Q, A)
-        out = torch.baddbmm(p.out_bias.unsqueeze(1), heads, p.out_weight.transpose(1, 2))
+        heads_out = heads_out.reshape(k, b * q_count, a) + b_v.unsqueeze(1)  # (K, B*Q, A)
+        out = torch.baddbmm(p.out_bias.unsqueeze(1), heads_out, p.out_weight.transpose(1, 2))
         outs.append(out.view(k, b, q_count, d))
 
     weights = None
     if need_weights:  # nn.MultiheadAttention's (B, H, Q, N) layout, per adapter
-        w = attn.view(n_layers, b, r, m, n)[layer_t, :, slot_t]  # (K, B, M, N)
-        w = w.view(-1, b, q_count, h, n).transpose(2, 3)  # (K, B, H, Q, N)
-        weights = list(w.split(sizes))
+        weights = []
+        for p, w, h, sk in zip(parts, _rows_per_group(attn, lay, sizes, rows), heads, skips,
+                               strict=True):  # (K, B, M, N)
+            w = w.reshape(w.shape[0], b, p.query.shape[1], h, n).transpose(2, 3)
+            weights.append(w[..., sk:])  # (K, B, H, Q, N - skip)
     return outs, weights
+
+
+def _rows_per_group(x: torch.Tensor, lay: _Layout, sizes: list[int],
+                    rows: list[int]) -> list[torch.Tensor]:
+    """Each group's rows of a per-layer block ``(L, B, W, ...)``, as ``(K_p, B, M_p, ...)``:
+    views when the layout is regular, else one gather."""
+    if lay.regular:  # group p's rows of layer j belong to its adapter j
+        return list(x.split(rows, dim=2)) if len(rows) > 1 else [x]
+    cut = [k * m for k, m in zip(sizes, rows, strict=True)]
+    gathered = x[lay.layer, :, lay.slot].split(cut)  # (K_p·M_p, B, ...) each
+    return [g.view(k, m, *g.shape[1:]).transpose(1, 2)
+            for g, k, m in zip(gathered, sizes, rows, strict=True)]
+
+
+def _per_group(value: int | Sequence[int], groups: int) -> list[int]:
+    """One setting for every group, or one per group."""
+    if isinstance(value, int):
+        return [value] * groups
+    check(len(value) == groups, f"got {len(value)} settings for {groups} groups")
+    return [int(v) for v in value]
 
 
 def attend_single(

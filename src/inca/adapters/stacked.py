@@ -21,7 +21,7 @@ loop is bound by kernel launches); 1.2-2.8x on 2 CPU cores.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -166,6 +166,12 @@ class _Stacked(nn.Module):
         return self.run(layers, [self], [layer_index])[0]
 
     @classmethod
+    def family_key(cls, config: AdapterConfig) -> Hashable:
+        """Stacks whose configs give the same key can :meth:`run` together (one block of
+        tokens, its passes shared); by default, stacks of the same config."""
+        return repr(config)
+
+    @classmethod
     def run(cls, tokens: torch.Tensor, stacks: Sequence[Any],
             layer_index: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Several stacks (or single adapters) of this kind and shape on one token block.
@@ -212,6 +218,12 @@ class StackedInCA(_Stacked):
     kind = "stacked_inca"
     config: InCAConfig
 
+    @classmethod
+    def family_key(cls, config: AdapterConfig) -> Hashable:
+        """Stacks of any query count, heads, width, head or prefix rule run together; the
+        token statistics they share need one LayerNorm epsilon."""
+        return ("norm_eps", config.norm_eps)  # type: ignore[attr-defined]
+
     def attention_params(self) -> AttentionParams:
         """Every member's attention parameters, stacked along K (views, no copies)."""
         return attention_params(self.query, self.token_norm_weight, self.token_norm_bias,
@@ -239,9 +251,10 @@ class StackedInCA(_Stacked):
             layer_index: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         first = stacks[0]
         tokens = compute_input(tokens, first.query)
+        # stacks of any query count, heads, width or prefix rule share the token passes
         outs, _ = cross_attention(tokens, [s.attention_params() for s in stacks], layer_index,
-                                  first.config.num_heads, first.config.norm_eps,
-                                  skip_tokens=first.config.skip_tokens)
+                                  [s.config.num_heads for s in stacks], first.config.norm_eps,
+                                  skip_tokens=[s.config.skip_tokens for s in stacks])
         return [inca_head(out, s.head_params(), s.config, s.training)
                 for out, s in zip(outs, stacks, strict=True)]
 

@@ -36,8 +36,9 @@ _STACKS: dict[str, type[_Stacked]] = {"inca": StackedInCA, "linear": StackedLine
 
 @dataclass
 class _Family:
-    """Stacks of one kind and token shape, differing in learning rate: computed together,
-    sharing each layer's passes over its tokens."""
+    """Stacks of one kind and token shape that can be computed together (differing in
+    learning rate, and for InCA in any setting but the token LayerNorm's epsilon), sharing
+    each layer's passes over its tokens."""
 
     kind: type[_Stacked] | None  # None: a single adapter with no stacked form
     stacks: list[int]  # indices into AdapterBank.stacks
@@ -75,7 +76,8 @@ class AdapterBank(nn.Module):
         for i, (s, a) in enumerate(zip(self.specs, adapters, strict=True)):
             if s.adapter_kind in _STACKS and all(k in counts for k in s.layers):
                 n_tokens = sum(counts[k] for k in s.layers)
-                key: tuple = (s.adapter_kind, a.embed_dim, n_tokens, repr(a.config), s.lr)
+                key: tuple = (s.adapter_kind, a.embed_dim, n_tokens,
+                              _STACKS[s.adapter_kind].family_key(a.config), repr(a.config), s.lr)
             else:
                 key = ("single", i)
             groups.setdefault(key, []).append(i)
@@ -91,7 +93,7 @@ class AdapterBank(nn.Module):
                 families[key] = _Family(None, [s], [], [])
             else:
                 self.stacks.append(_STACKS[key[0]].from_adapters([adapters[i] for i in idx]))
-                fam = families.setdefault(key[:-1], _Family(_STACKS[key[0]], [], [], []))
+                fam = families.setdefault(key[:4], _Family(_STACKS[key[0]], [], [], []))
                 fam.stacks.append(s)
                 for i in idx:
                     if self.specs[i].layers not in fam.layers:

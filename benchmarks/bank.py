@@ -1,0 +1,207 @@
+"""The adapter bank against the machine's limits: FLOP/s beside a measured sgemm peak, token
+bytes beside a measured memory bandwidth, and the bank step beside the backbone pass that
+feeds it, all in one process.
+
+Usage: python benchmarks/bank.py [--shapes a,b,c,d] [--repeats 7] [--quick]
+
+Shapes (synthetic tokens, random weights: timings only):
+- (a) DINOv2-S/14 at 112 px: 13 layers of 65 x 384 tokens, {InCA, linear} x 2 lrs (52);
+- (b) ViT-B/16 at 224 px: 13 layers of 197 x 768 tokens, {InCA, linear} x 2 lrs (52);
+- (c) one InCA member on shape (a)'s last layer;
+- (d) shape (a)'s tokens, 13 layers x (4 InCA variants + linear) x 3 lrs (195 members).
+
+For each: FLOPs of a forward and of a training step (``FlopCounterMode``), their best
+times over ``--repeats`` (the minimum: other processes only ever add time), achieved
+GFLOP/s, efficiency against the best of a 2048^2 sgemm timed in the same process on the
+same threads, token bytes read per step beside a large ``copy_``'s bandwidth, and the bank
+step / the backbone's extraction of every layer for the same batch.
+Writes ``benchmarks/results/bank.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+from _common import make_backbone, publish
+from torch.utils.flop_counter import FlopCounterMode
+
+from inca.training import AdapterBank, FitConfig, plan_members
+from inca.training.factory import build_adapter
+from inca.training.loss import bank_loss
+from inca.training.sources import StackedFeats
+
+VARIANTS = {"inca": {}, "inca:q4": {"num_queries": 4}, "inca:mlp": {"head_hidden": 384},
+            "inca:patch": {"attend_prefix": False}}
+
+
+@dataclass
+class Shape:
+    name: str
+    what: str
+    backbone: str  # extraction timed on this backbone (random weights)
+    input_size: int
+    layers: int
+    tokens: int
+    dim: int
+    batch: int
+    kinds: tuple[str, ...]
+    lrs: tuple[float, ...]
+    only_last_layer: bool = False
+
+
+SHAPES = {
+    "a": Shape("a", "DINOv2-S/14 112 px, {InCA, linear} x 2 lrs", "dinov2_vits14", 112,
+               13, 65, 384, 64, ("inca", "linear"), (1e-3, 3e-3)),
+    "b": Shape("b", "ViT-B/16 224 px, {InCA, linear} x 2 lrs", "timm:vit_base_patch16_224",
+               224, 13, 197, 768, 32, ("inca", "linear"), (1e-3, 3e-3)),
+    "c": Shape("c", "one InCA member (shape a, last layer)", "dinov2_vits14", 112, 13, 65,
+               384, 64, ("inca",), (1e-3,), only_last_layer=True),
+    "d": Shape("d", "shape a, (4 InCA variants + linear) x 3 lrs", "dinov2_vits14", 112, 13,
+               65, 384, 64, (*VARIANTS, "linear"), (1e-3, 3e-3, 1e-2)),
+}
+QUICK = {  # the test suite's smoke run: tiny tokens, the same code
+    "a": Shape("a", "tiny", "timm:vit_tiny_patch16_224", 32, 3, 5, 192, 4, ("inca", "linear"),
+               (1e-3, 3e-3)),
+    "c": Shape("c", "tiny, one member", "timm:vit_tiny_patch16_224", 32, 3, 5, 192, 4,
+               ("inca",), (1e-3,), only_last_layer=True),
+}
+
+
+def best_time(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls, after two warm-up calls (seconds)."""
+    for _ in range(2):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def sgemm_peak(repeats: int) -> float:
+    """GFLOP/s of a 2048^2 float32 matmul on this process's threads (best of ``repeats``)."""
+    a, b, out = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
+    return 2 * 2048**3 / best_time(lambda: torch.mm(a, b, out=out), repeats) / 1e9
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """GB/s of a 256 MiB ``copy_`` (bytes read + written)."""
+    src, dst = torch.empty(2**26).normal_(), torch.empty(2**26)
+    return 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), repeats) / 1e9
+
+
+def build_bank(s: Shape) -> tuple[AdapterBank, StackedFeats, torch.Tensor]:
+    layers = [f"blocks.{i}" for i in range(s.layers)]
+    config = FitConfig(layers=layers, kinds=s.kinds, lrs=s.lrs,
+                       adapter_options={k: v for k, v in VARIANTS.items() if v})
+    specs = plan_members(layers, config)
+    if s.only_last_layer:
+        specs = [sp for sp in specs if sp.layers == (layers[-1],)]
+    dims = dict.fromkeys(layers, s.dim)
+    adapters = [build_adapter(sp, embed_dims=dims, num_prefix_tokens=1, num_classes=10,
+                              options=config.adapter_options) for sp in specs]
+    bank = AdapterBank(specs, adapters, dict.fromkeys(layers, s.tokens))
+    g = torch.Generator().manual_seed(0)
+    block = torch.randn(s.layers, s.batch, s.tokens, s.dim, generator=g)
+    return bank, StackedFeats(block, layers), torch.randint(0, 10, (s.batch,), generator=g)
+
+
+def measure(s: Shape, repeats: int, extraction: dict[str, float]) -> dict:
+    torch.manual_seed(0)
+    bank, feats, y = build_bank(s)
+    opt = torch.optim.AdamW(bank.param_groups(), fused=True)
+
+    def forward() -> None:
+        with torch.no_grad():
+            bank(feats)
+
+    def step() -> None:
+        losses = bank_loss(bank(feats), y, 0.1)
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
+
+    flops = {}
+    for name, fn in (("forward", forward), ("train", step)):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        flops[name] = fc.get_total_flops()
+    times = {"forward": best_time(forward, repeats), "train": best_time(step, repeats)}
+    key = (s.backbone, s.input_size, s.batch)
+    if key not in extraction:
+        bb = make_backbone(s.backbone, input_size=s.input_size, device="cpu",
+                           random_weights=True)
+        x = torch.randn(s.batch, 3, s.input_size, s.input_size)
+        extraction[key] = best_time(lambda: bb.extract(x, bb.layers), max(2, repeats // 3))
+        with FlopCounterMode(display=False) as fc:
+            bb.extract(x, bb.layers)
+        extraction[(*key, "flops")] = fc.get_total_flops()
+    read = s.layers * s.batch * s.tokens * s.dim * 4  # the token block, float32
+    return {
+        "shape": s.name, "what": s.what, "members": len(bank.keys),
+        "tokens": [s.layers, s.batch, s.tokens, s.dim],
+        "flops": flops, "seconds": times,
+        "gflop_s": {k: flops[k] / times[k] / 1e9 for k in times},
+        "token_block_bytes": read,
+        "extract_seconds": extraction[key], "extract_flops": extraction[(*key, "flops")],
+        "step_vs_extract": times["train"] / extraction[key],
+        "flops_vs_extract": flops["train"] / extraction[(*key, "flops")],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="a,b,c,d")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (the test suite's)")
+    ap.add_argument("--name", default="bank")
+    args = ap.parse_args()
+    table = QUICK if args.quick else SHAPES
+    shapes = [table[k] for k in args.shapes.split(",") if k in table]
+    peaks, bandwidths, rows, extraction = [], [], [], {}
+    for s in shapes:  # the peak is measured between the shapes, and its best kept
+        peaks.append(sgemm_peak(args.repeats))
+        bandwidths.append(copy_bandwidth(args.repeats))
+        rows.append(measure(s, args.repeats, extraction))
+        print(rows[-1], flush=True)
+    peak, bandwidth = max(peaks), max(bandwidths)
+    for r in rows:
+        r["efficiency"] = {k: v / peak for k, v in r["gflop_s"].items()}
+        # time to read the token block once at the measured bandwidth (half the copy's)
+        r["one_token_pass_s"] = r["token_block_bytes"] / (bandwidth / 2 * 1e9)
+    ra = next((r for r in rows if r["shape"] == "a"), None)
+    md = ["# The adapter bank against the machine's limits", "",
+          f"{torch.get_num_threads()} threads; sgemm 2048^2: {peak:.0f} GFLOP/s (best of "
+          f"{len(peaks)} x {args.repeats}, between the shapes: "
+          f"{', '.join(f'{p:.0f}' for p in peaks)}); copy_ bandwidth {bandwidth:.1f} GB/s "
+          "(read + write). Times are the best of the repeats (other load only adds time).", "",
+          "| shape | members | tokens (L, B, N, D) | train GFLOP | train ms | train GFLOP/s "
+          "| efficiency | forward ms | forward eff. | token passes in a step's time | "
+          "step / extraction | FLOPs / extraction's |",
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(
+            f"| ({r['shape']}) {r['what']} | {r['members']} | {tuple(r['tokens'])} | "
+            f"{r['flops']['train'] / 1e9:.2f} | {r['seconds']['train'] * 1e3:.1f} | "
+            f"{r['gflop_s']['train']:.1f} | {r['efficiency']['train']:.1%} | "
+            f"{r['seconds']['forward'] * 1e3:.1f} | {r['efficiency']['forward']:.1%} | "
+            f"{r['seconds']['train'] / r['one_token_pass_s']:.1f} | "
+            f"{r['step_vs_extract']:.3f} | {r['flops_vs_extract']:.3f} |")
+    if ra is not None:
+        for r in rows:
+            if r["shape"] in ("c", "d"):
+                md.append(f"\n({r['shape']}) step / (a) step: "
+                          f"{r['seconds']['train'] / ra['seconds']['train']:.2f}")
+    md += ["", "'token passes in a step's time': the step's time divided by the time to read "
+           "its float32 token block once at the measured bandwidth (a bound on what a "
+           "bandwidth-limited step can reach)."]
+    publish(args.name, {"sgemm_gflop_s": peak, "sgemm_samples": peaks,
+                        "copy_gb_s": bandwidth, "shapes": rows}, md)
+
+
+if __name__ == "__main__":
+    main()
