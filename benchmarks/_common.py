@@ -78,11 +78,11 @@ def make_backbone(spec: str, *, input_size: int | None, device, random_weights: 
 
 
 def publish(name: str, fields: dict[str, Any], markdown: list[str],
-            env: dict[str, Any] | None = None) -> Path:
-    """Write ``results/<name>.{json,md}``: ``fields`` with the benchmark's name, command and
-    environment, and the Markdown lines; say where."""
+            env: dict[str, Any] | None = None, folder: Path = RESULTS) -> Path:
+    """Write ``<folder>/<name>.{json,md}`` (``results/`` by default): ``fields`` with the
+    benchmark's name, command and environment, and the Markdown lines; say where."""
     payload = {"benchmark": name, "command": command_line(),
                "environment": env or environment(), **fields}
-    path = write_results(name, payload, "\n".join(markdown) + "\n")
+    path = write_results(name, payload, "\n".join(markdown) + "\n", folder)
     print(f"wrote {path}")
     return path

@@ -3,20 +3,28 @@ ceiling) and bf16 full fine-tuning, side by side in one run; then end to end.
 
 Usage (on the GPU machine; timm models with random weights, timings only):
     PYTHONPATH=src python benchmarks/gpu.py
-On a CPU, with tiny settings (what the test suite runs):
+(``scripts/gpu_check.sh`` runs it in stages). On a CPU, with tiny settings:
     python benchmarks/gpu.py --device cpu --models vit_tiny_patch16_224 --giant none \\
         --input-size 32 --batch-sizes 4 --steps 2 --e2e-sizes 32,64 --epochs 1
 
-Per model, all in bf16-mixed on the same batch of random images:
-- ``forward_bf16_img_s``: the plain forward (what nothing can beat);
+Per model, in bf16 on the same batch of random images, each rate timed over ``--steps``
+steps between two synchronisations:
+- ``forward_bf16_img_s``: the plain forward under autocast (what nothing can beat);
 - ``extract_all_bf16_img_s``: inca's extraction of every layer;
-- ``fullft_bf16_img_s`` / ``_peak_gib``: a full fine-tuning step (every weight, AdamW);
-- ``inca_stream_bf16_img_s`` / ``_peak_gib``: a streaming InCA step: the backbone pass plus
-  a bank of every layer x 2 learning rates x {InCA, linear} trained on it (``bank_size``).
-Then the ViT-g-class claim (``--giant``: a bank over all its blocks on one GPU), and end
-to end (``--e2e-sizes``): ``inca.fit`` and full fine-tuning on the same images (Fashion-
-MNIST from ``.bench-assets/`` when present, see ``gpu_quality.py --prepare``; random
-images otherwise), same epochs, each with its default data pipeline. Writes
+- ``fullft_bf16_img_s`` / ``_peak_gib``: a full fine-tuning step (every weight, AdamW), the
+  frozen original off the device; measured when its estimate (16 bytes a parameter plus
+  activations) fits the free memory, else only estimated; an out-of-memory is recorded;
+- ``inca_stream_bf16_img_s`` / ``_peak_gib``: a streaming InCA step as ``StreamingSource``
+  makes it (one block in the compute dtype): the backbone pass plus a bank of every layer
+  x 2 learning rates x {InCA, linear} trained on it (``bank_size``);
+- ``forward_pure_bf16_img_s``, ``inca_stream_pure_bf16_*``: the same with the frozen
+  backbone held in bfloat16. The ratios pair like with like (autocast with autocast, pure
+  bf16 with pure bf16).
+Then the ViT-g-class claim (``--giant``: a bank over all its blocks on one GPU, beside its
+fine-tuning step), and end to end (``--e2e-sizes``): ``inca.fit`` (``--e2e-mode``,
+streaming by default, the same at every size) and full fine-tuning on the same images
+(Fashion-MNIST from ``.bench-assets/`` when present, see ``gpu_quality.py --prepare``;
+random images otherwise), same epochs, each with its default data pipeline. Writes
 ``benchmarks/results/gpu.{json,md}``.
 """
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, command_line, environment, timed, write_results
+from _common import RESULTS, command_line, environment, write_results
 
 import inca
 from inca._memory import PeakMemory
@@ -44,12 +53,27 @@ from inca.training.bank import bank_loss, build_adapter
 from inca.training.sources import StackedFeats
 
 ASSETS = Path(__file__).resolve().parents[1] / ".bench-assets" / "fashion_mnist.npz"
-TARGETS = {  # ratio key: (what, bound, at least?); InCA's step: the faster backbone dtype
-    "inca_vs_forward": ("InCA streaming step / plain bf16 forward", 0.8, True),
-    "inca_vs_fullft": ("InCA streaming step / bf16 full fine-tuning step", 2.5, True),
+# ratio key: (what, bound, at least?). Like with like: InCA's step with the backbone under
+# autocast against the autocast forward, and with the backbone held in bfloat16 against
+# the forward of that same bfloat16 backbone.
+TARGETS = {
+    "inca_vs_forward": ("InCA streaming step / plain forward, both autocast", 0.8, True),
+    "inca_vs_forward_pure_bf16": ("InCA streaming step / plain forward, both pure bf16",
+                                  0.8, True),
     "extract_vs_forward": ("all-layer extraction / plain forward", 0.95, True),
-    "inca_vs_fullft_memory": ("InCA peak memory / full fine-tuning peak memory", 0.35, False),
+    "inca_vs_fullft": ("InCA streaming step (autocast) / bf16 full fine-tuning step",
+                       2.5, True),
+    "inca_pure_bf16_vs_fullft": ("InCA streaming step (bf16 backbone) / bf16 full "
+                                 "fine-tuning step", 2.5, True),
+    "inca_vs_fullft_memory": ("InCA peak memory (autocast) / full fine-tuning peak memory",
+                              0.35, False),
+    "inca_pure_bf16_vs_fullft_memory": ("InCA peak memory (bf16 backbone) / full "
+                                        "fine-tuning peak memory", 0.35, False),
 }
+# Activations a bf16-autocast training step of a ViT keeps for its backward, in bytes per
+# token channel per block (residual stream in float32, LayerNorm, qkv, attention output,
+# MLP hidden in 16 bits; fused attention stores no N x N matrix): a generous rounding.
+ACTIVATION_BYTES = 48
 
 
 class Clock:
@@ -73,13 +97,32 @@ class Clock:
             return torch.cuda.max_memory_allocated(self.device) / 2**30
         return None
 
+    def free_gib(self) -> float | None:
+        """Free device memory (``None`` on a CPU: the tiny CPU runs always fit)."""
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0] / 2**30
+        return None
+
 
 def rate(fn, batch: int, steps: int, clock: Clock) -> float:
-    """Images per second of ``fn`` (one step on ``batch`` images), after two warm-up steps."""
+    """Images per second of ``fn`` (one step on ``batch`` images): two warm-up steps, then
+    ``steps`` steps timed between two synchronisations (the device queues them back to back,
+    as in training, rather than draining after each)."""
     for _ in range(2):
         fn()
-    seconds = sum(timed(fn, steps, clock.sync))
-    return batch * steps / seconds
+    clock.sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    clock.sync()
+    return batch * steps / (time.perf_counter() - t)
+
+
+def build_backbone(name: str, args, device) -> inca.Backbone:
+    """A timm model with random weights (timings only), seeded."""
+    torch.manual_seed(0)
+    return inca.create_backbone(f"timm:{name}", pretrained=False, input_size=args.input_size,
+                                device=device, **json.loads(args.model_kwargs))
 
 
 def bank_for(backbone, layers: list[str], num_classes: int, lrs: tuple[float, ...]):
@@ -92,10 +135,36 @@ def bank_for(backbone, layers: list[str], num_classes: int, lrs: tuple[float, ..
     return AdapterBank(specs, adapters, counts).to(backbone.device)
 
 
+def stream_block(bb, pixels: torch.Tensor, prec: Precision) -> StackedFeats:
+    """A streaming step's bank input, made as ``StreamingSource.batches`` makes it: every
+    layer from one pass under autocast, written into one block in the compute dtype (a
+    ViT's residual stream stays float32 under autocast), the per-layer dict dropped."""
+    with prec.autocast():
+        feats = extract_features(bb, pixels, bb.layers)
+    first = next(iter(feats.values()))
+    block = first.new_empty((len(feats), *first.shape), dtype=prec.compute_dtype)
+    for row, v in zip(block, feats.values(), strict=True):
+        row.copy_(v)  # stacked and cast in one write
+    del feats, first, v
+    return StackedFeats(block, bb.layers)
+
+
+def fullft_estimate_gib(bb, batch: int) -> float:
+    """What a bf16-mixed full fine-tuning step needs at least: float32 weights, gradients
+    and AdamW's two moments (16 bytes a parameter) plus the activations it keeps."""
+    params = sum(p.numel() for p in bb.parameters())
+    tokens = token_shapes(bb, bb.layers)
+    acts = sum(batch * n * d * ACTIVATION_BYTES for n, d in tokens.values())
+    return (params * 16 + acts) / 2**30
+
+
 def _fullft(bb, x, y, prec: Precision, steps: int, clock: Clock) -> dict:
-    """A bf16 full fine-tuning step (every weight and a head, AdamW): rate and peak."""
+    """A bf16 full fine-tuning step (every weight and a head, AdamW): rate and peak. The
+    caller has moved ``bb`` (the frozen original) off the device: the peak counts the
+    trained copy only."""
     clock.reset_peak()
     tuned, names = prepare(bb, FineTuneConfig(method="full"))
+    tuned.model.to(x.device)  # the inner model: the copy's weights are not hashed again
     head = torch.nn.Linear(_features(tuned, x[:1]).shape[-1], 10).to(x.device)
     trained = set(names)
     params = [p for n, p in tuned.model.named_parameters() if n in trained]
@@ -114,31 +183,47 @@ def _fullft(bb, x, y, prec: Precision, steps: int, clock: Clock) -> dict:
             "fullft_bf16_peak_gib": clock.peak_gib()}
 
 
-def _inca(bb, pixels, y, prec: Precision, lrs: str, steps: int, clock: Clock) -> dict:
+def _inca(bb, bank, pixels, y, prec: Precision, steps: int, clock: Clock) -> tuple:
     """A streaming InCA step (backbone pass + the whole bank, AdamW): rate and peak."""
     clock.reset_peak()
-    bank = bank_for(bb, bb.layers, 10, tuple(float(v) for v in lrs.split(",")))
     opt = torch.optim.AdamW(bank.param_groups(), fused=pixels.device.type == "cuda")
 
     def step() -> None:
+        block = stream_block(bb, pixels, prec)
         with prec.autocast():
-            feats = extract_features(bb, pixels, bb.layers)
-            block = StackedFeats(torch.stack(list(feats.values())), bb.layers)
             losses = bank_loss(bank.logits(block), y, 0.1)
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
 
-    return {"inca_stream_bf16_img_s": rate(step, len(pixels), steps, clock),
-            "inca_stream_bf16_peak_gib": clock.peak_gib(), "bank_size": len(bank.keys),
-            "bank_parameters": sum(p.numel() for p in bank.parameters())}
+    return rate(step, len(pixels), steps, clock), clock.peak_gib()
 
 
-def measure_model(name: str, batch: int, args, device: torch.device, clock: Clock,
-                  inca_only: bool = False) -> dict:
+def measure_fullft(bb, x, y, prec: Precision, steps: int, clock: Clock) -> dict:
+    """Full fine-tuning when the device has the memory (estimated first), else the
+    estimate; an out-of-memory error is recorded, not raised."""
+    batch = len(x)
+    out: dict = {"fullft_gib_estimate": fullft_estimate_gib(bb, batch)}
+    free = clock.free_gib()
+    if free is not None and out["fullft_gib_estimate"] * 1.2 + 2 > free:
+        out["fullft_skipped"] = (f"needs about {out['fullft_gib_estimate']:.1f} GiB, "
+                                 f"{free:.1f} GiB free")
+        return out
+    device = bb.device
+    bb.to("cpu")  # the frozen original is no part of fine-tuning's memory
+    try:
+        out.update(_fullft(bb, x, y, prec, steps, clock))
+    except torch.cuda.OutOfMemoryError as e:
+        out["fullft_error"] = "CUDA out of memory: " + str(e).splitlines()[0][:300]
+        print(out["fullft_error"], flush=True)
+    clock.reset_peak()  # the failed step's tensors went with the exception
+    bb.to(device)
+    return out
+
+
+def measure_model(name: str, batch: int, args, device: torch.device, clock: Clock) -> dict:
     """Step rates and peaks of one timm model (random weights)."""
-    bb = inca.create_backbone(f"timm:{name}", pretrained=False, input_size=args.input_size,
-                              device=device)
+    bb = build_backbone(name, args, device)
     prec = Precision("bf16-mixed", device)
     s = bb.preprocessing.input_size
     g = torch.Generator().manual_seed(0)
@@ -147,35 +232,37 @@ def measure_model(name: str, batch: int, args, device: torch.device, clock: Cloc
     x = to_model_input(pixels, bb.preprocessing, device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     out: dict = {"batch_size": batch, "parameters": sum(p.numel() for p in bb.parameters())}
-    if inca_only:  # what full fine-tuning would need at least: fp32 weights, grads, Adam
-        out["fullft_static_gib_estimate"] = out["parameters"] * 16 / 2**30
-    else:
-        def forward() -> None:
-            with torch.no_grad(), prec.autocast():
-                bb._forward_plain(x)
 
-        def extract() -> None:
-            with prec.autocast():
-                bb.extract(x, bb.layers)
+    def forward() -> None:
+        with torch.no_grad(), prec.autocast():
+            bb._forward_plain(x)
 
-        out["forward_bf16_img_s"] = rate(forward, batch, args.steps, clock)
-        out["extract_all_bf16_img_s"] = rate(extract, batch, args.steps, clock)
-        out.update(_fullft(bb, x, y, prec, args.steps, clock))
-    out.update(_inca(bb, pixels, y, prec, args.lrs, args.steps, clock))
+    def extract() -> None:
+        with prec.autocast():
+            bb.extract(x, bb.layers)
+
+    out["forward_bf16_img_s"] = rate(forward, batch, args.steps, clock)
+    out["extract_all_bf16_img_s"] = rate(extract, batch, args.steps, clock)
+    out.update(measure_fullft(bb, x, y, prec, args.steps, clock))
+    # one bank for both backbones (built once: seconds of CPU for a ViT-g-sized bank)
+    bank = bank_for(bb, bb.layers, 10, tuple(float(v) for v in args.lrs.split(",")))
+    out["bank_size"] = len(bank.keys)
+    out["bank_parameters"] = sum(p.numel() for p in bank.parameters())
+    out["inca_stream_bf16_img_s"], out["inca_stream_bf16_peak_gib"] = _inca(
+        bb, bank, pixels, y, prec, args.steps, clock)
     # A frozen backbone needs no float32 master weights: held in bfloat16 it skips
     # autocast's casts (inca fit --backbone-dtype bfloat16).
     bb.to(torch.bfloat16)
-    pure = _inca(bb, pixels, y, prec, args.lrs, args.steps, clock)
-    out["inca_stream_pure_bf16_img_s"] = pure["inca_stream_bf16_img_s"]
-    out["inca_stream_pure_bf16_peak_gib"] = pure["inca_stream_bf16_peak_gib"]
-    if not inca_only:
-        xb = x.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
 
-        def forward_pure() -> None:
-            with torch.no_grad():
-                bb._forward_plain(xb)
+    def forward_pure() -> None:
+        with torch.no_grad():
+            bb._forward_plain(xb)
 
-        out["forward_pure_bf16_img_s"] = rate(forward_pure, batch, args.steps, clock)
+    out["forward_pure_bf16_img_s"] = rate(forward_pure, batch, args.steps, clock)
+    out["inca_stream_pure_bf16_img_s"], out["inca_stream_pure_bf16_peak_gib"] = _inca(
+        bb, bank, pixels, y, prec, args.steps, clock)
+    bank = bb = None  # freed before the next model is built
     clock.reset_peak()
     return out
 
@@ -193,23 +280,26 @@ def e2e_data(n: int):
 
 
 def end_to_end(args, device: torch.device, clock: Clock) -> tuple[list[dict], str]:
+    """``inca.fit`` (in ``args.e2e_mode``, the same at every size) and full fine-tuning on
+    the same images and epochs; each run's peak holds nothing of the runs before it."""
     rows, source = [], ""
     for n in (int(v) for v in args.e2e_sizes.split(",")):
         data, source = e2e_data(n)
         for method in ("inca", "full"):
-            bb = inca.create_backbone(f"timm:{args.e2e_model}", pretrained=False,
-                                      input_size=args.input_size, device=device)
+            # fine-tuning copies the backbone to the device itself: its frozen original
+            # stays on the CPU, out of the peak
+            bb = build_backbone(args.e2e_model, args, device if method == "inca" else "cpu")
             clock.reset_peak()
             with tempfile.TemporaryDirectory() as tmp, PeakMemory(device=device) as mem:
                 t = time.perf_counter()
                 if method == "inca":
                     task = inca.fit(bb, data, epochs=args.epochs, batch_size=args.e2e_batch,
                                     precision="bf16-mixed", device=device, cache_dir=tmp,
-                                    progress=False, patience=0)
+                                    progress=False, patience=0, mode=args.e2e_mode)
                     mode, cache = task.report.mode["mode"], task.report.mode["cache_bytes"]
                 else:
                     tr, val = split_train_val(data, 0.15, 0)
-                    finetune(bb, tr, val, None, FineTuneConfig(
+                    task = finetune(bb, tr, val, None, FineTuneConfig(
                         method="full", epochs=args.epochs, batch_size=args.e2e_batch,
                         precision="bf16-mixed"), progress=False, device=device)
                     mode, cache = "", 0
@@ -220,20 +310,27 @@ def end_to_end(args, device: torch.device, clock: Clock) -> tuple[list[dict], st
                          "peak_gib": peak if peak is not None else mem.peak_rss_mib / 1024,
                          "cache_gib": cache / 2**30 if mode == "cached" else 0.0})
             print(rows[-1], flush=True)
+            task = bb = None  # the next run's peak must not hold this one's task
+            gc.collect()
     return rows, source
 
 
 def ratios(m: dict) -> dict:
+    """The target ratios of one model's figures, each pairing like with like."""
     r = {}
-    if "forward_bf16_img_s" in m:
-        best = max(m["inca_stream_bf16_img_s"], m["inca_stream_pure_bf16_img_s"])
-        r["inca_vs_forward"] = best / m["forward_bf16_img_s"]
-        r["extract_vs_forward"] = m["extract_all_bf16_img_s"] / m["forward_bf16_img_s"]
-    if "fullft_bf16_img_s" in m:
-        best = max(m["inca_stream_bf16_img_s"], m["inca_stream_pure_bf16_img_s"])
-        r["inca_vs_fullft"] = best / m["fullft_bf16_img_s"]
-        if m.get("fullft_bf16_peak_gib"):
-            r["inca_vs_fullft_memory"] = m["inca_stream_bf16_peak_gib"] / m["fullft_bf16_peak_gib"]
+    pairs = {
+        "inca_vs_forward": ("inca_stream_bf16_img_s", "forward_bf16_img_s"),
+        "inca_vs_forward_pure_bf16": ("inca_stream_pure_bf16_img_s", "forward_pure_bf16_img_s"),
+        "extract_vs_forward": ("extract_all_bf16_img_s", "forward_bf16_img_s"),
+        "inca_vs_fullft": ("inca_stream_bf16_img_s", "fullft_bf16_img_s"),
+        "inca_pure_bf16_vs_fullft": ("inca_stream_pure_bf16_img_s", "fullft_bf16_img_s"),
+        "inca_vs_fullft_memory": ("inca_stream_bf16_peak_gib", "fullft_bf16_peak_gib"),
+        "inca_pure_bf16_vs_fullft_memory": ("inca_stream_pure_bf16_peak_gib",
+                                            "fullft_bf16_peak_gib"),
+    }
+    for key, (num, den) in pairs.items():
+        if m.get(num) is not None and m.get(den):
+            r[key] = m[num] / m[den]
     return r
 
 
@@ -241,23 +338,34 @@ def _f(v, spec=".2f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _fullft_cell(m: dict) -> str:
+    if "fullft_bf16_img_s" in m:
+        return f"{m['fullft_bf16_img_s']:.0f} ({_f(m.get('fullft_bf16_peak_gib'))})"
+    if "fullft_error" in m:
+        return f"out of memory (est. {m['fullft_gib_estimate']:.1f} GiB)"
+    if "fullft_skipped" in m:
+        return f"not run: {m['fullft_skipped']}"
+    return "n/a"
+
+
 def to_markdown(p: dict) -> str:
     md = ["# InCA at GPU scale", "", f"Command: `{p['command']}`  ",
           f"Device: {p['device']}, torch {p['environment']['torch']}; timm models with random "
-          f"weights at {p['input_size']} px (timings only), bf16-mixed. Bank: every layer x "
-          f"lr ({p['lrs']}) x {{InCA, linear}}.", "",
+          f"weights at {p['input_size']} px (timings only), bf16-mixed, eager mode (no "
+          f"torch.compile on either side); {p['steps']} steps timed between two "
+          f"synchronisations after 2 warm-up steps. Bank: every layer x lr ({p['lrs']}) x "
+          "{InCA, linear}.", "",
           "| model | batch | forward img/s | extract img/s | full FT img/s (GiB) | "
-          "InCA stream img/s (GiB) | bank | pure-bf16 backbone: forward, InCA stream img/s |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+          "InCA stream img/s (GiB) | bank | pure-bf16 backbone: forward img/s | "
+          "pure-bf16 backbone: InCA stream img/s (GiB) |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in p["models"].items():
-        ft = f"{_f(m.get('fullft_bf16_img_s'), '.0f')} ({_f(m.get('fullft_bf16_peak_gib'))})"
-        if "fullft_static_gib_estimate" in m:
-            ft = f"needs >= {m['fullft_static_gib_estimate']:.1f} GiB"
         md.append(f"| {name} | {m['batch_size']} | {_f(m.get('forward_bf16_img_s'), '.0f')} | "
-                  f"{_f(m.get('extract_all_bf16_img_s'), '.0f')} | {ft} | "
+                  f"{_f(m.get('extract_all_bf16_img_s'), '.0f')} | {_fullft_cell(m)} | "
                   f"{m['inca_stream_bf16_img_s']:.0f} ({_f(m['inca_stream_bf16_peak_gib'])}) | "
-                  f"{m['bank_size']} | {_f(m.get('forward_pure_bf16_img_s'), '.0f')}, "
-                  f"{m['inca_stream_pure_bf16_img_s']:.0f} |")
+                  f"{m['bank_size']} | {_f(m.get('forward_pure_bf16_img_s'), '.0f')} | "
+                  f"{m['inca_stream_pure_bf16_img_s']:.0f} "
+                  f"({_f(m['inca_stream_pure_bf16_peak_gib'])}) |")
     md += ["", "| model | target | measured | bound | met |", "|---|---|---:|---:|---|"]
     for name, m in p["models"].items():
         for key, value in ratios(m).items():
@@ -265,11 +373,27 @@ def to_markdown(p: dict) -> str:
             ok = value >= bound if at_least else value <= bound
             md.append(f"| {name} | {what} | {value:.2f} | {'>=' if at_least else '<='} "
                       f"{bound} | {'yes' if ok else 'no'} |")
-    md += ["", "InCA's step in the ratios is the faster of its two backbones: float32 weights "
-           "under autocast, or the frozen weights held in bfloat16 (`--backbone-dtype`)."]
+    md += ["", "Each ratio pairs like with like: InCA's step with its backbone's float32 "
+           "weights under autocast against the autocast forward, and with the frozen "
+           "weights held in bfloat16 (`--backbone-dtype bfloat16`) against the forward of "
+           "that bfloat16 backbone. Full fine-tuning keeps float32 master weights under "
+           "autocast (the strongest eager baseline); its peak counts the trained copy, not "
+           "the frozen original. Fine-tuning runs when its estimated memory (16 bytes a "
+           "parameter plus activations) fits the free memory."]
+    g = p.get("giant")
+    if g in p["models"]:
+        m = p["models"][g]
+        ft = (f"{m['fullft_bf16_img_s']:.0f} img/s, peak {_f(m['fullft_bf16_peak_gib'])} GiB"
+              if "fullft_bf16_img_s" in m else _fullft_cell(m))
+        md += ["", f"- {g} ({m['parameters'] / 1e6:.0f}M parameters): the bank over all its "
+               f"blocks ({m['bank_size']} members, {m['bank_parameters'] / 1e6:.0f}M "
+               f"parameters) peaks at {_f(m['inca_stream_bf16_peak_gib'])} GiB with the "
+               f"float32 backbone, {_f(m['inca_stream_pure_bf16_peak_gib'])} GiB with it in "
+               f"bfloat16 (target <= 24 GiB), beside full fine-tuning: {ft}."]
     if p["e2e"]:
         md += ["", f"End to end ({p['e2e_model']}, {p['e2e_source']}, {p['epochs']} epochs, "
-               f"batch {p['e2e_batch']}, default data pipeline):", "",
+               f"batch {p['e2e_batch']}, default data pipeline; inca.fit in mode "
+               f"`{p['e2e_mode']}` at every size):", "",
                "| images | method | mode | wall s | peak GiB | cache GiB |",
                "|---:|---|---|---:|---:|---:|"]
         for r in p["e2e"]:
@@ -278,9 +402,10 @@ def to_markdown(p: dict) -> str:
         walls = {(r["n_images"], r["method"]): r for r in p["e2e"]}
         sizes = sorted({r["n_images"] for r in p["e2e"]})
         big, small = sizes[-1], sizes[0]
-        md += ["", f"- inca / full wall time at {big} images: "
-               f"{walls[(big, 'inca')]['wall_s'] / walls[(big, 'full')]['wall_s']:.2f} "
-               "(target <= 0.4)."]
+        if (big, "full") in walls:
+            md += ["", f"- inca / full wall time at {big} images: "
+                   f"{walls[(big, 'inca')]['wall_s'] / walls[(big, 'full')]['wall_s']:.2f} "
+                   "(target <= 0.4)."]
         if big != small and walls[(small, "inca")]["peak_gib"]:
             growth = walls[(big, "inca")]["peak_gib"] / walls[(small, "inca")]["peak_gib"]
             md.append(f"- inca peak memory at {big} / at {small} images: {growth:.2f} "
@@ -288,48 +413,58 @@ def to_markdown(p: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--models", default="vit_base_patch16_224,vit_large_patch16_224")
+    ap.add_argument("--models", default="vit_base_patch16_224,vit_large_patch16_224",
+                    help="timm models, comma-separated ('' for none)")
     ap.add_argument("--batch-sizes", default="128,64", help="one per model")
     ap.add_argument("--giant", default="vit_giant_patch14_dinov2",
-                    help="the ViT-g-class model for the bank-only run, or 'none'")
+                    help="the ViT-g-class model (bank over all its blocks beside a measured "
+                         "full fine-tuning step when it fits), or 'none'")
     ap.add_argument("--giant-batch", type=int, default=32)
     ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--model-kwargs", default="{}",
+                    help="JSON keyword arguments for every timm model (tiny CPU runs)")
     ap.add_argument("--lrs", default="1e-3,3e-3")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--e2e-model", default=None, help="default: the first of --models")
-    ap.add_argument("--e2e-sizes", default="4000,16000")
+    ap.add_argument("--e2e-sizes", default="4000,16000", help="'' for none")
     ap.add_argument("--e2e-batch", type=int, default=128)
+    ap.add_argument("--e2e-mode", default="streaming", choices=("streaming", "cached", "auto"),
+                    help="inca.fit's mode, the same at every size (auto may cache the small "
+                         "size and stream the large one)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--name", default="gpu")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     device = resolve_device(args.device)
     clock = Clock(device)
-    models = args.models.split(",")
+    models = [m for m in args.models.split(",") if m]
     batches = [int(v) for v in args.batch_sizes.split(",")]
     batches += batches[-1:] * (len(models) - len(batches))
-    args.e2e_model = args.e2e_model or models[0]
+    args.e2e_model = args.e2e_model or (models[0] if models else "vit_base_patch16_224")
     payload = {"benchmark": "gpu", "command": command_line(), "environment": environment(),
                "device": environment()["device"], "input_size": args.input_size,
-               "lrs": args.lrs, "epochs": args.epochs, "e2e_model": args.e2e_model,
-               "e2e_batch": args.e2e_batch, "models": {}, "e2e": [], "e2e_source": ""}
+               "lrs": args.lrs, "steps": args.steps, "epochs": args.epochs,
+               "e2e_model": args.e2e_model, "e2e_batch": args.e2e_batch,
+               "e2e_mode": args.e2e_mode, "giant": None if args.giant == "none" else args.giant,
+               "models": {}, "e2e": [], "e2e_source": ""}
 
     def save() -> Path:  # after each part: a later failure loses nothing measured
         return write_results(args.name, payload, to_markdown(payload), args.results_dir)
 
-    for name, batch in zip(models, batches, strict=True):
+    runs = list(zip(models, batches[:len(models)], strict=True))
+    if args.giant != "none":
+        runs.append((args.giant, args.giant_batch))
+    for name, batch in runs:
         print(f"{name} (batch {batch}) ...", flush=True)
         payload["models"][name] = measure_model(name, batch, args, device, clock)
         print(payload["models"][name], flush=True)
-        save()
-    if args.giant != "none":
-        print(f"{args.giant} (batch {args.giant_batch}, bank only) ...", flush=True)
-        payload["models"][args.giant] = measure_model(args.giant, args.giant_batch, args,
-                                                      device, clock, inca_only=True)
-        print(payload["models"][args.giant], flush=True)
         save()
     if args.e2e_sizes:
         payload["e2e"], payload["e2e_source"] = end_to_end(args, device, clock)

@@ -5,24 +5,34 @@ Usage:
     PYTHONPATH=src python benchmarks/gpu_quality.py     # on the GPU machine
 
 ``--prepare`` writes ``.bench-assets/`` (git-ignored): the bundled DINOv2-S/14 weights as
-an fp16 safetensors file (44 MB; the ONNX asset they are converted from is 97 MB) and
+an fp16 safetensors file (42 MiB; the ONNX asset they are converted from is 97 MB) and
 Fashion-MNIST's first ``--train`` training and ``--test`` test images as a compressed
-``.npz`` (about 10 MB for 20,000 + 2,000). Carry that folder to the GPU machine.
+``.npz`` (12.6 MiB for 20,000 + the whole 10,000-image test set). Carry that folder to the
+GPU machine (``scripts/gpu_check.sh`` says how).
 
 Every run uses the same data and split: ``inca.fit`` (all 13 layers, InCA and linear
 adapters, two learning rates, the default 15% validation split with seed 0) and full
 fine-tuning (its own best epoch chosen on that same validation split), ``--epochs`` each,
 batch ``--batch-size``, at 224 px, no augmentation for either. InCA streams by default
-(``--mode``): a cache of every layer of 20,000 images at 224 px would be 51 GB. Writes
-``benchmarks/results/gpu-quality.{json,md}``:
+(``--mode``): a cache of every layer of 20,000 images at 224 px would be 51 GB. The runs go
+precision by precision (the first of ``--precisions`` first, every method in it). Method
+``axes``, last (as time allows), is InCA at full fine-tuning's training time (as many
+epochs as that buys, at most ``--axes-max-epochs``) with the bank's design axes side by
+side in one bank: 1 and 4 queries, 2-layer windows, an MLP head, and linear probes; it
+uses the training time of ``full`` in ``--axes-precision`` (or ``--axes-budget-s``).
+Writes ``benchmarks/results/gpu-quality.{json,md}``:
 ``{"device": ..., "runs": [{"method", "precision", "test_accuracy", "chosen", "wall_s",
-"peak_gib", "epochs"}]}``. Expected: InCA chosen over the linear probes, test accuracy
->= 89%, bf16-mixed within 0.5 points of float32 for both methods.
+"peak_gib", "epochs"}], "gaps": {method: bf16-mixed minus float32 with its standard
+error}}``. Expected: InCA chosen over the linear probes, test accuracy >= 89%, bf16-mixed
+within the noise of float32 for both methods (the standard error of a gap from 10,000 test
+images is about 0.4 points; it leaves out the noise of the training runs themselves).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -83,12 +93,28 @@ def load(folder: Path, input_size: int, device: torch.device):
     return backbone, train, test
 
 
+AXES = {  # the bank's design axes, side by side in the axes run
+    "inca": {},  # one query
+    "inca:q4": {"num_queries": 4},
+    "inca:w2": {"num_layers": 2},  # two adjacent layers' tokens together
+    "inca:mlp": {"head_hidden": 384},  # Linear-GELU-Linear head
+}
+
+
+def fresh(device: torch.device) -> None:
+    """Free what earlier runs left, so that a run's peak holds only its own memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_inca(backbone, train, test, precision: str, args, device) -> dict:
     import inca
 
+    fresh(device)
     with tempfile.TemporaryDirectory() as tmp, PeakMemory(device=device) as mem:
         t = time.perf_counter()
-        task = inca.fit(backbone, train, test=test, layers="all", kinds=("inca", "linear"),
+        task = inca.fit(backbone, train, test=test, layers=args.layers, kinds=("inca", "linear"),
                         lrs=(1e-3, 3e-3), epochs=args.epochs, batch_size=args.batch_size,
                         patience=0, precision=precision, device=device, cache_dir=tmp,
                         mode=args.mode, augment=False,
@@ -110,6 +136,7 @@ def run_full(backbone, train, test, precision: str, args, device) -> dict:
     tr, val = split_train_val(train, 0.15, 0)  # the split inca.fit makes
     config = FineTuneConfig(method="full", epochs=args.epochs, batch_size=args.batch_size,
                             precision=precision, num_workers=args.num_workers)
+    fresh(device)
     with PeakMemory(device=device) as mem:
         t = time.perf_counter()
         res = finetune(backbone, tr, val, test, config, progress=args.progress, device=device)
@@ -117,13 +144,61 @@ def run_full(backbone, train, test, precision: str, args, device) -> dict:
     best = max(res.history, key=lambda h: (h["val_accuracy"], -h["epoch"]))
     return {"method": "full", "precision": precision, "test_accuracy": res.test_accuracy,
             "chosen": f"epoch {best['epoch']}", "wall_s": wall, "peak_gib": _gib(mem),
-            "epochs": res.epochs_run, "val_accuracy": res.val_accuracy}
+            "epochs": res.epochs_run, "val_accuracy": res.val_accuracy,
+            "train_s": res.train_seconds}
+
+
+def run_axes(backbone, train, test, precision: str, args, device, budget_s: float) -> dict:
+    """InCA at a given training time, the design axes in one bank (see :data:`AXES`)."""
+    import inca
+
+    fresh(device)
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory(device=device) as mem:
+        t = time.perf_counter()
+        task = inca.fit(backbone, train, test=test, layers=args.layers, kinds=(*AXES, "linear"),
+                        adapter_options={k: v for k, v in AXES.items() if v},
+                        lrs=(1e-3, 3e-3), epochs=args.axes_max_epochs,
+                        time_budget_s=budget_s, batch_size=args.batch_size, patience=0,
+                        precision=precision, device=device, cache_dir=tmp, mode=args.mode,
+                        augment=False, num_workers=args.num_workers, progress=args.progress)
+        wall = time.perf_counter() - t
+    rep = task.report
+    variants: dict[str, dict] = {}
+    for r in rep.rows:
+        b = variants.get(r["kind"])
+        if b is None or (r["val_accuracy"], -r["val_loss"]) > (b["val_accuracy"],
+                                                               -b["val_loss"]):
+            variants[r["kind"]] = {k: r[k] for k in ("key", "val_accuracy", "val_loss",
+                                                     "test_accuracy")}
+    chosen = rep.chosen if rep.chosen != "best" else rep.chosen_members[0]
+    return {"method": "axes", "precision": precision,
+            "test_accuracy": rep.test_accuracy[rep.chosen], "chosen": chosen,
+            "wall_s": wall, "peak_gib": _gib(mem), "epochs": rep.timings["epochs_run"],
+            "val_accuracy": rep.val_accuracy, "time_budget_s": budget_s,
+            "train_s": rep.timings["train_seconds"], "adapters": len(rep.rows),
+            "variants": variants}
 
 
 def _gib(mem: PeakMemory) -> float:
     if mem.cuda_peak_mib is not None:
         return mem.cuda_peak_mib / 1024
     return mem.peak_rss_mib / 1024
+
+
+def gaps(runs: list[dict], n_test: int) -> dict:
+    """bf16-mixed minus float32 test accuracy per method, in points, with the standard error
+    of that difference from the test sample (two binomial proportions on ``n_test`` images;
+    the training runs' own noise is not in it): within noise when at most two of them."""
+    by = {(r["method"], r["precision"]): r["test_accuracy"] for r in runs}
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        if (method, "32") in by and (method, "bf16-mixed") in by:
+            a, b = by[(method, "bf16-mixed")], by[(method, "32")]
+            se = math.sqrt((a * (1 - a) + b * (1 - b)) / max(n_test, 1))
+            gap = 100 * (a - b)
+            out[method] = {"gap_points": gap, "se_points": 100 * se,
+                           "within_noise": abs(gap) <= 2 * 100 * se}
+    return out
 
 
 def to_markdown(payload: dict) -> str:
@@ -135,9 +210,10 @@ def to_markdown(payload: dict) -> str:
         f"DINOv2-S/14 (bundled weights) at {payload['input_size']} px, Fashion-MNIST "
         f"{payload['n_train']} training images (15% held out for selection) and "
         f"{payload['n_test']} test images, {payload['epochs']} epochs, batch "
-        f"{payload['batch_size']}. InCA: all layers x (InCA, linear) x lr (1e-3, 3e-3), "
-        f"mode {payload['inca_mode']}, no augmentation. Peak memory: CUDA peak allocation "
-        "(RSS on a CPU).", "",
+        f"{payload['batch_size']}. InCA: layers {payload.get('layers', 'all')} x (InCA, linear) x "
+        "lr (1e-3, 3e-3), "
+        f"mode {payload['inca_mode']}, no augmentation. float32 means TF32 off. Peak "
+        "memory: CUDA peak allocation (RSS on a CPU).", "",
         "| method | precision | test acc | chosen | val acc | wall s | peak GiB | epochs |",
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
@@ -145,13 +221,24 @@ def to_markdown(payload: dict) -> str:
         md.append(f"| {r['method']} | {r['precision']} | {100 * r['test_accuracy']:.2f}% | "
                   f"{r['chosen']} | {100 * r['val_accuracy']:.2f}% | {r['wall_s']:.1f} | "
                   f"{r['peak_gib']:.2f} | {r['epochs']} |")
-    by = {(r["method"], r["precision"]): r["test_accuracy"] for r in runs}
     md.append("")
-    for method in ("inca", "full"):
-        if (method, "32") in by and (method, "bf16-mixed") in by:
-            gap = 100 * (by[(method, "bf16-mixed")] - by[(method, "32")])
-            md.append(f"- {method}: bf16-mixed minus float32 = {gap:+.2f} points "
-                      f"(target within 0.5).")
+    for method, g in gaps(runs, payload["n_test"]).items():
+        md.append(f"- {method}: bf16-mixed minus float32 = {g['gap_points']:+.2f} "
+                  f"+- {g['se_points']:.2f} points (standard error from the "
+                  f"{payload['n_test']} test images): "
+                  f"{'within' if g['within_noise'] else 'outside'} the noise (2 se).")
+    for r in (r for r in runs if r["method"] == "axes"):
+        md += ["", f"InCA at full fine-tuning's training time ({r['precision']}, budget "
+               f"{r['time_budget_s']:.1f} s, trained {r['train_s']:.1f} s, {r['epochs']} "
+               f"epochs, {r['adapters']} adapters in one bank); best of each variant on "
+               "validation:", "", "| variant | settings | best adapter | val acc | test acc |",
+               "|---|---|---|---:|---:|"]
+        for kind, v in sorted(r["variants"].items(), key=lambda kv: -kv[1]["val_accuracy"]):
+            settings = AXES.get(kind, {}) if kind != "linear" else {"pool": "cls_mean"}
+            md.append(f"| {kind} | {settings or 'default'} | {v['key']} | "
+                      f"{100 * v['val_accuracy']:.2f}% | {100 * v['test_accuracy']:.2f}% |")
+        md.append(f"\nChosen on validation: {r['chosen']}, test "
+                  f"{100 * r['test_accuracy']:.2f}%.")
     return "\n".join(md) + "\n"
 
 
@@ -162,11 +249,22 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--train", type=int, default=20000)
-    ap.add_argument("--test", type=int, default=2000)
+    ap.add_argument("--test", type=int, default=10000,
+                    help="test images (prepared and scored; Fashion-MNIST has 10,000)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--precisions", default="32,bf16-mixed")
-    ap.add_argument("--methods", default="inca,full")
+    ap.add_argument("--precisions", default="bf16-mixed,32",
+                    help="run in this order (every method of the first, then the next)")
+    ap.add_argument("--layers", default="all",
+                    help="InCA's layers: all, or comma-separated names or positions")
+    ap.add_argument("--methods", default="inca,full",
+                    help="inca, full, axes (InCA's design axes at full's training time)")
+    ap.add_argument("--axes-budget-s", type=float, default=None,
+                    help="the axes run's training time (default: the full run's, same "
+                         "precision)")
+    ap.add_argument("--axes-max-epochs", type=int, default=30)
+    ap.add_argument("--axes-precision", default="bf16-mixed",
+                    help="the one precision the axes run uses")
     ap.add_argument("--num-workers", type=int, default=8)
     ap.add_argument("--mode", default="streaming",
                     help="InCA's mode: streaming (no 51 GB cache of 20,000 images at 224 px) "
@@ -175,6 +273,9 @@ def main() -> None:
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
+    unknown = set(args.methods.split(",")) - {"inca", "full", "axes"}
+    if unknown:
+        ap.error(f"unknown --methods {sorted(unknown)}: choose from inca, full, axes")
     if args.prepare:
         prepare(args.assets, args.train, args.test)
         return
@@ -192,16 +293,34 @@ def main() -> None:
         "benchmark": "gpu-quality", "command": command_line(), "environment": environment(),
         "device": environment()["device"], "input_size": args.input_size,
         "n_train": len(train), "n_test": len(test), "epochs": args.epochs,
-        "batch_size": args.batch_size, "inca_mode": args.mode, "runs": [],
+        "batch_size": args.batch_size, "inca_mode": args.mode, "layers": args.layers, "runs": [],
+        "gaps": {},
     }
-    for method in args.methods.split(","):
-        for precision in args.precisions.split(","):
+    methods = args.methods.split(",")
+    # every precision's runs first; the axes run last, as time allows
+    plan = [(m, p) for p in args.precisions.split(",") for m in methods if m != "axes"]
+    if "axes" in methods:
+        plan.append(("axes", args.axes_precision))
+    path = None
+    for method, precision in plan:
+        if method == "axes":
+            full = next((r for r in payload["runs"] if r["method"] == "full"
+                         and r["precision"] == precision), None)
+            budget = args.axes_budget_s or (full["train_s"] if full else None)
+            if budget is None:
+                print(f"axes {precision}: skipped (no full run of that precision to match, "
+                      "and no --axes-budget-s)", flush=True)
+                continue
+            print(f"axes {precision} (budget {budget:.1f} s) ...", flush=True)
+            run = run_axes(backbone, train, test, precision, args, device, budget)
+        else:
             print(f"{method} {precision} ...", flush=True)
             run = runners[method](backbone, train, test, precision, args, device)
-            print(run, flush=True)
-            payload["runs"].append(run)
-            # written after each run: a later failure loses nothing measured
-            path = write_results(args.name, payload, to_markdown(payload), args.results_dir)
+        print(run, flush=True)
+        payload["runs"].append(run)
+        payload["gaps"] = gaps(payload["runs"], len(test))
+        # written after each run: a later failure loses nothing measured
+        path = write_results(args.name, payload, to_markdown(payload), args.results_dir)
     print(f"wrote {path}")
 
 

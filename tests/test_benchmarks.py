@@ -5,11 +5,193 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_quality.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_quality.py"
+TINY_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8}
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """benchmarks/gpu.py as a module (its bookkeeping runs on a CPU)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("gpu")
+
+
+def test_gpu_ratios_pair_like_with_like(gpu):
+    """Review F5: the pure-bf16 InCA step was divided by the slower autocast forward."""
+    m = {"forward_bf16_img_s": 100.0, "forward_pure_bf16_img_s": 150.0,
+         "extract_all_bf16_img_s": 95.0, "fullft_bf16_img_s": 20.0,
+         "inca_stream_bf16_img_s": 80.0, "inca_stream_pure_bf16_img_s": 120.0,
+         "fullft_bf16_peak_gib": 10.0, "inca_stream_bf16_peak_gib": 3.0,
+         "inca_stream_pure_bf16_peak_gib": 2.0}
+    r = gpu.ratios(m)
+    assert r["inca_vs_forward"] == pytest.approx(0.8)  # autocast / autocast
+    assert r["inca_vs_forward_pure_bf16"] == pytest.approx(0.8)  # pure bf16 / pure bf16
+    assert r["extract_vs_forward"] == pytest.approx(0.95)
+    assert r["inca_vs_fullft"] == pytest.approx(4.0)
+    assert r["inca_pure_bf16_vs_fullft"] == pytest.approx(6.0)
+    assert r["inca_vs_fullft_memory"] == pytest.approx(0.3)
+    assert r["inca_pure_bf16_vs_fullft_memory"] == pytest.approx(0.2)
+    assert set(r) == set(gpu.TARGETS)
+    skipped = {k: v for k, v in m.items() if not k.startswith("fullft")}
+    assert set(gpu.ratios(skipped)) == {"inca_vs_forward", "inca_vs_forward_pure_bf16",
+                                        "extract_vs_forward"}
+
+
+def test_gpu_inca_step_feeds_the_bank_as_the_streaming_source_does(gpu):
+    """Review F3/F8: one block in the compute dtype, as ``StreamingSource`` yields it."""
+    from inca._precision import Precision
+    from inca.data import ArrayDataset
+    from inca.data.transforms import build_transform
+    from inca.training.sources import StackedFeats, StreamingSource
+
+    args = gpu.parser().parse_args(["--input-size", "32", "--model-kwargs",
+                                    json.dumps(TINY_VIT)])
+    bb = gpu.build_backbone("vit_tiny_patch16_224", args, "cpu")
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    data = ArrayDataset(np.zeros((4, 28, 28), np.uint8), [0, 1, 2, 3], list("abcd"), "zeros")
+    for name, dtype in (("bf16-mixed", torch.bfloat16), ("32", torch.float32)):
+        prec = Precision(name, "cpu")
+        block = gpu.stream_block(bb, pixels, prec)
+        assert isinstance(block, StackedFeats) and block.order == bb.layers
+        assert block.block.dtype == dtype and block.block.shape[:2] == (len(bb.layers), 4)
+        src = StreamingSource(bb, data, range(4), bb.layers, build_transform(bb.preprocessing),
+                              num_workers=0, precision=prec)
+        feats, _ = next(src.batches(4))
+        assert isinstance(feats, StackedFeats) and feats.block.dtype == block.block.dtype
+
+
+class _FakeBackbone:
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.parameters = lambda: iter([torch.zeros(3)])
+
+    @property
+    def device(self) -> str:
+        return self.where
+
+    def to(self, where):
+        self.where = str(where)
+        return self
+
+
+class _FakeClock:
+    def __init__(self, free: float | None) -> None:
+        self.free, self.resets = free, 0
+
+    def free_gib(self):
+        return self.free
+
+    def reset_peak(self) -> None:
+        self.resets += 1
+
+    def sync(self) -> None:
+        pass
+
+    def peak_gib(self):
+        return None
+
+
+def test_gpu_full_finetuning_measured_when_it_fits_without_the_frozen_original(gpu,
+                                                                              monkeypatch):
+    """Review F4 and F9: the frozen original leaves the device while fine-tuning is
+    measured; the step is measured when its estimate fits, an OOM is recorded."""
+    monkeypatch.setattr(gpu, "fullft_estimate_gib", lambda bb, batch: 40.0)
+    seen = []
+
+    def fullft(bb, x, y, prec, steps, clock):
+        seen.append(bb.device)
+        return {"fullft_bf16_img_s": 1.0, "fullft_bf16_peak_gib": 41.0}
+
+    monkeypatch.setattr(gpu, "_fullft", fullft)
+    bb, x = _FakeBackbone("cuda:0"), torch.zeros(2, 3)
+    out = gpu.measure_fullft(bb, x, None, None, 2, _FakeClock(free=130.0))
+    assert seen == ["cpu"] and bb.device == "cuda:0"
+    assert out["fullft_bf16_img_s"] == 1.0 and out["fullft_gib_estimate"] == 40.0
+    out = gpu.measure_fullft(bb, x, None, None, 2, _FakeClock(free=30.0))
+    assert "fullft_bf16_img_s" not in out and "30.0 GiB free" in out["fullft_skipped"]
+    assert len(seen) == 1  # not tried
+
+    def oom(*a):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+
+    monkeypatch.setattr(gpu, "_fullft", oom)
+    out = gpu.measure_fullft(bb, x, None, None, 2, _FakeClock(free=130.0))
+    assert out["fullft_error"].startswith("CUDA out of memory") and bb.device == "cuda:0"
+    assert "out of memory" in gpu._fullft_cell(out)
+
+
+def test_gpu_end_to_end_streams_at_every_size_and_frees_each_run(gpu, monkeypatch):
+    """Review F6 and F7: the mode is streaming (asked, not chosen) at every size, and no
+    run's peak holds the previous run's task or backbone."""
+    alive: list[weakref.ref] = []
+    calls: list[tuple] = []
+
+    class Clock(_FakeClock):
+        def reset_peak(self) -> None:
+            assert [r for r in alive if r() is not None] == alive[-1:]  # only the new backbone
+
+    class Report:
+        mode = {"mode": "streaming", "cache_bytes": 0}
+
+    class Task:
+        def __init__(self, bb) -> None:
+            self.backbone, self.report = bb, Report()
+            alive.append(weakref.ref(self))
+
+    def build(name, args, device):
+        bb = _FakeBackbone(str(device))
+        alive.append(weakref.ref(bb))
+        return bb
+
+    def fit(bb, data, **kw):
+        calls.append(("inca", kw["mode"], bb.device))
+        return Task(bb)
+
+    def finetune(bb, tr, val, test, config, **kw):
+        calls.append(("full", None, bb.device))
+        return Task(bb)
+
+    monkeypatch.setattr(gpu, "build_backbone", build)
+    monkeypatch.setattr(gpu.inca, "fit", fit)
+    monkeypatch.setattr(gpu, "finetune", finetune)
+    monkeypatch.setattr(gpu, "ASSETS", Path("/nonexistent.npz"))  # random images
+
+    class Peak:  # no CUDA here: the device is only passed around
+        peak_rss_mib = 1.0
+
+        def __init__(self, device) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    monkeypatch.setattr(gpu, "PeakMemory", Peak)
+    args = gpu.parser().parse_args(["--e2e-sizes", "40,60", "--e2e-model", "m"])
+    assert args.e2e_mode == "streaming"
+    rows, source = gpu.end_to_end(args, torch.device("cuda"), Clock(None))
+    # fine-tuning gets its backbone on the CPU and copies it to the device itself (F4)
+    assert calls == [("inca", "streaming", "cuda"), ("full", None, "cpu")] * 2
+    assert [(r["n_images"], r["method"]) for r in rows] == [
+        (40, "inca"), (40, "full"), (60, "inca"), (60, "full")]
+    assert source == "random images"
+    payload = {"command": "c", "device": "cpu", "environment": {"torch": "t"},
+               "input_size": 32, "steps": 2, "lrs": "1e-3", "models": {}, "e2e": rows,
+               "e2e_model": "m", "e2e_source": source, "epochs": 1, "e2e_batch": 8,
+               "e2e_mode": args.e2e_mode}
+    assert "inca.fit in mode `streaming` at every size" in gpu.to_markdown(payload)
 
 
 @pytest.mark.slow  # make test runs it; plain pytest skips it
@@ -19,17 +201,27 @@ def test_gpu_quality_runs_on_cpu(tmp_path):
     subprocess.run([*run, "--prepare", "--train", "48", "--test", "24"], check=True)
     assert (assets / "dinov2_vits14_fp16.safetensors").stat().st_size > 40e6
     subprocess.run([*run, "--device", "cpu", "--input-size", "28", "--epochs", "1",
-                    "--batch-size", "16", "--num-workers", "0", "--results-dir", str(results)],
-                   check=True)
+                    "--batch-size", "16", "--num-workers", "0", "--layers", "10,11",
+                    "--methods", "inca,full,axes", "--axes-max-epochs", "2",
+                    "--results-dir", str(results)], check=True)
     payload = json.loads((results / "gpu-quality.json").read_text())
-    assert payload["device"] == "cpu" and payload["n_train"] == 48
+    assert payload["device"] == "cpu" and payload["n_train"] == 48 and payload["n_test"] == 24
     runs = {(r["method"], r["precision"]): r for r in payload["runs"]}
-    assert set(runs) == {(m, p) for m in ("inca", "full") for p in ("32", "bf16-mixed")}
+    assert list(runs) == [("inca", "bf16-mixed"), ("full", "bf16-mixed"), ("inca", "32"),
+                          ("full", "32"), ("axes", "bf16-mixed")]  # axes last, as time allows
     for r in runs.values():
         assert {"test_accuracy", "chosen", "wall_s", "peak_gib", "epochs"} <= set(r)
-        assert 0 <= r["test_accuracy"] <= 1 and r["epochs"] == 1
+        assert 0 <= r["test_accuracy"] <= 1 and 1 <= r["epochs"] <= 2
     assert runs[("inca", "32")]["chosen"].split("/")[0] in ("inca", "linear", "ensemble")
-    assert "| inca | bf16-mixed |" in (results / "gpu-quality.md").read_text()
+    axes = runs[("axes", "bf16-mixed")]
+    assert axes["time_budget_s"] == runs[("full", "bf16-mixed")]["train_s"]
+    assert set(axes["variants"]) == {"inca", "inca:q4", "inca:w2", "inca:mlp", "linear"}
+    assert set(payload["gaps"]) == {"inca", "full"}
+    for g in payload["gaps"].values():  # 24 test images: a standard error of 10+ points
+        assert g["se_points"] > 5 and g["within_noise"] == (abs(g["gap_points"])
+                                                             <= 2 * g["se_points"])
+    md = (results / "gpu-quality.md").read_text()
+    assert "| inca | bf16-mixed |" in md and "| inca:q4 |" in md and "+- " in md
 
 
 @pytest.mark.slow  # make test runs it; plain pytest skips it
@@ -37,20 +229,24 @@ def test_gpu_scale_benchmark_runs_on_cpu(tmp_path):
     script = SCRIPT.parent / "gpu.py"
     subprocess.run([sys.executable, str(script), "--device", "cpu", "--models",
                     "vit_tiny_patch16_224", "--giant", "vit_small_patch14_dinov2",
-                    "--giant-batch", "2", "--input-size", "28", "--batch-sizes", "4",
-                    "--steps", "1", "--e2e-sizes", "32,48", "--epochs", "1",
-                    "--e2e-batch", "16", "--results-dir", str(tmp_path)], check=True)
+                    "--giant-batch", "2", "--input-size", "32", "--batch-sizes", "4",
+                    "--model-kwargs", json.dumps(TINY_VIT), "--steps", "1",
+                    "--e2e-sizes", "32,48", "--epochs", "1", "--e2e-batch", "16",
+                    "--results-dir", str(tmp_path)], check=True)
     payload = json.loads((tmp_path / "gpu.json").read_text())
-    tiny = payload["models"]["vit_tiny_patch16_224"]
-    for key in ("forward_bf16_img_s", "extract_all_bf16_img_s", "fullft_bf16_img_s",
-                "inca_stream_bf16_img_s", "bank_size"):
-        assert tiny[key] > 0, key
-    assert tiny["bank_size"] == 12 * 2 * 2  # 12 blocks x 2 lrs x {InCA, linear}
-    giant = payload["models"]["vit_small_patch14_dinov2"]
-    assert giant["inca_stream_bf16_img_s"] > 0 and "fullft_bf16_img_s" not in giant
-    assert {(r["n_images"], r["method"]) for r in payload["e2e"]} == {
-        (n, m) for n in (32, 48) for m in ("inca", "full")}
-    assert "InCA streaming step / plain bf16 forward" in (tmp_path / "gpu.md").read_text()
+    for name in ("vit_tiny_patch16_224", "vit_small_patch14_dinov2"):
+        m = payload["models"][name]
+        for key in ("forward_bf16_img_s", "extract_all_bf16_img_s", "fullft_bf16_img_s",
+                    "inca_stream_bf16_img_s", "forward_pure_bf16_img_s",
+                    "inca_stream_pure_bf16_img_s", "fullft_gib_estimate"):
+            assert m[key] > 0, (name, key)
+        assert m["bank_size"] == 2 * 2 * 2  # 2 blocks x 2 lrs x {InCA, linear}
+    assert payload["e2e_mode"] == "streaming"
+    assert [(r["n_images"], r["method"], r["mode"]) for r in payload["e2e"]] == [
+        (n, m, "streaming" if m == "inca" else "") for n in (32, 48) for m in ("inca", "full")]
+    md = (tmp_path / "gpu.md").read_text()
+    assert "InCA streaming step / plain forward, both pure bf16" in md
+    assert "inca.fit in mode `streaming` at every size" in md
 
 
 def test_faults_benchmark_quick(tmp_path):

@@ -7,6 +7,7 @@ fine-tuning baseline, task files and the multi-task runtime.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,17 +278,80 @@ def test_cli_fit_with_a_bf16_backbone_and_predict_in_fp32(tmp_path):
 
 # -- CUDA (skipped without a GPU) ---------------------------------------------------------
 @pytest.mark.cuda
-def test_fit_on_cuda_in_bf16_mixed(tmp_path):
+@pytest.mark.parametrize("precision, mode", [("bf16-mixed", "cached"),
+                                             ("bf16-mixed", "streaming"),
+                                             ("16-mixed", "cached")])
+def test_fit_on_cuda(tmp_path, precision, mode):
     bb = planted_backbone()
     task = inca.fit(bb, planted_data(320, 0), test=planted_data(160, 1), layers="all",
                     kinds=("inca", "linear"), lrs=(3e-3, 1e-2), epochs=6, batch_size=32,
-                    device="cuda", precision="bf16-mixed", progress=False, cache_dir=tmp_path)
-    assert bb.device.type == "cuda" and task.report.config["precision"] == "bf16-mixed"
+                    device="cuda", precision=precision, mode=mode, progress=False,
+                    cache_dir=tmp_path)
+    assert bb.device.type == "cuda" and task.report.config["precision"] == precision
+    assert task.report.mode["mode"] == mode
     assert task.report.val_accuracy > 0.85
     inca_rows = [r for r in task.report.rows if r["kind"] == "inca"]
     assert len({r["val_accuracy"] for r in inca_rows}) > 1  # InCA members trained
+    assert not any(r.get("diverged_epoch") for r in task.report.rows)
     task.save(tmp_path / "task")
     loaded = load_task(tmp_path / "task", backbone=planted_backbone(), device="cuda")
     assert next(loaded.members.parameters()).device.type == "cuda"
     images = [planted_data(32, 2)[i][0] for i in range(32)]
     assert loaded.predict(images) == task.predict(images)
+
+
+@pytest.mark.cuda
+def test_full_finetuning_on_cuda_in_bf16_mixed():
+    train, val = planted_data(192, 0), planted_data(96, 1)
+    bb = planted_backbone()
+    res = finetune(bb, train, val, val, FineTuneConfig(
+        method="full", epochs=4, batch_size=32, lr_backbone=3e-3, lr_head=3e-2,
+        precision="bf16-mixed"), progress=False, device="cuda")
+    assert bb.device.type == "cpu"  # the caller's backbone is copied, not moved
+    assert res.model_.device.type == "cuda"
+    assert {p.dtype for p in res.model_.parameters()} == {torch.float32}  # fp32 masters
+    assert res.epochs_run == 4 and res.test_accuracy > 0.5  # chance: 0.25
+
+
+_FIT_TWO_RANKS = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import torch
+import inca
+from tiny import make_backbone
+from inca.data import load_dataset
+bb = make_backbone("timm-vit", Path({tmp!r}))  # seeded: the same weights on both ranks
+task = inca.fit(bb, load_dataset("digits", limit=160), kinds=("inca", "linear"),
+                lrs=(3e-3, 1e-2), epochs=3, batch_size=16, patience=0, cache_dir={cache!r},
+                progress=False, num_workers=0, device={device!r}, precision="bf16-mixed",
+                mode="cached")
+Path({out!r} + os.environ["RANK"]).write_text(json.dumps({{
+    "device": str(next(task.members.parameters()).device),
+    "backend": str(torch.distributed.get_backend()), "val": task.report.val_accuracy}}))
+"""
+
+
+def _two_ranks_fit(tmp_path, monkeypatch, device: str) -> list[dict]:
+    """``inca.fit`` under torchrun, 2 ranks over Gloo (the layers of the tiny ViT share a
+    shape: the bank's input is a ``StackedFeats`` that DDP must leave alone)."""
+    import json
+
+    from test_distributed import TESTS, _torchrun
+
+    monkeypatch.setenv("INCA_DIST_BACKEND", "gloo")  # ranks sharing one GPU
+    out = str(tmp_path / "rank")
+    res = _torchrun(_FIT_TWO_RANKS.format(tests=TESTS, tmp=str(tmp_path), device=device,
+                                          cache=str(tmp_path / "cache"), out=out),
+                    timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(Path(out + str(r)).read_text()) for r in range(2)]
+
+
+@pytest.mark.cuda
+def test_two_gloo_ranks_share_one_gpu_through_fit(tmp_path, monkeypatch):
+    ranks = _two_ranks_fit(tmp_path, monkeypatch, "cuda")
+    assert [r["device"] for r in ranks] == ["cuda:0", "cuda:0"]  # LOCAL_RANK mod 1 GPU
+    assert {r["backend"] for r in ranks} == {"gloo"}
+    assert ranks[0]["val"] == ranks[1]["val"] > 0.2  # chance: 0.1
+
