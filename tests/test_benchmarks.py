@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -247,6 +248,63 @@ def test_gpu_scale_benchmark_runs_on_cpu(tmp_path):
     md = (tmp_path / "gpu.md").read_text()
     assert "InCA streaming step / plain forward, both pure bf16" in md
     assert "inca.fit in mode `streaming` at every size" in md
+
+
+CHECK = ROOT / "scripts" / "gpu_check.sh"
+STAGES = ["machine", "cuda-tests", "gpu", "gpu-quality", "cli-fit", "gpu-giant", "distributed"]
+
+
+def _gpu_check(out: Path, *args: str, timeout: float = 60, **env: str):
+    env = {**os.environ, "OUT": str(out), "PY": sys.executable, **env}
+    res = subprocess.run(["bash", str(CHECK), *args], env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    stages = {}
+    if (out / "stages.txt").is_file():
+        for line in (out / "stages.txt").read_text().splitlines():
+            num, name, rest = line.split(" ", 2)
+            stages[name] = rest
+    return res, stages
+
+
+@pytest.mark.slow  # make test runs it (minutes on 2 shared cores); plain pytest skips it
+def test_gpu_check_quick_runs_every_stage(tmp_path):
+    """scripts/gpu_check.sh --quick: the GPU check's stages on the CPU, so it cannot rot."""
+    res, stages = _gpu_check(tmp_path, "--quick", timeout=1700)
+    log = (tmp_path / "log.txt").read_text()
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert list(stages) == STAGES
+    for name, rest in stages.items():
+        assert rest.startswith("rc=0 "), (name, rest, log[-4000:])
+        assert f"=== stage {STAGES.index(name)} {name}: rc=0" in log
+    for f in ("gpu", "gpu-quality", "gpu-giant", "distributed-cuda", "cli-fit-report"):
+        assert (tmp_path / f"{f}.json").is_file() and (tmp_path / f"{f}.md").is_file(), f
+    assert "skipped" in (tmp_path / "cuda-tests.log").read_text()  # no GPU here
+    assert (tmp_path / "cuda-tests.xml").is_file()
+    assert "StackedFeats survives DDP moving its inputs: True" in log
+    gpu = json.loads((tmp_path / "gpu.json").read_text())
+    assert gpu["e2e_mode"] == "streaming" and len(gpu["e2e"]) == 4
+    giant = json.loads((tmp_path / "gpu-giant.json").read_text())
+    assert giant["models"]["vit_small_patch14_dinov2"]["fullft_bf16_img_s"] > 0
+    quality = json.loads((tmp_path / "gpu-quality.json").read_text())
+    assert [(r["method"], r["precision"]) for r in quality["runs"]] == [
+        ("inca", "bf16-mixed"), ("full", "bf16-mixed"), ("inca", "32"), ("full", "32"),
+        ("axes", "bf16-mixed")]
+    dist = json.loads((tmp_path / "distributed-cuda.json").read_text())
+    assert [r["ranks"] for r in dist["runs"]] == [1, 2] and dist["random_weights"]
+    cli = json.loads((tmp_path / "cli-fit-report.json").read_text())
+    assert cli["config"]["precision"] == "32"  # the CPU's auto
+
+
+def test_gpu_check_skips_the_stages_its_budget_cannot_hold(tmp_path):
+    """A stage runs only when its cap fits in what is left; a cap cuts a stage off."""
+    res, stages = _gpu_check(tmp_path, "--quick", BUDGET="6", CAPS="3 300 300 300 300 300 300")
+    assert res.returncode == 0, res.stderr
+    assert list(stages) == STAGES
+    assert stages["machine"].split()[0] in ("rc=0", "rc=124")  # 124: cut off at 3 s
+    assert all(stages[s].startswith("skipped (") for s in STAGES[1:])
+    assert "=== stage 2 gpu: skipped" in (tmp_path / "log.txt").read_text()
+    res, _ = _gpu_check(tmp_path / "bad", "--bogus")
+    assert res.returncode == 2 and "usage" in res.stderr
 
 
 def test_faults_benchmark_quick(tmp_path):
