@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from _common import make_backbone, publish
+from _common import RESULTS, make_backbone, publish
 from torch.utils.flop_counter import FlopCounterMode
 
 from inca.training import AdapterBank, FitConfig, plan_members
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the test suite's)")
     ap.add_argument("--name", default="bank")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
     table = QUICK if args.quick else SHAPES
     shapes = [table[k] for k in args.shapes.split(",") if k in table]
@@ -195,12 +197,13 @@ def main() -> None:
         for r in rows:
             if r["shape"] in ("c", "d"):
                 md.append(f"\n({r['shape']}) step / (a) step: "
-                          f"{r['seconds']['train'] / ra['seconds']['train']:.2f}")
+                          f"{r['seconds']['train'] / ra['seconds']['train']:.2f} "
+                          f"(its FLOPs / (a)'s: {r['flops']['train'] / ra['flops']['train']:.2f})")
     md += ["", "'token passes in a step's time': the step's time divided by the time to read "
            "its float32 token block once at the measured bandwidth (a bound on what a "
            "bandwidth-limited step can reach)."]
     publish(args.name, {"sgemm_gflop_s": peak, "sgemm_samples": peaks,
-                        "copy_gb_s": bandwidth, "shapes": rows}, md)
+                        "copy_gb_s": bandwidth, "shapes": rows}, md, folder=args.results_dir)
 
 
 if __name__ == "__main__":

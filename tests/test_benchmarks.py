@@ -307,6 +307,23 @@ def test_gpu_check_skips_the_stages_its_budget_cannot_hold(tmp_path):
     assert res.returncode == 2 and "usage" in res.stderr
 
 
+@pytest.mark.slow  # make test runs it; plain pytest skips it
+def test_bank_benchmark_quick(tmp_path):
+    """benchmarks/bank.py --quick: FLOPs, times and efficiencies of each shape, in one run."""
+    script = SCRIPT.parent / "bank.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--repeats", "1",
+                    "--results-dir", str(tmp_path)], check=True, timeout=300)
+    payload = json.loads((tmp_path / "bank.json").read_text())
+    rows = {r["shape"]: r for r in payload["shapes"]}
+    assert set(rows) == {"a", "c"} and rows["a"]["members"] == 12 and rows["c"]["members"] == 1
+    for r in rows.values():
+        assert r["flops"]["train"] > r["flops"]["forward"] > 0
+        for k in ("forward", "train"):  # achieved / the sgemm measured in the same run
+            assert r["efficiency"][k] == pytest.approx(
+                r["flops"][k] / r["seconds"][k] / 1e9 / payload["sgemm_gflop_s"])
+    assert "(c) step / (a) step" in (tmp_path / "bank.md").read_text()
+
+
 def test_faults_benchmark_quick(tmp_path):
     """benchmarks/faults.py --quick: the library cases, the results' shape."""
     script = SCRIPT.parent / "faults.py"
