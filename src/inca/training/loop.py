@@ -33,18 +33,44 @@ class MemberResult:
     best_epoch: int = -1
     diverged_epoch: int | None = None  # dropped then: its loss became NaN or infinite
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    val_probs: torch.Tensor | None = field(default=None, repr=False)  # (N_val, C)
 
 
 @dataclass
 class BankResult:
-    """Outcome of :func:`train_bank`."""
+    """Outcome of :func:`train_bank`.
+
+    ``ensembles`` holds the validation ``(accuracy, loss)`` of the top-j members' averaged
+    best-epoch probabilities, keyed by their indices, for every j up to
+    ``config.ensemble_k`` (the ranking of :func:`ensemble_members`): what the top-k
+    ensemble needs, without keeping any member's probabilities.
+    """
 
     members: list[MemberResult]
     history: list[dict[str, Any]]
     epochs_run: int
     train_seconds: float
-    val_labels: torch.Tensor
+    ensembles: dict[tuple[int, ...], tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class ValScores:
+    """Scores from one validation pass: each member's, then each ensemble's asked for."""
+
+    accuracy: torch.Tensor  # (R,) float32: correct / seen, as a float32 mean of hits
+    loss: torch.Tensor  # (R,) float64: mean cross-entropy of the probabilities
+    seen: int
+
+
+def rank_members(members: list[MemberResult], select_by: str = "loss") -> list[int]:
+    """Member indices from best to worst on validation (see ``FitConfig.select_by``)."""
+    return sorted(range(len(members)), key=lambda i: (
+        *selection_key(members[i].val_accuracy, members[i].val_loss, select_by), i))
+
+
+def ensemble_members(members: list[MemberResult], k: int, select_by: str = "loss") -> list[int]:
+    """The members of the top-k ensemble, best first: the k best on validation among those
+    with a best epoch (a member dropped before its first one has no probabilities)."""
+    return [i for i in rank_members(members, select_by) if members[i].best_epoch >= 0][:k]
 
 
 def _adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
@@ -62,27 +88,91 @@ def bank_precision(bank: AdapterBank, precision: str | Precision | None) -> Prec
     return Precision(precision, next(bank.parameters()).device)
 
 
+class ScoreSums:
+    """Hits and summed cross-entropy of rows of probabilities, accumulated batch by batch
+    on the device (nothing that grows with the data is kept, and no wait for the device),
+    summed over the ranks at the end."""
+
+    def __init__(self, rows: int, device: torch.device | str) -> None:
+        self.hits = torch.zeros(rows, dtype=torch.long, device=device)
+        self.nll = torch.zeros(rows, dtype=torch.float64, device=device)
+        self.seen = 0
+
+    def add(self, probs: torch.Tensor, y: torch.Tensor, first: int = 0) -> None:
+        """One batch: probabilities ``(R, B, C)`` (float32) of rows ``first..first + R``,
+        and the labels ``(B,)``; the samples count once, with the batch's first rows."""
+        y = y.to(probs.device).long()
+        rows = slice(first, first + probs.shape[0])
+        self.hits[rows] += (probs.argmax(-1) == y).sum(-1)
+        p = probs.gather(-1, y.expand(probs.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+        self.nll[rows] -= p.clamp_min(1e-12).log().double().sum(-1)
+        self.seen += len(y) if first == 0 else 0
+
+    def result(self) -> ValScores:
+        """Accuracy and mean cross-entropy over every rank's share (one wait for the device)."""
+        sums = context().all_sum(torch.cat([
+            self.hits.double(), self.nll,
+            torch.tensor([self.seen], dtype=torch.float64, device=self.nll.device)])).cpu()
+        rows = len(self.hits)
+        seen = int(sums[-1])
+        # the float32 mean of 0/1 hits, as the accuracy always was; the loss in float64
+        acc = sums[:rows].float() / max(seen, 1)
+        return ValScores(acc, sums[rows:2 * rows] / max(seen, 1), seen)
+
+
 @torch.no_grad()
 def evaluate(bank: AdapterBank, source: Any, batch_size: int,
-             precision: str | Precision | None = "32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Every member's probabilities ``(K, N, C)`` on a source (kept on the CPU: nothing
-    that grows with the data stays on the device), and the labels ``(N,)``. Under
-    ``torchrun`` each rank scores a share and every rank gets all of them, in order."""
+             precision: str | Precision | None = "32",
+             ensembles: list[list[int]] | tuple = ()) -> ValScores:
+    """Every member's accuracy and cross-entropy on a source, then those of each ensemble
+    in ``ensembles`` (member indices; their probabilities averaged), from one pass.
+
+    Scores are summed batch by batch: memory does not grow with the source, the members or
+    the classes beyond one batch of probabilities ``(K, B, C)``. Under ``torchrun`` each
+    rank scores a share and the sums are added over the ranks."""
     prec = bank_precision(bank, precision)
     was_training = bank.training
     bank.eval()
+    groups = [list(g) for g in ensembles]
     k = len(bank.keys)
-    probs = [torch.zeros(k, 0, bank.num_classes)]
-    labels = [torch.zeros(0, dtype=torch.long)]
+    sums = ScoreSums(k + len(groups), next(bank.parameters()).device)
     for feats, y in source.batches(batch_size, part="share"):
         with prec.autocast():
             logits = bank.logits(feats)
-        probs.append(logits.float().softmax(-1).cpu())
-        labels.append(y.cpu().long())
+        probs = logits.float().softmax(-1)  # (K, B, C)
+        del logits
+        sums.add(probs, y)
+        if groups:
+            sums.add(torch.stack([probs[g].mean(0) for g in groups]), y, first=k)
     bank.train(was_training)
-    ctx = context()
-    return (ctx.gather_rows(torch.cat(probs, dim=1).transpose(0, 1)).transpose(0, 1),
-            ctx.gather_rows(torch.cat(labels)))
+    return sums.result()
+
+
+def _score_ensembles(bank: AdapterBank, val: Any, config: FitConfig, prec: Precision,
+                     results: list[MemberResult], scored: dict[tuple[int, ...], tuple],
+                     last_epoch: int) -> dict[tuple[int, ...], tuple[float, float]]:
+    """The top-j ensembles (j = 1..``ensemble_k``) of the members' best epochs. One member
+    is its own scores; the others are taken from the last epoch's pass when it scored them
+    with every member at its best epoch, else from one more pass with the members' best
+    states loaded (and their current ones put back after)."""
+    top = ensemble_members(results, config.ensemble_k, config.select_by)
+    out = {tuple(top[:1]): (results[top[0]].val_accuracy, results[top[0]].val_loss)} \
+        if top else {}
+    prefixes = [tuple(top[:j]) for j in range(2, len(top) + 1)]
+    if not prefixes or (all(results[i].best_epoch == last_epoch for i in top)
+                        and all(p in scored for p in prefixes)):
+        return out | {p: scored[p] for p in prefixes}
+    current = {i: bank.member_state(i) for i in top}
+    for i in top:
+        bank.load_member(i, results[i].state)
+    try:
+        s = evaluate(bank, val, config.batch_size, prec, [list(p) for p in prefixes])
+    finally:
+        for i, state in current.items():
+            bank.load_member(i, state)
+    k = len(results)
+    return out | {p: (float(s.accuracy[k + j]), float(s.loss[k + j]))
+                  for j, p in enumerate(prefixes)}
 
 
 def train_bank(
@@ -144,7 +234,7 @@ def train_bank(
     bar = tqdm(total=total, unit="step", desc=f"train {len(bank.keys)} adapters",
                disable=not progress)
     epoch = 0
-    val_labels = torch.zeros(0, dtype=torch.long)
+    scored: dict[tuple[int, ...], tuple[float, float]] = {}
     for epoch in range(config.epochs):
         bank.train()
         loss_sum, seen = torch.zeros(len(bank.keys), device=device), 0
@@ -186,10 +276,15 @@ def train_bank(
         for i in (~alive).nonzero().flatten().tolist():
             if results[i].diverged_epoch is None:
                 _drop(bank, optimizer, results[i], i, epoch)
-        probs, val_labels = evaluate(bank, val, config.batch_size, prec)  # (K, N, C)
-        accs = (probs.argmax(-1) == val_labels).float().mean(-1)
-        nll = -(probs.clamp_min(1e-12).log().gather(
-            -1, val_labels.expand(len(bank.keys), -1).unsqueeze(-1))).mean((1, 2))
+        # The members' scores, and those of the ensembles that the top-k ensemble would
+        # be if this epoch were every top member's best (kept if it is; see _score_ensembles)
+        guess = ensemble_members(results, config.ensemble_k, config.select_by)
+        guesses = [guess[:j] for j in range(2, len(guess) + 1)]
+        scores = evaluate(bank, val, config.batch_size, prec, guesses)
+        accs, nll = scores.accuracy[:len(results)], scores.loss[:len(results)]
+        scored = {tuple(g): (float(scores.accuracy[len(results) + j]),
+                             float(scores.loss[len(results) + j]))
+                  for j, g in enumerate(guesses)}
         improved = False
         for i, r in enumerate(results):
             if r.diverged_epoch is not None:
@@ -198,7 +293,7 @@ def train_bank(
             if (selection_key(acc, loss, config.select_by)
                     < selection_key(r.val_accuracy, r.val_loss, config.select_by)):
                 r.val_accuracy, r.val_loss, r.best_epoch = acc, loss, epoch
-                r.state, r.val_probs = bank.member_state(i), probs[i].clone()
+                r.state = bank.member_state(i)
                 improved = True
         history.append({
             "epoch": epoch + 1,
@@ -218,7 +313,8 @@ def train_bank(
         if (config.patience and stale >= config.patience) or epoch + 1 >= epochs:
             break
     bar.close()
-    return BankResult(results, history, epoch + 1, time.perf_counter() - start, val_labels)
+    ensembles = _score_ensembles(bank, val, config, prec, results, scored, epoch)
+    return BankResult(results, history, epoch + 1, time.perf_counter() - start, ensembles)
 
 
 def _drop(bank: AdapterBank, optimizer: torch.optim.Optimizer, result: MemberResult, i: int,

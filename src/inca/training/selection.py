@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from inca._distributed import context
 from inca._precision import Precision
 from inca.adapters import member_input
+from inca.errors import TrainingError
 from inca.task import selection_key
 from inca.training.bank import AdapterBank
-from inca.training.loop import BankResult, MemberResult
+from inca.training.loop import BankResult, ScoreSums, ensemble_members, rank_members
 
 
 @dataclass
@@ -30,19 +30,6 @@ class Candidate:
         return (*selection_key(self.val_accuracy, self.val_loss, select_by), self.name != "best")
 
 
-def rank_members(members: list[MemberResult], select_by: str = "loss") -> list[int]:
-    """Member indices from best to worst on validation (see ``FitConfig.select_by``)."""
-    return sorted(range(len(members)), key=lambda i: (
-        *selection_key(members[i].val_accuracy, members[i].val_loss, select_by), i))
-
-
-def scores(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of probabilities ``(N, C)`` against ``labels``."""
-    acc = float((probs.argmax(-1) == labels).float().mean())
-    nll = float(-probs.clamp_min(1e-12).log().gather(-1, labels[:, None]).mean())
-    return acc, nll
-
-
 def best_member(result: BankResult, select_by: str = "loss") -> Candidate:
     """The single best member on validation."""
     i = rank_members(result.members, select_by)[0]
@@ -51,10 +38,17 @@ def best_member(result: BankResult, select_by: str = "loss") -> Candidate:
 
 
 def top_k_ensemble(result: BankResult, k: int, select_by: str = "loss") -> Candidate:
-    """The top-k members on validation, their best-epoch probabilities averaged."""
-    top = rank_members(result.members, select_by)[:k]
-    probs = torch.stack([result.members[i].val_probs for i in top]).mean(0)
-    return Candidate("ensemble", top, *scores(probs, result.val_labels))
+    """The top-k members on validation, their best-epoch probabilities averaged.
+
+    :func:`~inca.training.loop.train_bank` scored it (for every k up to
+    ``config.ensemble_k``, ranked by ``config.select_by``) without keeping any member's
+    probabilities."""
+    top = ensemble_members(result.members, k, select_by)
+    if tuple(top) not in result.ensembles:
+        raise TrainingError(
+            f"the top-{k} ensemble by {select_by} was not scored during training; train "
+            f"with ensemble_k >= {k} and select_by={select_by!r}")
+    return Candidate("ensemble", top, *result.ensembles[tuple(top)])
 
 
 def soups(bank: AdapterBank, result: BankResult, val, batch_size: int,
@@ -76,14 +70,12 @@ def soups(bank: AdapterBank, result: BankResult, val, batch_size: int,
         avg = {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype)
                for k in states[0]}
         adapter = bank.export(idx[0], avg)
-        probs, labels = [], []
+        sums = ScoreSums(1, next(bank.parameters()).device)  # batch by batch, all ranks
         with torch.no_grad(), (precision or Precision("32")).autocast():
             for feats, y in val.batches(batch_size, part="share"):
-                probs.append(adapter(member_input(layers, feats)).float().softmax(-1).cpu())
-                labels.append(y.cpu().long())
-        ctx = context()  # under torchrun: every rank's share, in order
-        p = ctx.gather_rows(torch.cat(probs) if probs else torch.zeros(0, bank.num_classes))
-        y = ctx.gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+                sums.add(adapter(member_input(layers, feats)).float().softmax(-1)[None], y)
+        scores = sums.result()
         name = f"soup:{bank.specs[idx[0]].name}"
-        out.append(Candidate(name, idx[:1], *scores(p, y), [avg]))
+        out.append(Candidate(name, idx[:1], float(scores.accuracy[0]), float(scores.loss[0]),
+                             [avg]))
     return out
