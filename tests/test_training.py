@@ -301,3 +301,22 @@ def test_adapters_reading_adjacent_layers_stack_and_export():
     with pytest.raises(TrainingError, match="reads 4 adjacent layers"):
         plan_members(LAYERS, FitConfig(kinds=("inca",), adapter_options={"inca": {
             "num_layers": 4}}))
+
+
+def test_fused_adamw_is_chosen_before_the_first_step(monkeypatch):
+    """torch checks fused AdamW's devices only at its first step: the choice is made up
+    front, and a device without the kernel trains with the plain AdamW."""
+    import torch.utils._foreach_utils as foreach_utils
+
+    from inca.training.loop import _adamw
+
+    bank = _bank(FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-3,)))
+    assert _adamw(bank.param_groups(), 0.0).defaults["fused"]
+    monkeypatch.setattr(foreach_utils, "_get_fused_kernels_supported_devices",
+                        lambda: ["cuda"])  # as if the CPU had no fused kernel
+    opt = _adamw(bank.param_groups(), 0.0)
+    assert not opt.defaults["fused"]
+    feats, y = next(_source(8, 0).batches(8))
+    bank_loss = torch.nn.functional.cross_entropy(bank(feats)[0], y)
+    bank_loss.backward()
+    opt.step()  # the plain kernel: no late "fused unsupported" error

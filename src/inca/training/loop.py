@@ -74,11 +74,27 @@ def ensemble_members(members: list[MemberResult], k: int, select_by: str = "loss
 
 
 def _adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, fused where this torch supports it (3x faster steps over many small tensors)."""
+    """AdamW, fused where this torch supports it (3x faster steps over many small tensors).
+
+    Support is decided here, from the parameters' devices and dtypes: torch checks them
+    only at the first ``step()``, too late to fall back."""
+    params = [p for g in groups for p in g["params"]]
+    if _fused_supported(params):
+        try:
+            return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # an older torch
+            pass
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch has a fused AdamW kernel for every parameter's device and dtype."""
     try:
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # older torch, or an unsupported device
-        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a torch without the list: let the constructor decide
+        return True
+    return all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
 def bank_precision(bank: AdapterBank, precision: str | Precision | None) -> Precision:
