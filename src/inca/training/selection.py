@@ -71,7 +71,9 @@ def soups(bank: AdapterBank, result: BankResult, val, batch_size: int,
                for k in states[0]}
         adapter = bank.export(idx[0], avg)
         sums = ScoreSums(1, next(bank.parameters()).device)  # batch by batch, all ranks
-        with torch.no_grad(), (precision or Precision("32")).autocast():
+        # the bank's own device when no precision is given (a default one is on the CPU)
+        prec = precision or Precision("32", next(bank.parameters()).device)
+        with torch.no_grad(), prec.autocast():
             for feats, y in val.batches(batch_size, part="share"):
                 sums.add(adapter(member_input(layers, feats)).float().softmax(-1)[None], y)
         scores = sums.result()
