@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_fit import planted_backbone, planted_data
 from tiny import SIZE, make_backbone, save_tiny_hf_vit
 
@@ -344,6 +345,39 @@ def test_numpy_outputs(fitted):
     assert list(task.classes_[proba.argmax(1)]) == list(labels)
     multi = MultiTaskModel(bb, {"t": task}).predict_proba(x, numpy=True)
     np.testing.assert_allclose(multi["t"], proba, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_takes_one_image_or_many_in_every_common_form(fitted, tmp_path):
+    """A path (not read one character at a time), a list of paths, PIL images, NumPy
+    arrays (HWC, CHW, grey, float, a batch) and tensors give the same answers."""
+    _, task = fitted
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (20, 24, 3), dtype=np.uint8) for _ in range(3)]
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    ref = task.predict_proba([Image.fromarray(a) for a in arrays])
+    same = {
+        "one path": (task.predict_proba(str(paths[0])), ref[:1]),
+        "one PathLike": (task.predict_proba(paths[1]), ref[1:2]),
+        "list of paths": (task.predict_proba([str(p) for p in paths]), ref),
+        "one PIL image": (task.predict_proba(Image.fromarray(arrays[2])), ref[2:]),
+        "one HWC array": (task.predict_proba(arrays[0]), ref[:1]),
+        "a batch (B, H, W, C)": (task.predict_proba(np.stack(arrays)), ref),
+        "CHW arrays": (task.predict_proba([a.transpose(2, 0, 1) for a in arrays]), ref),
+        "float arrays in 0..1": (task.predict_proba([a / 255.0 for a in arrays]), ref),
+    }
+    for what, (got, want) in same.items():
+        torch.testing.assert_close(got, want, msg=what)
+    grey = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    torch.testing.assert_close(task.predict_proba(grey),
+                               task.predict_proba(Image.fromarray(grey).convert("RGB")))
+    assert task.predict(str(paths[0])) == task.predict([paths[0]])
+    with pytest.raises(TaskError, match=r"got shape \(2, 20, 24, 5\)"):
+        task.predict_proba([np.zeros((2, 20, 24, 5), dtype=np.uint8)])
+    with pytest.raises(TaskError, match="cannot read images from a int"):
+        task.predict_proba(3)
 
 
 # -- to_module: autograd, torch.export, ONNX ------------------------------------------------

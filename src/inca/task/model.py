@@ -8,6 +8,7 @@ backbone's weights fingerprint and how to create the backbone again
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -143,12 +144,13 @@ class Task(nn.Module):
         return probs / len(self.members)
 
     def _images_to_tensor(self, images: Any) -> torch.Tensor:
+        """Images as one batch ``(B, 3, H, W)``; see :meth:`predict_proba` for the inputs."""
         if isinstance(images, torch.Tensor):
             return images if images.ndim == 4 else images.unsqueeze(0)
         from inca.data import build_transform
 
         tf = build_transform(self.preprocessing)
-        return torch.stack([tf(_open_image(im)) for im in images])
+        return torch.stack([tf(_open_image(im)) for im in _image_list(images)])
 
     @overload
     def predict_proba(self, images: Any, batch_size: int = ...,
@@ -165,8 +167,11 @@ class Task(nn.Module):
         ``classes[i]``.
 
         Args:
-            images: a tensor ``(B, 3, H, W)`` (``uint8`` pixels, or preprocessed floats), or
-                a list of PIL images or file paths.
+            images: one image or a list of them: a file path, the file's bytes, a PIL
+                image, or a NumPy array ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (uint8, or
+                16-bit/float values scaled as :func:`inca.data.images.open_image` does); a
+                NumPy batch ``(B, H, W, C)``; or a tensor ``(B, 3, H, W)`` / ``(3, H, W)``
+                (``uint8`` pixels, or preprocessed floats) used as it is.
             batch_size: images per backbone pass.
             numpy: return a NumPy array (as scikit-learn does) instead of a torch tensor.
 
@@ -340,6 +345,34 @@ class Task(nn.Module):
 
 
 
+def _image_list(images: Any) -> list[Any]:
+    """One image, a batch array or a sequence of images, as a list of single images."""
+    if isinstance(images, str | os.PathLike | bytes | bytearray | Image.Image):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, list | tuple):
+        return list(images)
+    raise TaskError(f"cannot read images from a {type(images).__name__}: pass a path, a PIL "
+                    "image, a NumPy array, a tensor, or a list of them")
+
+
+def _array_image(a: np.ndarray) -> Image.Image:
+    """A NumPy image ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (C in 1, 3, 4) as PIL."""
+    from inca.data.images import _to_uint8
+
+    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # channels first, as torchvision lays them out
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise TaskError(f"an image array must be (H, W), (H, W, C) or (C, H, W) with 1, 3 "
+                        f"or 4 channels, got shape {a.shape}")
+    if a.dtype != np.uint8:  # 16-bit, int or float: scaled, not clipped
+        a = _to_uint8(a)
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
 def _open_image(im: Any) -> Image.Image:
     """A path, bytes or PIL image as RGB through :func:`inca.data.images.open_image` (size
     bounded by ``PIL.Image.MAX_IMAGE_PIXELS`` before decoding, deep images scaled)."""
@@ -347,7 +380,7 @@ def _open_image(im: Any) -> Image.Image:
     from inca.errors import ImageError
 
     try:
-        return open_image(im)
+        return open_image(_array_image(im) if isinstance(im, np.ndarray) else im)
     except ImageError as e:
         raise TaskError(str(e)) from e
 
