@@ -320,3 +320,29 @@ def test_fused_adamw_is_chosen_before_the_first_step(monkeypatch):
     bank_loss = torch.nn.functional.cross_entropy(bank(feats)[0], y)
     bank_loss.backward()
     opt.step()  # the plain kernel: no late "fused unsupported" error
+
+
+def test_the_progress_bar_shows_the_selection_measure_which_only_improves(monkeypatch):
+    """By loss, the bar shows the best validation loss (an accuracy at the best loss could
+    go down from one epoch to the next)."""
+    import inca.training.loop as loop
+
+    shown: list[dict] = []
+
+    class Bar:
+        def __init__(self, *a, **k) -> None:
+            self.total = k.get("total")
+
+        def update(self, n: int) -> None: ...
+
+        def close(self) -> None: ...
+
+        def set_postfix(self, values: dict) -> None:
+            shown.append(values)
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=4,
+                       batch_size=16, patience=0)
+    train_bank(_bank(config), _source(64, 0), _source(32, 1), config)
+    losses = [float(v["best_val_loss"]) for v in shown]
+    assert len(losses) == 4 and losses == sorted(losses, reverse=True)

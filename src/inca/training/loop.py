@@ -317,7 +317,11 @@ def train_bank(
             "val_accuracy": accs.tolist(),
             "val_loss": nll.tolist(),
         })
-        bar.set_postfix(best_val=f"{max(r.val_accuracy for r in results):.3f}")
+        # the selection's own measure, which only improves (an accuracy at the best loss
+        # could go down)
+        best = results[rank_members(results, config.select_by)[0]]
+        bar.set_postfix({"best_val_loss": f"{best.val_loss:.4f}"} if config.select_by == "loss"
+                        else {"best_val_acc": f"{best.val_accuracy:.3f}"})
         if config.time_budget_s is not None and epoch == 0:
             # As many epochs as fit in the budget, the schedule decaying over exactly those.
             per_epoch = time.perf_counter() - start
