@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -182,6 +183,28 @@ def test_cli_fit_and_predict(tmp_path):
     res = CliRunner().invoke(app, ["fit", "--backbone", f"hf:{folder}", "--data", "digits",
                                    "--out", str(out), "--lrs", "-1"])
     assert res.exit_code == 2 and "lrs must be positive" in res.output
+
+
+def test_cli_fit_says_what_its_cache_holds_and_drops_it_when_asked(tmp_path):
+    from tiny import save_tiny_hf_vit
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+
+    folder = save_tiny_hf_vit(tmp_path / "vit")
+    out = tmp_path / "run"
+    base = ["fit", "--backbone", f"hf:{folder}", "--data", "digits", "--limit", "60",
+            "--test-limit", "0", "--epochs", "1", "--num-workers", "0", "--mode", "cached",
+            "--out", str(out)]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 0, res.output
+    assert re.search(r"activation cache: [\d.]+ MiB kept in .*cache .*--drop-cache", res.output)
+    assert "from an earlier run" not in res.output
+    res = CliRunner().invoke(app, [*base, "--overwrite", "--drop-cache"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"cache holds [\d.]+ MiB from an earlier run; reused", res.output)
+    assert re.search(r"activation cache: [\d.]+ MiB deleted \(--drop-cache\)", res.output)
+    assert not (out / "cache").exists() and (out / "task" / "task.json").is_file()
 
 
 def test_soup_and_ensemble_candidates(tmp_path, monkeypatch):

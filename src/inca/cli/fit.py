@@ -109,6 +109,9 @@ def fit_cmd(
     device: Device = "auto",
     precision: Precision = _default("precision"),
     backbone_dtype: BackboneDtype = "float32",
+    drop_cache: Annotated[bool, typer.Option(
+        help="delete the run's activation cache (--out/cache) once the task is saved; kept "
+             "by default, so that a refit of the same data skips the backbone")] = False,
 ) -> None:
     """Train a bank of adapters in parallel, select on validation, save the task and report."""
     from inca._precision import resolve_device
@@ -137,7 +140,7 @@ def fit_cmd(
                   test_limit=test_limit, val_data=val_data, test_data=test_data,
                   columns={"image_column": image_column, "label_column": label_column,
                            "skip_unreadable": skip_unreadable},
-                  num_workers=num_workers, overwrite=overwrite)
+                  num_workers=num_workers, overwrite=overwrite, drop_cache=drop_cache)
 
 
 def _check_no_task(out: Path, overwrite: bool) -> None:
@@ -176,7 +179,7 @@ def _fit_replacing(run: Any, cache_root: Path, overwrite: bool) -> Any:
 def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, dtype: Any,
               *, bb_kwargs: dict, limit: int | None, test_limit: int | None,
               val_data: str | None, test_data: str | None, columns: dict,
-              num_workers: int | None, overwrite: bool) -> None:
+              num_workers: int | None, overwrite: bool, drop_cache: bool = False) -> None:
     """``inca fit`` once its run folder is locked."""
     from inca.backbones import create_backbone
     from inca.data import has_split, load_dataset
@@ -202,6 +205,10 @@ def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, 
             say(f"no test split evaluated ({e})")  # e.g. a hub test split without labels
     elif test_limit != 0:
         say(f"no test split evaluated ({data} has none; pass --test-data)")
+    held = _folder_bytes(out / "cache")
+    if held:
+        say(f"activation cache: {out / 'cache'} holds {_size(held)} from an earlier run; "
+            "reused where it matches this run's backbone, data and layers")
     # the data first: a misspelt name or folder costs no backbone download
     bb = create_backbone(backbone, device=dev, dtype=dtype, **bb_kwargs)
     task = _fit_replacing(lambda: fit(bb, train, val, test=test, config=config,
@@ -213,3 +220,23 @@ def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, 
     files = task.report.write(out)
     say(task.report.to_markdown())
     say(f"task saved to {out / 'task'}; report: {files['markdown']}, {files['plot']}")
+    cache = out / "cache"
+    size = _folder_bytes(cache)
+    if size and drop_cache:
+        import shutil
+
+        shutil.rmtree(cache)
+        say(f"activation cache: {_size(size)} deleted (--drop-cache)")
+    elif size:
+        say(f"activation cache: {_size(size)} kept in {cache} (a refit of the same data "
+            "skips the backbone); delete it, or pass --drop-cache, to free the disk")
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) \
+        if folder.is_dir() else 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
