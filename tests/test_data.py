@@ -162,3 +162,72 @@ def test_transforms():
                                       for t in build_transform(prep, True).transforms]
     with pytest.raises(DataError, match="unknown augmentation 'flip'"):
         build_transform(prep, "flip")
+
+
+def _png(size: tuple[int, int], value: int = 0) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", size, value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [(4, 100_000), (100_000, 4), (1, 1_000_000)])
+@pytest.mark.parametrize("policy", ["none", "crop", "crop-flip"])
+def test_thin_images_cost_no_more_than_the_output(size, policy, monkeypatch):
+    """A strip of a few hundred bytes within the pixel bound (4 x 100,000) was resized to
+    S x 25,000 S before its center crop: gigabytes and seconds for one image. Every resize
+    is now bounded by a few S x S (checked before Pillow allocates), for every policy."""
+    import time
+
+    from inca.data.images import open_image
+
+    s = 64
+    largest = []
+    resize = Image.Image.resize
+
+    def bounded(im, out, *args, **kwargs):
+        largest.append(out[0] * out[1])
+        assert out[0] * out[1] <= 4 * s * s, f"resized to {out} for a {s}px input"
+        return resize(im, out, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", bounded)
+    data = _png(size)
+    assert len(data) < 4000
+    start = time.perf_counter()
+    x = build_transform(Preprocessing(input_size=s), policy)(open_image(data))
+    assert x.shape == (3, s, s) and x.dtype == torch.uint8
+    assert time.perf_counter() - start < 5
+    assert largest and max(largest) <= 4 * s * s
+
+
+def test_resize_center_crop_is_torchvision_s_for_ordinary_images_and_close_for_strips():
+    from torchvision import transforms as T
+
+    from inca.data.transforms import MAX_RESIZE_RATIO, ResizeCenterCrop
+
+    rng = np.random.default_rng(0)
+    for interp in ("bicubic", "bilinear"):
+        mode = T.InterpolationMode(interp)
+        for i in range(40):
+            s = int(rng.integers(8, 48))
+            short = int(rng.integers(1, 60))
+            # ordinary aspect ratios (the torchvision path, bit for bit), then strips
+            ratio = rng.uniform(1, MAX_RESIZE_RATIO) if i < 20 else rng.uniform(5, 60)
+            long = max(short, int(short * ratio))
+            w, h = (short, long) if i % 2 else (long, short)
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            ref = np.asarray(T.CenterCrop(s)(T.Resize(s, interpolation=mode)(img)), np.int16)
+            out = np.asarray(ResizeCenterCrop(s, mode)(img), np.int16)
+            assert out.shape == ref.shape == (s, s, 3)
+            diff = np.abs(out - ref)
+            if int(s * long / short) <= MAX_RESIZE_RATIO * s:
+                assert diff.max() == 0, (interp, s, w, h)
+            else:  # the same resample of the same band, up to rounding (noise: the worst)
+                assert diff.mean() < 1 and diff.max() <= 32, (interp, s, w, h, diff.max())
+    # the eval transform uses it; its output for an ordinary image is unchanged
+    prep = Preprocessing(input_size=16)
+    img = Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8))
+    ref = T.Compose([T.Resize(16, interpolation=T.InterpolationMode.BICUBIC),
+                     T.CenterCrop(16), T.PILToTensor()])(img)
+    assert torch.equal(build_transform(prep)(img), ref)

@@ -196,3 +196,71 @@ def test_serve_refuses_an_empty_api_key_at_startup(tmp_path, args, env):
                        timeout=60)
     assert r.returncode == 2
     assert "empty" in r.stderr and "authentication" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_thin_strips_are_answered_like_any_image(server):
+    """A strip within the pixel limit (4 x 100,000 or 1 x 1,000,000: 1 MP, a few hundred
+    bytes) was resized to 32 x 32,000,000 px before its center crop: seconds of CPU and
+    gigabytes per request, or a MemoryError answered 500 that reset the connection. Each
+    is now answered at once, like the library's prediction for it, on one connection."""
+    port, task = server
+    strips = {"tall.png": Image.new("L", (4, 100_000), 200),
+              "wide.png": Image.new("L", (100_000, 4), 30),
+              "thread.png": Image.new("L", (1, 1_000_000), 255)}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.connect()
+        local = conn.sock.getsockname()
+        for name, strip in strips.items():
+            data = png(strip)
+            assert len(data) < 5000
+            start = time.monotonic()
+            code, body, connection = post(conn, [(name, data)], top_k="1")
+            assert (code, connection) == (200, None), body
+            assert time.monotonic() - start < 10, name
+            probs = task.predict_proba([strip.convert("RGB")])[0]
+            top = body["predictions"][0]["tasks"]["digits"][0]
+            assert top["label"] == task.classes[int(probs.argmax())]
+            assert top["probability"] == pytest.approx(float(probs.max()), abs=1e-4)
+        assert conn.sock.getsockname() == local  # one keep-alive connection throughout
+    finally:
+        conn.close()
+
+
+def test_running_out_of_memory_is_503_and_the_server_goes_on(server, monkeypatch):
+    """A MemoryError (decoding, or in the backbone pass) is that request's 503 with
+    Retry-After, never a 500; the next request is served."""
+    from fastapi.testclient import TestClient
+
+    import inca.runtime.request as request
+    from inca.runtime import MultiTaskModel
+    from inca.runtime.server import ServerConfig, create_app
+
+    _, task = server
+    app = create_app(MultiTaskModel(task.backbone, {"digits": task}), ServerConfig())
+    opened = request.open_image
+
+    def short_of_memory(data, *, name, **kwargs):
+        if name == "big.png":
+            raise MemoryError
+        return opened(data, name=name, **kwargs)
+
+    monkeypatch.setattr(request, "open_image", short_of_memory)
+    digit = png(Image.new("L", (8, 8), 255))
+    with TestClient(app) as c:
+        r = c.post("/predict", files=[("files", ("big.png", digit))])
+        assert r.status_code == 503, r.text
+        assert "ran out of memory decoding big.png" in r.json()["detail"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert c.post("/predict", files=[("files", ("ok.png", digit))]).status_code == 200
+        predict = app.state.batcher.predict
+
+        async def pass_short_of_memory(images):
+            raise MemoryError
+
+        app.state.batcher.predict = pass_short_of_memory
+        r = c.post("/predict", files=[("files", ("ok.png", digit))])
+        assert r.status_code == 503, r.text
+        assert "ran out of memory" in r.json()["detail"] and r.headers["retry-after"]
+        app.state.batcher.predict = predict
+        assert c.post("/predict", files=[("files", ("ok.png", digit))]).status_code == 200

@@ -8,6 +8,7 @@ The CPU side (data-loading workers) decodes, resizes, crops and flips, and hands
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -22,6 +23,10 @@ from inca.data.images import to_rgb
 from inca.errors import DataError
 
 AUGMENTATIONS = ("none", "crop", "crop-flip")
+#: Beyond this ratio of the longer side to the shorter one, ``"none"`` resizes only the
+#: part of the image that its center crop keeps (a 4 x 100,000 strip would otherwise be
+#: resized to S x 25,000 S pixels before being cropped: gigabytes for one image).
+MAX_RESIZE_RATIO = 4
 
 
 def augmentation(value: bool | str) -> str:
@@ -44,6 +49,11 @@ def build_transform(preprocessing: Preprocessing, augment: bool | str = "none"
     images). ``"crop"``: a random resized crop (70-100% of the area) instead.
     ``"crop-flip"``: that and a random horizontal flip (not for data whose orientation
     is the label).
+
+    Every policy's work is bounded by S x S and the decoded image, whatever its aspect
+    ratio: ``"none"`` resizes only the central part that the crop keeps when the resized
+    image would be over :data:`MAX_RESIZE_RATIO` squares of S (see :class:`ResizeCenterCrop`),
+    and the random crops cut before they resize.
     """
     policy = augmentation(augment)
     s = preprocessing.input_size
@@ -51,12 +61,63 @@ def build_transform(preprocessing: Preprocessing, augment: bool | str = "none"
 
     interp = T.InterpolationMode(preprocessing.interpolation)
     if policy == "none":
-        head = [T.Resize(s, interpolation=interp), T.CenterCrop(s)]
+        head = [ResizeCenterCrop(s, interp)]
     else:
         head = [T.RandomResizedCrop(s, scale=(0.7, 1.0), interpolation=interp)]
         if policy == "crop-flip":
             head.append(T.RandomHorizontalFlip())
     return T.Compose([_to_rgb, *head, T.PILToTensor()])
+
+
+class ResizeCenterCrop:
+    """torchvision's ``Resize(size)`` then ``CenterCrop(size)``, with its work bounded by
+    ``size`` and the decoded image whatever the image's aspect ratio.
+
+    Up to :data:`MAX_RESIZE_RATIO` it is exactly those two transforms. Beyond, the resized
+    image is never made: the band the crop keeps (and the filter's reach around it) is cut
+    at native resolution, and Pillow resamples it with the full resize's scale and pixel
+    centres (``Image.resize(box=...)``), short side first as Pillow does. The pixels are
+    those of the full resize up to rounding (a level or so; more only where Pillow would
+    have run its two passes in the other order), at ``size`` x (short side) cost instead of
+    ``size`` x ``size`` x the aspect ratio.
+    """
+
+    def __init__(self, size: int, interpolation: Any) -> None:
+        from torchvision import transforms as T
+
+        self.size = size
+        self.interpolation = interpolation
+        self._resize = T.Resize(size, interpolation=interpolation)
+        self._crop = T.CenterCrop(size)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        s = self.size
+        new_long = int(s * long / short)  # torchvision's size for the longer side
+        if new_long <= MAX_RESIZE_RATIO * s:
+            return self._crop(self._resize(img))
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        resample = pil_modes_mapping[self.interpolation]
+        start = int(round((new_long - s) / 2.0))  # CenterCrop's offset in the resized image
+        scale = long / new_long
+        lo, hi = start * scale, (start + s) * scale  # the kept band, in source pixels
+        reach = 3 * max(scale, 1.0) + 2  # the widest filter's support (bicubic: 2), and more
+        a, b = max(0, math.floor(lo - reach)), min(long, math.ceil(hi + reach))
+        if resample == Image.Resampling.NEAREST:  # one pass: no order to follow
+            band, box = ((img.crop((0, a, w, b)), (0, lo - a, w, hi - a)) if w <= h
+                         else (img.crop((a, 0, b, h)), (lo - a, 0, hi - a, h)))
+            return band.resize((s, s), resample, box=box)
+        if w <= h:  # tall: the rows a..b, their width resized, then the kept band
+            band = img.crop((0, a, w, b)).resize((s, b - a), resample)
+            return band.resize((s, s), resample, box=(0, lo - a, s, hi - a))
+        band = img.crop((a, 0, b, h)).resize((s, h), resample, box=(lo - a, 0, hi - a, h))
+        return band.resize((s, s), resample)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, "
+                f"interpolation={self.interpolation.value})")
 
 
 def default_num_workers() -> int:

@@ -180,7 +180,7 @@ def decode_images(files: list[tuple[str, bytes]], transform, config: ServerConfi
     """Pixels ``(n, 3, S, S)`` of every image; sizes checked from the headers first (each
     image, then the request's total) so nothing too large is ever decoded."""
     fix = "start the server with a larger --max-image-megapixels"
-    total = 0
+    total, tensors = 0, []
     try:
         for name, data in files:
             size = image_size(data, name=name)
@@ -191,7 +191,7 @@ def decode_images(files: list[tuple[str, bytes]], transform, config: ServerConfi
                 413, f"the request's images hold {total / 1e6:.3g} megapixels together, over "
                      f"the limit of {config.max_request_pixels / 1e6:.3g} per request; send "
                      "fewer or smaller images")
-        tensors, decoded = [], 0
+        decoded = 0
         try:
             for name, data in files:
                 image = open_image(data, name=name, max_pixels=config.max_image_pixels)
@@ -212,4 +212,11 @@ def decode_images(files: list[tuple[str, bytes]], transform, config: ServerConfi
     except ImageError as e:
         reason = str(e).removeprefix(f"cannot read image {name}: ")
         raise HTTPException(400, f"{name} is not a readable image: {reason}") from None
+    except MemoryError:
+        # Every image is within the pixel limits, but memory ran short (other requests,
+        # other processes): this request fails alone, answered, and the server goes on.
+        tensors.clear()
+        raise HTTPException(503, f"the server ran out of memory decoding {name}; retry "
+                                 "later, or send fewer or smaller images",
+                            headers={"Retry-After": "1"}) from None
     return torch.stack(tensors)

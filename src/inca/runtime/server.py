@@ -48,6 +48,16 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
     app.state.batcher = batcher
     app.state.memory = memory = MemoryReleaser(config.trim_every_bytes)
 
+    @app.exception_handler(MemoryError)
+    async def out_of_memory(_request: Request, _error: MemoryError) -> Any:
+        # A request that ran short of memory fails alone with an answer (never a 500,
+        # whose reset would also fail other requests on the connection); the server goes on.
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"detail": "the server ran out of memory answering this "
+                                       "request; retry later, or send fewer or smaller "
+                                       "images"}, 503, headers={"Retry-After": "1"})
+
     def check_key(request: Request) -> None:
         if config.api_key is None:
             return
