@@ -116,7 +116,10 @@ def test_api_key(two_tasks):  # noqa: F811
         r = c.post("/predict", files=[("files", ("x.png", png()))],
                    headers={"X-API-Key": "s3cret"})
         assert r.status_code == 200
-        assert c.get("/health").status_code == 200  # probes need no key
+        assert c.get("/livez").status_code == 200  # liveness needs no key
+        for path in ("/health", "/readyz", "/metrics", "/docs", "/openapi.json"):
+            assert c.get(path).status_code == 401, path  # everything else does
+            assert c.get(path, headers={"X-API-Key": "s3cret"}).status_code in (200, 503)
 
 
 # -- hostile input: bombs, deep images, chunked bodies, keys, memory, reprs -----------------

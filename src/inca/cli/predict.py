@@ -75,22 +75,36 @@ def serve_cmd(
     max_request_megapixels: Annotated[float, typer.Option(
         help="most pixels of all images of one request together (413 above)")] = 160.0,
     api_key: Annotated[str | None, typer.Option(
-        envvar="INCA_API_KEY", help="require this X-API-Key header (an empty key is refused)")
-    ] = None,
+        envvar="INCA_API_KEY", help="require this X-API-Key header on everything but /livez "
+        "(an empty key is refused)")] = None,
+    max_connections: Annotated[int, typer.Option(
+        help="most open connections (503 and closed past it)")] = 512,
+    header_timeout: Annotated[float, typer.Option(
+        help="seconds for a request's headers to arrive (408 and closed after)")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        help="seconds for a request's body to arrive after its headers (408 after)")] = 30.0,
+    request_timeout: Annotated[float, typer.Option(
+        help="seconds to answer a request after its headers (503 after)")] = 60.0,
+    drain_timeout: Annotated[float, typer.Option(
+        help="on SIGTERM, seconds to answer requests in flight before exiting")] = 30.0,
+    max_queue_images: Annotated[int, typer.Option(
+        help="most images waiting for the model (503 with Retry-After past it)")] = 256,
+    decode_threads: Annotated[int, typer.Option(help="threads decoding images")] = 2,
     backbone: TaskBackbone = None,
     checkpoint: TaskCheckpoint = None,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",
 ) -> None:
-    """Serve tasks over HTTP: POST /predict, GET /tasks, GET /health (docs at /docs)."""
+    """Serve tasks over HTTP: POST /predict, GET /tasks, /health, /livez, /readyz, /metrics
+    (docs at /docs). SIGTERM drains: in-flight requests are answered, then it exits."""
     import os
 
     from inca._hints import require
 
-    uvicorn = require("uvicorn", purpose="inca serve")
-    require("fastapi", purpose="inca serve")
-    from inca.runtime.server import ServerConfig, create_app
+    for module in ("uvicorn", "fastapi", "prometheus_client"):
+        require(module, "serve", purpose="inca serve")
+    from inca.runtime.server import ServerConfig, create_app, serve
 
     if api_key is None and os.environ.get("INCA_API_KEY") is not None:
         # click reads an empty variable as unset: say so rather than serve without a key
@@ -100,13 +114,17 @@ def serve_cmd(
         max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching,
         max_upload_bytes=int(max_upload_mb * 2**20), max_images=max_images,
         max_image_pixels=int(max_image_megapixels * 1e6),
-        max_request_pixels=int(max_request_megapixels * 1e6), api_key=api_key)
+        max_request_pixels=int(max_request_megapixels * 1e6), api_key=api_key,
+        max_connections=max_connections, header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout, request_timeout_s=request_timeout,
+        drain_timeout_s=drain_timeout, max_queue_images=max_queue_images,
+        decode_threads=decode_threads)
     model = _model(task, backbone, checkpoint, device, precision, backbone_dtype)
     auth = "X-API-Key required" if api_key is not None else "no API key"
     typer.echo(f"serving {', '.join(model.tasks)} on http://{host}:{port} ({auth}; "
                "docs: /docs)")
     _check_port(host, port)
-    uvicorn.run(create_app(model, config), host=host, port=port, log_level="warning")
+    serve(create_app(model, config), host=host, port=port)
 
 
 def _check_port(host: str, port: int) -> None:

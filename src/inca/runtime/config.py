@@ -24,8 +24,30 @@ class ServerConfig:
         max_request_pixels: most pixels of all images of one request together (413 above).
         trim_every_bytes: after this many bytes of decoded images, freed memory is handed
             back to the OS (glibc ``malloc_trim``; a no-op elsewhere); 0 never does.
-        api_key: when set, requests must send it in the ``X-API-Key`` header. An empty key
-            is refused (it would turn authentication off without a word).
+        api_key: when set, every request but ``GET /livez`` must send it in the
+            ``X-API-Key`` header. An empty key is refused (it would turn authentication off
+            without a word).
+        max_connections: most open connections; one past it is answered 503 (with
+            ``Retry-After``) and closed at once, so idle or slow clients cannot use up the
+            process's file descriptors.
+        header_timeout_s: a connection must send a request's complete headers within this
+            many seconds of opening (or of its previous answer); else 408 and closed
+            (slowloris).
+        body_timeout_s: a request's body must arrive within this many seconds of its
+            headers; else 408 and closed (a body trickled byte by byte).
+        request_timeout_s: a request not answered within this many seconds of its headers
+            gets 503 (with ``Retry-After``).
+        keep_alive_s: an idle keep-alive connection is closed after this many seconds.
+        drain_timeout_s: on SIGTERM the server stops accepting, answers what is in flight
+            for at most this many seconds, then exits.
+        max_queue_images: most images admitted for a backbone pass (waiting or running);
+            a request that would pass it gets 503 with ``Retry-After`` instead of waiting
+            without bound. At least ``max_images``.
+        decode_threads: threads that decode images (a bounded pool, so expensive images
+            cannot take every core from the backbone pass).
+        max_decode_waiting: most requests waiting for a decode thread; more get 503 with
+            ``Retry-After`` (back-pressure).
+        retry_after_s: the ``Retry-After`` seconds sent with every 503.
     """
 
     max_batch: int = 32
@@ -37,15 +59,35 @@ class ServerConfig:
     max_request_pixels: int = 160_000_000
     trim_every_bytes: int = 256 * 2**20
     api_key: str | None = None
+    max_connections: int = 512
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    request_timeout_s: float = 60.0
+    keep_alive_s: float = 5.0
+    drain_timeout_s: float = 30.0
+    max_queue_images: int = 256
+    decode_threads: int = 2
+    max_decode_waiting: int = 16
+    retry_after_s: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_upload_bytes", "max_images", "max_image_pixels",
-                     "max_request_pixels"):
+                     "max_request_pixels", "max_connections", "max_queue_images",
+                     "decode_threads", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ServerConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "trim_every_bytes"):
+        for name in ("max_wait_ms", "trim_every_bytes", "max_decode_waiting"):
             if getattr(self, name) < 0:
                 raise ServerConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s", "request_timeout_s",
+                     "keep_alive_s", "drain_timeout_s"):
+            if not 0 < getattr(self, name) < float("inf"):  # NaN fails too
+                raise ServerConfigError(f"{name} must be a positive number of seconds, got "
+                                        f"{getattr(self, name)}")
+        if self.max_queue_images < self.max_images:
+            raise ServerConfigError(
+                f"max_queue_images ({self.max_queue_images}) must be at least max_images "
+                f"({self.max_images}), or a full request could never be admitted")
         key = self.api_key
         if key is None:
             return

@@ -5,94 +5,151 @@ Requests arriving close together are batched into one backbone pass
 the server down (:mod:`~inca.runtime.request`: the body cut off past ``max_upload_bytes``,
 every image's size checked from its header before any pixel is decoded), and memory freed
 after large requests is handed back to the OS (:mod:`~inca.runtime.memory`).
+
+Served as production servers are (:func:`serve`): a connection limit and deadlines on
+headers, bodies and whole requests; a bounded batch queue and a bounded decode pool that
+answer 503 with ``Retry-After`` when full; bodies parsed off the event loop; ``/livez``,
+``/readyz`` and Prometheus ``/metrics``; a drain on SIGTERM. With an API key, everything
+but ``/livez`` needs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
 import secrets
+import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from inca.data import build_transform
-from inca.runtime.batcher import Batcher
+from inca.runtime.batcher import Batcher, DecodePool
 from inca.runtime.config import ServerConfig
 from inca.runtime.memory import MemoryReleaser
 from inca.runtime.multitask import MultiTaskModel
-from inca.runtime.request import PREDICT_BODY, decode_images, read_request, safe_label
+from inca.runtime.request import (
+    PREDICT_BODY,
+    _read_body,
+    decode_images,
+    read_request,
+    safe_label,
+)
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["ServerConfig", "create_app", "serve"]
+
+log = logging.getLogger("uvicorn.error")
+_PATHS = ("/predict", "/tasks", "/health", "/livez", "/readyz", "/metrics")
 
 
 def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> FastAPI:
-    """A FastAPI app serving ``model``'s tasks.
+    """A FastAPI app serving ``model``'s tasks (run it with :func:`serve` for the limits on
+    connections and headers, and the drain on SIGTERM).
 
     Example:
         >>> model = MultiTaskModel.from_paths(["runs/a/task"])  # doctest: +SKIP
-        >>> uvicorn.run(create_app(model), host="127.0.0.1", port=8000)  # doctest: +SKIP
+        >>> serve(create_app(model), host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     config = config or ServerConfig()
-    batcher = Batcher(model, config)
+    metrics = _Metrics()
+    batcher = Batcher(model, config, on_batch=metrics.batch.observe)
+    decoder = DecodePool(config)
     transform = build_transform(model.backbone.preprocessing)
+    backbone = public_name(model.backbone.name)
+
+    async def warm_up() -> None:
+        try:
+            sample = transform(Image.new("RGB", (32, 32)))[None]
+            await asyncio.to_thread(batcher.warm_up, sample)
+            app.state.warm = True
+        except Exception:  # noqa: BLE001 - stay unready (and say why), keep serving probes
+            log.exception("the warm-up pass failed; /readyz answers 503")
 
     @asynccontextmanager
     async def lifespan(_app):
         batcher.start()
+        warming = asyncio.get_running_loop().create_task(warm_up())
         yield
+        warming.cancel()
         await batcher.stop()
+        decoder.close()
 
     app = FastAPI(title="inca", description="InCA task predictions from one shared "
                   "backbone pass", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.config, app.state.batcher, app.state.decoder = config, batcher, decoder
     app.state.memory = memory = MemoryReleaser(config.trim_every_bytes)
+    app.state.warm = app.state.draining = False
+    metrics.gauges(batcher, decoder, app.state)
+    app.add_middleware(_Guard, config=config, metrics=metrics)
 
     @app.exception_handler(MemoryError)
     async def out_of_memory(_request: Request, _error: MemoryError) -> Any:
         # A request that ran short of memory fails alone with an answer (never a 500,
         # whose reset would also fail other requests on the connection); the server goes on.
-        from fastapi.responses import JSONResponse
-
         return JSONResponse({"detail": "the server ran out of memory answering this "
                                        "request; retry later, or send fewer or smaller "
-                                       "images"}, 503, headers={"Retry-After": "1"})
+                                       "images"}, 503,
+                            headers={"Retry-After": str(config.retry_after_s)})
 
-    def check_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        sent = request.headers.get("x-api-key", "").encode("utf-8", "surrogateescape")
-        if not secrets.compare_digest(sent, config.api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key: send it in the X-API-Key header")
+    @app.get("/livez")
+    async def livez() -> dict[str, Any]:
+        """The process answers (never needs the API key)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """200 once the tasks are loaded and the warm-up pass ran, until draining."""
+        status = ("draining" if app.state.draining else "warming up" if not app.state.warm
+                  else "no tasks" if not model.tasks else "ready")
+        return JSONResponse({"status": status}, 200 if status == "ready" else 503,
+                            headers={} if status == "ready" else {
+                                "Retry-After": str(config.retry_after_s)})
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "backbone": model.backbone.name, "tasks": len(model.tasks),
+        return {"status": "ok", "backbone": backbone, "tasks": len(model.tasks),
                 "batches_run": batcher.batches_run}
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/tasks")
-    async def tasks(request: Request) -> dict[str, Any]:
-        check_key(request)
-        return {"backbone": model.backbone.name, "tasks": [
+    async def tasks() -> dict[str, Any]:
+        return {"backbone": backbone, "tasks": [
             {"name": name, "classes": t.classes, "layers": t.layers, "members": t.keys,
              "num_parameters": t.num_parameters(), "metrics": t.metrics}
             for name, t in model.tasks.items()]}
 
     @app.post("/predict", openapi_extra=PREDICT_BODY)
     async def predict(request: Request) -> dict[str, Any]:
-        check_key(request)
-        raw, names, top_k = await read_request(request, config)
-        wanted = names or list(model.tasks)
-        unknown = [safe_label(n) for n in wanted if n not in model.tasks]
-        if unknown:
-            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-            raise HTTPException(404, f"unknown task(s): {shown}; tasks: "
-                                     f"{', '.join(model.tasks)}")
-        if not 1 <= top_k <= 1000:
-            raise HTTPException(422, f"top_k must be between 1 and 1000, got {top_k}")
+        body = await _read_body(request, config.max_upload_bytes)
+        # parsing (a 10 MiB JSON, a multipart of many parts) runs on a thread: the event
+        # loop keeps answering /livez and other clients meanwhile
+        raw, wanted, top_k = await asyncio.to_thread(
+            _parse, request.scope, body, config, list(model.tasks))
+        del body
+        request.scope["inca.tasks"] = wanted
         labels = [label for label, _ in raw]
-        images = await asyncio.to_thread(decode_images, raw, transform, config, memory)
+        images = await decoder.run(decode_images, raw, transform, config, memory)
         del raw  # the encoded bytes are no longer needed while the pass runs
+        metrics.images.inc(len(images))
         probs = await batcher.predict(images)
         out = []
         for i, label in enumerate(labels):
@@ -106,3 +163,237 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
         return {"predictions": out}
 
     return app
+
+
+def _parse(scope: dict, body: bytes, config: ServerConfig, tasks: list[str]
+           ) -> tuple[list[tuple[str, bytes]], list[str], int]:
+    """``(images, wanted tasks, top_k)`` of a read body, on a worker thread (its own loop)."""
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def parse():
+        raw, names, top_k = await read_request(Request(scope, replay), config)
+        wanted = list(dict.fromkeys(names)) or tasks
+        known = set(tasks)
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            shown = ", ".join(map(safe_label, unknown[:5])) + (", ..." if len(unknown) > 5
+                                                               else "")
+            raise HTTPException(404, f"unknown task(s): {shown}; tasks: {', '.join(tasks)}")
+        if not 1 <= top_k <= 1000:
+            raise HTTPException(422, f"top_k must be between 1 and 1000, got {top_k}")
+        return raw, wanted, top_k
+
+    return asyncio.run(parse())
+
+
+def public_name(name: str) -> str:
+    """A backbone's name without the server's folders: ``hf:/home/u/vit`` -> ``hf:vit``."""
+    kind, sep, rest = name.partition(":")
+    if not sep:
+        kind, rest = "", kind
+    if os.path.isabs(rest) or rest.startswith(("~", ".")) or os.path.exists(rest):
+        rest = os.path.basename(os.path.normpath(rest))
+    return f"{kind}{sep}{rest}"
+
+
+class _Metrics:
+    """The Prometheus metrics of one app (its own registry: apps in one process stay apart)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("inca_http_requests", "HTTP requests answered, by path and "
+                                "status", ["path", "status"], registry=r)
+        self.task_requests = Counter("inca_task_requests", "prediction requests by task "
+                                     "and status", ["task", "status"], registry=r)
+        self.latency = Histogram("inca_http_request_duration_seconds", "time from a "
+                                 "request's headers to its answer", ["path"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10,
+                                          30, 60))
+        self.batch = Histogram("inca_batch_images", "images per backbone pass", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.images = Counter("inca_images_decoded", "images decoded", registry=r)
+
+    def gauges(self, batcher: Batcher, decoder: DecodePool, state: Any) -> None:
+        r = self.registry
+        Gauge("inca_queue_images", "images admitted for a backbone pass and not yet "
+              "answered", registry=r).set_function(lambda: batcher.pending)
+        Gauge("inca_decode_requests", "requests decoding or waiting for a decode thread",
+              registry=r).set_function(lambda: decoder.pending)
+        Gauge("inca_ready", "1 when /readyz answers 200", registry=r).set_function(
+            lambda: float(state.warm and not state.draining))
+
+
+class _Guard:
+    """Around every HTTP request: the API key, the body and request deadlines, metrics,
+    and a client that left (or was cut off) ending its request quietly, without a
+    traceback in the log."""
+
+    def __init__(self, app: Any, config: ServerConfig, metrics: _Metrics) -> None:
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        config, path = self.config, scope["path"]
+        started, state = time.monotonic(), {"status": None, "ours": False, "body": True}
+
+        async def guarded_send(message: dict) -> None:
+            if state["ours"]:  # we answered already (a deadline passed): drop the app's
+                return
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            await send(message)
+
+        async def answer(status: int, detail: str, close: bool = True) -> None:
+            if state["status"] is None:
+                await _send_json(send, status, detail, config, close)
+                state["status"], state["ours"] = status, True
+
+        async def guarded_receive() -> dict:
+            if not state["body"]:  # the body is in: the app only listens for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(
+                    receive(), max(started + config.body_timeout_s - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                await answer(408, "the request body did not arrive within "
+                                  f"{config.body_timeout_s:g} s; send it at once")
+                return {"type": "http.disconnect"}
+            state["body"] = message.get("more_body", False)
+            return message
+
+        scope["inca.tasks"] = []
+        try:
+            if config.api_key is not None and path != "/livez" and not _key_ok(scope, config):
+                await answer(401, "missing or wrong API key: send it in the X-API-Key header",
+                             close=False)
+                return
+            await asyncio.wait_for(self.app(scope, guarded_receive, guarded_send),
+                                   config.request_timeout_s)
+        except asyncio.TimeoutError:
+            await answer(503, f"the request was not answered within "
+                              f"{config.request_timeout_s:g} s; retry later")
+        except ClientDisconnect:
+            state["status"] = state["status"] or 499  # the client left: nothing to answer
+        except BaseException:
+            state["status"] = state["status"] or 500
+            raise
+        finally:
+            status = str(state["status"] or 499)
+            label = path if path in _PATHS else "other"
+            self.metrics.requests.labels(label, status).inc()
+            self.metrics.latency.labels(label).observe(time.monotonic() - started)
+            for task in scope["inca.tasks"]:
+                self.metrics.task_requests.labels(task, status).inc()
+
+
+def _key_ok(scope: dict, config: ServerConfig) -> bool:
+    sent = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"")
+    return secrets.compare_digest(sent, config.api_key.encode())
+
+
+async def _send_json(send: Any, status: int, detail: str, config: ServerConfig,
+                     close: bool) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    if status == 503:
+        headers.append((b"retry-after", str(config.retry_after_s).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _raw(status: int, reason: str, detail: str, retry_after: int | None = None) -> bytes:
+    """A whole HTTP answer as bytes, for a connection that sent no complete request."""
+    body = json.dumps({"detail": detail}).encode()
+    retry = f"retry-after: {retry_after}\r\n" if retry_after else ""
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n{retry}\r\n").encode() + body
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a connection limit and a deadline for request headers:
+    from the connection's opening, and on a kept-alive one from the next request's first
+    bytes (idle, it is closed after ``keep_alive_s``)."""
+
+    limits = ServerConfig()
+    _timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            transport.write(_raw(503, "Service Unavailable", "too many connections; retry "
+                                 "later", self.limits.retry_after_s))
+            transport.close()
+            return
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(self.limits.header_timeout_s, self._late, self.cycle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _late(self, cycle: Any) -> None:
+        """No new request since ``cycle`` (None: the first): the headers are too slow."""
+        self._timer = None
+        if (self.cycle is cycle and (cycle is None or cycle.response_complete)
+                and not self.transport.is_closing()):
+            self.transport.write(_raw(408, "Request Timeout", "the request headers did not "
+                                      f"arrive within {self.limits.header_timeout_s:g} s"))
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # a new request's first bytes
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before:  # a request's headers are in
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, marking the app as draining (``/readyz`` 503) on SIGTERM/SIGINT."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.config.app.state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "warning") -> None:
+    """Run ``app`` (from :func:`create_app`) until SIGTERM or SIGINT, with its config's
+    limits; then stop accepting, answer what is in flight within ``drain_timeout_s``, and
+    return."""
+    config: ServerConfig = app.state.config
+    _raise_fd_limit(config.max_connections + 256)
+    protocol = type("LimitedH11Protocol", (_Protocol,), {"limits": config})
+    _DrainingServer(uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, http=protocol,
+        timeout_keep_alive=config.keep_alive_s,  # type: ignore[arg-type] - a float works
+        timeout_graceful_shutdown=config.drain_timeout_s)).run()  # type: ignore[arg-type]
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Lift the soft limit on open files towards ``wanted`` (within the hard limit)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
