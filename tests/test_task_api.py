@@ -131,6 +131,29 @@ def test_checkpoint_and_no_pretrained_are_recorded_and_rebuilt(tmp_path, monkeyp
     assert load_task(folder, checkpoint_path=str(tmp_path / "moved.pth")).classes == CLASSES
 
 
+@pytest.mark.parametrize("spec,kwargs", [
+    ("timm:vit_tiny_patch16_224", dict(input_size=SIZE, patch_size=8, embed_dim=32, depth=2,
+                                       num_heads=2)),
+    ("torchvision:mobilenet_v3_small", {}),
+])
+def test_a_task_on_random_weights_loads_again(tmp_path, spec, kwargs):
+    """--no-pretrained weights are drawn from a fixed seed: rebuilt in another random
+    state (another process), they are the same, so the task loads (it was refused with
+    "trained on 'X' and does not fit 'X'")."""
+    torch.manual_seed(11)
+    bb = inca.create_backbone(spec, pretrained=False, **kwargs)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(12)
+    assert inca.create_backbone(spec, pretrained=False, **kwargs).fingerprint() == \
+        bb.fingerprint()
+    folder = random_task(bb).save(tmp_path / "task")
+    torch.manual_seed(13)
+    assert load_task(folder, device="cpu").backbone.fingerprint() == bb.fingerprint()
+    torch.manual_seed(11)
+    inca.create_backbone(spec, pretrained=False, **kwargs)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's stream untouched
+
+
 def test_old_task_json_and_unrebuildable_backbones(tmp_path, monkeypatch):
     bb = planted_backbone()  # from_module: nothing records how to build it again
     assert "source" not in bb.describe()
@@ -188,12 +211,12 @@ def test_cli_predict_and_serve_take_a_backbone_override(tmp_path, monkeypatch):
     res = run(app, ["predict", "--task", str(folder), str(img), "--backbone",
                     f"hf:{tmp_path / 'c'}"])
     assert res.exit_code == 2 and "does not fit" in res.output and "fingerprint" in res.output
-    import uvicorn
+    import inca.runtime.server as server
 
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: served.append(app_))
+    monkeypatch.setattr(server, "serve", lambda app_, **kw: served.append(app_))
     res = run(app, ["serve", "--task", str(folder), "--backbone", f"hf:{tmp_path / 'b'}",
-                    "--device", "cpu"])
+                    "--device", "cpu", "--port", "0"])  # any free port: nothing listens
     assert res.exit_code == 0 and len(served) == 1, res.output
 
 

@@ -8,7 +8,8 @@ asked for, so a request for an early layer costs only the blocks up to it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +17,22 @@ import torch
 from torch import nn
 
 from inca.errors import BackboneError
+
+RANDOM_INIT_SEED = 0  # random backbone weights (--no-pretrained) are drawn from this seed
+
+
+@contextmanager
+def seeded_init(random_weights: bool) -> Iterator[None]:
+    """Build random weights from :data:`RANDOM_INIT_SEED` (when ``random_weights``), so the
+    same spec gives the same weights in every process: a task fitted on a backbone built
+    with ``pretrained=False`` loads again, and torchrun's ranks agree. The caller's random
+    state is left as it was."""
+    if not random_weights:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,7 +13,7 @@ from torch import nn
 
 from inca._hints import did_you_mean, require
 from inca.backbones._hub import hub_offline, is_hub_error, offline_hint, offline_mode
-from inca.backbones.base import Backbone, Preprocessing
+from inca.backbones.base import Backbone, Preprocessing, seeded_init
 from inca.errors import BackboneError
 
 
@@ -236,7 +236,7 @@ def _create(timm: Any, name: str, pretrained: bool, offline: bool, kwargs: dict[
             ) -> nn.Module:
     """``timm.create_model`` with errors that say what failed: the hub or the build."""
     try:
-        with offline_mode(offline):
+        with offline_mode(offline), seeded_init(not pretrained):
             return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:
         if pretrained and is_hub_error(e):

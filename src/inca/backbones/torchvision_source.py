@@ -10,7 +10,7 @@ from torch import nn
 
 from inca._hints import did_you_mean
 from inca.backbones._hub import is_hub_error
-from inca.backbones.base import Preprocessing
+from inca.backbones.base import Preprocessing, seeded_init
 from inca.backbones.hooks import HookBackbone
 from inca.errors import AssetError, BackboneError
 
@@ -59,8 +59,9 @@ def create_torchvision_backbone(
         )
     download = pretrained and checkpoint_path is None
     try:
-        model = torchvision.models.get_model(name, weights="DEFAULT" if download else None,
-                                             **kwargs)
+        with seeded_init(not download):
+            model = torchvision.models.get_model(name, weights="DEFAULT" if download else None,
+                                                 **kwargs)
     except Exception as e:
         if download and is_hub_error(e):
             raise BackboneError(

@@ -8,14 +8,12 @@ backbone's weights fingerprint and how to create the backbone again
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from inca._precision import Precision
@@ -26,6 +24,7 @@ from inca.task.backbone import check_backbone, task_backbone
 from inca.task.export import TaskModule
 from inca.task.files import read_task_files, write_task_folder
 from inca.task.hub import model_card, push_task, task_folder
+from inca.task.inputs import image_list, open_one
 from inca.task.report import FitReport
 from inca.task.schema import TaskError
 
@@ -150,7 +149,7 @@ class Task(nn.Module):
         from inca.data import build_transform
 
         tf = build_transform(self.preprocessing)
-        return torch.stack([tf(_open_image(im)) for im in _image_list(images)])
+        return torch.stack([tf(open_one(im)) for im in image_list(images)])
 
     @overload
     def predict_proba(self, images: Any, batch_size: int = ...,
@@ -343,46 +342,6 @@ class Task(nn.Module):
         return push_task(self, repo_id, token=token, private=private, revision=revision,
                          commit_message=commit_message, create_pr=create_pr)
 
-
-
-def _image_list(images: Any) -> list[Any]:
-    """One image, a batch array or a sequence of images, as a list of single images."""
-    if isinstance(images, str | os.PathLike | bytes | bytearray | Image.Image):
-        return [images]
-    if isinstance(images, np.ndarray):
-        return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, list | tuple):
-        return list(images)
-    raise TaskError(f"cannot read images from a {type(images).__name__}: pass a path, a PIL "
-                    "image, a NumPy array, a tensor, or a list of them")
-
-
-def _array_image(a: np.ndarray) -> Image.Image:
-    """A NumPy image ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (C in 1, 3, 4) as PIL."""
-    from inca.data.images import _to_uint8
-
-    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
-        a = np.moveaxis(a, 0, -1)  # channels first, as torchvision lays them out
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-        raise TaskError(f"an image array must be (H, W), (H, W, C) or (C, H, W) with 1, 3 "
-                        f"or 4 channels, got shape {a.shape}")
-    if a.dtype != np.uint8:  # 16-bit, int or float: scaled, not clipped
-        a = _to_uint8(a)
-    return Image.fromarray(np.ascontiguousarray(a))
-
-
-def _open_image(im: Any) -> Image.Image:
-    """A path, bytes or PIL image as RGB through :func:`inca.data.images.open_image` (size
-    bounded by ``PIL.Image.MAX_IMAGE_PIXELS`` before decoding, deep images scaled)."""
-    from inca.data.images import open_image
-    from inca.errors import ImageError
-
-    try:
-        return open_image(_array_image(im) if isinstance(im, np.ndarray) else im)
-    except ImageError as e:
-        raise TaskError(str(e)) from e
 
 
 def load_task(path: str | Path, backbone: Backbone | str | None = None, *,
