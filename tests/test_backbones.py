@@ -393,3 +393,66 @@ def test_packaging_dependencies():
     assert any(d.startswith("matplotlib") for d in project["dependencies"])  # every fit plots
     hf = project["optional-dependencies"]["hf"]
     assert any(d.startswith("transformers") and "<6" in d for d in hf)
+
+
+def _save_tiny_vit_classifier(folder, *, drop: str | None = None):
+    """A tiny ``ViTForImageClassification`` saved as the hub's classifiers are: the base
+    model under ``vit.`` without a pooler, and a classifier head."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, image_size=SIZE, patch_size=8, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(folder)
+    if drop is not None:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(folder / "model.safetensors")
+        del weights[drop]
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_hf_classifier_checkpoint_has_one_fingerprint_and_its_task_loads(tmp_path):
+    """AutoModel gives a classifier checkpoint's base model a pooler initialised at random;
+    the fingerprint covered it, so each process had another one and a fitted task could
+    never be loaded. Only the loaded weights count now."""
+    from inca.backbones import weights_fingerprint
+    from inca.data import load_dataset
+
+    folder = _save_tiny_vit_classifier(tmp_path / "cls")
+    prints, whole = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # another random pooler each time
+        bb = inca.create_backbone(f"hf:{folder}")
+        prints.append(bb.fingerprint())
+        whole.append(weights_fingerprint(bb))
+    assert whole[0] != whole[1]  # the random pooler is there, and differs
+    assert prints[0] == prints[1]
+    x = torch.rand(2, 3, SIZE, SIZE)
+    torch.manual_seed(3)
+    task = inca.fit(inca.create_backbone(f"hf:{folder}"), load_dataset("digits", limit=40),
+                    kinds=("linear",), layers="last", lrs=(1e-2,), epochs=1, progress=False)
+    saved = task.save(tmp_path / "task")
+    torch.manual_seed(4)
+    loaded = inca.load_task(saved, device="cpu", precision="32")  # rebuilt from the record
+    assert loaded.backbone.fingerprint() == prints[0]
+    torch.testing.assert_close(loaded.backbone.extract(x, "last"), task.backbone.extract(x, "last"))
+    # a complete checkpoint's fingerprint is its whole state, as before
+    complete = inca.create_backbone(f"hf:{tiny_hf_vit(tmp_path)}")
+    assert complete.fingerprint() == weights_fingerprint(complete)
+
+
+def tiny_hf_vit(tmp_path):
+    from tiny import save_tiny_hf_vit
+
+    return save_tiny_hf_vit(tmp_path / "vit")
+
+
+def test_hf_checkpoint_lacking_weights_its_layers_read_is_refused(tmp_path):
+    folder = _save_tiny_vit_classifier(
+        tmp_path / "cut", drop="vit.encoder.layer.0.output.dense.weight")
+    with pytest.raises(BackboneError, match=r"lacks weights its layers read \(\S*0\S*weight\): "
+                                            r"transformers initialised them at random.*differ "
+                                            r"in every process"):
+        inca.create_backbone(f"hf:{folder}")

@@ -13,7 +13,12 @@ from torch import nn
 
 from inca._hints import require
 from inca.backbones._hub import hub_offline, is_hub_error, offline_hint, offline_mode
-from inca.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from inca.backbones.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    weights_fingerprint,
+)
 from inca.backbones.hooks import HookBackbone
 from inca.errors import BackboneError
 
@@ -53,6 +58,8 @@ def create_hf_backbone(
             written by ``save_pretrained``. Offline (``HF_HUB_OFFLINE=1``, or the hub does
             not answer), a hub id missing from the cache fails at once with the fix.
         pretrained: load the saved weights; ``False`` builds the architecture at random.
+            Parameters the checkpoint lacks (the pooler of a classifier's base model) are
+            left out of the fingerprint when no layer reads them, and refused when one does.
         input_size: image side; position embeddings are interpolated when it differs.
         checkpoint_path: not taken: local weights are a folder, given as ``id_or_path``.
         **kwargs: passed to ``AutoModel.from_pretrained`` (``revision`` also reads the
@@ -71,8 +78,11 @@ def create_hf_backbone(
     try:
         with offline_mode(offline):
             config = transformers.AutoConfig.from_pretrained(id_or_path, **hub)
+            fresh: set[str] = set()  # parameters the checkpoint lacks: initialised at random
             if pretrained:
-                model = transformers.AutoModel.from_pretrained(id_or_path, **kwargs)
+                model, loading = transformers.AutoModel.from_pretrained(
+                    id_or_path, output_loading_info=True, **kwargs)
+                fresh = _newly_initialised(loading)
             else:
                 model = transformers.AutoModel.from_config(config)
             prep = _hf_preprocessing(id_or_path, config, input_size, **hub)
@@ -98,7 +108,58 @@ def create_hf_backbone(
     )
     n_tokens = bb.token_shape(layers[0])[0]
     bb.num_prefix_tokens = max(n_tokens - num_patches, 0)
+    if fresh:
+        _exclude_fresh(bb, fresh, id_or_path)
     return bb
+
+
+def _newly_initialised(loading: dict[str, Any]) -> set[str]:
+    """Names (in the model) of the parameters transformers initialised at random: missing
+    from the checkpoint (the pooler ``AutoModel`` adds to a ``*ForImageClassification``
+    checkpoint's base model), or of another shape there."""
+    fresh = {str(k) for k in loading.get("missing_keys") or ()}
+    for item in loading.get("mismatched_keys") or ():
+        fresh.add(str(item[0] if isinstance(item, (tuple, list)) else item))
+    return fresh
+
+
+class _Tensors:
+    """A ``state_dict()`` to fingerprint: the loaded weights only."""
+
+    def __init__(self, tensors: dict[str, Any]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.tensors
+
+
+def _exclude_fresh(bb: HookBackbone, fresh: set[str], id_or_path: str) -> None:
+    """Fingerprint ``bb`` on the checkpoint's weights only, so that it is the same in every
+    process (a random pooler made each process's fingerprint new, and no task or cache
+    could ever be loaded again); refuse random weights that the layers read."""
+    import torch
+
+    owners = {name.rpartition(".")[0] for name in fresh}
+    modules = dict(bb.model.named_modules())
+    read: list[str] = []
+    handles = [modules[o].register_forward_pre_hook(lambda m, a, o=o: read.append(o))
+               for o in sorted(owners) if o in modules]
+    try:  # the pass stops after the deepest layer, as every extraction does
+        s = bb.preprocessing.input_size
+        bb.extract(torch.zeros(1, 3, s, s, device=bb.device, dtype=bb.dtype), bb.layers[-1:])
+    finally:
+        for h in handles:
+            h.remove()
+    if read:
+        used = sorted(n for n in fresh if n.rpartition(".")[0] in set(read))
+        raise BackboneError(
+            f"transformers model {id_or_path!r} lacks weights its layers read "
+            f"({', '.join(used[:3])}{', ...' if len(used) > 3 else ''}): transformers "
+            "initialised them at random, so its features would differ in every process; use "
+            "a checkpoint that holds them (save_pretrained() of the whole model)")
+    skip = {f"model.{n}" for n in fresh}
+    bb._fingerprint = weights_fingerprint(  # type: ignore[arg-type]
+        _Tensors({k: v for k, v in bb.state_dict().items() if k not in skip}))
 
 
 def _takes_interp(m: nn.Module) -> bool:
