@@ -362,3 +362,43 @@ def test_kill_between_the_renames_is_read_from_the_aside_copy(bb, tmp_path, monk
 def test_adapter_configs_are_bounded(kind, cfg, fragment):
     with pytest.raises(AdapterError, match=fragment):
         create_adapter(kind, embed_dim=16, num_classes=4, **cfg)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"num_hidden_layers": 100_000}, r"backbone\.source\.kwargs\.num_hidden_layers is not an "
+                                     r"argument a task file may pass to create backbone"),
+    ({"attn_implementation": "eager"}, r"kwargs\.attn_implementation is not an argument"),
+    ({"input_size": 10**9}, r"kwargs\.input_size must be an integer in \[1, 16384\], "
+                            r"got '1000000000'"),
+    ({"pretrained": "yes"}, r"kwargs\.pretrained must be true or false"),
+])
+def test_task_json_cannot_pass_any_argument_to_the_model_loader(tmp_path, monkeypatch, edit,
+                                                                 message):
+    """An edited task.json with ``num_hidden_layers: 100000`` made load_task build a
+    100,000-block model (over 60 s) before any check: the recorded arguments are now an
+    allow-list, checked before anything is created; the caller's own are trusted."""
+    import time
+
+    from tiny import save_tiny_hf_vit
+
+    bb = inca.backbones.create_backbone(f"hf:{save_tiny_hf_vit(tmp_path / 'vit')}")
+    folder = make_task(bb, "linear", bb.layers[-1]).save(tmp_path / "task")
+    meta = json.loads((folder / TASK_JSON).read_text())
+    assert set(meta["backbone"]["source"]["kwargs"]) == {"pretrained"}
+    meta["backbone"]["source"]["kwargs"].update(edit)
+    (folder / TASK_JSON).write_text(json.dumps(meta))
+    created = []
+    real = inca.backbones.create_backbone
+    monkeypatch.setattr(inca.backbones, "create_backbone",
+                        lambda spec, **kw: created.append(kw) or real(spec, **kw))
+    start = time.perf_counter()
+    with pytest.raises(TaskError, match=message) as refused:
+        load_task(folder)
+    assert time.perf_counter() - start < 5 and created == []  # refused before creating
+    assert "pass it yourself (load_task(path, " in str(refused.value)
+    assert "--backbone" in str(refused.value)
+    if "pretrained" not in edit and "input_size" not in edit:
+        # the arguments a caller passes are the caller's: trusted, and used
+        with pytest.raises(TaskError, match="cannot create its backbone"):
+            load_task(folder, **{k: "x" for k in edit})
+        assert created and all(kw[k] == "x" for kw in created for k in edit)

@@ -17,7 +17,23 @@ import torch
 from inca._precision import resolve_device
 from inca.backbones.base import Backbone
 from inca.errors import BackboneError
-from inca.task.schema import TaskError
+from inca.task.schema import MAX_INPUT_SIZE, TaskError
+
+# What a task file may pass to create_backbone (a task may come from anywhere: an open-ended
+# argument let an edited task.json build a 100,000-block model before any check). Each
+# argument is (kind, low, high). The arguments inca records itself come first; the model
+# arguments of a source are those its tiny test models use, each bounded by the largest
+# real models.
+_ARGS: dict[str, tuple[type, float, float]] = {
+    "pretrained": (bool, 0, 1), "input_size": (int, 1, MAX_INPUT_SIZE),
+    "checkpoint_path": (str, 1, 4096), "revision": (str, 1, 256)}
+_MODEL_ARGS: dict[str, dict[str, tuple[type, float, float]]] = {
+    "timm": {"patch_size": (int, 1, 64), "embed_dim": (int, 1, 4096), "depth": (int, 1, 64),
+             "num_heads": (int, 1, 128), "img_size": (int, 1, MAX_INPUT_SIZE),
+             "mlp_ratio": (float, 0, 16), "reg_tokens": (int, 0, 64),
+             "class_token": (bool, 0, 1), "global_pool": (str, 0, 16)},
+    "torchvision": {"width_mult": (float, 0, 4)},
+}
 
 
 def check_backbone(info: dict[str, Any], backbone: Backbone, what: str) -> None:
@@ -92,6 +108,7 @@ def _recorded(info: dict[str, Any], what: str, overrides: dict[str, Any]
             f"{what}: its backbone {info['name']!r} was created with arguments a task file "
             f"cannot hold ({', '.join(map(str, source['unrecorded']))}); pass the backbone "
             "(backbone=..., or --backbone)")
+    _check_kwargs(source["spec"], source["kwargs"], overrides, what)
     spec, kwargs = source["spec"], {**source["kwargs"], **overrides}
     missing = [str(p) for p in (spec.partition(":")[2], kwargs.get("checkpoint_path"))
                if p and Path(str(p)).is_absolute() and not Path(str(p)).exists()]
@@ -101,3 +118,32 @@ def _recorded(info: dict[str, Any], what: str, overrides: dict[str, Any]
             "this machine; pass the same weights from where they are here (backbone="
             "'hf:<folder>' or a Backbone; --backbone, --checkpoint)")
     return spec, bool(source.get("offline")), kwargs
+
+
+def _check_kwargs(spec: str, kwargs: dict[str, Any], overrides: dict[str, Any],
+                  what: str) -> None:
+    """Refuse, before anything is created, a recorded argument that is not allowed (or out
+    of its bounds) for the spec's source; the caller's own ``overrides`` are trusted."""
+    allowed = {**_ARGS, **_MODEL_ARGS.get(spec.partition(":")[0], {})}
+    fix = ("remove it from task.json, pass it yourself (load_task(path, {key}=...)), or "
+           "pass the backbone it was trained on (backbone=..., or --backbone)")
+    for key, value in kwargs.items():
+        if key in overrides:
+            continue
+        field = f"backbone.source.kwargs.{key}"
+        if key not in allowed:
+            raise TaskError(
+                f"{what}: task.json's {field} is not an argument a task file may pass to "
+                f"create backbone {spec!r} (allowed: {', '.join(sorted(allowed))}); "
+                + fix.format(key=key))
+        kind, low, high = allowed[key]
+        size = len(value) if isinstance(value, str) else value
+        fits = (isinstance(value, kind) or (kind is float and isinstance(value, int))) and (
+            kind is bool or not isinstance(value, bool)) and (
+            kind is bool or low <= size <= high)
+        if not fits:
+            bound = ("true or false" if kind is bool else
+                     f"a string of {low:g} to {high:g} characters" if kind is str else
+                     f"{'an integer' if kind is int else 'a number'} in [{low:g}, {high:g}]")
+            raise TaskError(f"{what}: task.json's {field} must be {bound}, got "
+                            f"{str(value)[:40]!r}; " + fix.format(key=key))
