@@ -24,7 +24,7 @@ from inca.errors import ServerConfigError  # noqa: E402
 from inca.runtime import MultiTaskModel, memory  # noqa: E402
 from inca.runtime.server import ServerConfig, create_app  # noqa: E402
 from inca.task import TaskError  # noqa: E402
-from inca.task.model import _open_image  # noqa: E402
+from inca.task.inputs import open_one as _open_image  # noqa: E402
 
 
 def png(value: int = 128, size: int = 16) -> bytes:
