@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -15,9 +16,13 @@ from inca.cli._options import (
     TaskBackbone,
     TaskCheckpoint,
     TaskFolders,
+    config_default,
     torch_dtype,
 )
 from inca.errors import InCAError
+from inca.runtime.config import ServerConfig
+
+_serve_default = functools.partial(config_default, ServerConfig)  # defaults live there
 
 
 def _model(task: list[Path], backbone: str | None, checkpoint: Path | None, device: str,
@@ -78,18 +83,25 @@ def serve_cmd(
         envvar="INCA_API_KEY", help="require this X-API-Key header on everything but /livez "
         "(an empty key is refused)")] = None,
     max_connections: Annotated[int, typer.Option(
-        help="most open connections (503 and closed past it)")] = 512,
+        help="most open connections (503 and closed past it)")]
+    = _serve_default("max_connections"),
     header_timeout: Annotated[float, typer.Option(
-        help="seconds for a request's headers to arrive (408 and closed after)")] = 10.0,
+        help="seconds for a request's headers to arrive (408 and closed after)")]
+    = _serve_default("header_timeout_s"),
     body_timeout: Annotated[float, typer.Option(
-        help="seconds for a request's body to arrive after its headers (408 after)")] = 30.0,
+        help="seconds for a request's body to arrive after its headers (408 after)")]
+    = _serve_default("body_timeout_s"),
     request_timeout: Annotated[float, typer.Option(
-        help="seconds to answer a request after its headers (503 after)")] = 60.0,
+        help="seconds to answer a request after its headers (503 after)")]
+    = _serve_default("request_timeout_s"),
     drain_timeout: Annotated[float, typer.Option(
-        help="on SIGTERM, seconds to answer requests in flight before exiting")] = 30.0,
+        help="on SIGTERM, seconds to answer requests in flight before exiting")]
+    = _serve_default("drain_timeout_s"),
     max_queue_images: Annotated[int, typer.Option(
-        help="most images waiting for the model (503 with Retry-After past it)")] = 256,
-    decode_threads: Annotated[int, typer.Option(help="threads decoding images")] = 2,
+        help="most images waiting for the model (503 with Retry-After past it)")]
+    = _serve_default("max_queue_images"),
+    decode_threads: Annotated[int, typer.Option(help="threads decoding images")]
+    = _serve_default("decode_threads"),
     backbone: TaskBackbone = None,
     checkpoint: TaskCheckpoint = None,
     device: Device = "auto",
