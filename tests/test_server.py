@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_runtime import two_tasks  # noqa: F401 - fixture
 
@@ -74,15 +75,38 @@ def test_tasks_health_openapi(client):
     assert "/predict" in schema["paths"]
 
 
+def noise_png(seed: int, size: int = 16) -> bytes:
+    """A random RGB image: unlike flat greys, each seed gets its own prediction."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_concurrent_requests_are_batched(client):
-    c, _, _ = client
+    c, a, b = client
+    images = [noise_png(i) for i in range(8)]
+    pil = [Image.open(io.BytesIO(x)) for x in images]
+    expected = {name: task.predict_proba(pil) for name, task in (("a", a), ("b", b))}
+    for probs in expected.values():  # the images are told apart by their answers
+        assert torch.cdist(probs, probs).add(torch.eye(len(probs))).min() > 1e-3
     before = c.get("/health").json()["batches_run"]
+
+    def ask(i: int):
+        return c.post("/predict", files=[("files", (f"{i}.png", images[i]))],
+                      data={"top_k": "4"})
+
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(
-            lambda i: c.post("/predict", files=[("files", (f"{i}.png", png(i * 20)))]).status_code,
-            range(8)))
-    assert codes == [200] * 8
-    assert c.get("/health").json()["batches_run"] - before < 8
+        answers = list(pool.map(ask, range(8)))
+    assert [r.status_code for r in answers] == [200] * 8
+    assert c.get("/health").json()["batches_run"] - before < 8  # some requests shared a pass
+    for i, r in enumerate(answers):  # each answer is its own image's, not a neighbour's
+        (pred,) = r.json()["predictions"]
+        assert pred["image"] == f"{i}.png"
+        for name, task in (("a", a), ("b", b)):
+            got = {t["label"]: t["probability"] for t in pred["tasks"][name]}
+            want = dict(zip(task.classes, expected[name][i].tolist(), strict=True))
+            assert got == pytest.approx(want, abs=1e-5), (i, name)
 
 
 @pytest.mark.parametrize("kwargs, status, message", [
