@@ -10,7 +10,7 @@ from test_fit import planted_backbone, planted_data
 
 import inca
 import inca.backbones
-from inca.adapters import create_adapter
+from inca.adapters import _folded, create_adapter, stacked
 from inca.runtime import MultiTaskModel
 from inca.task import Task, TaskError
 
@@ -64,7 +64,7 @@ def test_add_remove_and_refuse(two_tasks, tmp_path):
         other.add_task("a", a)
 
 
-def test_inca_heads_of_several_tasks_share_one_attention_pass():
+def test_inca_heads_of_several_tasks_share_one_attention_pass(monkeypatch):
     bb = planted_backbone()
     common = dict(kinds=("inca",), lrs=(1e-2,), epochs=1, progress=False, ensemble_k=1)
     tasks = {
@@ -74,7 +74,18 @@ def test_inca_heads_of_several_tasks_share_one_attention_pass():
     }
     model = MultiTaskModel(bb, tasks)
     images = [planted_data(6, 3)[i][0] for i in range(6)]
+    passes = []  # adapters in each folded attention call, wherever it is called from
+    real = _folded.cross_attention
+
+    def counted(tokens, parts, *args, **kwargs):
+        passes.append(sum(p.query.shape[0] for p in parts))
+        return real(tokens, parts, *args, **kwargs)
+
+    monkeypatch.setattr(_folded, "cross_attention", counted)  # a member run alone
+    monkeypatch.setattr(stacked, "cross_attention", counted)  # StackedInCA.run
     out = model.predict_proba(images)
+    assert passes == [3]  # the three tasks' members in one attention pass, none alone
+    monkeypatch.undo()
     shared, alone = model._plan(("c", "d", "e"))
     assert len(shared) == 1 and len(shared[0].members) == 3 and not alone
     assert shared[0].layers == ["stem", "block1"] and shared[0].layer_index == [[0], [1], [0]]
