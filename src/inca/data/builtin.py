@@ -14,7 +14,6 @@ from PIL import Image
 from inca._hints import require
 from inca._paths import cache_dir
 from inca.data.base import ImageDataset, _hash
-from inca.data.splits import _stratified_split
 from inca.errors import AssetError, DataError
 
 FASHION_MNIST_CLASSES = [
@@ -92,11 +91,23 @@ def _digits(split: str) -> ArrayDataset:
         raise DataError(f"digits has splits 'train' and 'test', not {split!r}")
     d = load_digits()
     images = np.round(d.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
-    # No official split: a fixed, stratified 80/20 one.
-    train_idx, test_idx = _stratified_split(d.target, 0.2, seed=0)
-    idx = train_idx if split == "train" else test_idx
+    idx = _digits_split(d.target, split == "train")
     return ArrayDataset(images[idx], d.target[idx], [str(i) for i in range(10)],
                         f"digits/{split}")
+
+
+def _digits_split(targets: np.ndarray, train: bool) -> np.ndarray:
+    """No official split: a fixed, stratified 80/20 one (each class's 20% rounded, seeded).
+    It defines the data set, so it never follows changes to validation splits."""
+    rng = np.random.default_rng(0)
+    keep, hold = [], []
+    for c in np.unique(targets):
+        idx = np.nonzero(targets == c)[0]
+        rng.shuffle(idx)
+        n_hold = int(round(len(idx) * 0.2))
+        hold.append(idx[:n_hold])
+        keep.append(idx[n_hold:])
+    return np.sort(np.concatenate(keep if train else hold))
 
 
 BUILTINS = {"fashion-mnist": _fashion_mnist, "digits": _digits}

@@ -32,18 +32,59 @@ def resolve_split(available: Sequence[str], split: str) -> str | None:
     return next((n for n in split_aliases(split) if n in available), None)
 
 
-def _stratified_split(targets: np.ndarray, fraction: float, seed: int
+def _stratified_split(targets: np.ndarray, fraction: float, seed: int, name: str
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out): ``fraction`` of each class held out, seeded, sorted."""
+    """Indices (kept, held out), seeded and sorted: ``fraction`` of the whole data set held
+    out, shared among the classes in proportion to their size (largest remainders first,
+    ties drawn at random), every class keeping at least one sample for training.
+
+    So 300 classes of 3 images give 135 validation images at 15%, one from 135 classes,
+    where rounding each class's share (0.45) would hold out none.
+    """
     rng = np.random.default_rng(seed)
-    keep, hold = [], []
-    for c in np.unique(targets):
+    classes = np.unique(targets)
+    members = []
+    for c in classes:
         idx = np.nonzero(targets == c)[0]
         rng.shuffle(idx)
-        n_hold = int(round(len(idx) * fraction))
-        hold.append(idx[:n_hold])
-        keep.append(idx[n_hold:])
+        members.append(idx)
+    counts = np.array([len(m) for m in members])
+    spare = counts - 1  # a class with one sample keeps it for training
+    n_hold = max(1, int(round(len(targets) * fraction)))
+    if n_hold > spare.sum():
+        raise _too_few(name, fraction, counts, n_hold, int(spare.sum()))
+    share = n_hold * counts / len(targets)
+    take = np.minimum(np.floor(share).astype(np.int64), spare)
+    order = np.lexsort((rng.random(len(classes)), take - share))  # largest remainder first
+    left = n_hold - int(take.sum())
+    while left > 0:  # ends: n_hold <= spare.sum()
+        for k in order:
+            if left and take[k] < spare[k]:
+                take[k] += 1
+                left -= 1
+    keep = [m[t:] for m, t in zip(members, take, strict=True)]
+    hold = [m[:t] for m, t in zip(members, take, strict=True)]
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(hold))
+
+
+def _too_few(name: str, fraction: float, counts: np.ndarray, n_hold: int, spare: int
+             ) -> DataError:
+    """The error of a split that cannot hold out ``n_hold`` samples and leave every class
+    one: how many images per class it needs, and how to give a validation set instead."""
+    # m images in each class leave room for round(m * fraction) when m - 1 >= m * fraction
+    need = max(2, int(np.ceil(1 / (1 - fraction) - 1e-9)))
+    single = int((counts == 1).sum())
+    sizes = (f"{counts.min()} images each" if counts.min() == counts.max()
+             else f"{counts.min()} to {counts.max()} images")
+    why = (f"{single} of its {len(counts)} classes have a single image" if single
+           else f"{len(counts)} classes of {sizes}")
+    lower = "lower --val-fraction (val_fraction=), " if spare else ""
+    return DataError(
+        f"{name}: too few samples to split off {fraction * 100:g}% for validation: {n_hold} "
+        f"validation image(s) are needed, but only {spare} can be held out while every class "
+        f"keeps a training image ({why}); a split of this share needs at least {need} images "
+        f"per class. Add images, {lower}or pass a validation set with "
+        "--val-data (the val argument of inca.fit)")
 
 
 class SubsetDataset(ImageDataset):
@@ -133,18 +174,21 @@ def split_train_val(dataset: ImageDataset, val_fraction: float = 0.1, seed: int 
                     ) -> tuple[SubsetDataset, SubsetDataset]:
     """A deterministic, seeded, stratified train/validation split.
 
+    ``round(val_fraction * len(dataset))`` samples (at least one) are held out, shared among
+    the classes in proportion to their size; every class keeps at least one training
+    sample, and a class of one sample stays in training.
+
     Returns:
         ``(train, val)``, each with ``indices`` into ``dataset``.
+
+    Raises:
+        DataError: ``val_fraction`` outside (0, 1), or too few samples to hold out that
+            share (the message says how many images per class it needs).
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    train_idx, val_idx = _stratified_split(np.asarray(dataset.targets), val_fraction, seed)
-    counts = np.bincount(np.asarray(dataset.targets)[train_idx], minlength=len(dataset.classes))
-    if (counts == 0).any() or len(val_idx) == 0:
-        empty = [dataset.classes[i] for i in np.nonzero(counts == 0)[0]]
-        raise DataError(f"{dataset.name}: too few samples to split off {val_fraction:.0%} for "
-                        f"validation (classes left without training samples: {empty}); use "
-                        "more data or pass a validation set")
+    train_idx, val_idx = _stratified_split(np.asarray(dataset.targets), val_fraction, seed,
+                                         dataset.name)
     tag = f"val={val_fraction},seed={seed}"
     return (SubsetDataset(dataset, train_idx, f"train,{tag}"),
             SubsetDataset(dataset, val_idx, f"val,{tag}"))
