@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import inca
 from inca._precision import Precision
 from inca.data import build_transform
 from inca.errors import InCAError
-from inca.features import extract_to_cache
+from inca.features import ActivationCache, extract_to_cache
 from inca.training import FitConfig
 from inca.training import mode as mode_mod
 from inca.training.mode import cache_bytes, choose_mode
@@ -90,14 +92,37 @@ def cached(tmp_path_factory):
     return bb, data, cache
 
 
-def test_cached_source_reads_batches_in_workers_and_holds_no_split(cached):
+class _LoggedCache(ActivationCache):
+    """A cache that logs each read, ``<process id> <rows>``, to a file (workers append too)."""
+
+    def __init__(self, path, log) -> None:
+        super().__init__(path)
+        self.log = log
+        log.touch()
+
+    def get_numpy(self, layer, indices):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {len(indices)}\n")
+        return super().get_numpy(layer, indices)
+
+    def reads(self) -> list[tuple[int, int]]:
+        """The reads logged since the last call (then forgotten)."""
+        lines = self.log.read_text().split()
+        self.log.write_text("")
+        return [(int(pid), int(n)) for pid, n in zip(lines[::2], lines[1::2], strict=True)]
+
+
+def test_cached_source_reads_batches_in_workers_and_holds_no_split(cached, tmp_path):
     bb, _, cache = cached
     idx = np.arange(3, 120, 2)  # a split: every other sample
-    sources = [CachedSource(cache, idx, bb.layers, num_workers=w) for w in (0, 1)]
-    for src in sources:  # nothing that grows with the split but its labels
+    logged = [_LoggedCache(cache.path, tmp_path / f"reads-{w}") for w in (0, 1)]
+    sources = [CachedSource(c, idx, bb.layers, num_workers=w) for w, c in enumerate(logged)]
+    for src, c in zip(sources, logged, strict=True):  # nothing that grows with the split
         big = [k for k, v in vars(src).items()
                if isinstance(v, torch.Tensor) and k != "labels"]
         assert not big
+        assert c.reads() == []  # and nothing read ahead
+    workers = set()
     for epoch in range(2):
         got = []
         for src in sources:
@@ -111,6 +136,16 @@ def test_cached_source_reads_batches_in_workers_and_holds_no_split(cached):
                                                       torch.Generator().manual_seed(epoch))])
         ys = torch.cat([y for _, y in got[0]])
         assert torch.equal(ys, torch.from_numpy(cache.labels[idx[rows]]))
+        for w, c in enumerate(logged):  # every epoch reads the split again, batch by batch
+            reads = c.reads()
+            assert sorted(n for _, n in reads) == sorted([16, 16, 16, 11] * 4), w
+            pids = {pid for pid, _ in reads}
+            if w:  # ... in a worker process, kept across epochs
+                assert len(pids) == 1 and os.getpid() not in pids
+                workers |= pids
+            else:
+                assert pids == {os.getpid()}
+    assert len(workers) == 1
 
 
 def test_cached_source_converts_on_the_device_to_the_compute_dtype(cached):
