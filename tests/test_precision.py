@@ -141,7 +141,10 @@ def test_mixed_precision_bank_learns_like_fp32(precision):
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=3,
                        batch_size=32, patience=0, precision=precision)
     train, val = _source(128, 0), _source(64, 1)
-    mixed = train_bank(_bank(config), train, val, config, progress=False)
+    bank, steps = _bank(config), []  # each training step's logits: computed in 16 bits
+    bank.register_forward_hook(lambda module, args, out: steps.append(out.dtype))
+    mixed = train_bank(bank, train, val, config, progress=False)
+    assert steps == [Precision(precision).compute_dtype] * 12  # 4 batches x 3 epochs
     ref = train_bank(_bank(config), train, val, config, progress=False, precision="32")
     for a, b in zip(mixed.members, ref.members, strict=True):
         assert a.val_accuracy == pytest.approx(b.val_accuracy, abs=0.05), a.key
