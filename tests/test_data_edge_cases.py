@@ -59,3 +59,77 @@ def test_an_impossible_split_says_how_many_images_per_class_and_names_val_data(
     text = str(info.value)
     assert f"at least {needed} images per class" in text and "--val-data" in text
     assert "[]" not in text
+
+
+# -- manifests: encoding, label text, duplicate rows ----------------------------------
+def _manifest(root, labels, name="m.csv", *, extra=()) -> str:
+    """A CSV manifest of one tiny PNG per label (``extra`` rows appended as written)."""
+    from PIL import Image
+
+    (root / "img").mkdir(exist_ok=True)
+    rows = []
+    for i, label in enumerate(labels):
+        Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(root / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{label}")
+    (root / name).write_text("path,label\n" + "\n".join([*rows, *extra]) + "\n")
+    return str(root / name)
+
+
+def test_a_latin1_manifest_is_one_clear_error_naming_file_line_and_fix(tmp_path):
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+    from inca.data import load_dataset
+
+    _manifest(tmp_path, ["a", "b"])
+    text = (tmp_path / "m.csv").read_text().replace(",b\n", ",caf\xe9\n")
+    (tmp_path / "latin1.csv").write_bytes(text.encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes(
+        b'{"path": "img/0.png", "label": "a"}\n{"path": "img/1.png", "label": "caf\xe9"}\n')
+    for name, line in (("latin1.csv", 3), ("latin1.jsonl", 2)):
+        with pytest.raises(DataError, match=rf"{name}: not UTF-8 text: byte 0xe9 on line "
+                                            rf"{line}.*save the file as UTF-8"):
+            load_dataset(str(tmp_path / name))
+    res = CliRunner().invoke(app, ["extract", "--backbone", "dinov2_vits14", "--data",
+                                   str(tmp_path / "latin1.csv"), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "latin1.csv: not UTF-8 text" in res.output
+
+
+@pytest.mark.parametrize(("labels", "classes"), [
+    (["01", "1", "007"], ["007", "01", "1"]),  # two spellings of 1: text order
+    (["10", "9", "2", "9"], ["2", "9", "10"]),  # plain integers: numeric order
+    (["nan", "inf", "fox"], ["fox", "inf", "nan"]),  # words, not regression targets
+    (["1.0", "10.0", "2.5e0", "x"], ["1.0", "10.0", "2.5e0", "x"]),
+])
+def test_csv_labels_are_text_kept_as_written(tmp_path, labels, classes):
+    from inca.data import load_dataset
+
+    ds = load_dataset(_manifest(tmp_path, labels))
+    assert ds.classes == classes
+    assert [ds.classes[t] for t in ds.targets] == labels
+
+
+def test_csv_labels_that_are_all_decimals_with_fractions_still_look_like_regression(tmp_path):
+    from inca.data import ManifestDataset, load_dataset
+
+    with pytest.raises(DataError, match="regression"):
+        load_dataset(_manifest(tmp_path, ["0.5", "1.5", "2"]))
+    with pytest.raises(DataError, match="negative label marks an unlabelled sample"):
+        load_dataset(_manifest(tmp_path, ["0", "-1", "2"]))
+    named = ManifestDataset(_manifest(tmp_path, ["1", "0", "1"]), classes=["cat", "dog"])
+    assert named.classes == ["cat", "dog"] and named.targets.tolist() == [1, 0, 1]
+
+
+def test_duplicate_rows_are_dropped_with_a_warning_and_conflicts_refused(tmp_path):
+    from inca.data import load_dataset
+
+    labels = ["cat", "dog"] * 8
+    dup = [f"img/{i}.png,{labels[i]}" for i in range(8)] + ["img/../img/9.png,dog"]
+    with pytest.warns(UserWarning, match=r"9 duplicate row\(s\).*left out"):
+        ds = load_dataset(_manifest(tmp_path, labels, extra=dup))
+    assert len(ds) == 16 and len(set(ds.files)) == 16
+    train, val = split_train_val(ds, 0.25)
+    assert not {ds.files[i] for i in train.indices} & {ds.files[i] for i in val.indices}
+    with pytest.raises(DataError, match=r"two labels for one image.*'cat' and 'dog'"):
+        load_dataset(_manifest(tmp_path, labels, extra=["./img/0.png,dog"]))

@@ -1,14 +1,17 @@
 """Raw labels -> ``(targets, classes)`` for single-label classification.
 
 Every source that reads labels it did not number itself (Hugging Face columns, manifests,
-foreign data sets, lists of pairs) goes through :func:`encode_labels`, so multi-label and
-regression data are refused in one place, with the column named.
+foreign data sets, lists of pairs) goes through :func:`encode_labels` (text cells through
+:func:`encode_text_labels`, which keeps them as written), so multi-label and regression
+data are refused in one place, with the column named.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -48,21 +51,8 @@ def _scalar(v: Any, i: int, source: str, column: str) -> Any:
     raise refuse(source, column, f"values of type {type(v).__name__} ({v!r} at sample {i})")
 
 
-def _number(text: str) -> int | float | str:
-    """A label read as text (CSV) as the number it spells, if any."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def encode_labels(values: Iterable[Any], *, source: str, column: str,
-                  classes: Sequence[str] | None = None, parse_text: bool = False
-                  ) -> tuple[np.ndarray, list[str]]:
+                  classes: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Integer targets and class names for raw labels.
 
     Integers index ``classes`` when given; otherwise the class names are the sorted
@@ -74,15 +64,12 @@ def encode_labels(values: Iterable[Any], *, source: str, column: str,
         source: how messages name the data.
         column: how messages name the labels.
         classes: known class names (a ClassLabel's, a data set's ``classes``).
-        parse_text: read text that spells a number as that number (CSV cells).
 
     Raises:
         DataError: multi-label or regression-looking labels, a missing label, a label
             that ``classes`` does not name.
     """
     raw = [_scalar(v, i, source, column) for i, v in enumerate(values)]
-    if parse_text:
-        raw = [_number(v) if isinstance(v, str) else v for v in raw]
     for i, v in enumerate(raw):
         if isinstance(v, float):
             if not math.isfinite(v) or not v.is_integer():
@@ -97,10 +84,7 @@ def encode_labels(values: Iterable[Any], *, source: str, column: str,
             return ints, [str(c) for c in classes]
         neg = np.nonzero(ints < 0)[0]
         if neg.size:
-            i = int(neg[0])
-            raise DataError(f"{source}: sample {i} has label {int(ints[i])}, outside the "
-                            f"classes (column {column!r}); a negative label marks an "
-                            "unlabelled sample: remove those samples")
+            raise _negative(source, column, int(neg[0]), int(ints[neg[0]]))
         distinct = np.unique(ints)
         return np.searchsorted(distinct, ints).astype(np.int64), [str(v) for v in distinct]
     names = [str(v) for v in raw]
@@ -112,5 +96,54 @@ def encode_labels(values: Iterable[Any], *, source: str, column: str,
         if unknown:
             raise DataError(f"{source}: labels {unknown[:10]} in column {column!r} are not "
                             f"among the classes {known[:20]}")
+    index = {c: k for k, c in enumerate(known)}
+    return np.asarray([index[n] for n in names], dtype=np.int64), known
+
+
+def _negative(source: str, column: str, i: int, label: Any) -> DataError:
+    return DataError(f"{source}: sample {i} has label {label}, outside the classes (column "
+                     f"{column!r}); a negative label marks an unlabelled sample: remove those "
+                     "samples")
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)")
+
+
+def encode_text_labels(values: Sequence[Any], *, source: str, column: str,
+                       classes: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """:func:`encode_labels` for labels read as text (CSV cells): each label is the class
+    name exactly as written, so ``01``, ``1`` and ``007`` are three classes, and ``nan``
+    and ``inf`` are names, not numbers.
+
+    The class order: when every label is a plain integer (``-?[0-9]+``) and no number is
+    spelt two ways (``01`` and ``1``), by value (``2``, ``9``, ``10``); otherwise as text.
+    Refused as in :func:`encode_labels`: negative integers (unlabelled samples) and
+    decimals with a fractional part when every label is a decimal (regression targets).
+    With ``classes``, integers that name no class index them.
+    """
+    names = [str(_scalar(v, i, source, column)) for i, v in enumerate(values)]
+    distinct = set(names)
+    if not names:
+        return np.zeros(0, dtype=np.int64), list(classes or [])
+    integers = all(_INTEGER.fullmatch(n) for n in distinct)
+    if classes is not None:
+        if integers and not distinct <= {str(c) for c in classes}:
+            names = [int(Decimal(n)) for n in names]  # type: ignore[misc]
+        return encode_labels(names, source=source, column=column, classes=classes)
+    known = sorted(distinct)
+    if integers:
+        value = {n: Decimal(n) for n in distinct}
+        neg = next((i for i, n in enumerate(names) if value[n] < 0), None)
+        if neg is not None:
+            raise _negative(source, column, neg, names[neg])
+        if len(set(value.values())) == len(distinct):
+            known.sort(key=value.__getitem__)
+    elif all(_DECIMAL.fullmatch(n) for n in distinct):
+        frac = next((i for i, n in enumerate(names)
+                     if Decimal(n) != Decimal(n).to_integral_value()), None)
+        if frac is not None:
+            raise refuse(source, column, f"fractional numbers ({names[frac]!r} at sample "
+                                         f"{frac}), which look like regression targets")
     index = {c: k for k, c in enumerate(known)}
     return np.asarray([index[n] for n in names], dtype=np.int64), known

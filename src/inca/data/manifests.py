@@ -2,16 +2,28 @@
 
 ``path,label`` rows by default (other header names through ``image_column`` /
 ``label_column``; a header-less two-column CSV reads as ``path,label``). Relative paths are
-resolved against the manifest's folder. Class names are the sorted distinct labels
-(numbers sorted as numbers); a validation or test manifest is matched to the training
-classes by name when fitting. The fingerprint is the files' identity
-(:func:`~inca.data.folders.file_identity`) with the labels.
+resolved against the manifest's folder. The file must be UTF-8 (a byte that is not is a
+clear error naming its line: guessing Latin-1 or cp1252 would silently rename classes).
+
+Class names are the sorted distinct labels. A CSV label is text, kept exactly as written
+(``01`` and ``1`` are two classes; ``nan`` is a name): plain integers are sorted by value
+unless one number is spelt two ways, everything else as text
+(:func:`~inca.data.labels.encode_text_labels`). A validation or test manifest is matched to
+the training classes by name when fitting.
+
+An image listed twice with the same label is used once (with a warning), so it cannot land
+on both sides of a validation split; with two labels it is an error (multi-label data).
+The fingerprint is the files' identity (:func:`~inca.data.folders.file_identity`) with the
+labels.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +32,7 @@ from PIL import Image
 
 from inca.data.base import ImageDataset, _hash
 from inca.data.folders import IMAGE_EXTENSIONS, file_identity, keep_readable, read_image
-from inca.data.labels import encode_labels, refuse
+from inca.data.labels import encode_labels, encode_text_labels, refuse
 from inca.errors import DataError
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")
@@ -34,10 +46,27 @@ def is_manifest(spec: str | Path) -> bool:
     return p.suffix.lower() in MANIFEST_SUFFIXES and p.is_file()
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark dropped), or an error naming the first
+    byte that is not UTF-8, its line and the fix."""
+    data = path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte 0x{data[at]:02x} on line {line} (byte "
+                        f"offset {at}) is not UTF-8, so its labels and paths cannot be read "
+                        "reliably (Latin-1? cp1252?); save the file as UTF-8 (a spreadsheet's "
+                        f"'CSV UTF-8', or iconv -f latin1 -t utf-8 {path.name} -o "
+                        f"utf8-{path.name})") from None
+
+
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        lines = [r for r in csv.reader(f, delimiter=delimiter) if any(c.strip() for c in r)]
+    text = io.StringIO(_read_text(path), newline="")
+    lines = [r for r in csv.reader(text, delimiter=delimiter) if any(c.strip() for c in r)]
     if not lines:
         return [], []
     header = [c.strip() for c in lines[0]]
@@ -49,7 +78,7 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         rows = json.loads(text) if path.suffix.lower() == ".json" else None
     except json.JSONDecodeError:
@@ -116,10 +145,11 @@ class ManifestDataset(ImageDataset):
             raise DataError(f"{self.path}: {len(missing)} listed image(s) not found, e.g. "
                             f"{missing[0]} (relative paths are read from {self.root})")
         labels = [r.get(self.label_column) for r in rows]
-        _refuse_repeated(files, labels, self.name, self.label_column)
-        targets, self.classes = encode_labels(labels, source=self.name,
-                                              column=self.label_column, classes=classes,
-                                              parse_text=is_csv)
+        encode = encode_text_labels if is_csv else encode_labels
+        targets, self.classes = encode(labels, source=self.name, column=self.label_column,
+                                       classes=classes)
+        files, targets = _drop_repeated(files, targets, self.classes, self.name,
+                                        self.label_column)
         if skip_unreadable:
             files, kept, self.skipped = keep_readable(files, targets.tolist(), self.path)
             targets = np.asarray(kept, dtype=np.int64)
@@ -144,11 +174,24 @@ class ManifestDataset(ImageDataset):
         return _hash(file_identity(self.files, self.root))
 
 
-def _refuse_repeated(files: list[Path], labels: list[Any], source: str, column: str) -> None:
-    """An image listed twice with two labels is multi-label data in long form."""
-    seen: dict[Path, Any] = {}
-    for f, label in zip(files, labels, strict=True):
-        if f in seen and seen[f] != label:
-            raise refuse(source, column, f"two labels for one image ({f}: {seen[f]!r} and "
-                                         f"{label!r}): multi-label data")
-        seen.setdefault(f, label)
+def _drop_repeated(files: list[Path], targets: np.ndarray, classes: list[str], source: str,
+                   column: str) -> tuple[list[Path], np.ndarray]:
+    """Each image once (the same file however its path is spelt): a repeated row with the
+    same label is left out with a warning (it could straddle a validation split); one
+    with another label is multi-label data in long form, refused."""
+    first: dict[str, int] = {}
+    keep: list[int] = []
+    for i, f in enumerate(files):
+        j = first.setdefault(os.path.realpath(f), i)
+        if j == i:
+            keep.append(i)
+        elif targets[j] != targets[i]:
+            raise refuse(source, column, f"two labels for one image ({f}: "
+                                         f"{classes[targets[j]]!r} and "
+                                         f"{classes[targets[i]]!r}): multi-label data")
+    if len(keep) < len(files):
+        dropped = sorted(set(range(len(files))) - set(keep))
+        warnings.warn(f"{source}: {len(dropped)} duplicate row(s) (an image listed again with "
+                      f"the same label) left out, e.g. row {dropped[0] + 1} ({files[dropped[0]]}); "
+                      "each image is used once", stacklevel=3)
+    return [files[i] for i in keep], targets[keep]
