@@ -133,3 +133,29 @@ def test_duplicate_rows_are_dropped_with_a_warning_and_conflicts_refused(tmp_pat
     assert not {ds.files[i] for i in train.indices} & {ds.files[i] for i in val.indices}
     with pytest.raises(DataError, match=r"two labels for one image.*'cat' and 'dog'"):
         load_dataset(_manifest(tmp_path, labels, extra=["./img/0.png,dog"]))
+
+
+# -- L6: images as cameras store them ---------------------------------------------------
+def test_exif_orientation_is_applied_wherever_an_image_is_opened(tmp_path):
+    from PIL import Image, ImageOps
+
+    from inca.data import load_dataset, open_image
+    from inca.task.inputs import open_one
+
+    for name in ("up", "side"):
+        (tmp_path / name).mkdir()
+        pixels = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high, left half bright
+        pixels[:, :20] = 250
+        exif = Image.Exif()
+        exif[0x0112] = 6 if name == "side" else 1  # 6: rotate 90 degrees clockwise to view
+        Image.fromarray(pixels).save(tmp_path / name / "a.jpg", exif=exif.tobytes())
+    path = tmp_path / "side" / "a.jpg"
+    viewed = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    assert viewed.shape == (40, 20, 3)
+    with Image.open(path) as raw:
+        opened = [open_image(path), open_image(path.read_bytes()), open_image(raw),
+                  open_one(str(path)), open_one(path.read_bytes()),
+                  load_dataset(str(tmp_path))[0][0]]
+    for im in opened:
+        assert np.array_equal(np.asarray(im), viewed)
+    assert open_image(tmp_path / "up" / "a.jpg").size == (40, 20)  # orientation 1: as stored

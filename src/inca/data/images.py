@@ -5,9 +5,10 @@ Every place that turns a file (or bytes, or a PIL image) into pixels goes throug
 header first (Pillow opens lazily) and refuses an image whose width x height is over a
 bound *before* decoding it, so an 18 KB PNG that claims 12000 x 12000 pixels costs
 nothing; it turns every failure of Pillow (unknown format, truncated data, Pillow's own
-decompression-bomb limit) into :class:`ImageError`, whose message names the image; and it
-scales 16-bit and float images to 8 bits instead of letting ``convert("RGB")`` saturate
-them.
+decompression-bomb limit) into :class:`ImageError`, whose message names the image; it
+turns the image upright as its EXIF orientation says (phone cameras store pixels sideways
+and record the turn); and it scales 16-bit and float images to 8 bits instead of letting
+``convert("RGB")`` saturate them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import struct
 from typing import IO, Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from inca.errors import ImageError, ImageTooLargeError
 
@@ -37,7 +38,8 @@ _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def image_size(source: ImageSource, *, name: str | None = None) -> tuple[int, int]:
-    """``(width, height)`` from the image's header, without decoding its pixels.
+    """``(width, height)`` from the image's header, without decoding its pixels (as stored:
+    an EXIF orientation may swap them, never change their product).
 
     Raises:
         ImageError: the source is not a readable image (or over Pillow's hard limit).
@@ -69,7 +71,8 @@ def check_pixels(size: tuple[int, int], limit: int | None, *, name: str,
 
 def open_image(source: ImageSource, *, name: str | None = None,
                max_pixels: int | Literal["pillow"] | None = PILLOW_LIMIT) -> Image.Image:
-    """An image as 8-bit RGB, its size checked before its pixels are decoded.
+    """An image as 8-bit RGB, its size checked before its pixels are decoded, upright as
+    its EXIF orientation tag says (:func:`upright`).
 
     16-bit and float images are scaled to 8 bits rather than clipped, by the narrowest of
     the usual ranges that holds their values: ``0..1`` (floats only), ``0..255``,
@@ -99,7 +102,7 @@ def open_image(source: ImageSource, *, name: str | None = None,
         limit, fix = max_pixels, "pass a larger max_pixels"
     if isinstance(source, Image.Image):
         check_pixels(source.size, limit, name=name, fix=fix)
-        return to_rgb(source, name)
+        return to_rgb(upright(source), name)
     with _open_lazy(source, name) as im:
         check_pixels(im.size, limit, name=name, fix=fix)
         try:
@@ -108,7 +111,20 @@ def open_image(source: ImageSource, *, name: str | None = None,
             raise _too_large(name, e) from None
         except _PIL_ERRORS as e:
             raise ImageError(f"cannot read image {name}: {_reason(e)}") from None
-        return to_rgb(im, name)
+        return to_rgb(upright(im), name)
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation tag says (``ImageOps.exif_transpose``), so a
+    phone photo stored sideways is trained on and served as it is viewed; ``im`` itself
+    when it has no turn to make. Damaged EXIF data leaves the pixels as stored: the image
+    decoded, its metadata is not worth refusing it for."""
+    try:
+        if im.getexif().get(0x0112, 1) not in range(2, 9):  # 1: as stored
+            return im
+        return ImageOps.exif_transpose(im)
+    except _PIL_ERRORS:
+        return im
 
 
 def _open_lazy(source: ImageSource, name: str) -> Image.Image:
