@@ -346,3 +346,35 @@ def test_the_progress_bar_shows_the_selection_measure_which_only_improves(monkey
     train_bank(_bank(config), _source(64, 0), _source(32, 1), config)
     losses = [float(v["best_val_loss"]) for v in shown]
     assert len(losses) == 4 and losses == sorted(losses, reverse=True)
+
+
+@pytest.mark.parametrize("patience", [2, 3])
+def test_early_stopping_waits_patience_epochs_and_keeps_each_best_state(monkeypatch, patience):
+    """Training stops after ``patience`` epochs in which no member improved on validation
+    (scripted here), and each member keeps its state from its own best epoch."""
+    import inca.training.loop as loop
+
+    # validation losses per epoch (rows) of the 3 members: the last improvement is member
+    # 1's in epoch 3; after `patience` epochs without one, every member would improve again
+    script = torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.9, 2.0], [0.6, 0.8, 2.0]]
+                          + [[0.7, 0.85, 2.0]] * patience + [[0.1, 0.1, 0.1]] * 7,
+                          dtype=torch.float64)
+    states = []  # every member's weights as each epoch is scored
+
+    def scripted(bank, source, batch_size, precision="32", ensembles=()):
+        assert not ensembles  # ensemble_k=1: no ensemble is scored
+        states.append([bank.member_state(i) for i in range(len(bank.keys))])
+        return loop.ValScores(torch.full((3,), 0.5), script[len(states) - 1], 64)
+
+    monkeypatch.setattr(loop, "evaluate", scripted)
+    config = FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-2,), epochs=10,
+                       batch_size=32, patience=patience, ensemble_k=1)
+    res = train_bank(_bank(config), _source(64, 0), _source(32, 1), config, progress=False)
+    assert res.epochs_run == 3 + patience  # epoch 3, then `patience` epochs in vain
+    assert len(states) == res.epochs_run
+    assert [m.best_epoch for m in res.members] == [1, 2, 0]
+    assert [m.val_loss for m in res.members] == [0.5, 0.8, 1.0]
+    for i, m in enumerate(res.members):
+        best, last = states[m.best_epoch][i], states[-1][i]
+        assert all(torch.equal(m.state[k], best[k]) for k in best), f"{m.key}: not its best"
+        assert not all(torch.equal(m.state[k], last[k]) for k in last)  # it trained on
