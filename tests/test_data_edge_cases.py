@@ -159,3 +159,73 @@ def test_exif_orientation_is_applied_wherever_an_image_is_opened(tmp_path):
     for im in opened:
         assert np.array_equal(np.asarray(im), viewed)
     assert open_image(tmp_path / "up" / "a.jpg").size == (40, 20)  # orientation 1: as stored
+
+
+# -- L7: class names that cannot spoof what inca prints ----------------------------------
+SPOOFS = {"nul": "a\x00b", "newline": "cat\nerror: fake", "tab": "a\tb", "del": "a\x7fb",
+          "c1": "a\x85b", "bidi": "photo\u202egnp.exe", "isolate": "a\u2066b",
+          "line separator": "a\u2028b", "4096 characters": "x" * 4096}
+
+
+@pytest.mark.parametrize("name", list(SPOOFS))
+def test_class_names_that_could_spoof_output_are_refused_where_they_enter(name, tmp_path):
+    from PIL import Image
+
+    from inca.data import as_image_dataset
+
+    img = Image.new("RGB", (4, 4))
+    bad = SPOOFS[name]
+    with pytest.raises(DataError, match=r"class .* (holds|is 4,096 characters).*rename"):
+        as_image_dataset([(img, "fine"), (img, bad)])
+    if "\x00" not in bad and len(bad) < 256:  # what a file system can hold
+        for cls in ("fine", bad):
+            (tmp_path / cls).mkdir()
+            img.save(tmp_path / cls / "a.png")
+        from inca.data import load_dataset
+        with pytest.raises(DataError, match="class"):
+            load_dataset(str(tmp_path))
+
+
+def test_ordinary_class_names_stay_accepted():
+    from PIL import Image
+
+    from inca.data import as_image_dataset
+
+    img = Image.new("RGB", (4, 4))
+    names = ["café", "cafe\u0301", "dog ", "猫", "a/b", "<script>", "👩\u200d💻", "y" * 256]
+    assert sorted(as_image_dataset([(img, n) for n in names]).classes) == sorted(names)
+
+
+@pytest.fixture(scope="module")
+def saved_task(tmp_path_factory):
+    from test_faults_task import make_task
+    from test_fit import planted_backbone
+
+    bb = planted_backbone()
+    folder = tmp_path_factory.mktemp("task") / "t"
+    make_task(bb).save(folder)
+    return bb, folder
+
+
+def _edited(saved_task, tmp_path, change):
+    import shutil
+
+    from test_faults_task import edit_json
+
+    from inca.task import load_task
+
+    bb, folder = saved_task
+    copy = tmp_path / "t"
+    shutil.copytree(folder, copy)
+    edit_json(copy, change)
+    return lambda: load_task(copy, bb)
+
+
+@pytest.mark.parametrize("name", ["nul", "newline", "bidi", "4096 characters"])
+def test_a_task_json_with_a_spoofing_class_name_is_refused(saved_task, tmp_path, name):
+    from inca.task import TaskError
+
+    load = _edited(saved_task, tmp_path, lambda m: m["classes"].__setitem__(1, SPOOFS[name]))
+    with pytest.raises(TaskError, match=r"classes\[1\] .* (holds|is 4,096 characters)"):
+        load()
+

@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from inca.data.images import open_image
+from inca.data.labels import CLASS_NAME_RULE, class_name_problem, shown_name
 from inca.errors import DataError
 
 
@@ -62,6 +63,11 @@ class ImageDataset(Dataset):
         if len(self.classes) < 2:
             raise DataError(f"{self.name}: a classification data set needs at least 2 classes, "
                             f"found {len(self.classes)} ({self.classes})")
+        for c in self.classes:
+            problem = class_name_problem(c)
+            if problem:
+                raise DataError(f"{self.name}: class {shown_name(c)} {problem}; "
+                                f"{CLASS_NAME_RULE}: rename the class (its folder or label)")
         if len(self.targets) == 0:
             raise DataError(f"{self.name}: no samples")
         bad = np.nonzero((self.targets < 0) | (self.targets >= len(self.classes)))[0]

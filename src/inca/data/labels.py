@@ -147,3 +147,45 @@ def encode_text_labels(values: Sequence[Any], *, source: str, column: str,
                                          f"{frac}), which look like regression targets")
     index = {c: k for k, c in enumerate(known)}
     return np.asarray([index[n] for n in names], dtype=np.int64), known
+
+
+#: Longest class name, in characters (a folder name holds at most 255 bytes).
+MAX_CLASS_NAME = 256
+# Characters that change what a terminal shows: C0 and C1 controls (NUL, newline, tab,
+# escape, DEL, NEL, ...), line and paragraph separators, bidirectional-text controls
+# (U+202E turns "photo\u202egnp.exe" into "photoexe.png") and lone surrogates.
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e"
+                      "\u2066-\u2069\ud800-\udfff]")
+CLASS_NAME_RULE = (f"a class name is printed in predictions, reports and the CLI, so it "
+                   f"must be 1 to {MAX_CLASS_NAME} characters with no control characters "
+                   "(NUL, newline, tab, ...) and no bidirectional-text controls (U+202E, ...)")
+
+
+def class_name_problem(name: Any) -> str | None:
+    """What makes ``name`` unfit to be a class name (see :data:`CLASS_NAME_RULE`), as the
+    end of a sentence about it (``"holds the control character U+000A"``); ``None`` when
+    it is fit. Accented, non-Latin and emoji names are fine."""
+    if not isinstance(name, str) or not name:
+        return "is empty" if name == "" else f"is a {type(name).__name__}, not text"
+    if len(name) > MAX_CLASS_NAME:
+        return f"is {len(name):,} characters long, over {MAX_CLASS_NAME}"
+    bad = _UNSHOWN.search(name)
+    if bad is None:
+        return None
+    return f"holds the {_kind(bad.group())} U+{ord(bad.group()):04X} at position {bad.start()}"
+
+
+def _kind(ch: str) -> str:
+    if ch <= "\x9f":
+        return "control character"
+    if ch in "\u2028\u2029":
+        return "line or paragraph separator"
+    if ch >= "\ud800":
+        return "lone surrogate"
+    return "bidirectional-text control"
+
+
+def shown_name(name: Any) -> str:
+    """A class name for a message: its ``repr`` (controls escaped), cut short."""
+    text = repr(name)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -18,6 +18,7 @@ import torch
 from inca.adapters import Adapter, adapter_from_spec
 from inca.adapters.base import MAX_DIM, MAX_LAYERS, MAX_PREFIX_TOKENS
 from inca.backbones.base import Preprocessing
+from inca.data.labels import CLASS_NAME_RULE, class_name_problem, shown_name
 from inca.errors import InCAError, TaskError
 
 TASK_JSON = "task.json"
@@ -115,6 +116,11 @@ def check_meta(meta: Any, check: Checker) -> list[Adapter]:
                 and all(c in "0123456789abcdef" for c in digest)):
             check.fail(f"{key} must be 64 lowercase hex digits, got {_shown(digest)}")
     classes = check.names(top["classes"], "classes", MAX_CLASSES)
+    for i, name in enumerate(classes):
+        problem = class_name_problem(name)
+        if problem:
+            check.fail(f"classes[{i}] {shown_name(name)} {problem}; {CLASS_NAME_RULE}",
+                       fix="rename the class in task.json, or fit the task again")
     info = _check_backbone_info(top["backbone"], check)
     if top.get("token_grid") is not None:
         check.integer(top["token_grid"], "token_grid", 1, MAX_TOKEN_GRID)
