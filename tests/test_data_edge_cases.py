@@ -229,3 +229,21 @@ def test_a_task_json_with_a_spoofing_class_name_is_refused(saved_task, tmp_path,
     with pytest.raises(TaskError, match=r"classes\[1\] .* (holds|is 4,096 characters)"):
         load()
 
+
+# -- L8: messages that say what is wrong --------------------------------------------------
+def test_out_of_range_mean_and_nan_config_are_named_as_such(saved_task, tmp_path):
+    from inca.task import TaskError
+
+    def mean(m):
+        m["backbone"]["preprocessing"]["mean"] = [1e308, 0, 0]
+
+    with pytest.raises(TaskError, match=r"mean\[0\] must be a finite number of magnitude "
+                                        r"below 1e\+06, got 1e\+308"):
+        _edited(saved_task, tmp_path / "a", mean)()
+
+    def init_std(m):
+        m["members"][0]["spec"]["config"]["init_std"] = float("nan")  # written as NaN
+
+    with pytest.raises(TaskError, match=r"init_std must be a number .*got nan") as info:
+        _edited(saved_task, tmp_path / "b", init_std)()
+    assert "None" not in str(info.value)

@@ -195,9 +195,10 @@ def _read_bytes(file: Path, limit: int, check: Checker) -> bytes:
 
 def _parse_json(data: bytes, check: Checker) -> Any:
     try:
-        # NaN/Infinity (which old saves wrote in metrics) read as null: a config field that
-        # is NaN is then refused by its type check.
-        return json.loads(data.decode("utf-8"), parse_constant=lambda _: None)
+        # NaN/Infinity (which old saves wrote in metrics) read as the floats they are: a
+        # config field that is NaN is then refused as NaN by its range check (as null it
+        # read "got None", and an optional field took it for unset).
+        return json.loads(data.decode("utf-8"), parse_constant=float)
     except UnicodeDecodeError:
         check.fail("the file is not UTF-8 text")
     except json.JSONDecodeError as e:

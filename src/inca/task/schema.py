@@ -159,10 +159,13 @@ def _check_backbone_info(info: Any, check: Checker) -> dict[str, Any]:
     check.integer(prep["input_size"], "backbone.preprocessing.input_size", 1, MAX_INPUT_SIZE)
     for key in ("mean", "std"):
         v = prep[key]
-        if not (isinstance(v, list) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e6
-                for x in v)):
-            check.fail(f"backbone.preprocessing.{key} must be 3 numbers, got {_shown(v)}")
+        if not (isinstance(v, list) and len(v) == 3):
+            check.fail(f"backbone.preprocessing.{key} must be a list of 3 numbers, got "
+                       f"{_shown(v)}")
+        for i, x in enumerate(v):
+            if not (isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e6):
+                check.fail(f"backbone.preprocessing.{key}[{i}] must be a finite number of "
+                           f"magnitude below {1e6:g}, got {_shown(x)}")
     try:
         Preprocessing.from_dict(prep)
     except InCAError as e:
