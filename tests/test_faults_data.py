@@ -248,20 +248,36 @@ def test_an_unreadable_image_read_by_a_worker_is_one_line_naming_it(tmp_path):
     assert "Traceback" not in res.output and "DataLoader" not in res.output
 
 
-@pytest.mark.parametrize("damage", ["labels-deleted", "tokens-cut"])
+def _overwrite_inside(f: Path, n: int = 4096) -> None:
+    """Overwrite up to ``n`` bytes of an array file's data with 0xff, keeping its size (the
+    attack's silent corruption: the file still loads, as NaNs)."""
+    data = bytearray(f.read_bytes())
+    start = len(data) // 2
+    data[start:start + n] = b"\xff" * len(data[start:start + n])
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["labels-deleted", "tokens-cut", "tokens-overwritten",
+                                    "labels-overwritten"])
 def test_a_damaged_complete_cache_is_a_clear_error(tmp_path, digits, damage):
     from inca.errors import CacheError
 
     bb = make_backbone("module", tmp_path)
     out = tmp_path / "cache"
     extract_to_cache(bb, digits, out, batch_size=8, shard_size=16, progress=False)
-    shard = out / "shards" / "00000"
+    shard = out / "shards" / "00001"
+    tokens = next(p for p in shard.glob("*.npy") if p.name != "labels.npy")
     if damage == "labels-deleted":
         (shard / "labels.npy").unlink()
+    elif damage == "tokens-cut":
+        tokens.write_bytes(tokens.read_bytes()[: tokens.stat().st_size // 2])
     else:
-        f = next(p for p in shard.glob("*.npy") if p.name != "labels.npy")
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(CacheError, match=r"is damaged: shards/00000/.* delete the folder"):
+        f = shard / "labels.npy" if damage == "labels-overwritten" else tokens
+        size = f.stat().st_size
+        _overwrite_inside(f)
+        assert f.stat().st_size == size and np.load(f).shape  # still loads: only a checksum
+    what = "does not match the checksum" if "overwritten" in damage else "missing or cut short"
+    with pytest.raises(CacheError, match=rf"is damaged: shards/00001/.*{what}.* delete the folder"):
         cache = extract_to_cache(bb, digits, out, batch_size=8, shard_size=16, progress=False)
         for layer in cache.layers:
             cache.load(layer)
@@ -278,3 +294,24 @@ def test_serve_refuses_a_port_in_use_clearly():
         s.listen()
         with pytest.raises(InCAError, match=r"another program uses that port; choose another"):
             _check_port("127.0.0.1", s.getsockname()[1])
+
+
+def test_extract_over_a_complete_but_damaged_cache_says_so(tmp_path):
+    """``inca extract`` run again over a complete cache checks every array (the attack's
+    L10: it said "complete" over a damaged one)."""
+    from tiny import save_tiny_hf_vit
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+
+    root = _folder(tmp_path / "data")
+    vit = save_tiny_hf_vit(tmp_path / "vit")
+    args = ["extract", "--backbone", f"hf:{vit}", "--data", str(root), "--out",
+            str(tmp_path / "cache"), "--num-workers", "0"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    layer = next(p for p in (tmp_path / "cache" / "shards").rglob("*.npy")
+                 if p.name != "labels.npy")
+    _overwrite_inside(layer)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "does not match the checksum" in res.output and "Traceback" not in res.output

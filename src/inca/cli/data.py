@@ -87,7 +87,9 @@ def extract_cmd(
         overwrite=overwrite, num_workers=num_workers, precision=precision,
     )
     if ctx.is_main:
+        checked = cache.verify()  # a complete cache found again is checked, not trusted
         print_cache_summary(cache)
+        typer.echo(f"{checked} arrays match the checksums recorded at extraction")
 
 
 def print_cache_summary(cache) -> None:

@@ -5,16 +5,21 @@ Layout of a cache folder::
     manifest.json                 identity, layers, shapes, dtype, shards done, complete flag
     shards/00000/<layer>.npy      (n, N, D) tokens of the shard's samples, fp16 by default
     shards/00000/labels.npy       (n,) int64 labels
+    shards/00000/shard.json       the shard's place and the CRC-32 of each array's data
 
 Every file is written to a temporary name and renamed into place; a shard is recorded in
 the manifest only after all its files exist, and ``complete`` is set only after the last
 shard. An interrupted extraction therefore resumes at the first unrecorded shard and never
-serves a partial cache as complete.
+serves a partial cache as complete. Each array is checked against its CRC-32 the first time
+a process reads it (a cost of about one extra read of the cache per process, against the
+many reads of training): a file damaged after extraction is a :class:`CacheError`, never
+wrong tokens.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,11 @@ IDENTITY_KEYS = (
 
 def _layer_file(layer: str) -> str:
     return layer.replace("/", "_") + ".npy"
+
+
+def data_crc32(array: np.ndarray) -> int:
+    """The CRC-32 of an array's data in C order (what a shard records and checks)."""
+    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
@@ -81,6 +91,8 @@ def recorded_shards(root: Path | str, manifest: dict[str, Any] | None = None
         except (OSError, json.JSONDecodeError):
             continue  # written atomically: only a foreign file can be unreadable
         found[int(rec["index"])] = {k: int(rec[k]) for k in ("index", "start", "count")}
+        if "crc32" in rec:  # caches written before checksums have none
+            found[int(rec["index"])]["crc32"] = {k: int(v) for k, v in rec["crc32"].items()}
     return [found[i] for i in sorted(found)]
 
 
@@ -104,12 +116,14 @@ class CacheWriter:
         self, index: int, start: int, tokens: dict[str, np.ndarray], labels: np.ndarray
     ) -> None:
         folder = self.root / "shards" / f"{index:05d}"
-        for layer, arr in tokens.items():
-            atomic_save_npy(folder / _layer_file(layer), arr)
-        atomic_save_npy(folder / "labels.npy", labels.astype(np.int64))
+        arrays = {_layer_file(layer): arr for layer, arr in tokens.items()}
+        arrays["labels.npy"] = labels.astype(np.int64)
+        for name, arr in arrays.items():
+            atomic_save_npy(folder / name, arr)
         # The shard counts only once its record says so: written after its files.
-        atomic_write_json(folder / SHARD_RECORD,
-                          {"index": index, "start": start, "count": len(labels)})
+        atomic_write_json(folder / SHARD_RECORD, {
+            "index": index, "start": start, "count": len(labels),
+            "crc32": {name: data_crc32(arr) for name, arr in arrays.items()}})
 
     def finish(self) -> None:
         """List every recorded shard in the manifest and mark the cache complete."""
@@ -164,20 +178,42 @@ class ActivationCache:
         shards = sorted(manifest["shards"], key=lambda s: s["start"])
         self._starts = np.array([s["start"] for s in shards])
         self._folders = [self.path / "shards" / f"{s['index']:05d}" for s in shards]
+        self._crcs = [s.get("crc32", {}) for s in shards]
         self._mmaps: dict[tuple[int, str], np.ndarray] = {}
         self.labels = np.concatenate(
-            [self._load(f / "labels.npy") for f in self._folders]
+            [self._load(i, "labels.npy") for i in range(len(shards))]
         ) if shards else np.zeros(0, dtype=np.int64)
 
-    def _load(self, path: Path, mmap_mode: str | None = None) -> np.ndarray:
-        """One of the cache's arrays; a missing or damaged file is a clear error."""
+    def _load(self, shard: int, name: str, mmap_mode: str | None = None) -> np.ndarray:
+        """One of the cache's arrays, checked against its recorded CRC-32; a missing,
+        cut short or changed file is a clear error."""
+        path = self._folders[shard] / name
         try:
-            return np.load(path, mmap_mode=mmap_mode)
+            arr = np.load(path, mmap_mode=mmap_mode)
         except (OSError, ValueError, EOFError) as e:
             raise CacheError(
                 f"the cache at {self.path} is damaged: {path.relative_to(self.path)} is "
                 f"missing or cut short ({type(e).__name__}: {e}); delete the folder and "
                 "extract again (or run with --overwrite)") from None
+        want = self._crcs[shard].get(name)
+        if want is not None and data_crc32(arr) != want:
+            raise CacheError(
+                f"the cache at {self.path} is damaged: {path.relative_to(self.path)} does not "
+                "match the checksum recorded when it was extracted (its contents changed "
+                "since); delete the folder and extract again (or run with --overwrite)")
+        return arr
+
+    def verify(self) -> int:
+        """Read every array of the cache once, checking it against its CRC-32 (what a
+        process otherwise does on its first read of each). Returns the arrays checked.
+
+        Raises:
+            CacheError: a file is missing, cut short or changed since extraction.
+        """
+        for i in range(len(self._folders)):
+            for layer in self.layers:
+                self._shard(i, layer)
+        return len(self._folders) * (len(self.layers) + 1)
 
     # -- description -----------------------------------------------------------------
     @property
@@ -214,7 +250,7 @@ class ActivationCache:
             if layer not in self.manifest["layers"]:
                 raise CacheError(f"layer {layer!r} is not in the cache at {self.path}; "
                                  f"it has {', '.join(self.layers)}")
-            self._mmaps[key] = self._load(self._folders[i] / _layer_file(layer), mmap_mode="r")
+            self._mmaps[key] = self._load(i, _layer_file(layer), mmap_mode="r")
         return self._mmaps[key]
 
     def get_numpy(self, layer: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -352,5 +352,7 @@ def _drop(bank: AdapterBank, optimizer: torch.optim.Optimizer, result: MemberRes
     kept = (f"kept its best epoch ({result.best_epoch + 1})" if result.state
             else "it had no epoch to keep")
     warnings.warn(f"dropped {result.key}: its training loss became NaN or infinite in epoch "
-                  f"{epoch + 1} (its learning rate is too high for it); {kept}",
+                  f"{epoch + 1} (its learning rate is too high for it, or, when every member "
+                  f"of its layer diverges at once, that layer's tokens hold NaN or infinite "
+                  f"values); {kept}",
                   RuntimeWarning, stacklevel=3)
