@@ -120,6 +120,10 @@ def test_concurrent_requests_are_batched(client):
      "unknown task"),
     (dict(json={"images": [base64.b64encode(png()).decode()], "top_k": "x"}), 422, "top_k"),
     (dict(content=b"raw", headers={"content-type": "text/plain"}), 415, "multipart"),
+    (dict(content=b'{"images": []}', headers={"content-type": "application/jsonx"}), 415,
+     "multipart"),
+    (dict(content=b'{"images": []}', headers={"content-type": "APPLICATION/JSON"}), 400,
+     "no images"),  # media types are case-insensitive: parsed as JSON
 ])
 def test_bad_input_gets_a_clear_4xx_and_server_stays_up(client, kwargs, status, message):
     c, _, _ = client
@@ -141,6 +145,9 @@ def test_api_key(two_tasks):  # noqa: F811
                    headers={"X-API-Key": "s3cret"})
         assert r.status_code == 200
         assert c.get("/livez").status_code == 200  # liveness needs no key
+        for keys in (["s3cret", "wrong"], ["wrong", "s3cret"], ["s3cret", "s3cret"]):
+            r = c.get("/tasks", headers=[("X-API-Key", k) for k in keys])
+            assert r.status_code == 401, keys  # sent twice: refused, whatever the order
         for path in ("/health", "/readyz", "/metrics", "/docs", "/openapi.json"):
             assert c.get(path).status_code == 401, path  # everything else does
             assert c.get(path, headers={"X-API-Key": "s3cret"}).status_code in (200, 503)

@@ -73,13 +73,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def read_request(request: Request, config: ServerConfig
                         ) -> tuple[list[tuple[str, bytes]], list[str], int]:
     """``([(name, bytes)], task names, top_k)`` from a multipart or JSON request."""
-    ctype = request.headers.get("content-type", "")
-    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded",
-                             "application/json")):
+    # the media type alone, compared case-insensitively (RFC 9110): "APPLICATION/JSON" is
+    # JSON, "application/jsonx" is not
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in ("multipart/form-data", "application/x-www-form-urlencoded",
+                     "application/json"):
         raise HTTPException(415, "send multipart/form-data (field 'files') or "
                                  "application/json ({\"images\": [base64, ...]})")
     body = await _read_body(request, config.max_upload_bytes)
-    if ctype.startswith("application/json"):
+    if media == "application/json":
         files, names, top_k = _parse_json(body)
     else:
         files, names, top_k = await _parse_form(request, body)

@@ -289,8 +289,9 @@ class _Guard:
 
 
 def _key_ok(scope: dict, config: ServerConfig) -> bool:
-    sent = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"")
-    return secrets.compare_digest(sent, config.api_key.encode())
+    sent = [v for k, v in scope["headers"] if k == b"x-api-key"]
+    # one key, sent once: with two, which one a proxy or the server reads differs
+    return len(sent) == 1 and secrets.compare_digest(sent[0], config.api_key.encode())
 
 
 async def _send_json(send: Any, status: int, detail: str, config: ServerConfig,
