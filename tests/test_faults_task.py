@@ -103,6 +103,7 @@ def nan_weight(t: dict[str, torch.Tensor]) -> None:
     t["members.0.head.weight"][0, 0] = float("nan")
 
 
+EDITED = "differ from those the weights were saved with.*restore the task.json"
 TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     # name: (tamper, file named in the message, message fragment)
     "truncated weights": (truncate, TASK_WEIGHTS, "sha256 differs"),
@@ -178,6 +179,21 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
                                TASK_WEIGHTS, "more than the .* its task can need"),
     "weights file missing": (lambda f: (f / TASK_WEIGHTS).unlink(), "task",
                              "is not a task folder"),
+    # edits within the schema, which would load and predict silently: the weights file
+    # records the sha256 of what they mean
+    "member moved to a layer of the same width": (lambda f: edit_json(
+        f, lambda m: m["members"][0].update(layers=["block3"])), TASK_JSON, EDITED),
+    "classes reordered": (lambda f: edit_json(f, lambda m: m["classes"].reverse()), TASK_JSON,
+                          EDITED),
+    "class renamed": (lambda f: edit_json(f, lambda m: m["classes"].__setitem__(0, "dog")),
+                      TASK_JSON, EDITED),
+    "normalization edited": (lambda f: edit_json(
+        f, lambda m: m["backbone"]["preprocessing"].update(mean=[0.0, 0.0, 0.0])), TASK_JSON,
+        EDITED),
+    "prefix tokens edited": (lambda f: edit_json(
+        f, lambda m: m["backbone"].update(num_prefix_tokens=1)), TASK_JSON, EDITED),
+    "adapter option edited": (lambda f: edit_json(f, set_config("init_std", 0.5)), TASK_JSON,
+                              EDITED),
 }
 
 

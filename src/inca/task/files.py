@@ -62,6 +62,31 @@ class _ReadRace(TaskError):
     """The folder changed while it was read (a save swapped it in): worth reading again."""
 
 
+# What the weights mean: the fields of task.json that turn tokens into outputs. Their
+# sha256 is saved inside the weights file (safetensors metadata), which task.json's
+# weights_sha256 covers: an edit of them (a member moved to another layer of the same width,
+# classes renamed or reordered) is refused instead of loading and predicting silently.
+# The backbone's name and how to create it are left out: a local backbone may move.
+_MEANING_KEY = "inca_meaning_sha256"
+_BACKBONE_MEANING = ("fingerprint", "layers", "embed_dims", "num_prefix_tokens",
+                     "preprocessing")
+
+
+def meaning_sha256(meta: dict[str, Any]) -> str:
+    """The sha256 of what a task's weights mean (see ``_MEANING_KEY``)."""
+    bb = meta.get("backbone", {})
+    meaning = {"classes": meta.get("classes"), "members": meta.get("members"),
+               "token_grid": meta.get("token_grid"),
+               "backbone": {k: bb.get(k) for k in _BACKBONE_MEANING}}
+    return hashlib.sha256(json.dumps(meaning, sort_keys=True).encode()).hexdigest()
+
+
+def _saved_meaning(data: bytes) -> str | None:
+    """The meaning sha256 a safetensors file's header holds (tasks saved before have none)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {}).get(_MEANING_KEY)
+
+
 @dataclass(frozen=True)
 class TaskFiles:
     """A task folder read and checked by :func:`read_task_files`; no backbone involved.
@@ -158,6 +183,12 @@ def _read_checked(folder: Path) -> TaskFiles:
         raise TaskError(f"{weights_file} is not a readable safetensors file ({first_line}): "
                         f"it is truncated or corrupted; {FIX}") from e
     check_tensors(tensors, expected, weights_check)
+    saved = _saved_meaning(data)
+    if saved is not None and saved != meaning_sha256(meta):
+        meta_check.fail("its classes, members or backbone layers differ from those the "
+                        "weights were saved with (it was edited after the save)",
+                        "restore the task.json saved with these weights, or fit the task "
+                        "again")
     return TaskFiles(folder, meta, tensors, _read_report(folder, meta.get("report_sha256")))
 
 
@@ -225,7 +256,8 @@ def write_task_folder(folder: Path, meta: dict[str, Any], tensors: dict[str, tor
             (replacing it would delete them).
         StorageError: the disk is full or read-only, or another process is saving there.
     """
-    weights = save_safetensors(tensors)
+    meaning = meaning_sha256(json.loads(_json_bytes(meta)))  # of the fields as read back
+    weights = save_safetensors(tensors, metadata={_MEANING_KEY: meaning})
     files = {TASK_WEIGHTS: weights}
     if report is not None:
         files[TASK_REPORT] = _json_bytes(report)
