@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
+from tiny import start_serve, stop_serve
 
 pytest.importorskip("fastapi")
 
@@ -47,51 +48,17 @@ def multipart(files: list[tuple[str, bytes]], **fields: str) -> tuple[bytes, str
         f"multipart/form-data; boundary={boundary}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(digits_task, tmp_path_factory):
     """``(port, task)``: ``inca serve`` of a tiny digits task, API key required."""
-    from tiny import save_tiny_hf_vit
-
-    import inca
-    from inca.data import load_dataset
-
-    tmp = tmp_path_factory.mktemp("faults")
-    bb = inca.create_backbone(f"hf:{save_tiny_hf_vit(tmp / 'vit')}")
-    task = inca.fit(bb, load_dataset("digits", limit=40), kinds=("linear",), layers="last",
-                    lrs=(1e-2,), epochs=1, progress=False)
-    task.save(tmp / "digits")  # served as task "digits"
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "inca.cli", "serve", "--task", str(tmp / "digits"), "--port",
-         str(port), "--device", "cpu", "--max-upload-mb", "0.1", "--max-image-megapixels", "1",
-         "--max-request-megapixels", "2"],
-        env={**os.environ, "INCA_API_KEY": KEY}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT)
+    folder, task = digits_task
+    proc, port = start_serve(
+        folder, tmp_path_factory.mktemp("faults") / "serve.log", "--max-upload-mb", "0.1",
+        "--max-image-megapixels", "1", "--max-request-megapixels", "2", key=KEY)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
-                    pytest.fail(f"inca serve did not start:\n{proc.stdout.read().decode()}")
-                time.sleep(0.1)
         yield port, task
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_serve(proc)
 
 
 def post(conn: http.client.HTTPConnection, files: list[tuple[str, bytes]],

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 from test_runtime import two_tasks  # noqa: F401 - fixture
+from tiny import start_serve, stop_serve
 
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
@@ -290,60 +291,9 @@ def test_answers_show_no_local_paths(name, shown, two_tasks, make_client,  # noq
 KEY = "k3y"
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    """``(folder, task)``: a tiny digits task on a tiny saved HF ViT (a local path)."""
-    from tiny import save_tiny_hf_vit
-
-    import inca
-    from inca.data import load_dataset
-
-    tmp = tmp_path_factory.mktemp("serving")
-    bb = inca.create_backbone(f"hf:{save_tiny_hf_vit(tmp / 'vit')}")
-    task = inca.fit(bb, load_dataset("digits", limit=40), kinds=("linear",), layers="last",
-                    lrs=(1e-2,), epochs=1, progress=False)
-    task.save(tmp / "digits")
-    return tmp / "digits", task
-
-
 def start_server(folder, tmp_path, *args: str):
     """``(process, port)`` of ``inca serve`` with ``args``, once /readyz answers 200."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "inca.cli", "serve", "--task", str(folder), "--port", str(port),
-         "--device", "cpu", *args], env={**os.environ, "INCA_API_KEY": KEY}, stdout=log,
-        stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if get(port, "/readyz", key=KEY)[0] == 200:
-                return proc, port
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("inca serve did not start:\n"
-                        + (tmp_path / f"serve-{port}.log").read_text())
-        time.sleep(0.1)
-
-
-def stop(proc) -> None:
-    import subprocess
-
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return start_serve(folder, tmp_path / "serve.log", *args, key=KEY)
 
 
 def get(port: int, path: str, key: str | None = None) -> tuple[int, str, dict]:
@@ -402,15 +352,15 @@ def check_prediction(answer: bytes, task, digit: Image.Image) -> None:
 
 
 @pytest.fixture(scope="module")
-def limited(task_dir, tmp_path_factory):
+def limited(digits_task, tmp_path_factory):
     """``(port, task)``: a server with 8 connections, 3 s for headers, 2 s for a body."""
-    folder, task = task_dir
+    folder, task = digits_task
     proc, port = start_server(folder, tmp_path_factory.mktemp("limited"), "--max-connections",
                               "8", "--header-timeout", "3", "--body-timeout", "2")
     try:
         yield port, task
     finally:
-        stop(proc)
+        stop_serve(proc)
 
 
 def test_slowloris_is_cut_off_and_connections_are_capped(limited):
@@ -490,9 +440,9 @@ def test_a_trickled_body_gets_408_and_is_closed(limited):
     assert time.monotonic() - started < 2 + 3
 
 
-def test_probes_and_metrics_of_a_real_server(limited, task_dir):
+def test_probes_and_metrics_of_a_real_server(limited, digits_task):
     port, _ = limited
-    folder, _ = task_dir
+    folder, _ = digits_task
     assert get(port, "/livez")[:2] == (200, '{"status":"ok"}')  # no key needed
     for path in ("/readyz", "/metrics", "/health", "/tasks"):
         assert get(port, path)[0] == 401, path
@@ -507,11 +457,11 @@ def test_probes_and_metrics_of_a_real_server(limited, task_dir):
         assert '"backbone":"hf:vit"' in text
 
 
-def test_sigterm_drains_what_is_in_flight_then_exits(task_dir, tmp_path):
+def test_sigterm_drains_what_is_in_flight_then_exits(digits_task, tmp_path):
     import signal
     import socket
 
-    folder, task = task_dir
+    folder, task = digits_task
     proc, port = start_server(folder, tmp_path, "--drain-timeout", "2", "--body-timeout",
                               "60", "--request-timeout", "60")
     digit, data = digit_png()
@@ -538,4 +488,4 @@ def test_sigterm_drains_what_is_in_flight_then_exits(task_dir, tmp_path):
         inflight.close()
         stalled.close()
         if proc.poll() is None:
-            stop(proc)
+            stop_serve(proc)

@@ -1,4 +1,5 @@
-"""Tiny random backbones of every source, for tests (no downloads)."""
+"""Tiny random backbones of every source, and a tiny task served by a real ``inca serve``,
+for tests (no downloads)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,71 @@ def make_backbone(source: str, tmp_path: Path) -> Backbone:
 
 
 SOURCES = ["timm-vit", "timm-cnn", "hf", "torchvision", "module"]
+
+
+# -- a tiny task served by a real `inca serve` process (the serving tests) -----------------
+def save_digits_task(folder: Path) -> tuple[Path, inca.Task]:
+    """``(task folder, task)``: a linear head (one epoch on 40 digits) on a tiny saved HF
+    ViT in ``folder/vit``, saved as ``folder/digits`` (served as task "digits")."""
+    from inca.data import load_dataset
+
+    bb = inca.create_backbone(f"hf:{save_tiny_hf_vit(folder / 'vit')}")
+    task = inca.fit(bb, load_dataset("digits", limit=40), kinds=("linear",), layers="last",
+                    lrs=(1e-2,), epochs=1, progress=False)
+    task.save(folder / "digits")
+    return folder / "digits", task
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(task: Path, log: Path, *args: str, key: str, timeout: float = 90.0):
+    """``(process, port)`` of ``inca serve --task task *args`` on a free loopback port with
+    API key ``key``, once ``/readyz`` answers 200; its stdout and stderr go to ``log``.
+    End it with :func:`stop_serve`."""
+    import http.client
+    import os
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    with open(log, "wb") as out:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inca.cli", "serve", "--task", str(task), "--port",
+             str(port), "--device", "cpu", *args], env={**os.environ, "INCA_API_KEY": key},
+            stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", "/readyz", headers={"X-API-Key": key})
+                if conn.getresponse().status == 200:
+                    return proc, port
+            finally:
+                conn.close()
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_serve(proc)
+            raise RuntimeError(f"inca serve did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+
+
+def stop_serve(proc) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
