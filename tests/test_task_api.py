@@ -288,6 +288,25 @@ def test_save_pretrained_from_pretrained_push_to_hub(fitted, tmp_path, monkeypat
     assert f"{task.metrics['val_accuracy']:.4f}" in body and "test accuracy" in body
     assert "## Fit report" in body and "| adapter | val acc |" in body
     assert Task.from_pretrained(folder, bb).classes == task.classes  # a local folder
+    # the hub's model-index carries each tested candidate's accuracy; no license is claimed
+    # unless the user states one, and the card says how
+    import yaml
+
+    meta = yaml.safe_load(front)
+    tested = {k: v for k, v in task.metrics["test_accuracy"].items() if v is not None}
+    assert tested and {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0][
+        "metrics"]} == pytest.approx({f"test accuracy ({k})": v for k, v in tested.items()},
+                                     rel=1e-5)
+    assert "license" not in meta and "set `task.license`" in body
+    task.license = "cc-by-nc-4.0"
+    folder = task.save_pretrained(tmp_path / "licensed")
+    assert yaml.safe_load((folder / TASK_CARD).read_text().split("---\n")[1])[
+        "license"] == "cc-by-nc-4.0"
+    assert load_task(folder, bb).license == "cc-by-nc-4.0"  # kept in task.json
+    task.license = "Apache 2.0\nevil: 1"
+    with pytest.raises(TaskError, match="license must be a license identifier"):
+        task.save(tmp_path / "bad")
+    task.license = None
 
     hub = tmp_path / "hub"
     calls: list[tuple[str, Any]] = []

@@ -126,6 +126,7 @@ class TaskFiles:
                     metrics=meta.get("metrics"), keys=[m["key"] for m in meta["members"]],
                     precision=precision)
         task.report = self.report
+        task.license = meta.get("license")
         return task
 
 

@@ -36,9 +36,13 @@ def model_card(task: Task) -> str:
              *(f"- {t}" for t in ("inca", "image-classification", "vision", "adapters",
                                   "frozen-backbone")),
              "pipeline_tag: image-classification"]
-    if source.get("hub_id"):
-        front.append(f"base_model: {json.dumps(source['hub_id'])}")
-    front += ["metrics:", "- accuracy", "---", ""]
+    base = source.get("hub_id") or (source.get("pretrained")
+                                    and _DINOV2_HUB.get(str(source.get("spec"))))
+    if base:
+        front.append(f"base_model: {json.dumps(base)}")
+    if task.license:
+        front.append(f"license: {task.license}")
+    front += ["metrics:", "- accuracy", *_model_index(task), "---", ""]
 
     name = info.get("name", "?")
     body = [f"# inca task: {len(task.classes)} classes on `{name}`", "",
@@ -84,10 +88,36 @@ def model_card(task: Task) -> str:
                         f"{acc:.4f}")
     if body[-1] == "":
         body.append("No metrics were recorded.")
+    body += ["", "## License", "", f"`{task.license}`" if task.license else
+             "Not stated. The data the adapters were trained on and the backbone's license "
+             "decide it: set `task.license` (e.g. `\"apache-2.0\"`) before "
+             "`save_pretrained` or `push_to_hub`. inca itself is Apache-2.0."]
     if report is not None:  # its headings two levels down, under this card's
         body += ["", "## Fit report", "", *("##" + line if line.startswith("#") else line
                                              for line in report.to_markdown().splitlines())]
     return "\n".join(front + body).rstrip() + "\n"
+
+
+# The bundled DINOv2 backbones are Meta's checkpoints on the hub.
+_DINOV2_HUB = {f"dinov2_vit{k}14": f"facebook/dinov2-{v}" for k, v in
+               (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))}
+
+
+def _model_index(task: Task) -> list[str]:
+    """The hub's ``model-index`` front matter: the test accuracy of each candidate the fit
+    scored (none when there was no test split)."""
+    tested = {k: v for k, v in ((task.metrics or {}).get("test_accuracy") or {}).items()
+              if v is not None}
+    if not tested:
+        return []
+    lines = ["model-index:", f"- name: {json.dumps(f'inca task ({len(task.classes)} classes)')}",
+             "  results:", "  - task:", "      type: image-classification",
+             "    dataset:", "      name: test split",
+             "      type: image-classification", "    metrics:"]
+    for cand, acc in tested.items():
+        lines += ["    - type: accuracy", f"      value: {float(acc):.6g}",
+                  f"      name: {json.dumps(f'test accuracy ({cand})')}"]
+    return lines
 
 
 def _cell(text: str) -> str:

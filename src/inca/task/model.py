@@ -89,6 +89,9 @@ class Task(nn.Module):
         self.precision = precision
         self.backbone = backbone
         self.report: FitReport | None = None  # by inca.fit, or read by load_task
+        # the license the task is shared under, in its model card (e.g. "apache-2.0"); the
+        # data it was trained on and the backbone's license decide it, so none by default
+        self.license: str | None = None
 
     # -- description ---------------------------------------------------------------
     @property
@@ -277,6 +280,8 @@ class Task(nn.Module):
             "metrics": self.metrics,
             "num_parameters": self.num_parameters(),
         }
+        if self.license is not None:
+            meta["license"] = self.license
         report = self.report.to_dict() if self.report is not None else None
         return write_task_folder(Path(path), meta, tensors, report=report,
                                  card=model_card(self))

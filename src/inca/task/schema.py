@@ -44,6 +44,13 @@ FIX = "save the task again (Task.save, or `inca fit --out ...`)"
 _UNSAFE_KWARGS = ("trust_remote_code", "code_revision")
 
 
+def license_ok(value: Any) -> bool:
+    """A license identifier as the Hugging Face hub takes it (``apache-2.0``, ``mit``,
+    ``cc-by-nc-4.0``, ``other``): short, lowercase letters, digits, ``.``, ``-``, ``+``."""
+    return (isinstance(value, str) and 0 < len(value) <= 64
+            and all(c.isascii() and (c.islower() or c.isdigit() or c in ".-+") for c in value))
+
+
 class Checker:
     """Raises the one-line :class:`TaskError` of a check that failed on ``file``."""
 
@@ -103,7 +110,7 @@ def check_meta(meta: Any, check: Checker) -> list[Adapter]:
         check.fail(f"format_version {_shown(version)} is not one this inca reads "
                    f"({', '.join(map(str, READABLE_FORMATS))})",
                    fix="upgrade inca to load it" if newer else FIX)
-    optional = {"token_grid", "metrics", "num_parameters"}
+    optional = {"token_grid", "metrics", "num_parameters", "license"}
     required = {"format_version", "classes", "members", "backbone"}
     (required if version >= 2 else optional).add("weights_sha256")
     if version >= 3:
@@ -128,6 +135,9 @@ def check_meta(meta: Any, check: Checker) -> list[Adapter]:
         check.fail(f"metrics must be a JSON object, got {_shown(top['metrics'])}")
     if "num_parameters" in top:
         check.integer(top["num_parameters"], "num_parameters", 0, 1 << 62)
+    if top.get("license") is not None and not license_ok(top["license"]):
+        check.fail(f"license must be a license identifier such as 'apache-2.0', got "
+                   f"{_shown(top['license'])}")
     members = top["members"]
     if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
         check.fail(f"members must be a list of 1 to {MAX_MEMBERS} members, got "
