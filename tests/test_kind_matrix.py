@@ -1,6 +1,7 @@
 """Every registered adapter kind through every way a task is used: save → ``load_task``,
-``task.to_module()``, the multi-task runtime (with a task of another kind in the same
-backbone pass) and the HTTP server, each answering the task's own ``predict_proba``.
+``task.to_module()`` (and its ``torch.export``), the multi-task runtime (with a task of
+another kind in the same backbone pass) and the HTTP server, each answering the task's
+own ``predict_proba``.
 
 The cases are built: every parameter is drawn at random (LayerNorm affines, biases and
 queries included, so a step that drops or resets one changes the answer), on a tiny random
@@ -25,6 +26,10 @@ them by far more than that (``test_the_cases_are_not_saturated``).
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +189,36 @@ def test_to_module_equals_predict_proba(case, tasks, folders, bb):
         normalized = (x.float() / 255 - module.mean) / module.std  # the float input too
         with torch.no_grad():
             close(module(normalized), task.predict_proba(x))
+
+
+def export_each_case(folder: str) -> dict[str, str]:
+    """In a fresh process: export every case's module *before* any eager pass (what a
+    script that loads a task and exports it does), then predict eagerly. ``"ok"`` or what
+    went wrong, per case."""
+    bb, x, result = make_backbone("timm-vit", Path(folder)), pixels(), {}
+    for i, case in enumerate(CASES):
+        task = build_task(case, bb, seed=i)
+        try:
+            exported = torch.export.export(task.to_module(), (x,)).module()(x)
+            after = task.predict_proba(x)  # nothing made while tracing may be kept
+            assert type(after) is torch.Tensor, f"predict_proba gave a {type(after).__name__}"
+            close(exported, after)
+            result[case] = "ok"
+        except Exception as e:  # noqa: BLE001 - reported per case to the test
+            result[case] = f"{type(e).__name__}: {str(e)[:300]}"
+    return result
+
+
+def test_export_first_then_predict_in_a_fresh_process(tmp_path):
+    code = ("import json, sys, test_kind_matrix as m; "
+            "print(json.dumps(m.export_each_case(sys.argv[1])))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == dict.fromkeys(CASES, "ok")
 
 
 @pytest.mark.parametrize("case", CASES)

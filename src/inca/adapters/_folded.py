@@ -109,11 +109,23 @@ def _accumulate(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-@functools.lru_cache(maxsize=512)
 def index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """An index tensor made once per device: a copy from host memory at every step would
-    make the host wait for the GPU."""
+    make the host wait for the GPU. Made afresh while traced: ``torch.export`` makes fake
+    tensors, which, kept, would be what every later eager pass computes with."""
+    if _tracing():
+        return _index_tensor.__wrapped__(values, device)
+    return _index_tensor(values, device)
+
+
+@functools.lru_cache(maxsize=512)
+def _index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _tracing() -> bool:
+    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing())
 
 
 class _Layout(NamedTuple):
@@ -229,7 +241,8 @@ def cross_attention(
         len(idx) == k and all(0 <= i < n_layers for i in idx)
         for idx, k in zip(index, sizes, strict=True)),
         f"each adapter needs one layer in [0, {n_layers}); got {list(layer_index)}")
-    lay = _layout(index, tuple(rows), tuple(skips), n_layers, tokens.device)
+    layout = _layout.__wrapped__ if _tracing() else _layout  # as index_tensor
+    lay = layout(index, tuple(rows), tuple(skips), n_layers, tokens.device)
 
     # Keys of every adapter, laid out per layer: (L, W, D). One matmul per layer scores
     # all of its adapters' query-heads; an extra row of 1/D yields the tokens' means too.
