@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,6 +179,24 @@ def test_cli_fit_and_predict(tmp_path):
     res = CliRunner().invoke(app, ["predict", "--task", str(out / "task"), str(img)])
     assert res.exit_code == 0, res.output
     assert "x.png:" in res.output
+    # a folder of images, one unreadable: the others predicted, the bad one named, exit 1
+    shots = tmp_path / "shots"
+    (shots / "sub").mkdir(parents=True)
+    (shots / ".hidden").mkdir()
+    for name in ("a.png", "sub/b.png", ".hidden/c.png"):
+        load_dataset("digits", split="test")[1][0].save(shots / name)
+    (shots / "bad.png").write_bytes(b"not an image")
+    (shots / "notes.txt").write_text("not an image either")
+    res = CliRunner().invoke(app, ["predict", "--task", str(out / "task"),
+                                   str(shots), "--json", "--top-k", "2"])
+    assert res.exit_code == 1, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [Path(r["image"]).relative_to(shots).as_posix() for r in rows] == [
+        "a.png", "bad.png", "sub/b.png"]
+    assert "bad.png" in rows[1]["error"] and "1 of 3 images could not be read" in res.stderr
+    (top,) = rows[0]["tasks"].values()
+    assert len(top) == 2 and top[0]["probability"] >= top[1]["probability"]
+    assert rows[0]["tasks"] == rows[2]["tasks"]  # the same digit image twice
     res = CliRunner().invoke(app, ["predict", "--task", str(tmp_path), str(img)])
     assert res.exit_code == 2 and "not a task folder" in res.output
     res = CliRunner().invoke(app, ["fit", "--backbone", f"hf:{folder}", "--data", "digits",

@@ -36,12 +36,34 @@ def _model(task: list[Path], backbone: str | None, checkpoint: Path | None, devi
         **({"checkpoint_path": str(checkpoint.resolve())} if checkpoint else {}))
 
 
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files given, each folder replaced by the images under it (sorted, hidden files
+    and folders left out, as data sets read them)."""
+    from inca.data.folders import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
+                          and f.is_file()
+                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        else:
+            out.append(p)
+    return out
+
+
+_PREDICT_CHUNK = 64  # images opened and predicted at a time: a large folder streams
+
+
 @app.command("predict")
 @friendly
 def predict_cmd(
-    images: Annotated[list[Path], typer.Argument(help="image files")],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
     task: TaskFolders,
     top_k: Annotated[int, typer.Option(help="labels shown per image")] = 3,
+    json_lines: Annotated[bool, typer.Option(
+        "--json", help="one JSON object per image: {image, tasks: {task: [{label, "
+        "probability}]}} or {image, error}")] = False,
     backbone: TaskBackbone = None,
     checkpoint: TaskCheckpoint = None,
     device: Device = "auto",
@@ -53,12 +75,48 @@ def predict_cmd(
     Several tasks share one backbone pass (they must have been trained on the same
     backbone weights). The backbone is created as the tasks record it (local paths are
     absolute; no download for local or --no-pretrained backbones), or from --backbone.
+    An image that cannot be read is reported and the others are predicted; the exit code
+    is then 1.
     """
+    import json
+
+    from inca.task.inputs import open_one
+
+    files = image_files(images)
+    if not files:
+        raise InCAError(f"no images in {', '.join(map(str, images))}: give image files or "
+                        "folders holding them")
     model = _model(task, backbone, checkpoint, device, precision, backbone_dtype)
-    for name, per_image in model.predict([str(p) for p in images], top_k=top_k).items():
-        typer.echo(f"task {name}:")
-        for img, top in zip(images, per_image, strict=True):
-            typer.echo(f"  {img}: " + ", ".join(f"{label} {p:.3f}" for label, p in top))
+    failed = 0
+    for start in range(0, len(files), _PREDICT_CHUNK):
+        opened, errors = [], {}
+        for f in files[start:start + _PREDICT_CHUNK]:
+            try:
+                opened.append((f, open_one(str(f))))
+            except InCAError as e:
+                errors[f] = str(e)
+        answers = model.predict([im for _, im in opened], top_k=top_k) if opened else {}
+        good = {f: i for i, (f, _) in enumerate(opened)}
+        for f in files[start:start + _PREDICT_CHUNK]:
+            if f in errors:
+                failed += 1
+                if json_lines:
+                    typer.echo(json.dumps({"image": str(f), "error": errors[f]}))
+                else:
+                    typer.echo(f"error: {errors[f]}", err=True)
+                continue
+            per_task = {name: per_image[good[f]] for name, per_image in answers.items()}
+            if json_lines:
+                typer.echo(json.dumps({"image": str(f), "tasks": {
+                    name: [{"label": label, "probability": p} for label, p in top]
+                    for name, top in per_task.items()}}))
+            else:
+                for name, top in per_task.items():  # the task named when there are several
+                    typer.echo(f"{f}: " + (f"[{name}] " if len(per_task) > 1 else "")
+                               + ", ".join(f"{label} {p:.3f}" for label, p in top))
+    if failed:
+        typer.echo(f"{failed} of {len(files)} images could not be read", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("serve")
