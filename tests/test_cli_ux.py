@@ -99,6 +99,16 @@ def test_unknown_backbone_suggests_the_close_match(tmp_path):
     assert res.exit_code == 2 and "did you mean 'dinov2_vits14'" in res.output
 
 
+def test_a_failed_fit_leaves_no_empty_run_folder(tmp_path):
+    (tmp_path / "kept").mkdir()  # a folder the user made is theirs: kept, even empty
+    for out in (tmp_path / "new", tmp_path / "kept"):
+        res = run("fit", "--backbone", "dinov2_vits16", "--data", "digits", "--limit", "10",
+                  "--out", out)
+        assert res.exit_code == 2 and "did you mean" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "kept"]
+
+
 def test_checkpoint_option_on_every_command_that_builds_a_backbone():
     for command in ("extract", "fit", "compare"):
         assert "--checkpoint" in run(command, "--help").output, command

@@ -134,13 +134,20 @@ def fit_cmd(
     dev, dtype = resolve_device(ctx.device(device)), torch_dtype(backbone_dtype)  # checked early
     bb_kwargs = backbone_kwargs(input_size, pretrained, checkpoint)
     _check_no_task(out, overwrite)
+    created = not out.exists()
     check_writable(out)  # before hours of work whose result could not be saved
-    with FolderLock(out, "run folder") if ctx.is_main else nullcontext():
-        _fit_into(out, backbone, data, config, dev, dtype, bb_kwargs=bb_kwargs, limit=limit,
-                  test_limit=test_limit, val_data=val_data, test_data=test_data,
-                  columns={"image_column": image_column, "label_column": label_column,
-                           "skip_unreadable": skip_unreadable},
-                  num_workers=num_workers, overwrite=overwrite, drop_cache=drop_cache)
+    try:
+        with FolderLock(out, "run folder") if ctx.is_main else nullcontext():
+            _fit_into(out, backbone, data, config, dev, dtype, bb_kwargs=bb_kwargs,
+                      limit=limit, test_limit=test_limit, val_data=val_data,
+                      test_data=test_data,
+                      columns={"image_column": image_column, "label_column": label_column,
+                               "skip_unreadable": skip_unreadable},
+                      num_workers=num_workers, overwrite=overwrite, drop_cache=drop_cache)
+    except BaseException:
+        if created and ctx.is_main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty --out
+        raise
 
 
 def _check_no_task(out: Path, overwrite: bool) -> None:
