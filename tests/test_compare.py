@@ -8,7 +8,7 @@ import pytest
 from tiny import save_tiny_hf_vit
 from typer.testing import CliRunner
 
-from inca.baselines.compare import CompareConfig, summarise
+from inca.baselines.compare import CompareConfig, summarise, to_markdown
 from inca.cli import app
 from inca.errors import InCAError
 
@@ -66,10 +66,30 @@ def test_config_and_summary():
     ]
     rows = {r["method"]: r for r in summarise(runs, backbone_bytes=1000)}
     assert rows["inca"]["test_accuracy_mean"] == pytest.approx(0.87)
-    assert rows["inca"]["time_vs_full"] == pytest.approx(0.1)  # seed 0's cost
-    assert rows["inca"]["memory_vs_full"] == pytest.approx(0.3)
-    assert rows["inca"]["accuracy_minus_full"] == pytest.approx(-0.03)
+    assert rows["inca"]["reference"] == "full"
+    assert rows["inca"]["time_vs_ref"] == pytest.approx(0.1)  # seed 0's cost
+    assert rows["inca"]["memory_vs_ref"] == pytest.approx(0.3)
+    assert rows["inca"]["accuracy_minus_ref"] == pytest.approx(-0.03)
     assert rows["inca"]["stored_percent_of_backbone"] == pytest.approx(2.0)
+    assert CompareConfig(device="cpu").seeds == 1  # a quick look by default
+
+    # without full: ratios against the most accurate method, named in the columns; one seed
+    # shows no "± 0.00"; the verdict leads with the winner and says who is slower
+    cheap = [dict(r, method={"full": "linear"}.get(r["method"], r["method"])) for r in runs]
+    cheap = [r for r in cheap if r["seed"] == 0]
+    summary = summarise(cheap, backbone_bytes=1000)
+    assert {r["reference"] for r in summary} == {"linear"}
+    assert next(r for r in summary if r["method"] == "inca")["time_vs_ref"] == \
+        pytest.approx(0.1)
+    md = to_markdown({"config": {"data": "d", "limit": 1, "val_fraction": 0.1,
+                                 "test_limit": 1, "epochs": 1, "batch_size": 1,
+                                 "device": "cpu"},
+                      "backbone": {"name": "b"}, "extraction": {}, "summary": summary,
+                      "runs": cheap})
+    assert "Δ vs best (linear)" in md and "n/a" not in md and "± 0.00" not in md
+    assert "Verdict: linear is the most accurate (90.0%, 100.0 s); inca -2.0 points in " \
+           "0.10x its time." in md
+    assert md.index("Verdict") < md.index("| method |")
 
 
 def test_config_checks_every_option_and_suggests():

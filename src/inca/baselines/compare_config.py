@@ -22,7 +22,8 @@ class CompareConfig:
         epochs: the epoch budget of every method.
         limit: training samples (a seeded, class-balanced subset).
         test_limit: test samples.
-        seeds: seeds of the cheap methods (probes, InCA): mean and spread are reported.
+        seeds: seeds of the cheap methods (probes, InCA); one by default, for a quick look:
+            with more, mean and spread are reported.
         expensive_seeds: seeds of full, last-layer and LoRA fine-tuning.
         batch_size: batch size of every method.
         lrs: learning-rate grid of the probes and InCA.
@@ -51,7 +52,7 @@ class CompareConfig:
     epochs: int = 3
     limit: int | None = 2000
     test_limit: int | None = 1000
-    seeds: int = 3
+    seeds: int = 1
     expensive_seeds: int = 1
     batch_size: int = 32
     lrs: tuple[float, ...] = (1e-3, 3e-3)
