@@ -21,10 +21,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from inca._version import __version__
-from inca.backbones import Backbone, Preprocessing, create_backbone, from_module, list_backbones
 from inca.errors import InCAError
 
-if TYPE_CHECKING:  # imported on first use (below), so `import inca` stays quick
+if TYPE_CHECKING:  # imported on first use (below), so `import inca` imports no torch
+    from inca.backbones import (
+        Backbone,
+        Preprocessing,
+        create_backbone,
+        from_module,
+        list_backbones,
+    )
     from inca.runtime import MultiTaskModel
     from inca.task import FitReport, Task, TaskModule, load_task
     from inca.training import fit
@@ -32,6 +38,11 @@ if TYPE_CHECKING:  # imported on first use (below), so `import inca` stays quick
 # name -> module: the real objects, imported on first access (PEP 562), so `inca.fit` *is*
 # inca.training.fit: help() and inspect.signature() show its parameters and docstring.
 _LAZY = {
+    "Backbone": "inca.backbones",
+    "Preprocessing": "inca.backbones",
+    "create_backbone": "inca.backbones",
+    "from_module": "inca.backbones",
+    "list_backbones": "inca.backbones",
     "fit": "inca.training",
     "load_task": "inca.task",
     "Task": "inca.task",

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 
 import torch
 
+from inca._choices import PRECISIONS
 from inca.errors import InCAError
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 _ALIASES = {"32-true": "32", "fp32": "32", "float32": "32", "bf16": "bf16-mixed",
             "16": "16-mixed", "fp16": "16-mixed"}
 _DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

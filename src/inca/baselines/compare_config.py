@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inca._precision import resolve_device, resolve_precision
 from inca.errors import InCAError
 
 METHODS = ("full", "last", "lora", "linear", "multilayer", "inca")
@@ -96,6 +95,8 @@ class CompareConfig:
             raise InCAError("equal_time gives the other methods full fine-tuning's wall "
                             "time: include 'full' in the methods")
         # Resolved once, here: every method and every child process runs the same.
+        from inca._precision import resolve_device, resolve_precision  # imports torch
+
         device = resolve_device(self.device)
         self.device = str(device)
         self.precision = resolve_precision(self.precision, device)

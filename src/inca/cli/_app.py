@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from inca._files import storage_error
 from inca.errors import InCAError, user_message
 
 app = typer.Typer(
@@ -54,6 +53,8 @@ def friendly(fn):
             typer.secho("interrupted; completed work is kept (re-run to resume)", err=True)
             raise typer.Exit(130) from None
         except OSError as e:  # disk full, read-only, permission: say so, no traceback
+            from inca._files import storage_error
+
             err = storage_error(e, e.filename or "the output")
             if err is None:
                 raise

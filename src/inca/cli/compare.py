@@ -13,8 +13,7 @@ from typing import Annotated
 
 import typer
 
-from inca._files import check_writable
-from inca.baselines.compare import CompareConfig, run_compare, to_markdown, write
+from inca.baselines.compare_config import CompareConfig
 from inca.cli._app import app, friendly
 from inca.cli._options import (
     BackboneSpec,
@@ -32,6 +31,13 @@ from inca.cli._options import (
 )
 
 _default = functools.partial(config_default, CompareConfig)
+
+
+def run_compare(config: CompareConfig, **kwargs) -> dict:
+    """:func:`inca.baselines.compare.run_compare`, imported when run (it imports torch)."""
+    from inca.baselines.compare import run_compare as run
+
+    return run(config, **kwargs)
 
 
 @app.command("compare")
@@ -74,6 +80,9 @@ def compare_cmd(
     A method that fails does not stop the others: the table and compare.json hold what
     finished and list each failure with its error (the exit code is then 1).
     """
+    from inca._files import check_writable
+    from inca.baselines.compare import to_markdown, write
+
     checkpoint_path = backbone_kwargs(None, True, checkpoint).get("checkpoint_path")
     check_data(data)
     config = CompareConfig(

@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 
-from inca._files import FolderLock, check_writable
 from inca.cli._app import app, context, friendly
 from inca.cli._options import (
     BackboneDtype,
@@ -114,6 +113,7 @@ def fit_cmd(
              "by default, so that a refit of the same data skips the backbone")] = False,
 ) -> None:
     """Train a bank of adapters in parallel, select on validation, save the task and report."""
+    from inca._files import FolderLock, check_writable
     from inca._precision import resolve_device
     from inca.adapters import list_adapters
 

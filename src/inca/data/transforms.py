@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from inca._choices import AUGMENTATIONS
 from inca.backbones.base import Preprocessing
 from inca.data.images import to_rgb
 from inca.errors import DataError
 
-AUGMENTATIONS = ("none", "crop", "crop-flip")
 #: Beyond this ratio of the longer side to the shorter one, ``"none"`` resizes only the
 #: part of the image that its center crop keeps (a 4 x 100,000 strip would otherwise be
 #: resized to S x 25,000 S pixels before being cropped: gigabytes for one image).

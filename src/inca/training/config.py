@@ -6,11 +6,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from inca._precision import PRECISIONS
-from inca.data.transforms import augmentation
+from inca._choices import PRECISIONS
 from inca.errors import ConfigError, InCAError
 
+# the names that fields take (torch-free: `inca fit --help` lists them)
 SELECT_BY = ("accuracy", "loss")
+MODES = ("auto", "cached", "streaming")
+CACHE_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -106,8 +108,10 @@ class FitConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.select_by not in SELECT_BY:
             raise ConfigError(f"select_by must be 'accuracy' or 'loss', got {self.select_by!r}")
-        if self.mode not in ("auto", "cached", "streaming"):
+        if self.mode not in MODES:
             raise ConfigError(f"mode must be 'auto', 'cached' or 'streaming', got {self.mode!r}")
+        from inca.data.transforms import augmentation
+
         try:
             self.augment = augmentation(self.augment)
         except InCAError as e:
@@ -121,7 +125,7 @@ class FitConfig:
             raise ConfigError(f"cache_budget_gb must be >= 0, got {self.cache_budget_gb}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.cache_dtype not in ("float16", "float32"):
+        if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"cache_dtype must be float16 or float32, got {self.cache_dtype!r}")
         if self.precision not in ("auto", *PRECISIONS):
             raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; "
