@@ -225,6 +225,26 @@ def test_timm_model_that_cannot_run_at_the_size_is_refused_clearly():
         TimmBackbone(model, name="timm:vit_tiny_patch16_224", input_size=48)
 
 
+def test_a_size_that_fails_only_in_a_late_stage_is_refused_at_creation_naming_sizes():
+    # hrnet_w18_small runs its stem at 112 px, then fails to fuse branches of 28 and 32 px:
+    # the check runs every layer, and names the sizes the model does run at
+    with pytest.raises(BackboneError, match=r"does not run on 112 px images.*Fix: use "
+                                            r"--input-size 32 or 64 or 96 or 128 "):
+        inca.create_backbone("timm:hrnet_w18_small", pretrained=False, input_size=112)
+    bb = inca.create_backbone("timm:hrnet_w18_small", pretrained=False, input_size=128)
+    assert set(bb.extract(torch.zeros(1, 3, 128, 128), "all")) == set(bb.layers)
+
+
+def test_a_model_timm_will_not_rebuild_for_the_size_runs_as_built():
+    # timm refuses twins_svt_small with img_size=112 (7 is not a multiple of its 2 px
+    # patches), yet the model as built for 224 px runs at 112 px
+    bb = inca.create_backbone("timm:twins_svt_small", pretrained=False, input_size=112,
+                              depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64),
+                              num_heads=(1, 2, 3, 4))
+    assert bb.preprocessing.input_size == 112
+    assert set(bb.extract(torch.zeros(1, 3, 112, 112), "all")) == set(bb.layers)
+
+
 @pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2",  # CLS + 4 registers
                                   "deit_tiny_distilled_patch16_224", "vit_tiny_patch16_224"])
 @pytest.mark.parametrize("layers", ["all", ["blocks.0"]])

@@ -60,22 +60,35 @@ class TimmBackbone(Backbone):
         self.token_layout = self._probe_layout()
         self.num_prefix_tokens = self.token_layout["prefix_tokens"]
 
+    def _runs_at(self, size: int) -> list[Any] | None:
+        """The first and deepest layers' outputs on a blank image of ``size`` px, or
+        ``None`` when the model does not run at that size (through every layer: some fail
+        only in a late stage, e.g. a window that no longer divides the feature map)."""
+        x = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
+        try:
+            with torch.no_grad():
+                return self._raw(x, sorted({0, len(self.layers) - 1}))
+        except Exception:  # noqa: BLE001 - any failure means: not at this size
+            return None
+
     def _probe_layout(self) -> dict[str, Any]:
         """The token layout of the model's real output on a blank image at the input size."""
         s = self.preprocessing.input_size
-        x = torch.zeros(1, 3, s, s, device=self.device, dtype=self.dtype)
-        try:
-            with torch.no_grad():
-                out = self._raw(x, [0])[0]
-        except Exception as e:  # a model built for one size, shapes that do not fit ...
-            native = _current_size(self.model)
-            stride = int(self.model.feature_info[-1].get("reduction", 0) or 0)
-            other = f"another size (a multiple of {stride} px)" if stride else "another size"
-            fix = (f"use --input-size {native} (input_size={native}), the size it was built "
-                   f"for, or {other}" if native and native != s else
-                   f"choose {other} or another model")
-            raise BackboneError(f"{self.name} does not run on {s} px images ({e}). Fix: {fix}."
-                                ) from e
+        outs = self._runs_at(s)
+        if outs is None:  # a model built for one size, a window that does not divide ...
+            stride = int(self.model.feature_info[-1].get("reduction", 0) or 0) or 16
+            tried = sorted({k * stride for k in range(max(1, s // (2 * stride)),
+                                                       2 * s // stride + 1)}, key=lambda v:
+                           abs(v - s))[:8]
+            works = sorted(v for v in tried if v != s and self._runs_at(v) is not None)
+            native = _native_size(self.model)
+            fix = (f"use --input-size {' or '.join(map(str, works[:4]))} (sizes it runs at "
+                   f"here)" if works else
+                   f"use --input-size {native} (input_size={native}), the size it was built "
+                   "for" if native and native != s else "choose another size or model")
+            raise BackboneError(f"{self.name} does not run on {s} px images (tried every "
+                                f"layer on a blank image). Fix: {fix}.")
+        out = outs[0]
         reduction = int(self.model.feature_info[0].get("reduction", 0) or 0)
         if isinstance(out, tuple):  # (patches (B, L, D), prefix (B, P, D))
             prefix, n = int(out[1].shape[1]), int(out[0].shape[1])
@@ -302,7 +315,10 @@ def _resize(timm: Any, model: nn.Module, name: str, size: int, pretrained: bool,
         except Exception:  # noqa: BLE001 - rebuilt with img_size below
             pass
     if takes_img_size(type(model)):
-        return _create(timm, name, pretrained, offline, {**kwargs, "img_size": size})
+        try:
+            return _create(timm, name, pretrained, offline, {**kwargs, "img_size": size})
+        except BackboneError:  # timm refuses to build it for this size (twins_svt_small at
+            pass  # 112 px): the model as built may still run at it; TimmBackbone checks
     return model  # no size of its own (a CNN): TimmBackbone checks that it runs at this size
 
 
