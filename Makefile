@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 ASSETS := $(VENV)/.assets-installed
 PIP    := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: all venv assets demo test test-fast lint bench clean
+.PHONY: all venv assets demo test test-fast lint bench mutation clean
 
 all: test
 
@@ -48,5 +48,17 @@ bench: $(ASSETS)
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/compare.py
 
+# Mutation testing (mutmut 3) of training/, adapters/, runtime/ and task/; not part of
+# `make test`: all four rooms take hours on two cores. MUTATE narrows it to files or folders
+# (make mutation MUTATE=src/inca/training/selection.py), TESTS replaces the test files
+# selected in pyproject's [tool.mutmut]. Writes benchmarks/results/mutation.{json,md} over
+# every module run so far (mutants/ keeps the results; delete it to start again).
+MUTATE ?= src/inca/training src/inca/adapters src/inca/runtime src/inca/task
+TESTS ?=
+MUTATION_CHILDREN ?= 2
+mutation: $(ASSETS)
+	$(BIN)/python benchmarks/mutation.py --max-children $(MUTATION_CHILDREN) \
+		--mutate $(MUTATE) $(if $(TESTS),--tests $(TESTS))
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache mutants

@@ -1,0 +1,214 @@
+"""Mutation testing (mutmut 3) of the rooms that learn and serve: training/, adapters/,
+runtime/ and task/.
+
+Usage: python benchmarks/mutation.py [--mutate PATH ...] [--tests TEST_FILE ...]
+                                     [--max-children 2] [--summary-only]
+       (``make mutation MUTATE="src/inca/training/selection.py src/inca/task/schema.py"``)
+
+mutmut copies the package to ``mutants/`` (git-ignored), mutates every function of the four
+rooms (``[tool.mutmut]`` in pyproject.toml), records once which of the selected tests reach
+which function, then runs each mutant of the ``--mutate`` files or folders against the tests
+that reached its function. The whole scope takes hours on two cores, so ``--mutate`` runs
+part of it; results pile up in ``mutants/`` across runs, and the summary covers every module
+with checked mutants.
+
+Writes ``benchmarks/results/mutation.{json,md}``: killed / survived / timeout / no tests per
+module, the score (detected / all: killed, timed out and crashed mutants are detected;
+survivors and mutants no selected test reaches are not), the same score without the
+mutants explained below as equivalent, each survivor's diff with its explanation, and the
+modules not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOMS = ("training", "adapters", "runtime", "task")
+DETECTED = ("killed", "timeout", "segfault", "caught by type check")
+UNDETECTED = ("survived", "no tests", "suspicious")
+# mutmut 3's exit codes (mutmut.stats.status_by_exit_code), kept here so the summary reads
+# the meta files without importing mutmut
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests",
+          34: "skipped", 35: "suspicious", 36: "timeout", 37: "caught by type check",
+          -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault",
+          -9: "segfault", 2: "interrupted"}
+
+# Survivors that no test should kill, by mutant name (names follow the source: an edit of
+# a function above renumbers nothing, an edit of the function itself may). "equivalent":
+# the mutant behaves as the original (left out of the adjusted score); "accepted": a real
+# difference the tests leave alone on purpose (counted as a survivor).
+EXPLAINED: dict[str, tuple[str, str]] = {}
+
+
+def mutant_glob(path: str) -> str:
+    """mutmut's name pattern for a source file or folder: src/inca/task/schema.py ->
+    inca.task.schema.*"""
+    p = Path(path)
+    parts = list(p.with_suffix("").parts if p.suffix == ".py" else p.parts)
+    if parts and parts[0] == "src":
+        parts = parts[1:]
+    if parts and parts[-1] == "__init__":  # a package's own functions: inca.task.x_...
+        return ".".join(parts[:-1]) + ".x*"
+    if not (len(parts) >= 2 and parts[0] == "inca" and parts[1] in ROOMS):
+        raise SystemExit(f"{path}: not under src/inca/{{{','.join(ROOMS)}}}")
+    return ".".join(parts) + ".*"
+
+
+def run_mutmut(globs: list[str], tests: list[str], max_children: int) -> None:
+    """In this process: mutmut's ``run`` with the test selection replaced by ``tests``."""
+    os.chdir(ROOT)
+    from mutmut import configuration
+
+    cfg = configuration.config()
+    if tests:
+        cfg.pytest_add_cli_args_test_selection = list(tests)
+    import mutmut.__main__ as mm
+
+    mm._run(globs, max_children)
+
+
+def read_results() -> dict[str, dict[str, str]]:
+    """``{source path: {mutant name: status}}`` from mutmut's meta files."""
+    out = {}
+    for room in ROOMS:
+        for meta in sorted((ROOT / "mutants" / "src" / "inca" / room).rglob("*.py.meta")):
+            source = meta.relative_to(ROOT / "mutants").as_posix()[: -len(".meta")]
+            codes = json.loads(meta.read_text())["exit_code_by_key"]
+            out[source] = {k: "not checked" if v is None else STATUS.get(v, "suspicious")
+                           for k, v in codes.items()}
+    return out
+
+
+def diff_of(name: str, source: str) -> str:
+    os.chdir(ROOT)
+    try:
+        from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+        lines = get_diff_for_mutant(name, path=source).splitlines()
+        return "\n".join(line for line in lines if line.startswith(("+", "-"))
+                         and not line.startswith(("+++", "---")))
+    except Exception as e:  # the summary still lists the mutant
+        return f"(no diff: {e})"
+
+
+def score(counts: Counter) -> float | None:
+    detected = sum(counts[s] for s in DETECTED)
+    total = detected + sum(counts[s] for s in UNDETECTED)
+    return detected / total if total else None
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def summarize(tests: list[str]) -> None:
+    from _common import publish
+
+    results = read_results()
+    if not results:
+        raise SystemExit("no mutmut results in mutants/: run without --summary-only first")
+    modules, not_run, survivors, total = [], [], [], Counter()
+    equivalent = Counter()
+    for source, statuses in results.items():
+        counts = Counter(statuses.values())
+        checked = sum(n for s, n in counts.items() if s != "not checked")
+        if not checked:
+            not_run.append({"module": source, "mutants": len(statuses)})
+            continue
+        total += counts
+        modules.append({"module": source, "mutants": len(statuses), **dict(counts),
+                        "score": score(counts)})
+        for name, status in sorted(statuses.items()):
+            if status in UNDETECTED:
+                kind, why = EXPLAINED.get(name, ("unexplained", ""))
+                if kind == "equivalent":
+                    equivalent[status] += 1
+                survivors.append({"mutant": name, "module": source, "status": status,
+                                  "explained": kind, "why": why,
+                                  "diff": diff_of(name, source)})
+    raw = score(total)
+    adjusted = score(total - equivalent)
+    unexplained = [s for s in survivors if s["explained"] == "unexplained"]
+    fields = {
+        "scope": "src/inca/{training,adapters,runtime,task}",
+        "tests": tests,
+        "score": raw, "score_excluding_equivalent": adjusted,
+        "totals": dict(total), "equivalent": sum(equivalent.values()),
+        "unexplained_survivors": len(unexplained),
+        "modules": modules, "not_run": not_run, "survivors": survivors,
+    }
+    md = ["# Mutation testing: training/, adapters/, runtime/, task/", "",
+          "mutmut 3 (`make mutation`, `benchmarks/mutation.py`): every function of the four "
+          "rooms mutated; each mutant run against the selected tests that reach its function. "
+          "Score = detected / (detected + undetected); detected = killed, timed out or "
+          "crashed; undetected = survived or reached by no selected test.", "",
+          f"**Score: {pct(raw)}** over {len(modules)} module(s) "
+          f"({sum(total[s] for s in DETECTED + UNDETECTED)} mutants); "
+          f"{pct(adjusted)} without the {sum(equivalent.values())} equivalent mutant(s) "
+          f"explained below; {len(unexplained)} survivor(s) unexplained.", "",
+          "| module | mutants | killed | timeout | survived | no tests | not run | score |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in modules:
+        md.append(f"| `{m['module']}` | {m['mutants']} | {m.get('killed', 0)} | "
+                  f"{m.get('timeout', 0)} | {m.get('survived', 0)} | "
+                  f"{m.get('no tests', 0)} | {m.get('not checked', 0)} | {pct(m['score'])} |")
+    md += ["", "## Survivors", ""]
+    if not survivors:
+        md.append("None.")
+    for s in survivors:
+        md += [f"- `{s['mutant']}` ({s['status']}, {s['explained']})"
+               + (f": {s['why']}" if s["why"] else ""), "", "  ```diff",
+               *[f"  {line}" for line in s["diff"].splitlines()], "  ```", ""]
+    md += ["## Not run", ""]
+    if not_run:
+        md.append("Mutated but not run (time: the whole scope takes hours on this machine's "
+                  "two cores; `make mutation MUTATE=<file>` runs one):")
+        md += [f"- `{m['module']}` ({m['mutants']} mutants)" for m in not_run]
+    else:
+        md.append("Every module of the four rooms was run.")
+    md += ["", "Tests selected: " + ", ".join(f"`{t}`" for t in tests) + "."]
+    publish("mutation", fields, md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mutate", nargs="+", default=[f"src/inca/{r}" for r in ROOMS],
+                    help="source files or folders of the four rooms to run")
+    ap.add_argument("--tests", nargs="*", default=[],
+                    help="test files to select (default: pyproject's [tool.mutmut] ones)")
+    ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument("--summary-only", action="store_true",
+                    help="only write the results from what mutants/ holds")
+    ap.add_argument("--run-mutmut", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    globs = [mutant_glob(p) for p in args.mutate]
+    if args.run_mutmut:  # the child: nothing of inca imported before mutmut sets sys.path
+        run_mutmut(globs, args.tests, args.max_children)
+        return
+    if not args.summary_only:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per mutant's tests
+        cmd = [sys.executable, __file__, "--run-mutmut", "--max-children",
+               str(args.max_children), "--mutate", *args.mutate]
+        if args.tests:
+            cmd += ["--tests", *args.tests]
+        rc = subprocess.run(cmd, cwd=ROOT).returncode
+        if rc:
+            raise SystemExit(f"mutmut stopped (exit status {rc})")
+    tests = args.tests
+    if not tests:
+        import tomllib
+
+        conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+        tests = conf["pytest_add_cli_args_test_selection"]
+    summarize(tests)
+
+
+if __name__ == "__main__":
+    main()
