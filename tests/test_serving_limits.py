@@ -219,7 +219,7 @@ def test_sigterm_marks_the_app_draining():
 
     import uvicorn
 
-    app = create_app.__globals__["FastAPI"]()
+    app = server_module.FastAPI()
     app.state.draining = False
     server = server_module._DrainingServer(uvicorn.Config(app))
     server.handle_exit(signal.SIGTERM, None)
