@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import inspect
-import io
 import json
 import os
 import shutil
@@ -463,16 +462,3 @@ def test_to_module_exports_with_torch_export(module_task):
     if dynamic:
         x5 = torch.randn(5, 3, SIZE, SIZE)
         torch.testing.assert_close(program.module()(x5), module(x5))
-
-
-def test_to_module_exports_to_onnx(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    task = random_task(make_backbone("module", tmp_path))
-    module, x = task.to_module(), torch.randn(2, 3, SIZE, SIZE)
-    buf = io.BytesIO()
-    torch.onnx.export(module, (x,), buf, dynamo=False, input_names=["images"])
-    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()))
-    ort = pytest.importorskip("onnxruntime")
-    session = ort.InferenceSession(buf.getvalue())
-    out = session.run(None, {"images": x.numpy()})[0]
-    np.testing.assert_allclose(out, module(x).detach().numpy(), rtol=1e-4, atol=1e-5)

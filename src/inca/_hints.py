@@ -28,6 +28,7 @@ EXTRAS: dict[str, str] = {
     "sklearn": "offline",
     "onnx": "offline",
     "onnxruntime": "offline",
+    "onnxscript": "export",
 }
 
 
