@@ -62,6 +62,15 @@ def test_torchvision_image_folder_and_its_fingerprint(tmp_path):
     assert as_image_dataset(ImageFolder(str(root))).fingerprint() != ds.fingerprint()
     sub = as_image_dataset(torch.utils.data.Subset(ImageFolder(str(root)), [0, 5, 9]))
     assert len(sub) == 3 and sub.classes == ds.classes
+    # a Subset lacking a class of its parent: that class is left out (it was kept, an
+    # output never trained), the labels follow, and a warning names it
+    parent = ImageFolder(str(root))
+    rows = [i for i, t in enumerate(parent.targets) if t != 1]  # no "green"
+    with pytest.warns(UserWarning, match=r"2 of its parent's 3 classes.*'green'"):
+        part = as_image_dataset(torch.utils.data.Subset(parent, rows))
+    assert part.classes == ["blue", "red"]
+    assert [part.classes[t] for t in part.targets] == [
+        parent.classes[parent.targets[i]] for i in rows]
     assert load_dataset(ImageFolder(str(root)), limit=6).targets.tolist().count(0) == 2
 
 

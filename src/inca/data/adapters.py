@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import IterableDataset, Subset
 
@@ -115,7 +116,23 @@ class WrappedDataset(ImageDataset):
         self.targets, self.classes = encode_labels(raw, source=name,
                                                    column=label_column or "label",
                                                    classes=known)
+        if classes is None and isinstance(data, Subset) and len(self.targets):
+            self._keep_present_classes()
         self._validate()
+
+    def _keep_present_classes(self) -> None:
+        """A ``Subset`` names its parent's classes: keep those it holds samples of (a
+        class it lacks would be an output never trained), and say which went."""
+        present = np.unique(self.targets)
+        if len(present) == len(self.classes):
+            return
+        gone = [c for i, c in enumerate(self.classes) if i not in set(present.tolist())]
+        shown = ", ".join(repr(c) for c in gone[:5]) + (" ..." if len(gone) > 5 else "")
+        warnings.warn(f"{self.name} holds samples of {len(present)} of its parent's "
+                      f"{len(self.classes)} classes: the {len(gone)} it lacks ({shown}) are "
+                      "left out of its classes", stacklevel=4)
+        self.classes = [self.classes[i] for i in present.tolist()]
+        self.targets = np.searchsorted(present, self.targets).astype(np.int64)
 
     def _pair(self, item: Any, i: int) -> tuple[Any, Any]:
         if isinstance(item, Mapping):
