@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from inca._precision import PRECISIONS, Precision, resolve_device
+from inca._progress import progress_bar
 from inca.backbones.base import Backbone, to_tokens
 from inca.data.transforms import (
     TransformedDataset,
@@ -311,8 +311,8 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total, round(config.warmup_epochs * len(loader))))
     best_acc, best_state, history = -1.0, None, []
-    bar = tqdm(total=total, desc=f"fine-tune ({config.method})", unit="step",
-               disable=not progress)
+    bar = progress_bar(total=total, desc=f"fine-tune ({config.method})", unit="step",
+                       disable=not progress)
     start = time.perf_counter()
     scaler = precision.grad_scaler()
     for epoch in range(config.epochs):
@@ -337,6 +337,7 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         _set_mode(tuned, config, False)
         acc = _accuracy(tuned, head, eval_loader(val), precision)
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss, "val_accuracy": acc})
+        bar.set_postfix({"epoch": epoch + 1, "val_acc": f"{acc:.3f}"})  # a log's line per epoch
         if acc > best_acc:
             best_acc = acc
             best_state = ([p.detach().clone() for p in trained],

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from inca._distributed import Dist, context
 from inca._files import FolderLock, atomic_write_json, remove_stale_tmp
 from inca._precision import Precision
+from inca._progress import progress_bar
 from inca._version import __version__
 from inca.backbones.base import Backbone
 from inca.data.transforms import loader_options, to_model_input
@@ -117,6 +117,7 @@ def extract_to_cache(
     overwrite: bool = False,
     progress: bool = True,
     precision: str | Precision | None = "auto",
+    desc: str | None = None,
 ) -> ActivationCache:
     """Extract every sample of ``dataset`` through ``backbone`` into a cache folder.
 
@@ -139,9 +140,10 @@ def extract_to_cache(
         num_workers: data-loading workers decoding images (default: the cores but one, at
             most 8).
         overwrite: replace a cache made differently instead of refusing.
-        progress: show a progress bar.
+        progress: show a progress bar (plain lines when stderr is not a terminal).
         precision: autocast of the backbone pass (``"auto"``: bf16-mixed on a GPU, 32 on
             the CPU); the tokens are stored in ``dtype`` either way.
+        desc: what the progress bar says is extracted (default: ``"extract <folder>"``).
 
     Returns:
         The complete :class:`ActivationCache`.
@@ -186,7 +188,7 @@ def extract_to_cache(
             _extract_shards(backbone, dataset, writer, names, ctx, batch_size=batch_size,
                             token_grid=token_grid, dtype=dtype, shard_size=shard_size,
                             num_workers=num_workers, progress=progress and ctx.is_main,
-                            precision=precision)
+                            precision=precision, desc=desc or f"extract {root.name}")
             ok = True
         finally:
             # every rank waits for the others here; one that failed stops them all
@@ -273,7 +275,7 @@ def _prepare(root: Path, wanted: dict[str, Any], overwrite: bool) -> tuple[str, 
 def _extract_shards(backbone: Backbone, dataset: Any, writer: CacheWriter, names: list[str],
                     ctx: Dist, *, batch_size: int, token_grid: int | None, dtype: str,
                     shard_size: int, num_workers: int | None, progress: bool,
-                    precision: str | Precision | None) -> None:
+                    precision: str | Precision | None, desc: str) -> None:
     """Extract this rank's shards not yet recorded (shard k is rank k mod N's)."""
     from inca.data import TransformedDataset, build_transform
 
@@ -296,9 +298,9 @@ def _extract_shards(backbone: Backbone, dataset: Any, writer: CacheWriter, names
     shard_iter = iter(pending)
     shard = next(shard_iter, None)
     todo = sum(b - a for _, a, b in mine)  # this rank's share (the progress bar's total)
-    bar = tqdm(total=todo, initial=todo - len(pending_idx), unit="img",
-               desc="extract" if not ctx.active else f"extract (rank 0 of {ctx.world})",
-               disable=not progress)
+    bar = progress_bar(total=todo, initial=todo - len(pending_idx), unit="img",
+                       desc=desc if not ctx.active else f"{desc} (rank 0 of {ctx.world})",
+                       disable=not progress, lines_every=0.1)
     prec = precision if isinstance(precision, Precision) else Precision(precision,
                                                                           backbone.device)
     to_host = HostCopier(backbone.device, getattr(torch, dtype))

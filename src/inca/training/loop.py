@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from inca._distributed import context
 from inca._precision import Precision
+from inca._progress import progress_bar
 from inca.errors import TrainingError
 from inca.task import selection_key
 from inca.training.bank import AdapterBank
@@ -247,8 +247,8 @@ def train_bank(
     history: list[dict[str, Any]] = []
     stale = 0
     start = time.perf_counter()
-    bar = tqdm(total=total, unit="step", desc=f"train {len(bank.keys)} adapters",
-               disable=not progress)
+    bar = progress_bar(total=total, unit="step", desc=f"train {len(bank.keys)} adapters",
+                       disable=not progress)
     epoch = 0
     scored: dict[tuple[int, ...], tuple[float, float]] = {}
     for epoch in range(config.epochs):
@@ -320,8 +320,10 @@ def train_bank(
         # the selection's own measure, which only improves (an accuracy at the best loss
         # could go down)
         best = results[rank_members(results, config.select_by)[0]]
-        bar.set_postfix({"best_val_loss": f"{best.val_loss:.4f}"} if config.select_by == "loss"
-                        else {"best_val_acc": f"{best.val_accuracy:.3f}"})
+        # (in a log, not a terminal: one line per epoch)
+        bar.set_postfix({"epoch": epoch + 1, **({"best_val_loss": f"{best.val_loss:.4f}"}
+                                                if config.select_by == "loss" else
+                                                {"best_val_acc": f"{best.val_accuracy:.3f}"})})
         if config.time_budget_s is not None and epoch == 0:
             # As many epochs as fit in the budget, the schedule decaying over exactly those.
             per_epoch = time.perf_counter() - start
