@@ -8,7 +8,7 @@ import torch
 import inca.errors as inca_errors
 from inca.training import AdapterBank, FitConfig, TrainingError, plan_members, train_bank
 from inca.training.factory import MAX_ADAPTER_SHARE, build_adapter, narrow_attention
-from inca.training.incremental import add_classes
+from inca.training.incremental import extend_adapters
 from inca.training.plan import MemberSpec
 from inca.training.sources import MemorySource, StackedFeats
 
@@ -191,7 +191,9 @@ def test_open_inca_adds_classes_without_hurting_old_ones():
     acc_before = float((before.argmax(-1) == y).float().mean())
     assert acc_before > 0.9
 
-    extended = add_classes(phase1, "l1", total - old, full_train, full_val, config)
+    (extended,), (chosen,) = extend_adapters([phase1], ["l1"], total - old, full_train,
+                                             full_val, config)
+    assert chosen["lr"] == 1e-2 and chosen["val_accuracy"] > 0.6
     with torch.no_grad():
         after = extended(feats["l1"])
     assert after.shape[1] == total

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # imported on first use (below), so `import inca` imports no 
     )
     from inca.runtime import MultiTaskModel
     from inca.task import FitReport, Task, TaskModule, load_task
-    from inca.training import fit
+    from inca.training import add_classes, fit
 
 # name -> module: the real objects, imported on first access (PEP 562), so `inca.fit` *is*
 # inca.training.fit: help() and inspect.signature() show its parameters and docstring.
@@ -44,6 +44,7 @@ _LAZY = {
     "from_module": "inca.backbones",
     "list_backbones": "inca.backbones",
     "fit": "inca.training",
+    "add_classes": "inca.training",
     "load_task": "inca.task",
     "Task": "inca.task",
     "TaskModule": "inca.task",
@@ -73,6 +74,7 @@ __all__ = [
     "Task",
     "TaskModule",
     "__version__",
+    "add_classes",
     "create_backbone",
     "fit",
     "from_module",

@@ -86,6 +86,11 @@ def model_card(task: Task) -> str:
         if acc is not None:
             body.append(f"- test accuracy ({cand}; reported, never used to choose): "
                         f"{acc:.4f}")
+    for step in metrics.get("classes_added") or []:  # inca.add_classes, in order
+        accs = ", ".join(f"{m['val_accuracy']:.4f}" for m in step.get("members", []))
+        body.append(f"- classes added after the fit: {', '.join(map(_cell, step['classes']))} "
+                    f"({step.get('train_samples', '?')} training images; validation "
+                    f"accuracy over every class: {accs})")
     if body[-1] == "":
         body.append("No metrics were recorded.")
     body += ["", "## License", "", f"`{task.license}`" if task.license else

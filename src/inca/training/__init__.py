@@ -15,6 +15,7 @@ _WHERE = {
     "FitReport": "inca.task",
     "MemberSpec": "inca.training.plan",
     "TrainingError": "inca.errors",
+    "add_classes": "inca.training.incremental",
     "fit": "inca.training.fitting",
     "plan_members": "inca.training.plan",
     "train_bank": "inca.training.loop",

@@ -1,0 +1,111 @@
+"""Class-incremental tasks: ``inca.add_classes`` and ``inca add-classes`` extend an
+Open-InCA task from images, the old classes' logits bit for bit unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_fit import planted_backbone, planted_data
+
+import inca
+from inca.data import ArrayDataset
+from inca.errors import TrainingError
+from inca.features import extract_features
+
+
+def _only(data: ArrayDataset, keep: list[str], name: str) -> ArrayDataset:
+    """The samples of ``data`` whose class is in ``keep``, with only those classes."""
+    rows = [i for i, t in enumerate(data.targets) if data.classes[t] in keep]
+    labels = np.array([keep.index(data.classes[data.targets[i]]) for i in rows])
+    images = np.stack([np.asarray(data[i][0].convert("L")) for i in rows])
+    return ArrayDataset(images, labels, keep, name)
+
+
+@pytest.fixture(scope="module")
+def phase1():
+    bb = planted_backbone()
+    old = _only(planted_data(320, 0), ["c0", "c1"], "old")
+    task = inca.fit(bb, old, layers=["block1"], kinds=("open_inca",), lrs=(1e-2,),
+                    epochs=8, batch_size=32, progress=False, mode="streaming")
+    return bb, task
+
+
+def test_add_classes_from_images_keeps_old_logits_bit_for_bit(phase1, tmp_path):
+    bb, task = phase1
+    ext = inca.add_classes(task, planted_data(320, 2), epochs=8, batch_size=32,
+                           lrs=(3e-3, 1e-2, 3e-2),
+                           progress=False)
+    assert task.classes == ["c0", "c1"] and ext.classes == ["c0", "c1", "c2", "c3"]
+    test = planted_data(200, 1)
+    pixels = torch.stack([torch.from_numpy(np.array(test[i][0])).permute(2, 0, 1)
+                          for i in range(len(test))])
+    with torch.no_grad():
+        tokens = extract_features(bb, pixels, ["block1"])["block1"]
+        before, after = task.members[0](tokens), ext.members[0](tokens)
+    assert torch.equal(after[:, :2], before)  # the old classes' logits, bit for bit
+    pred = ext.predict_proba(list(test[i][0] for i in range(len(test)))).argmax(-1).numpy()
+    truth = np.array([ext.classes.index(test.classes[t]) for t in test.targets])
+    new = truth >= 2
+    assert (pred[new] == truth[new]).mean() > 0.6  # the new classes are learned (chance 1/4)
+    added = ext.metrics["classes_added"][-1]
+    assert added["classes"] == ["c2", "c3"] and len(added["members"]) == 1
+    loaded = inca.load_task(ext.save(tmp_path / "ext"), bb)
+    assert loaded.classes == ext.classes and loaded.metrics["classes_added"][-1] == added
+    assert "classes added after the fit: c2, c3" in (tmp_path / "ext" / "README.md").read_text()
+    torch.testing.assert_close(loaded.predict_proba(pixels[:8]), ext.predict_proba(pixels[:8]))
+
+
+def test_add_classes_says_what_it_needs(phase1):
+    bb, task = phase1
+    with pytest.raises(TrainingError, match="holds no class the task lacks"):
+        inca.add_classes(task, _only(planted_data(64, 3), ["c0", "c1"], "same"),
+                         progress=False)
+    closed = inca.fit(bb, _only(planted_data(96, 0), ["c0", "c1"], "old"),
+                      layers=["block1"], kinds=("linear",), lrs=(1e-2,), epochs=1,
+                      progress=False, mode="streaming")
+    with pytest.raises(TrainingError, match=r"only tasks of Open-InCA members.*linear.*"
+                                            r"--kinds open_inca"):
+        inca.add_classes(closed, planted_data(64, 2), progress=False)
+
+
+def test_cli_add_classes_extends_a_saved_task(tmp_path):
+    from PIL import Image
+    from tiny import save_tiny_hf_vit
+    from typer.testing import CliRunner
+
+    from inca.cli import app
+
+    def folder(root, names):
+        data = planted_data(24 * len(names), 5)
+        for i, t in enumerate(data.targets):
+            name = data.classes[t]
+            if name in names:
+                (root / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.array(data[i][0])).save(root / name / f"{i}.png")
+        return root
+
+    vit = save_tiny_hf_vit(tmp_path / "vit")
+    run = CliRunner().invoke
+    res = run(app, ["fit", "--backbone", f"hf:{vit}", "--data",
+                    str(folder(tmp_path / "old", ["c0", "c1"])), "--kinds", "open_inca",
+                    "--layers", "last", "--epochs", "2", "--out", str(tmp_path / "run"),
+                    "--num-workers", "0"])
+    assert res.exit_code == 0, res.output
+    new = folder(tmp_path / "new", ["c0", "c1", "c2"])
+    res = run(app, ["add-classes", "--task", str(tmp_path / "run" / "task"), "--data",
+                    str(new), "--out", str(tmp_path / "bigger"), "--epochs", "2",
+                    "--num-workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert "added 1 classes (c2) to 2" in res.output
+    old, ext = inca.load_task(tmp_path / "run" / "task"), inca.load_task(tmp_path / "bigger")
+    assert ext.classes == ["c0", "c1", "c2"]
+    tokens = torch.randn(5, *next(iter(
+        extract_features(old.backbone, torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        .values())).shape[1:])
+    with torch.no_grad():
+        assert torch.equal(ext.members[0](tokens)[:, :2], old.members[0](tokens))
+    res = run(app, ["add-classes", "--task", str(tmp_path / "run" / "task"), "--data",
+                    str(new), "--out", str(tmp_path / "bigger"), "--epochs", "1",
+                    "--num-workers", "0"])
+    assert res.exit_code == 2 and "already holds a task" in res.output
