@@ -148,9 +148,15 @@ def test_api_key(two_tasks):  # noqa: F811
         for keys in (["s3cret", "wrong"], ["wrong", "s3cret"], ["s3cret", "s3cret"]):
             r = c.get("/tasks", headers=[("X-API-Key", k) for k in keys])
             assert r.status_code == 401, keys  # sent twice: refused, whatever the order
-        for path in ("/health", "/readyz", "/metrics", "/docs", "/openapi.json"):
+        for path in ("/health", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc"):
             assert c.get(path).status_code == 401, path  # everything else does
             assert c.get(path, headers={"X-API-Key": "s3cret"}).status_code in (200, 503)
+        # the docs page loads its scripts from the server itself, not a CDN (blank offline)
+        page = c.get("/docs", headers={"X-API-Key": "s3cret"}).text
+        assert "cdn." not in page and "https://" not in page.split("<script")[1]
+        script = page.split('<script src="')[1].split('"')[0]
+        assert script.startswith("/") and c.get(
+            script, headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
 # -- hostile input: bombs, deep images, chunked bodies, keys, memory, reprs -----------------

@@ -26,6 +26,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from prometheus_client import (
@@ -90,8 +91,10 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
         await batcher.stop()
         decoder.close()
 
-    app = FastAPI(title="inca", description="InCA task predictions from one shared "
-                  "backbone pass", lifespan=lifespan)
+    # FastAPIOffline serves the /docs and /redoc pages' scripts itself: FastAPI's load them
+    # from a CDN, so behind a firewall /docs was blank
+    app = FastAPIOffline(title="inca", description="InCA task predictions from one shared "
+                         "backbone pass", lifespan=lifespan)
     app.state.config, app.state.batcher, app.state.decoder = config, batcher, decoder
     app.state.memory = memory = MemoryReleaser(config.trim_every_bytes)
     app.state.warm = app.state.draining = False
