@@ -26,8 +26,8 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
-from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
