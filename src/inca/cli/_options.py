@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from inca._choices import BACKBONE_DTYPES, PRECISIONS
 from inca.errors import InCAError
 
 
@@ -28,48 +29,72 @@ def config_default(config: type, name: str) -> Any:
     return value
 
 
+# -- help panels: `inca <command> --help` groups its options under these --------------------
+
+DATA, BACKBONE, ADAPTERS, TRAINING = "Data", "Backbone", "Adapters", "Training"
+SELECTION, OUTPUT, DEVICE, TASKS = "Selection", "Output", "Device", "Tasks"
+
+
+def choices(names: tuple[str, ...] | list[str]) -> str:
+    """An option's metavar listing its choices, as click writes them: ``[a|b|c]``."""
+    return "[" + "|".join(names) + "]"
+
+
 # -- option types shared by commands --------------------------------------------------------
 
-BackboneSpec = Annotated[str, typer.Option(help="e.g. dinov2_vits14, timm:<name>, hf:<path>")]
+BackboneSpec = Annotated[str, typer.Option(
+    help="e.g. dinov2_vits14, timm:<name>, hf:<path>", rich_help_panel=BACKBONE)]
 Data = Annotated[str, typer.Option(
     help="fashion-mnist, digits, an image folder, a .csv/.jsonl manifest (path,label), "
-         "hf:<folder or hub id>")]
-Layers = Annotated[str, typer.Option(help="'all', 'last', or comma-separated names")]
-InputSize = Annotated[int | None, typer.Option(help="image side fed to the backbone")]
+         "hf:<folder or hub id>", rich_help_panel=DATA)]
+Layers = Annotated[str, typer.Option(help="'all', 'last', or comma-separated names "
+                                          "(inca layers BACKBONE lists them)",
+                                     rich_help_panel=BACKBONE)]
+InputSize = Annotated[int | None, typer.Option(help="image side fed to the backbone",
+                                               rich_help_panel=BACKBONE)]
 TokenGrid = Annotated[int | None, typer.Option(
-    help="pool patch tokens to a GRIDxGRID grid (less memory, a smaller cache)")]
-Lrs = Annotated[str, typer.Option(help="learning-rate grid, comma-separated")]
-SkipUnreadable = Annotated[bool, typer.Option(help="skip unreadable images")]
-Pretrained = Annotated[bool, typer.Option(help="load pretrained weights (hub sources)")]
+    help="pool patch tokens to a GRIDxGRID grid (less memory, a smaller cache)",
+    rich_help_panel=BACKBONE)]
+Lrs = Annotated[str, typer.Option(help="learning-rate grid, comma-separated",
+                                  rich_help_panel=TRAINING)]
+SkipUnreadable = Annotated[bool, typer.Option(help="skip unreadable images",
+                                              rich_help_panel=DATA)]
+Pretrained = Annotated[bool, typer.Option(help="load pretrained weights (hub sources)",
+                                          rich_help_panel=BACKBONE)]
 Checkpoint = Annotated[Path | None, typer.Option(
     help="local weights file for a timm:/torchvision: backbone (a state_dict, or a "
-         "checkpoint holding one), instead of the hub's")]
-NumWorkers = Annotated[
-    int | None, typer.Option(help="data-loading workers (default: cores - 1, at most 8)")]
+         "checkpoint holding one), instead of the hub's", rich_help_panel=BACKBONE)]
+NumWorkers = Annotated[int | None, typer.Option(
+    help="data-loading workers (default: cores - 1, at most 8)", rich_help_panel=DEVICE)]
 ImageColumn = Annotated[str | None, typer.Option(
     help="the images' column in a Hugging Face set or a manifest (default: the Image "
-         "feature, or a column named image / path)")]
+         "feature, or a column named image / path)", rich_help_panel=DATA)]
 LabelColumn = Annotated[str | None, typer.Option(
     help="the labels' column (default: the ClassLabel feature, or a column named label / "
-         "class); one class per sample")]
-Device = Annotated[str, typer.Option(help="auto (CUDA when available, else cpu), cpu, cuda, "
-                                          "cuda:N")]
-Precision = Annotated[str, typer.Option(help="auto (bf16-mixed on a GPU, 32 on the CPU), 32, "
-                                             "bf16-mixed, 16-mixed")]
+         "class); one class per sample", rich_help_panel=DATA)]
+Device = Annotated[str, typer.Option(
+    help="auto (CUDA when available, else cpu), cpu, cuda, cuda:N",
+    metavar="[auto|cpu|cuda|cuda:N]", rich_help_panel=DEVICE)]
+Precision = Annotated[str, typer.Option(
+    help="auto: bf16-mixed on a GPU, 32 on the CPU", metavar=choices(("auto", *PRECISIONS)),
+    rich_help_panel=DEVICE)]
 BackboneDtype = Annotated[str, typer.Option(
     help="the backbone's weights: float32 (autocast computes in 16 bits), or bfloat16 / "
          "float16 held in 16 bits (frozen, so no float32 copy is needed: faster, half the "
-         "memory)")]
+         "memory)", metavar=choices(BACKBONE_DTYPES), rich_help_panel=DEVICE)]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="no progress bars or tables: only errors and the final result line",
+    rich_help_panel=OUTPUT)]
 # predict and serve: the tasks, and where their backbone comes from
-TaskFolders = Annotated[list[Path], typer.Option(help="task folder(s) written by inca fit")]
+TaskFolders = Annotated[list[Path], typer.Option(help="task folder(s) written by inca fit",
+                                                 rich_help_panel=TASKS)]
 TaskBackbone = Annotated[str | None, typer.Option(
     help="create the backbone from this instead of the tasks' record (e.g. the same "
          "weights elsewhere: hf:<folder>); it must have the weights the tasks were "
-         "trained on")]
+         "trained on", rich_help_panel=TASKS)]
 TaskCheckpoint = Annotated[Path | None, typer.Option(
-    help="local weights file for the backbone (timm), instead of the recorded one")]
-
-_DTYPES = ("float32", "bfloat16", "float16")
+    help="local weights file for the backbone (timm), instead of the recorded one",
+    rich_help_panel=TASKS)]
 
 
 # -- parsing and checking, before any expensive work ---------------------------------------
@@ -79,8 +104,9 @@ def torch_dtype(name: str):
     """``--backbone-dtype``'s torch dtype; imports torch."""
     import torch
 
-    if name not in _DTYPES:
-        raise InCAError(f"unknown --backbone-dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    if name not in BACKBONE_DTYPES:
+        raise InCAError(f"unknown --backbone-dtype {name!r}; choose one of "
+                        f"{', '.join(BACKBONE_DTYPES)}")
     return getattr(torch, name)
 
 

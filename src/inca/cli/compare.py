@@ -13,15 +13,20 @@ from typing import Annotated
 
 import typer
 
-from inca.baselines.compare_config import CompareConfig
+from inca._progress import hide_library_bars
+from inca.baselines.compare_config import METHODS, CompareConfig
 from inca.cli._app import app, friendly
 from inca.cli._options import (
+    DATA,
+    OUTPUT,
+    TRAINING,
     BackboneSpec,
     Checkpoint,
     Device,
     InputSize,
     Precision,
     Pretrained,
+    Quiet,
     TokenGrid,
     backbone_kwargs,
     check_data,
@@ -31,6 +36,7 @@ from inca.cli._options import (
 )
 
 _default = functools.partial(config_default, CompareConfig)
+METHODS_PANEL = "Methods"
 
 
 def run_compare(config: CompareConfig, **kwargs) -> dict:
@@ -43,35 +49,43 @@ def run_compare(config: CompareConfig, **kwargs) -> dict:
 @app.command("compare")
 @friendly
 def compare_cmd(
-    backbone: BackboneSpec,
-    data: Annotated[str, typer.Option(help="data with train and test splits")],
-    out: Annotated[Path, typer.Option(help="folder for compare.{json,md,png}")],
-    methods: Annotated[str, typer.Option(help="methods to compare, comma-separated")]
-    = _default("methods"),
-    epochs: Annotated[int, typer.Option(help="epoch budget of every method")]
-    = _default("epochs"),
-    limit: Annotated[int | None, typer.Option(help="training samples")] = _default("limit"),
-    test_limit: Annotated[int | None, typer.Option(help="test samples")]
+    *,  # every option is named, listed in --help in this order, panel by panel
+    data: Annotated[str, typer.Option(help="data with train and test splits",
+                                      rich_help_panel=DATA)],
+    limit: Annotated[int | None, typer.Option(help="training samples", rich_help_panel=DATA)]
+    = _default("limit"),
+    test_limit: Annotated[int | None, typer.Option(help="test samples", rich_help_panel=DATA)]
     = _default("test_limit"),
-    seeds: Annotated[int, typer.Option(help="seeds of the probes and InCA")]
-    = _default("seeds"),
-    expensive_seeds: Annotated[int, typer.Option(help="seeds of full/last/LoRA")]
-    = _default("expensive_seeds"),
-    batch_size: Annotated[int, typer.Option(help="batch size of every method")]
-    = _default("batch_size"),
-    lrs: Annotated[str, typer.Option(help="lr grid of the probes and InCA")] = _default("lrs"),
+    backbone: BackboneSpec,
     input_size: InputSize = _default("input_size"),
     token_grid: TokenGrid = _default("token_grid"),
-    equal_time: Annotated[bool, typer.Option(
-        help="also give the probes and InCA full fine-tuning's wall time")]
-    = _default("equal_time"),
-    time_fraction: Annotated[float, typer.Option(
-        help="share of full fine-tuning's time an equal-time run gets")]
-    = _default("time_fraction"),
-    max_epochs: Annotated[int, typer.Option(help="most epochs of an equal-time run")]
-    = _default("max_epochs"),
     pretrained: Pretrained = _default("pretrained"),
     checkpoint: Checkpoint = None,
+    methods: Annotated[str, typer.Option(
+        help=f"methods to compare, comma-separated: {', '.join(METHODS)}", metavar="METHOD,...",
+        rich_help_panel=METHODS_PANEL)] = _default("methods"),
+    seeds: Annotated[int, typer.Option(help="seeds of the probes and InCA",
+                                       rich_help_panel=METHODS_PANEL)] = _default("seeds"),
+    expensive_seeds: Annotated[int, typer.Option(help="seeds of full/last/LoRA",
+                                                 rich_help_panel=METHODS_PANEL)]
+    = _default("expensive_seeds"),
+    epochs: Annotated[int, typer.Option(help="epoch budget of every method",
+                                        rich_help_panel=TRAINING)] = _default("epochs"),
+    batch_size: Annotated[int, typer.Option(help="batch size of every method",
+                                            rich_help_panel=TRAINING)] = _default("batch_size"),
+    lrs: Annotated[str, typer.Option(help="lr grid of the probes and InCA",
+                                     rich_help_panel=TRAINING)] = _default("lrs"),
+    equal_time: Annotated[bool, typer.Option(
+        help="also give the probes and InCA full fine-tuning's wall time",
+        rich_help_panel=TRAINING)] = _default("equal_time"),
+    time_fraction: Annotated[float, typer.Option(
+        help="share of full fine-tuning's time an equal-time run gets",
+        rich_help_panel=TRAINING)] = _default("time_fraction"),
+    max_epochs: Annotated[int, typer.Option(help="most epochs of an equal-time run",
+                                            rich_help_panel=TRAINING)] = _default("max_epochs"),
+    out: Annotated[Path, typer.Option(help="folder for compare.{json,md,png}",
+                                      rich_help_panel=OUTPUT)],
+    quiet: Quiet = False,
     device: Device = _default("device"),
     precision: Precision = _default("precision"),
 ) -> None:
@@ -83,6 +97,7 @@ def compare_cmd(
     from inca._files import check_writable
     from inca.baselines.compare import to_markdown, write
 
+    hide_library_bars(quiet)
     checkpoint_path = backbone_kwargs(None, True, checkpoint).get("checkpoint_path")
     check_data(data)
     config = CompareConfig(
@@ -93,9 +108,10 @@ def compare_cmd(
         time_fraction=time_fraction, max_epochs=max_epochs, checkpoint_path=checkpoint_path,
         pretrained=pretrained)
     check_writable(out)  # before hours of work whose table could not be saved
-    result = run_compare(config)
+    result = run_compare(config, progress=not quiet)
     files = write(result, out, command=" ".join(["inca", *sys.argv[1:]]))
-    typer.echo(to_markdown(result))
+    if not quiet:
+        typer.echo(to_markdown(result))
     typer.echo(f"wrote {files['markdown']}, {files['json']}, {files['plot']}")
     if result["failures"]:
         failed = sorted({f["method"] for f in result["failures"]})

@@ -7,8 +7,13 @@ from typing import Annotated
 
 import typer
 
+from inca._progress import hide_library_bars
 from inca.cli._app import app, context, friendly
 from inca.cli._options import (
+    BACKBONE,
+    DATA,
+    DEVICE,
+    OUTPUT,
     BackboneDtype,
     BackboneSpec,
     Checkpoint,
@@ -21,14 +26,19 @@ from inca.cli._options import (
     NumWorkers,
     Precision,
     Pretrained,
+    Quiet,
     SkipUnreadable,
     TokenGrid,
     backbone_kwargs,
     check_choices,
     check_data,
     check_positive,
+    choices,
     torch_dtype,
 )
+from inca.training.config import CACHE_DTYPES
+
+SPLITS = ("train", "val", "test")
 
 
 @app.command("backbones")
@@ -41,29 +51,75 @@ def backbones_cmd() -> None:
         typer.echo(f"{entry['name']:<22} {entry['description']}")
 
 
+@app.command("layers")
+@friendly
+def layers_cmd(
+    backbone: Annotated[str, typer.Argument(
+        help="e.g. dinov2_vits14, timm:<name>, hf:<path>", show_default=False)],
+    input_size: InputSize = None,
+    token_grid: TokenGrid = None,
+    pretrained: Annotated[bool, typer.Option(
+        help="load the pretrained weights (the shapes are the same without them: no "
+             "download)", rich_help_panel=BACKBONE)] = False,
+    checkpoint: Checkpoint = None,
+) -> None:
+    """List a backbone's layers: the tokens (count x width) each gives an adapter, and what
+    caching them costs per image (float16)."""
+    from inca.backbones import create_backbone
+    from inca.features import token_shapes
+
+    check_positive(token_grid=token_grid)
+    bb = create_backbone(backbone, device="cpu",
+                         **backbone_kwargs(input_size, pretrained, checkpoint))
+    shapes = token_shapes(bb, "all", token_grid)  # one pass of a blank image
+    size = bb.preprocessing.input_size
+    typer.echo(f"{bb.name} at {size} px: {len(shapes)} layers, {bb.num_prefix_tokens} "
+               f"prefix token(s) (CLS, registers) before the patch tokens"
+               + (f", tokens pooled to a {token_grid}x{token_grid} grid" if token_grid else ""))
+    typer.echo(f"{'layer':<28}{'tokens':>8}{'width':>7}{'KiB/img':>9}")
+    total = 0
+    for layer, (n, d) in shapes.items():
+        total += n * d * 2  # float16, as a cache stores them
+        typer.echo(f"{layer:<28}{n:>8}{d:>7}{n * d * 2 / 1024:>9.1f}")
+    per_10k = total * 10_000
+    typer.echo(f"cache of every layer: {total / 1024:.1f} KiB per image (float16), "
+               + (f"{per_10k / 2**30:.1f} GiB" if per_10k >= 2**30 else
+                  f"{per_10k / 2**20:.1f} MiB")
+               + " per 10,000 images; --layers and --token-grid make it smaller")
+
+
 @app.command("extract")
 @friendly
 def extract_cmd(
-    backbone: BackboneSpec,
+    *,  # every option is named, listed in --help in this order, panel by panel
     data: Data,
-    out: Annotated[Path, typer.Option(help="cache folder to write (resumed if interrupted)")],
-    layers: Layers = "all",
-    split: Annotated[str, typer.Option(help="data split: train, val or test")] = "train",
-    limit: Annotated[int | None, typer.Option(help="use at most this many samples")] = None,
-    batch_size: Annotated[int, typer.Option(help="images per backbone pass")] = 32,
-    token_grid: TokenGrid = None,
-    input_size: InputSize = None,
-    dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
-    skip_unreadable: SkipUnreadable = False,
+    split: Annotated[str, typer.Option(help="data split", metavar=choices(SPLITS),
+                                       rich_help_panel=DATA)] = "train",
+    limit: Annotated[int | None, typer.Option(help="use at most this many samples",
+                                              rich_help_panel=DATA)] = None,
     image_column: ImageColumn = None,
     label_column: LabelColumn = None,
+    skip_unreadable: SkipUnreadable = False,
+    backbone: BackboneSpec,
+    layers: Layers = "all",
+    input_size: InputSize = None,
+    token_grid: TokenGrid = None,
     pretrained: Pretrained = True,
-    overwrite: Annotated[bool, typer.Option(help="replace a cache made differently")] = False,
     checkpoint: Checkpoint = None,
-    num_workers: NumWorkers = None,
+    out: Annotated[Path, typer.Option(help="cache folder to write (resumed if interrupted)",
+                                      rich_help_panel=OUTPUT)],
+    dtype: Annotated[str, typer.Option(help="the cache's numbers",
+                                       metavar=choices(CACHE_DTYPES), rich_help_panel=OUTPUT)]
+    = "float16",
+    overwrite: Annotated[bool, typer.Option(help="replace a cache made differently",
+                                            rich_help_panel=OUTPUT)] = False,
+    quiet: Quiet = False,
+    batch_size: Annotated[int, typer.Option(help="images per backbone pass",
+                                            rich_help_panel=DEVICE)] = 32,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",
+    num_workers: NumWorkers = None,
 ) -> None:
     """Extract many layers' tokens in one pass into a resumable activation cache."""
     from inca._precision import resolve_device, resolve_precision
@@ -71,9 +127,10 @@ def extract_cmd(
     from inca.data import load_dataset
     from inca.features import extract_to_cache
 
+    hide_library_bars(quiet)
     # Every option checked before the backbone loads or a byte is extracted.
     check_positive(limit=limit, batch_size=batch_size, token_grid=token_grid)
-    check_choices("--dtype", [dtype], ["float16", "float32"])
+    check_choices("--dtype", [dtype], list(CACHE_DTYPES))
     check_data(data)
     ctx = context()  # under torchrun, each rank extracts its shards into the same folder
     dev, bb_dtype = resolve_device(ctx.device(device)), torch_dtype(backbone_dtype)
@@ -85,11 +142,15 @@ def extract_cmd(
     cache = extract_to_cache(
         bb, ds, out, layers=layers, batch_size=batch_size, token_grid=token_grid, dtype=dtype,
         overwrite=overwrite, num_workers=num_workers, precision=precision,
+        progress=not quiet, desc=f"extract {split}",
     )
     if ctx.is_main:
         checked = cache.verify()  # a complete cache found again is checked, not trusted
-        print_cache_summary(cache)
-        typer.echo(f"{checked} arrays match the checksums recorded at extraction")
+        if not quiet:
+            print_cache_summary(cache)
+        typer.echo(f"cache {cache.path}: {len(cache)} samples, {len(cache.layers)} layers, "
+                   f"{cache.nbytes() / 2**20:.1f} MiB; {checked} arrays match the checksums "
+                   "recorded at extraction")
 
 
 def print_cache_summary(cache) -> None:

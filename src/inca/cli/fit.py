@@ -13,8 +13,16 @@ from typing import Annotated, Any
 
 import typer
 
+from inca._choices import ADAPTER_KINDS, AUGMENTATIONS
+from inca._progress import hide_library_bars
 from inca.cli._app import app, context, friendly
+from inca.cli._config import config_option, extra_fields
 from inca.cli._options import (
+    ADAPTERS,
+    DATA,
+    OUTPUT,
+    SELECTION,
+    TRAINING,
     BackboneDtype,
     BackboneSpec,
     Checkpoint,
@@ -28,12 +36,14 @@ from inca.cli._options import (
     NumWorkers,
     Precision,
     Pretrained,
+    Quiet,
     SkipUnreadable,
     TokenGrid,
     backbone_kwargs,
     check_choices,
     check_data,
     check_positive,
+    choices,
     config_default,
     floats,
     names,
@@ -41,82 +51,100 @@ from inca.cli._options import (
     torch_dtype,
 )
 from inca.errors import InCAError
-from inca.training.config import FitConfig
+from inca.training.config import MODES, SELECT_BY, FitConfig
 
 _default = functools.partial(config_default, FitConfig)
+FitConfigFile = config_option(FitConfig)
 
 
 @app.command("fit")
 @friendly
 def fit_cmd(
-    backbone: BackboneSpec,
+    ctx: typer.Context,
+    *,  # every option is named, listed in --help in this order, panel by panel
+    config_file: FitConfigFile = None,
     data: Data,
-    out: Annotated[Path, typer.Option(help="run folder: task/, report.*, cache/")],
-    layers: Layers = _default("layers"),
-    kinds: Annotated[str, typer.Option(
-        help="adapter kinds in the bank; kind:name is a variant set in --adapter-options")
-    ] = _default("kinds"),
-    adapter_options: Annotated[str | None, typer.Option(
-        help='adapter settings as JSON, per kind or variant, e.g. '
-             '\'{"inca:q4": {"num_queries": 4}}\'')] = None,
-    lrs: Lrs = _default("lrs"),
-    epochs: Annotated[int, typer.Option(help="passes over the training data")]
-    = _default("epochs"),
-    batch_size: Annotated[int, typer.Option(help="samples per step")] = _default("batch_size"),
-    limit: Annotated[int | None, typer.Option(help="use at most this many training samples")]
-    = None,
-    test_limit: Annotated[
-        int | None, typer.Option(help="evaluate on this many test samples (0: none)")
-    ] = None,
-    val_fraction: Annotated[float, typer.Option(help="share held out for selection")]
-    = _default("val_fraction"),
     val_data: Annotated[str | None, typer.Option(
         help="validation data for selection (default: the data's val/validation split or "
-             "folder, else --val-fraction of the training data)")] = None,
+             "folder, else --val-fraction of the training data)", rich_help_panel=DATA)]
+    = None,
     test_data: Annotated[str | None, typer.Option(
-        help="test data, reported only (default: the data's test split, if any)")] = None,
+        help="test data, reported only (default: the data's test split, if any)",
+        rich_help_panel=DATA)] = None,
+    limit: Annotated[int | None, typer.Option(help="use at most this many training samples",
+                                              rich_help_panel=DATA)] = None,
+    test_limit: Annotated[int | None, typer.Option(
+        help="evaluate on this many test samples (0: none)", rich_help_panel=DATA)] = None,
+    val_fraction: Annotated[float, typer.Option(help="share held out for selection",
+                                                rich_help_panel=DATA)]
+    = _default("val_fraction"),
     image_column: ImageColumn = None,
     label_column: LabelColumn = None,
+    skip_unreadable: SkipUnreadable = False,
+    backbone: BackboneSpec,
+    layers: Layers = _default("layers"),
+    input_size: InputSize = None,
+    token_grid: TokenGrid = _default("token_grid"),
+    pretrained: Pretrained = True,
+    checkpoint: Checkpoint = None,
+    kinds: Annotated[str, typer.Option(
+        help=f"adapter kinds in the bank, comma-separated: {', '.join(ADAPTER_KINDS)}; "
+             "kind:name is a variant set in --adapter-options", metavar="KIND,...",
+        rich_help_panel=ADAPTERS)] = _default("kinds"),
+    adapter_options: Annotated[str | None, typer.Option(
+        help='adapter settings as JSON, per kind or variant, e.g. '
+             '\'{"inca:q4": {"num_queries": 4}}\'', metavar="JSON",
+        rich_help_panel=ADAPTERS)] = None,
+    lrs: Lrs = _default("lrs"),
+    epochs: Annotated[int, typer.Option(help="passes over the training data",
+                                        rich_help_panel=TRAINING)] = _default("epochs"),
+    batch_size: Annotated[int, typer.Option(help="samples per step", rich_help_panel=TRAINING)]
+    = _default("batch_size"),
     mode: Annotated[str, typer.Option(
-        help="auto (cache when it fits --cache-budget-gb and pays off), cached or streaming")
-    ] = _default("mode"),
+        help="auto: cache when it fits --cache-budget-gb and pays off", metavar=choices(MODES),
+        rich_help_panel=TRAINING)] = _default("mode"),
     augment: Annotated[str, typer.Option(
-        help="augmentation of training images (streams): none, crop, or crop-flip (not for "
-             "data whose orientation is the label)")] = _default("augment"),
-    cache_budget_gb: Annotated[float, typer.Option(help="largest cache --mode auto writes")]
+        help="augmentation of training images (streams); crop-flip is not for data whose "
+             "orientation is the label", metavar=choices(AUGMENTATIONS),
+        rich_help_panel=TRAINING)] = _default("augment"),
+    cache_budget_gb: Annotated[float, typer.Option(help="largest cache --mode auto writes",
+                                                   rich_help_panel=TRAINING)]
     = _default("cache_budget_gb"),
-    ensemble_k: Annotated[int, typer.Option(help="top-k ensemble size")]
-    = _default("ensemble_k"),
+    seed: Annotated[int, typer.Option(help="seed of splits, init and batch order",
+                                      rich_help_panel=TRAINING)] = _default("seed"),
     select_by: Annotated[str, typer.Option(
         help="validation measure that picks epochs and adapters: loss (cross-entropy, "
-             "steadier on small validation sets) or accuracy")] = _default("select_by"),
-    soup: Annotated[bool, typer.Option(help="also try weight-averaged soups")]
-    = _default("soup"),
-    token_grid: TokenGrid = _default("token_grid"),
-    input_size: InputSize = None,
-    seed: Annotated[int, typer.Option(help="seed of splits, init and batch order")]
-    = _default("seed"),
-    patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")]
-    = _default("patience"),
-    skip_unreadable: SkipUnreadable = False,
-    pretrained: Pretrained = True,
+             "steadier on small validation sets) or accuracy", metavar=choices(SELECT_BY),
+        rich_help_panel=SELECTION)] = _default("select_by"),
+    ensemble_k: Annotated[int, typer.Option(help="top-k ensemble size",
+                                            rich_help_panel=SELECTION)]
+    = _default("ensemble_k"),
+    soup: Annotated[bool, typer.Option(help="also try weight-averaged soups",
+                                       rich_help_panel=SELECTION)] = _default("soup"),
+    patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)",
+                                          rich_help_panel=SELECTION)] = _default("patience"),
+    out: Annotated[Path, typer.Option(help="run folder: task/, report.*, cache/",
+                                      rich_help_panel=OUTPUT)],
     overwrite: Annotated[bool, typer.Option(
         help="replace the task and report that an earlier run left in --out (its caches "
-             "are reused when they match, replaced when made differently)")] = False,
-    checkpoint: Checkpoint = None,
-    num_workers: NumWorkers = None,
+             "are reused when they match, replaced when made differently)",
+        rich_help_panel=OUTPUT)] = False,
+    drop_cache: Annotated[bool, typer.Option(
+        help="delete the run's activation cache (--out/cache) once the task is saved; kept "
+             "by default, so that a refit of the same data skips the backbone",
+        rich_help_panel=OUTPUT)] = False,
+    quiet: Quiet = False,
     device: Device = "auto",
     precision: Precision = _default("precision"),
     backbone_dtype: BackboneDtype = "float32",
-    drop_cache: Annotated[bool, typer.Option(
-        help="delete the run's activation cache (--out/cache) once the task is saved; kept "
-             "by default, so that a refit of the same data skips the backbone")] = False,
+    num_workers: NumWorkers = None,
 ) -> None:
     """Train a bank of adapters in parallel, select on validation, save the task and report."""
     from inca._files import FolderLock, check_writable
     from inca._precision import resolve_device
     from inca.adapters import list_adapters
 
+    hide_library_bars(quiet)
     # Every option checked before the backbone loads or a byte is extracted.
     kind_list = names(kinds)
     check_choices("--kinds kind", [k.split(":", 1)[0] for k in kind_list],
@@ -129,6 +157,7 @@ def fit_cmd(
         cache_budget_gb=cache_budget_gb, ensemble_k=ensemble_k, soup=soup,
         token_grid=token_grid, seed=seed, select_by=select_by, patience=patience,
         precision=precision, adapter_options=parse_adapter_options(adapter_options),
+        **extra_fields(ctx),  # --config's fields that no option sets (weight_decay, ...)
     )
     ctx = context()  # under torchrun: this rank's place; rank 0 writes the results
     dev, dtype = resolve_device(ctx.device(device)), torch_dtype(backbone_dtype)  # checked early
@@ -143,7 +172,8 @@ def fit_cmd(
                       test_data=test_data,
                       columns={"image_column": image_column, "label_column": label_column,
                                "skip_unreadable": skip_unreadable},
-                      num_workers=num_workers, overwrite=overwrite, drop_cache=drop_cache)
+                      num_workers=num_workers, overwrite=overwrite, drop_cache=drop_cache,
+                  quiet=quiet)
     except BaseException:
         if created and ctx.is_main and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that failed before writing anything leaves no empty --out
@@ -186,8 +216,9 @@ def _fit_replacing(run: Any, cache_root: Path, overwrite: bool) -> Any:
 def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, dtype: Any,
               *, bb_kwargs: dict, limit: int | None, test_limit: int | None,
               val_data: str | None, test_data: str | None, columns: dict,
-              num_workers: int | None, overwrite: bool, drop_cache: bool = False) -> None:
-    """``inca fit`` once its run folder is locked."""
+              num_workers: int | None, overwrite: bool, drop_cache: bool = False,
+              quiet: bool = False) -> None:
+    """``inca fit`` once its run folder is locked; ``quiet``: the final line only."""
     from inca.backbones import create_backbone
     from inca.data import has_split, load_dataset
     from inca.training import fit
@@ -198,7 +229,7 @@ def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, 
         val = load_dataset(val_data, split="val", **columns)
     elif has_split(data, "val"):  # a val/ folder, a validation split
         val = load_dataset(data, split="val", **columns)
-    say = typer.echo if context().is_main else (lambda *_: None)
+    say = typer.echo if context().is_main and not quiet else (lambda *_: None)
     say(f"validation: {val.name} ({len(val)} images)" if val is not None else
         f"validation: {config.val_fraction:.0%} of the training data, stratified")
     test = None
@@ -220,13 +251,18 @@ def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, 
     bb = create_backbone(backbone, device=dev, dtype=dtype, **bb_kwargs)
     task = _fit_replacing(lambda: fit(bb, train, val, test=test, config=config,
                                       cache_dir=out / "cache", num_workers=num_workers,
-                                      device=dev), out / "cache", overwrite)
+                                      device=dev, progress=not quiet),
+                            out / "cache", overwrite)
     if not context().is_main:
         return  # every rank holds the same task; rank 0 writes it
+    from inca._machine import command_line
+
+    task.report.command = command_line()  # recorded in report.json (the API's: "python API")
     task.save(out / "task")
     files = task.report.write(out)
     say(task.report.to_markdown())
-    say(f"task saved to {out / 'task'}; report: {files['markdown']}, {files['plot']}")
+    # the result line, --quiet or not
+    typer.echo(f"task saved to {out / 'task'}; report: {files['markdown']}, {files['plot']}")
     cache = out / "cache"
     size = _folder_bytes(cache)
     if size and drop_cache:

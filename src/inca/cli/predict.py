@@ -10,6 +10,7 @@ import typer
 
 from inca.cli._app import app, friendly
 from inca.cli._options import (
+    OUTPUT,
     BackboneDtype,
     Device,
     Precision,
@@ -23,6 +24,7 @@ from inca.errors import InCAError
 from inca.runtime.config import ServerConfig
 
 _serve_default = functools.partial(config_default, ServerConfig)  # defaults live there
+SERVER, BATCHING, LIMITS, TIMEOUTS = "Server", "Batching", "Request limits", "Timeouts"
 
 
 def _model(task: list[Path], backbone: str | None, checkpoint: Path | None, device: str,
@@ -60,10 +62,10 @@ _PREDICT_CHUNK = 64  # images opened and predicted at a time: a large folder str
 def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
     task: TaskFolders,
-    top_k: Annotated[int, typer.Option(help="labels shown per image")] = 3,
+    top_k: Annotated[int, typer.Option(help="labels shown per image", rich_help_panel=OUTPUT)] = 3,
     json_lines: Annotated[bool, typer.Option(
         "--json", help="one JSON object per image: {image, tasks: {task: [{label, "
-        "probability}]}} or {image, error}")] = False,
+        "probability}]}} or {image, error}", rich_help_panel=OUTPUT)] = False,
     backbone: TaskBackbone = None,
     checkpoint: TaskCheckpoint = None,
     device: Device = "auto",
@@ -123,42 +125,54 @@ def predict_cmd(
 @friendly
 def serve_cmd(
     task: TaskFolders,
-    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
-    max_batch: Annotated[int, typer.Option(help="most images per backbone pass")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="batching wait for the first request")]
+    host: Annotated[str, typer.Option(help="address to listen on",
+                                      rich_help_panel=SERVER)] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on", rich_help_panel=SERVER)] = 8000,
+    max_batch: Annotated[int, typer.Option(help="most images per backbone pass",
+                                           rich_help_panel=BATCHING)] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="batching wait for the first request",
+                                               rich_help_panel=BATCHING)]
     = 5.0,
-    batching: Annotated[bool, typer.Option(help="batch concurrent requests")] = True,
-    max_upload_mb: Annotated[float, typer.Option(help="largest request body (413 above)")]
+    batching: Annotated[bool, typer.Option(help="batch concurrent requests",
+                                           rich_help_panel=BATCHING)] = True,
+    max_upload_mb: Annotated[float, typer.Option(help="largest request body (413 above)",
+                                                 rich_help_panel=LIMITS)]
     = 10.0,
-    max_images: Annotated[int, typer.Option(help="most images per request (413 above)")] = 64,
+    max_images: Annotated[int, typer.Option(help="most images per request (413 above)",
+                                            rich_help_panel=LIMITS)] = 64,
     max_image_megapixels: Annotated[float, typer.Option(
         help="largest image, width x height, checked before decoding (413 above: "
-             "decompression bombs)")] = 40.0,
+             "decompression bombs)", rich_help_panel=LIMITS)] = 40.0,
     max_request_megapixels: Annotated[float, typer.Option(
-        help="most pixels of all images of one request together (413 above)")] = 160.0,
+        help="most pixels of all images of one request together (413 above)",
+        rich_help_panel=LIMITS)] = 160.0,
     api_key: Annotated[str | None, typer.Option(
         envvar="INCA_API_KEY", help="require this X-API-Key header on everything but /livez "
-        "(an empty key is refused)")] = None,
+        "(an empty key is refused)", rich_help_panel=SERVER)] = None,
     max_connections: Annotated[int, typer.Option(
-        help="most open connections (503 and closed past it)")]
+        help="most open connections (503 and closed past it)", rich_help_panel=SERVER)]
     = _serve_default("max_connections"),
     header_timeout: Annotated[float, typer.Option(
-        help="seconds for a request's headers to arrive (408 and closed after)")]
+        help="seconds for a request's headers to arrive (408 and closed after)",
+        rich_help_panel=TIMEOUTS)]
     = _serve_default("header_timeout_s"),
     body_timeout: Annotated[float, typer.Option(
-        help="seconds for a request's body to arrive after its headers (408 after)")]
+        help="seconds for a request's body to arrive after its headers (408 after)",
+        rich_help_panel=TIMEOUTS)]
     = _serve_default("body_timeout_s"),
     request_timeout: Annotated[float, typer.Option(
-        help="seconds to answer a request after its headers (503 after)")]
+        help="seconds to answer a request after its headers (503 after)", rich_help_panel=TIMEOUTS)]
     = _serve_default("request_timeout_s"),
     drain_timeout: Annotated[float, typer.Option(
-        help="on SIGTERM, seconds to answer requests in flight before exiting")]
+        help="on SIGTERM, seconds to answer requests in flight before exiting",
+        rich_help_panel=TIMEOUTS)]
     = _serve_default("drain_timeout_s"),
     max_queue_images: Annotated[int, typer.Option(
-        help="most images waiting for the model (503 with Retry-After past it)")]
+        help="most images waiting for the model (503 with Retry-After past it)",
+        rich_help_panel=BATCHING)]
     = _serve_default("max_queue_images"),
-    decode_threads: Annotated[int, typer.Option(help="threads decoding images")]
+    decode_threads: Annotated[int, typer.Option(help="threads decoding images",
+                                                rich_help_panel=BATCHING)]
     = _serve_default("decode_threads"),
     backbone: TaskBackbone = None,
     checkpoint: TaskCheckpoint = None,
