@@ -163,6 +163,48 @@ def test_decoding_runs_on_a_bounded_pool_with_back_pressure(make_client, monkeyp
     assert app.state.decoder.pending == 0
 
 
+def test_cheap_requests_never_queue_behind_expensive_ones(make_client, monkeypatch):
+    """A request of few pixels (from the headers) is decoded on a thread of its own while
+    every other decode thread is busy, and those threads run at a lower CPU priority (so
+    40 MP images or thin strips cannot hold up a normal request: issue 20's load figure)."""
+    import os
+    import sys
+
+    decode, release, seen = server_module.decode_images, threading.Event(), {}
+
+    def blocking(raw, *args):
+        me = threading.current_thread()
+        seen[raw[0][0]] = (me.name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        if raw[0][0] == "big.png":
+            assert release.wait(20)
+        return decode(raw, *args)
+
+    monkeypatch.setattr(server_module, "decode_images", blocking)
+    c, _, _ = make_client(decode_threads=1, max_decode_waiting=0, cheap_pixels=100)
+
+    def post(name: str, size: int):
+        return c.post("/predict", files=[("files", (name, png(size=size)))])
+
+    with ThreadPoolExecutor(3) as pool:
+        big = pool.submit(post, "big.png", 16)  # 256 pixels: expensive here
+        deadline = time.monotonic() + 10
+        while "big.png" not in seen:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        try:
+            small = pool.submit(post, "small.png", 8).result(timeout=10)  # 64 pixels
+            refused = pool.submit(post, "big2.png", 16).result(timeout=10)
+        finally:
+            release.set()
+        assert small.status_code == 200, small.text
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert big.result().status_code == 200
+    assert seen["small.png"][0].startswith("inca-decode-cheap_")
+    assert seen["big.png"][0].startswith("inca-decode_")
+    if sys.platform.startswith("linux"):  # per-thread priorities (elsewhere left alone)
+        assert seen["big.png"][1] == min(seen["small.png"][1] + 10, 19)
+
+
 def test_a_large_json_body_is_parsed_off_the_event_loop(make_client, monkeypatch):
     import inca.runtime.request as request
 

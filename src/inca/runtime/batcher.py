@@ -8,6 +8,9 @@ once, so an overloaded server sheds load instead of letting every client time ou
 from __future__ import annotations
 
 import asyncio
+import math
+import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,30 +133,59 @@ class Batcher:
 
 
 class DecodePool:
-    """``decode_threads`` threads for decoding; past ``max_decode_waiting`` queued requests a
-    request gets 503 at once (back-pressure). A request that timed out keeps its place
-    until its thread finishes: the count is of work really queued or running.
+    """Two lanes of decode threads. A request whose images hold at most ``cheap_pixels``
+    together (read from their headers) is decoded on a thread of its own lane, so it never
+    queues behind expensive images; the others on ``decode_threads`` threads that run at a
+    lower CPU priority (Linux), so expensive images cannot take the cores from the backbone
+    pass and the cheap lane either. In each lane, past ``max_decode_waiting`` queued requests
+    a request gets 503 at once (back-pressure). A request that timed out keeps its place
+    until its thread finishes: the counts are of work really queued or running.
 
     Attributes:
-        pending: requests queued or decoding.
+        pending: requests queued or decoding, in both lanes.
     """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.limit = config.decode_threads + config.max_decode_waiting
+        self.cheap_pixels = config.cheap_pixels
+        self._lanes = {"cheap": _Lane("inca-decode-cheap", 1, config),
+                       "expensive": _Lane("inca-decode", config.decode_threads, config,
+                                          nice=config.decode_nice)}
+
+    @property
+    def pending(self) -> int:
+        return sum(lane.pending for lane in self._lanes.values())
+
+    async def run(self, fn: Callable[..., Any], *args: Any, pixels: float = math.inf) -> Any:
+        """``fn(*args)`` on a decode thread of the lane that ``pixels`` (the request's
+        images together, from their headers; unknown: expensive) picks."""
+        cheap = pixels <= self.cheap_pixels
+        return await self._lanes["cheap" if cheap else "expensive"].run(fn, *args)
+
+    def close(self) -> None:
+        for lane in self._lanes.values():
+            lane.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Lane:
+    """``threads`` decode threads (niced by ``nice`` on Linux) and their back-pressure."""
+
+    def __init__(self, name: str, threads: int, config: ServerConfig, nice: int = 0) -> None:
+        self.config = config
+        self.limit = threads + config.max_decode_waiting
         self.pending = 0
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="inca-decode")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=name,
+                                       initializer=_lower_priority, initargs=(nice,))
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` on a decode thread."""
         with self._lock:
             if self.pending >= self.limit:
                 raise busy(f"{self.pending} requests are decoding or waiting to, the limit "
                            f"is {self.limit}", self.config)
             self.pending += 1
         try:
-            job = self._pool.submit(fn, *args)
+            job = self.pool.submit(fn, *args)
         except BaseException:
             self._done(None)
             raise
@@ -164,5 +196,12 @@ class DecodePool:
         with self._lock:
             self.pending -= 1
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+
+def _lower_priority(nice: int) -> None:
+    """Lower this thread's CPU priority by ``nice`` (Linux: per thread; elsewhere it would
+    lower the whole process's, so nothing is done)."""
+    if nice and sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass

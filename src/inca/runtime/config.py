@@ -45,8 +45,13 @@ class ServerConfig:
             without bound. At least ``max_images``.
         decode_threads: threads that decode images (a bounded pool, so expensive images
             cannot take every core from the backbone pass).
-        max_decode_waiting: most requests waiting for a decode thread; more get 503 with
-            ``Retry-After`` (back-pressure).
+        max_decode_waiting: most requests waiting for a decode thread (in each of the two
+            lanes); more get 503 with ``Retry-After`` (back-pressure).
+        cheap_pixels: a request whose images hold at most this many pixels together (read
+            from their headers) is decoded on a thread of its own, never queued behind
+            expensive images (thin strips, 40 MP images).
+        decode_nice: how much lower the CPU priority of the ``decode_threads`` (which
+            decode the other requests) is than the backbone pass's (Linux; 0: the same).
         retry_after_s: the ``Retry-After`` seconds sent with every 503.
     """
 
@@ -68,6 +73,8 @@ class ServerConfig:
     max_queue_images: int = 256
     decode_threads: int = 2
     max_decode_waiting: int = 16
+    cheap_pixels: int = 1_000_000
+    decode_nice: int = 10
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
@@ -76,7 +83,8 @@ class ServerConfig:
                      "decode_threads", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ServerConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "trim_every_bytes", "max_decode_waiting"):
+        for name in ("max_wait_ms", "trim_every_bytes", "max_decode_waiting", "cheap_pixels",
+                     "decode_nice"):
             if getattr(self, name) < 0:
                 raise ServerConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("header_timeout_s", "body_timeout_s", "request_timeout_s",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from typing import Any
 
@@ -175,6 +176,19 @@ def safe_label(name: str) -> str:
     """A client-supplied name, safe to echo: no control characters, at most 200 long."""
     name = re.sub(r"[\x00-\x1f\x7f]", "?", name)
     return name if len(name) <= 200 else name[:197] + "..."
+
+
+def header_pixels(files: list[tuple[str, bytes]]) -> float:
+    """The images' pixels together, from their headers (no pixel decoded); infinite when
+    one cannot be read (:func:`decode_images` then says why)."""
+    total = 0
+    for name, data in files:
+        try:
+            width, height = image_size(data, name=name)
+        except ImageError:
+            return math.inf
+        total += width * height
+    return total
 
 
 def decode_images(files: list[tuple[str, bytes]], transform, config: ServerConfig,

@@ -49,6 +49,7 @@ from inca.runtime.request import (
     PREDICT_BODY,
     _read_body,
     decode_images,
+    header_pixels,
     read_request,
     safe_label,
 )
@@ -145,12 +146,13 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
         body = await _read_body(request, config.max_upload_bytes)
         # parsing (a 10 MiB JSON, a multipart of many parts) runs on a thread: the event
         # loop keeps answering /livez and other clients meanwhile
-        raw, wanted, top_k = await asyncio.to_thread(
+        raw, wanted, top_k, pixels = await asyncio.to_thread(
             _parse, request.scope, body, config, list(model.tasks))
         del body
         request.scope["inca.tasks"] = wanted
         labels = [label for label, _ in raw]
-        images = await decoder.run(decode_images, raw, transform, config, memory)
+        images = await decoder.run(decode_images, raw, transform, config, memory,
+                                   pixels=pixels)  # its lane: cheap or expensive
         del raw  # the encoded bytes are no longer needed while the pass runs
         metrics.images.inc(len(images))
         probs = await batcher.predict(images)
@@ -169,8 +171,9 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
 
 
 def _parse(scope: dict, body: bytes, config: ServerConfig, tasks: list[str]
-           ) -> tuple[list[tuple[str, bytes]], list[str], int]:
-    """``(images, wanted tasks, top_k)`` of a read body, on a worker thread (its own loop)."""
+           ) -> tuple[list[tuple[str, bytes]], list[str], int, float]:
+    """``(images, wanted tasks, top_k, their pixels from the headers)`` of a read body, on
+    a worker thread (its own loop)."""
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -185,7 +188,7 @@ def _parse(scope: dict, body: bytes, config: ServerConfig, tasks: list[str]
             raise HTTPException(404, f"unknown task(s): {shown}; tasks: {', '.join(tasks)}")
         if not 1 <= top_k <= 1000:
             raise HTTPException(422, f"top_k must be between 1 and 1000, got {top_k}")
-        return raw, wanted, top_k
+        return raw, wanted, top_k, header_pixels(raw)
 
     return asyncio.run(parse())
 
