@@ -119,6 +119,10 @@ def test_cached_mode_equals_streaming_mode(tmp_path):
                   batch_size=32, patience=0, progress=False)
     cached = inca.fit(bb, train, cache_dtype="float32", cache_dir=tmp_path, **common)
     streamed = inca.fit(bb, train, mode="streaming", augment=False, **common)
+    # the logistic-regression baseline needs cached features: skipped, and said why
+    assert "streaming" in streamed.report.probe["skipped"]
+    assert "probe not fitted: streaming" in streamed.report.to_markdown()
+    assert cached.report.probe["best_layer"]["layer"] == "stem"
     a = {r["key"]: r["val_accuracy"] for r in cached.report.rows}
     b = {r["key"]: r["val_accuracy"] for r in streamed.report.rows}
     assert a == pytest.approx(b, abs=1e-6)
@@ -156,7 +160,9 @@ def test_streaming_with_augmentation_runs(monkeypatch):
     assert all(torch.equal(a, b) for a, b in val.values())
 
 
-def test_cli_fit_and_predict(tmp_path):
+def test_cli_fit_and_predict(tmp_path, monkeypatch):
+    import sys
+
     from tiny import save_tiny_hf_vit
     from typer.testing import CliRunner
 
@@ -165,15 +171,21 @@ def test_cli_fit_and_predict(tmp_path):
 
     folder = save_tiny_hf_vit(tmp_path / "vit")
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, [
-        "fit", "--backbone", f"hf:{folder}", "--data", "digits", "--limit", "120",
-        "--test-limit", "40", "--epochs", "2", "--out", str(out), "--kinds",
-        "inca,linear,multilayer_linear"])
+    args = ["fit", "--backbone", f"hf:{folder}", "--data", "digits", "--limit", "120",
+            "--test-limit", "40", "--epochs", "2", "--out", str(out), "--kinds",
+            "inca,linear,multilayer_linear"]
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/inca", *args])  # as a shell runs it
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "last-layer linear probe" in res.output
+    assert res.output.index("Test accuracy") < res.output.index("## Every adapter")
     for name in ("task/task.json", "task/adapter_model.safetensors", "report.json",
-                 "report.md", "accuracy_per_layer.png"):
+                 "report.md", "accuracy_per_layer.png", "confusion_matrix.png"):
         assert (out / name).is_file(), name
+    # the command is recorded, with the program named inca (not where it is installed)
+    report = json.loads((out / "report.json").read_text())
+    assert report["command"] == "inca " + " ".join(args)
+    assert report["data"]["num_test"] == 40
     img = tmp_path / "x.png"
     load_dataset("digits", split="test")[0][0].save(img)
     res = CliRunner().invoke(app, ["predict", "--task", str(out / "task"), str(img)])

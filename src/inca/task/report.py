@@ -1,4 +1,4 @@
-"""The fit report: every adapter's validation accuracy, the choice, baselines; JSON/MD/PNG.
+"""The fit report: the choice, its test accuracy, baselines, every adapter; JSON/MD/PNG.
 
 Saved with a task (``report.json``, its sha256 in ``task.json``) and read back by
 :func:`inca.load_task`, so it is part of the task format; :mod:`inca.training.report` builds
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inca._files import atomic_write_bytes, atomic_write_json
+from inca.task import report_render
+from inca.task.report_render import per_class_metrics, wilson_interval
 
 if TYPE_CHECKING:
     import pandas
@@ -43,6 +45,14 @@ class FitReport:
     history: list[dict[str, Any]] = field(default_factory=list)
     mode: dict[str, Any] = field(default_factory=dict)  # cached or streaming, and why
     tie: str = ""  # how a tie for the best validation accuracy was broken
+    # the logistic-regression baseline (inca.training.probe): {} in reports before it
+    probe: dict[str, Any] = field(default_factory=dict)
+    # the chosen task's confusion matrix: {"split": "test" | "validation", "confusion": ...}
+    per_class: dict[str, Any] = field(default_factory=dict)
+    inca_version: str = ""
+    command: str = ""  # the command line, or "python API"
+    date: str = ""  # UTC, ISO 8601
+    machine: dict[str, Any] = field(default_factory=dict)  # platform, CPU, GPU (no host name)
 
     def summary(self) -> dict[str, Any]:
         """The few numbers stored in the task file."""
@@ -76,7 +86,18 @@ class FitReport:
         for key in ("backbone", "config", "test_accuracy", "timings", "data"):
             if not isinstance(kwargs[key], dict):
                 raise ValueError(f"the report's {key} must be an object")
+        for key in ("probe", "per_class", "machine"):
+            if not isinstance(kwargs.get(key, {}), dict):
+                raise ValueError(f"the report's {key} must be an object")
         numbers = ("val_accuracy", "val_loss", "test_accuracy", "percent_of_backbone")
+        probe = dict(kwargs.get("probe") or {})
+        for part in ("last_layer", "best_layer"):
+            if isinstance(probe.get(part), dict):
+                probe[part] = _nan_for_null(probe[part], numbers)
+        if isinstance(probe.get("per_layer"), list):
+            probe["per_layer"] = [_nan_for_null(p, numbers) if isinstance(p, dict) else p
+                                  for p in probe["per_layer"]]
+        kwargs["probe"] = probe
         kwargs["rows"] = [_nan_for_null(r, numbers) for r in kwargs["rows"]]
         kwargs["candidates"] = [_nan_for_null(c, numbers) for c in kwargs["candidates"]]
         if isinstance(kwargs["linear_probe"], dict):
@@ -104,23 +125,47 @@ class FitReport:
                  "chosen": r.get("key") in self.chosen_members} for r in self.rows]
         return pandas.DataFrame(rows)
 
+    def test_interval(self) -> tuple[float, float] | None:
+        """The 95% Wilson interval of the chosen task's test accuracy, or ``None`` without
+        a test set (or a test count: reports before it)."""
+        test, n = self.test_accuracy.get(self.chosen), self.data.get("num_test")
+        return None if test is None or not n else wilson_interval(test, n)
+
+    def per_class_metrics(self) -> list[dict[str, Any]]:
+        """``class``, ``support``, ``precision`` and ``recall`` of the chosen task per
+        class, on the split ``per_class["split"]`` names ([] in reports before it)."""
+        if not self.per_class.get("confusion"):
+            return []
+        return per_class_metrics(self.per_class["confusion"], self.data["classes"])
+
     def to_markdown(self) -> str:
+        """The decision first (chosen members, test accuracy with its 95% interval and
+        the number of test images, margin over the strongest baseline, cost), then the
+        baselines, per-class precision and recall, the candidates and every adapter."""
         bb = self.backbone
-        lines = [
-            f"# inca fit: {bb['name']} [{bb['fingerprint']}]",
-            "",
-            f"{self.data['num_train']} training / {self.data['num_val']} validation samples, "
-            f"{len(self.data['classes'])} classes; extraction {self.timings['extract_seconds']:.1f}"
-            f" s, training {self.timings['train_seconds']:.1f} s "
-            f"({self.timings['epochs_run']} epochs, {len(self.rows)} adapters in one bank).",
-            *([f"Mode: {self.mode['mode']} ({self.mode['reason']}); augmentation: "
-               f"{self.config.get('augment', 'none')}."] if self.mode else []),
-            f"Selection on validation {self.config.get('select_by', 'accuracy')}.",
-            *([f"Tie: {self.tie}."] if self.tie else []),
-            "",
-        ]
+        lines = [f"# inca fit: {bb['name']} [{bb['fingerprint']}]", "",
+                 *report_render.decision(self), "",
+                 *report_render.baselines(self), *report_render.per_class(self),
+                 "## Details", "",
+                 f"{self.data['num_train']} training / {self.data['num_val']} validation"
+                 + (f" / {self.data['num_test']} test" if self.data.get("num_test") else "")
+                 + f" samples, {len(self.data['classes'])} classes.",
+                 *([f"Mode: {self.mode['mode']} ({self.mode['reason']}); augmentation: "
+                    f"{self.config.get('augment', 'none')}."] if self.mode else []),
+                 f"Selection on validation {self.config.get('select_by', 'accuracy')}.",
+                 *([f"Tie: {self.tie}."] if self.tie else []),
+                 *([f"inca {self.inca_version}, {self.date}: `{self.command}`."]
+                   if self.inca_version else []),
+                 "", "| candidate | val acc | val loss | test acc | members |",
+                 "|---|---:|---:|---:|---|"]
+        for c in self.candidates:
+            test = self.test_accuracy.get(c["name"])
+            lines.append(f"| {c['name']}{' (chosen)' if c['name'] == self.chosen else ''} | "
+                         f"{c['val_accuracy']:.4f} | {c.get('val_loss', float('nan')):.4f} | "
+                         f"{'' if test is None else f'{test:.4f}'} | {', '.join(c['members'])} |")
         has_test = any("test_accuracy" in r for r in self.rows)
         lines += [
+            "", "## Every adapter", "",
             "| adapter | val acc | val loss | best epoch | params | % of backbone |"
             + (" test acc (not used to choose) |" if has_test else ""),
             "|---|---:|---:|---:|---:|---:|" + ("---:|" if has_test else ""),
@@ -136,70 +181,32 @@ class FitReport:
             lines.append(f"| {r['key']}{mark} | {r['val_accuracy']:.4f} | {r['val_loss']:.4f} | "
                          f"{r['best_epoch']} | {r['parameters']:,} | "
                          f"{r['percent_of_backbone']:.3f} |{test}")
-        lines += ["", "| candidate | val acc | val loss | test acc | members |",
-                  "|---|---:|---:|---:|---|"]
-        for c in self.candidates:
-            test = self.test_accuracy.get(c["name"])
-            lines.append(f"| {c['name']}{' (chosen)' if c['name'] == self.chosen else ''} | "
-                         f"{c['val_accuracy']:.4f} | {c.get('val_loss', float('nan')):.4f} | "
-                         f"{'' if test is None else f'{test:.4f}'} | {', '.join(c['members'])} |")
-        if self.linear_probe:
-            test = self.test_accuracy.get("linear_probe")
-            lines.append(f"| last-layer linear probe (baseline) | "
-                         f"{self.linear_probe['val_accuracy']:.4f} | "
-                         f"{self.linear_probe.get('val_loss', float('nan')):.4f} | "
-                         f"{'' if test is None else f'{test:.4f}'} | {self.linear_probe['key']} |")
         lines += ["", f"Task file: {self.task_parameters:,} trained parameters.", ""]
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
-        """A PNG of the best validation accuracy per layer (over the lr grid), per kind."""
-        import matplotlib
+        """A PNG of the selection's measure (validation loss or accuracy, as ``select_by``)
+        per layer, best over the lr grid, per kind; the chosen members starred, the
+        logistic-regression baseline dashed."""
+        return report_render.plot_layers(self, Path(path))
 
-        matplotlib.use("Agg")
-        import io
-
-        import matplotlib.pyplot as plt
-
-        layers = self.backbone["layers"]
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-        kinds = sorted({r["kind"] for r in self.rows})
-        for kind in kinds:
-            best: dict[str, float] = {}
-            for r in self.rows:
-                if r["kind"] == kind and len(r["layers"]) == 1:
-                    best[r["layers"][0]] = max(best.get(r["layers"][0], 0.0), r["val_accuracy"])
-            if best:
-                xs = [layers.index(k) for k in best]
-                ax.plot(xs, list(best.values()), marker="o", label=kind)
-            else:  # a multi-layer probe reads every layer: a horizontal line
-                acc = max(r["val_accuracy"] for r in self.rows if r["kind"] == kind)
-                ax.axhline(acc, linestyle=":", color="gray", label=f"{kind} (all layers)")
-        for c in self.candidates:
-            if c["name"] == "ensemble":
-                ax.axhline(c["val_accuracy"], linestyle="--", color="black",
-                           label=f"top-{len(c['members'])} ensemble")
-        used = sorted({layers.index(r["layers"][0]) for r in self.rows if len(r["layers"]) == 1})
-        ax.set_xticks(used, [layers[i] for i in used], rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("validation accuracy")
-        ax.set_title(f"{self.backbone['name']}: accuracy per layer per adapter kind")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        atomic_write_bytes(Path(path), buf.getvalue())
-        return Path(path)
+    def plot_confusion(self, path: str | Path) -> Path | None:
+        """A PNG of the chosen task's confusion matrix (``None`` when the report has none)."""
+        if not self.per_class.get("confusion"):
+            return None
+        return report_render.plot_confusion(self, Path(path))
 
     def write(self, folder: str | Path) -> dict[str, Path]:
-        """Write ``report.md``, ``accuracy_per_layer.png`` and, last (a finished run is
+        """Write ``report.md``, ``accuracy_per_layer.png``, ``confusion_matrix.png`` (when
+        the report has a confusion matrix) and, last (a finished run is
         one whose ``report.json`` exists), ``report.json``."""
         folder = Path(folder)
         atomic_write_bytes(folder / "report.md", self.to_markdown().encode())
         plot = self.plot(folder / "accuracy_per_layer.png")
+        confusion = self.plot_confusion(folder / "confusion_matrix.png")
         atomic_write_json(folder / "report.json", self.to_dict())
-        return {"json": folder / "report.json", "markdown": folder / "report.md", "plot": plot}
+        return {"json": folder / "report.json", "markdown": folder / "report.md", "plot": plot,
+                **({"confusion": confusion} if confusion else {})}
 
 
 def _nan_for_null(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

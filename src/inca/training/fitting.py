@@ -28,7 +28,9 @@ from inca.training.factory import build_adapter
 from inca.training.loop import BankResult, train_bank
 from inca.training.mode import choose_mode
 from inca.training.plan import plan_members
+from inca.training.probe import probe_baseline, probe_features
 from inca.training.report import build_report
+from inca.training.scoring import accuracy, task_confusion, test_accuracies
 from inca.training.selection import Candidate, best_member, soups, top_k_ensemble
 from inca.training.sources import CachedSource, StreamingSource
 
@@ -102,44 +104,6 @@ def _task_from(candidate: Candidate, bank: AdapterBank, result: BankResult, clas
         keys=[candidate.name if candidate.states else bank.specs[i].key
               for i in candidate.member_indices],
     )
-
-
-def _accuracy(task: Task, source: Any, batch_size: int) -> float:
-    """Accuracy of a task on a source of extracted tokens (autocast as ``task.precision``)."""
-    counts = torch.zeros(2, dtype=torch.long)  # correct, seen
-    for feats, y in source.batches(batch_size, part="share"):
-        counts[0] += (task.proba_from_features(feats).argmax(-1) == y).sum().cpu()
-        counts[1] += len(y)
-    correct, total = context().all_sum(counts).tolist()
-    return correct / max(total, 1)
-
-
-@torch.no_grad()
-def _test_accuracies(bank: AdapterBank, result: BankResult, candidates: list[Candidate],
-                     source: Any, batch_size: int, precision: Precision
-                     ) -> tuple[dict[str, float], list[float]]:
-    """Test accuracy of every candidate and of every member at its best epoch, from one
-    pass with the counts kept on the device (soups, whose weights are averages, take a
-    pass of their own). For the report only, never for selection."""
-    for i, m in enumerate(result.members):
-        bank.load_member(i, m.state)
-    bank.eval()
-    plain = [c for c in candidates if not c.states]
-    hits = torch.zeros(len(result.members) + len(plain), dtype=torch.long,
-                       device=next(bank.parameters()).device)  # correct answers
-    total = 0
-    for feats, y in source.batches(batch_size, part="share"):
-        with precision.autocast():
-            probs = bank.logits(feats).float().softmax(-1)  # (K, B, C)
-        batch = torch.cat([(probs.argmax(-1) == y).sum(-1), *(
-            (probs[c.member_indices].mean(0).argmax(-1) == y).sum().view(1) for c in plain)])
-        hits += batch
-        total += len(y)
-    ctx = context()
-    hits, total = ctx.all_sum(hits).cpu(), int(ctx.all_sum(torch.tensor(total)))
-    acc = (hits.double() / max(total, 1)).tolist()
-    k = len(result.members)
-    return {c.name: a for c, a in zip(plain, acc[k:], strict=True)}, acc[:k]
 
 
 def fit(
@@ -241,15 +205,25 @@ def fit(
         baseline = _linear_probe_baseline(bank, result, layers, config.select_by)
         tests: dict[str, float] = {}
         member_tests: list[float] | None = None
+        confusion = None
         if test_src is not None:
-            tests, member_tests = _test_accuracies(bank, result, candidates, test_src,
-                                                   config.batch_size, precision)
+            tests, member_tests, confusion = test_accuracies(
+                bank, result, candidates, test_src, config.batch_size, precision, chosen,
+                len(classes))
             if baseline is not None:
                 tests["linear_probe"] = member_tests[baseline]
             for c in candidates:
                 if c.states:  # soups
-                    tests[c.name] = _accuracy(_task_from(c, bank, result, classes, backbone,
-                                                         config), test_src, config.batch_size)
+                    soup = task if c is chosen else _task_from(c, bank, result, classes,
+                                                               backbone, config)
+                    matrix = task_confusion(soup, test_src, config.batch_size, len(classes))
+                    tests[c.name] = accuracy(matrix)
+                    confusion = matrix if c is chosen else confusion
+        per_class = ({"split": "test", "confusion": confusion.tolist()} if test_src is not None
+                     else {"split": "validation", "confusion": task_confusion(
+                         task, val_src, config.batch_size, len(classes)).tolist()})
+        probe = _probe(mode.mode, train_src, val_src, test_src, layers, backbone, classes,
+                       config, ctx)
 
     params = [parameter_report(bank.export(i), n_params) for i in range(len(specs))]
     report = build_report(
@@ -257,7 +231,9 @@ def fit(
         params=params, candidates=candidates, chosen=chosen, baseline=baseline, tests=tests,
         extract_seconds=extract_s, num_train=len(train_src), num_val=len(val_src),
         mode={"mode": mode.mode, "reason": mode.reason, "cache_bytes": mode.cache_bytes},
-        member_tests=member_tests,
+        member_tests=member_tests, probe=probe, per_class=per_class,
+        num_test=None if test_src is None else len(test_src),
+        device=backbone.device,
         classes=classes, task_parameters=task.num_parameters(),
     )
     task.metrics = report.summary()
@@ -291,3 +267,24 @@ def _linear_probe_baseline(bank: AdapterBank, result: BankResult, layers: list[s
     m = result.members
     return min(idx, key=lambda i: (*selection_key(m[i].val_accuracy, m[i].val_loss, select_by),
                                    i))
+
+
+def _probe(mode: str, train: Any, val: Any, test: Any, layers: list[str], backbone: Backbone,
+           classes: list[str], config: FitConfig, ctx: Dist) -> dict[str, Any]:
+    """The logistic-regression baseline (:mod:`inca.training.probe`) on cached features,
+    fitted by rank 0 (every rank reads the whole cache) and shared with the others. A
+    baseline never fails a fit: what went wrong is recorded instead."""
+    if mode == "streaming":
+        return {"skipped": "streaming mode: no cached features (the probe would cost "
+                           "another backbone pass over the data)"}
+    probe = None
+    if ctx.is_main:
+        try:
+            probe = probe_baseline(
+                train, val, test, layers, probe_features(backbone.num_prefix_tokens,
+                                                         config.adapter_options),
+                len(classes), select_by=config.select_by, batch_size=config.batch_size,
+                seed=config.seed, device=backbone.device)
+        except (InCAError, ValueError, RuntimeError) as e:
+            probe = {"skipped": f"failed: {e}"}
+    return ctx.broadcast_object(probe)

@@ -3,6 +3,8 @@ since it is saved with the task)."""
 
 from __future__ import annotations
 
+from inca._machine import machine, utc_now
+from inca._version import __version__
 from inca.task.report import FitReport, selection_key
 
 __all__ = ["FitReport", "build_report"]
@@ -10,9 +12,12 @@ __all__ = ["FitReport", "build_report"]
 
 def build_report(*, backbone, config, specs, result, params, candidates, chosen, baseline,
                  tests, extract_seconds, num_train, num_val, classes, task_parameters,
-                 mode=None, member_tests=None) -> FitReport:
+                 mode=None, member_tests=None, probe=None, per_class=None, num_test=None,
+                 device=None) -> FitReport:
     """The report of a fit: every member's row (bank order), the candidates, the choice and
-    how a tie was broken, the baseline, timings and data sizes."""
+    how a tie was broken, the baselines, the chosen task's confusion matrix, timings, data
+    sizes, and when, with which inca and on what machine (``device``: the one used) it ran.
+    The command is ``"python API"``; the CLI replaces it with its command line."""
     rows = [
         {
             "key": s.key, "kind": s.kind, "layers": list(s.layers), "lr": s.lr,
@@ -50,7 +55,10 @@ def build_report(*, backbone, config, specs, result, params, candidates, chosen,
         val_accuracy=chosen.val_accuracy, linear_probe=lp, test_accuracy=dict(tests),
         timings={"extract_seconds": extract_seconds, "train_seconds": result.train_seconds,
                  "epochs_run": result.epochs_run},
-        data={"num_train": num_train, "num_val": num_val, "classes": list(classes)},
+        data={"num_train": num_train, "num_val": num_val,
+              **({} if num_test is None else {"num_test": num_test}), "classes": list(classes)},
         task_parameters=task_parameters, history=result.history, mode=dict(mode or {}),
-        tie=tie,
+        tie=tie, probe=dict(probe or {}), per_class=dict(per_class or {}),
+        inca_version=__version__, command="python API", date=utc_now(),
+        machine=machine(device),
     )
