@@ -176,3 +176,10 @@ def test_lora_finds_the_attention_projections_of_current_transformers(tmp_path):
     pytest.importorskip("peft")
     tuned, names = prepare(bb, FineTuneConfig(method="lora"))
     assert names and all("lora_" in n for n in names)
+
+
+def test_compare_config_errors_are_config_errors():
+    from inca.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="epochs, seeds and expensive_seeds"):
+        CompareConfig(epochs=0, device="cpu")

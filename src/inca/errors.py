@@ -38,7 +38,7 @@ class StorageError(InCAError):
 
 
 class ConfigError(InCAError):
-    """A fit configuration value is invalid."""
+    """A configuration value is invalid (of a fit, a comparison, a server)."""
 
 
 class TrainingError(InCAError):

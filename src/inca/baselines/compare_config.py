@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inca.errors import InCAError
+from inca.errors import ConfigError
 
 METHODS = ("full", "last", "lora", "linear", "multilayer", "inca")
 EXPENSIVE = ("full", "last", "lora")
@@ -73,26 +73,26 @@ class CompareConfig:
         self.methods = tuple(self.methods)
         for m in self.methods:
             if m not in METHODS:
-                raise InCAError(f"unknown method {m!r}{did_you_mean(m, METHODS)}; choose from "
+                raise ConfigError(f"unknown method {m!r}{did_you_mean(m, METHODS)}; choose from "
                                 f"{', '.join(METHODS)}")
         if not self.methods or len(set(self.methods)) != len(self.methods):
-            raise InCAError(f"methods must name each method once, got {list(self.methods)}")
+            raise ConfigError(f"methods must name each method once, got {list(self.methods)}")
         if self.epochs < 1 or self.seeds < 1 or self.expensive_seeds < 1:
-            raise InCAError("epochs, seeds and expensive_seeds must be at least 1")
+            raise ConfigError("epochs, seeds and expensive_seeds must be at least 1")
         for name in ("limit", "test_limit", "input_size", "token_grid"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise InCAError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size < 1 or self.max_epochs < 1:
-            raise InCAError("batch_size and max_epochs must be at least 1")
+            raise ConfigError("batch_size and max_epochs must be at least 1")
         self.lrs = tuple(float(v) for v in self.lrs)
         if not self.lrs or not all(0 < v < float("inf") for v in self.lrs):
-            raise InCAError(f"lrs must be positive numbers, got {list(self.lrs)}")
+            raise ConfigError(f"lrs must be positive numbers, got {list(self.lrs)}")
         if not 0 < self.val_fraction < 1:
-            raise InCAError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.time_fraction <= 10:
-            raise InCAError(f"time_fraction must be in (0, 10], got {self.time_fraction}")
+            raise ConfigError(f"time_fraction must be in (0, 10], got {self.time_fraction}")
         if self.equal_time and "full" not in self.methods:
-            raise InCAError("equal_time gives the other methods full fine-tuning's wall "
+            raise ConfigError("equal_time gives the other methods full fine-tuning's wall "
                             "time: include 'full' in the methods")
         # Resolved once, here: every method and every child process runs the same.
         from inca._precision import resolve_device, resolve_precision  # imports torch
