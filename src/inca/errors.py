@@ -49,7 +49,7 @@ class DistributedError(InCAError):
     """The process group cannot be joined, or a rank failed."""
 
 
-class ServerConfigError(InCAError):
+class ServerConfigError(ConfigError):
     """The service's settings are invalid (an empty API key, a non-positive limit, ...)."""
 
 
