@@ -250,3 +250,30 @@ def test_fit_config_file_refuses_unknown_or_bad_settings(tmp_path, captured_fit,
     assert res.exit_code == 2 and message in " ".join(res.output.replace("│", "").split()), \
         res.output
     assert not captured_fit
+
+
+def test_compare_quiet_prints_only_the_result_line(tmp_path, monkeypatch):
+    import inca.baselines.compare as lib
+    from inca.cli import compare as compare_cli
+
+    asked = []
+
+    def fake_run(config, progress=True):
+        asked.append(progress)
+        if progress:
+            print("[1/1] linear seed 0")
+        return {"failures": []}
+
+    monkeypatch.setattr(compare_cli, "run_compare", fake_run)
+    monkeypatch.setattr(lib, "to_markdown", lambda result: "| the table |")
+    monkeypatch.setattr(lib, "write", lambda result, out, command: {
+        "markdown": out / "compare.md", "json": out / "compare.json", "plot": out / "c.png"})
+    args = ["compare", "--backbone", "timm:resnet10t", "--data", "digits", "--methods",
+            "linear", "--out", tmp_path]
+    res = run(*args)
+    assert res.exit_code == 0 and "| the table |" in res.output and "[1/1]" in res.output
+    res = run(*args, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == [f"wrote {tmp_path / 'compare.md'}, "
+                                       f"{tmp_path / 'compare.json'}, {tmp_path / 'c.png'}"]
+    assert asked == [True, False]
