@@ -342,7 +342,7 @@ def test_the_progress_bar_shows_the_selection_measure_which_only_improves(monkey
         def set_postfix(self, values: dict) -> None:
             shown.append(values)
 
-    monkeypatch.setattr(loop, "tqdm", Bar)
+    monkeypatch.setattr(loop, "progress_bar", Bar)  # tqdm, or plain lines in a log
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=4,
                        batch_size=16, patience=0)
     train_bank(_bank(config), _source(64, 0), _source(32, 1), config)
