@@ -418,3 +418,25 @@ def test_task_json_cannot_pass_any_argument_to_the_model_loader(tmp_path, monkey
         with pytest.raises(TaskError, match="cannot create its backbone"):
             load_task(folder, **{k: "x" for k in edit})
         assert created and all(kw[k] == "x" for kw in created for k in edit)
+
+
+def test_a_license_is_a_short_lowercase_identifier():
+    from inca.task.schema import license_ok
+
+    for good in ("a", "apache-2.0", "cc-by-nc-4.0", "gpl-3.0+", "x" * 64):
+        assert license_ok(good), good
+    for bad in ("", "x" * 65, "MIT", "X11", "apache 2.0", "licenсe", None, 3):  # Cyrillic с
+        assert not license_ok(bad), bad
+
+
+def test_values_and_names_in_messages_are_cut_short():
+    from inca.task.schema import _shown, few
+
+    assert _shown("a" * 38) == '"' + "a" * 38 + '"'  # 40 characters: shown whole
+    assert _shown("a" * 39) == '"' + "a" * 36 + "..."  # 41: cut to 40
+    assert (_shown([1, 2]), _shown({"a": 1}), _shown(None)) == (
+        "a list of 2 item(s)", "an object of 1 key(s)", "null")
+    assert _shown(object()) == "object"
+    assert few(["a", "b", "c"]) == "'a', 'b', 'c'"
+    assert few(["a", "b", "c", "d"]) == "'a', 'b', 'c' and 1 more"
+    assert few(list("abcdef")) == "'a', 'b', 'c' and 3 more"
