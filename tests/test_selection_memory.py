@@ -141,6 +141,21 @@ def test_soups_score_as_when_they_kept_their_probabilities(monkeypatch):
         assert c.val_loss == pytest.approx(loss, rel=1e-6, abs=1e-7)
 
 
+def test_a_member_alone_in_its_kind_and_layer_has_no_soup_and_the_others_still_do():
+    from test_training import _bank
+
+    from inca.training.plan import MemberSpec
+
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3, 1e-2), epochs=1,
+                       batch_size=32, patience=0, soup=True)
+    specs = [MemberSpec("linear", ("l0",), 3e-3),  # alone: no soup, and the next still get one
+             MemberSpec("inca", ("l1",), 3e-3), MemberSpec("inca", ("l1",), 1e-2)]
+    bank, val = _bank(config, specs), _source(64, 1)
+    res = train_bank(bank, _source(128, 0), val, config, progress=False)
+    got = soups(bank, res, val, 16)
+    assert [(c.name, c.member_indices) for c in got] == [("soup:inca/l1", [1])]
+
+
 def test_the_ensembles_pass_puts_the_members_current_weights_back(monkeypatch):
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(0.3, 1.0), epochs=4,
                        batch_size=32, patience=0)
