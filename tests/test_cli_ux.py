@@ -195,6 +195,7 @@ def test_fit_refuses_to_replace_a_task_unless_overwrite(tmp_path, monkeypatch):
 
 def test_overwrite_replaces_a_cache_made_differently_and_nothing_else(tmp_path):
     from inca.cli.fit import _fit_replacing
+    from inca.errors import CacheMismatchError
 
     root = tmp_path / "cache"
     (root / "train").mkdir(parents=True)
@@ -203,7 +204,7 @@ def test_overwrite_replaces_a_cache_made_differently_and_nothing_else(tmp_path):
     def fit_once():
         calls.append(root.exists())
         if len(calls) == 1:
-            raise CacheError(f"{root / 'train'} holds a cache made differently: ...")
+            raise CacheMismatchError(f"{root / 'train'} holds a cache made differently: ...")
         return "task"
 
     with pytest.raises(CacheError):  # without --overwrite: refused, the cache kept
@@ -213,8 +214,9 @@ def test_overwrite_replaces_a_cache_made_differently_and_nothing_else(tmp_path):
     assert _fit_replacing(fit_once, root, overwrite=True) == "task"
     assert calls == [True, False]  # removed, then fitted again
 
-    def other_error():
-        raise CacheError("layer x produced non-finite activations")
+    def other_error():  # decided by the error's kind, never by words in its message
+        raise CacheError("layer x produced non-finite activations (the cache was made "
+                         "differently, maybe)")
 
     with pytest.raises(CacheError, match="non-finite"):  # not a mismatch: never deleted
         (root / "train").mkdir(parents=True)

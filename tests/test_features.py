@@ -16,7 +16,7 @@ import torch
 from tiny import SIZE, SOURCES, make_backbone
 
 from inca.data import build_transform, load_dataset
-from inca.errors import CacheError
+from inca.errors import CacheError, CacheMismatchError
 from inca.features import ActivationCache, extract_features, extract_to_cache, reduce_tokens
 from inca.features import cache as cache_mod
 from inca.features.cache import recorded_shards
@@ -176,8 +176,13 @@ def test_bad_requests(tmp_path, digits):
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")
-    with pytest.raises(CacheError, match="not empty"):
+    with pytest.raises(CacheMismatchError, match="not empty"):  # what --overwrite replaces
         extract_to_cache(bb, digits, junk, progress=False)
+    extract_to_cache(bb, digits, tmp_path / "c", progress=False)
+    with pytest.raises(CacheMismatchError, match="made differently"):
+        extract_to_cache(bb, digits, tmp_path / "c", token_grid=1, progress=False)
+    with pytest.raises(CacheMismatchError, match="made differently"):
+        ActivationCache(tmp_path / "c", expect={"token_grid": 3})
     with pytest.raises(CacheError, match="no activation cache"):
         ActivationCache(tmp_path / "nowhere")
 

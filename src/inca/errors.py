@@ -25,6 +25,11 @@ class CacheError(InCAError):
     """An activation cache is missing, incomplete, or made by another backbone/preprocessing."""
 
 
+class CacheMismatchError(CacheError):
+    """A folder holds a cache made differently (another backbone, data, layers, ...) or
+    files that are not a cache: what ``overwrite=True`` (``--overwrite``) replaces."""
+
+
 class AdapterError(InCAError):
     """An adapter cannot be created, or its config or input is invalid."""
 

@@ -195,13 +195,12 @@ def _fit_replacing(run: Any, cache_root: Path, overwrite: bool) -> Any:
     """``run()``; with --overwrite, a cache in the run folder made differently (another
     backbone, data or layers) is removed and the fit run again (it stops at once, before
     extracting, when it finds one); a cache that matches is reused."""
-    from inca.errors import CacheError
+    from inca.errors import CacheMismatchError
 
     try:
         return run()
-    except CacheError as e:
-        made_differently = "made differently" in str(e) or "holds no cache" in str(e)
-        if not (overwrite and made_differently and cache_root.is_dir()):
+    except CacheMismatchError:
+        if not (overwrite and cache_root.is_dir()):
             raise
     import shutil
 

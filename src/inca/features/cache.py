@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from inca._files import atomic_save_npy, atomic_write_json
-from inca.errors import CacheError
+from inca.errors import CacheError, CacheMismatchError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -170,7 +170,7 @@ class ActivationCache:
                 if manifest.get(k) != v
             ]
             if bad:
-                raise CacheError(
+                raise CacheMismatchError(
                     f"the cache at {self.path} was made differently:\n  " + "\n  ".join(bad)
                     + "\nextract again into another folder"
                 )

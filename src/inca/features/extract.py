@@ -21,7 +21,7 @@ from inca._progress import progress_bar
 from inca._version import __version__
 from inca.backbones.base import Backbone
 from inca.data.transforms import loader_options, to_model_input
-from inca.errors import CacheError, InCAError, StorageError
+from inca.errors import CacheError, CacheMismatchError, InCAError, StorageError
 from inca.features.cache import (
     FORMAT_VERSION,
     IDENTITY_KEYS,
@@ -179,7 +179,8 @@ def extract_to_cache(
                 state = ("error", e)
         state = ctx.broadcast_object(state)
         if state[0] == "error":
-            raise state[1] if ctx.is_main else CacheError(f"rank 0 refused: {state[1]}")
+            kind = CacheMismatchError if isinstance(state[1], CacheMismatchError) else CacheError
+            raise state[1] if ctx.is_main else kind(f"rank 0 refused: {state[1]}")
         if state[0] == "complete":
             return ActivationCache(root)
         writer = CacheWriter(root, read_manifest(root))
@@ -255,7 +256,7 @@ def _prepare(root: Path, wanted: dict[str, Any], overwrite: bool) -> tuple[str, 
     if found is not None:
         mismatch = describe_mismatch(found, wanted)
         if mismatch and not overwrite:
-            raise CacheError(
+            raise CacheMismatchError(
                 f"{root} holds a cache made differently:\n  " + "\n  ".join(mismatch)
                 + "\nchoose another output folder, or pass overwrite=True (--overwrite)"
             )
@@ -265,7 +266,8 @@ def _prepare(root: Path, wanted: dict[str, Any], overwrite: bool) -> tuple[str, 
         elif found.get("complete"):
             return ("complete", None)
     elif _holds_files(root) and not overwrite:
-        raise CacheError(f"{root} exists, is not empty and holds no cache; choose another folder")
+        raise CacheMismatchError(f"{root} exists, is not empty and holds no cache; choose "
+                                 "another folder")
     if found is None:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / MANIFEST, wanted)
