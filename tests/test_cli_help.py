@@ -54,7 +54,8 @@ def _params(command: str):
     return [p for p in get_command(app).commands[command].params if p.name != "help"]
 
 
-@pytest.mark.parametrize("command", ["fit", "extract", "compare", "predict", "serve"])
+@pytest.mark.parametrize("command", ["fit", "extract", "compare", "predict", "serve",
+                                     "export", "add-classes", "layers"])
 def test_every_option_sits_in_a_help_panel(command):
     loose = [p.name for p in _params(command)
              if p.param_type_name == "option" and not p.rich_help_panel

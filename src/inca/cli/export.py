@@ -9,21 +9,23 @@ from typing import Annotated
 import typer
 
 from inca.cli._app import app, friendly
-from inca.cli._options import TaskBackbone, TaskCheckpoint, check_choices
+from inca.cli._options import OUTPUT, TASKS, TaskBackbone, TaskCheckpoint, check_choices
 from inca.errors import InCAError
 
 FORMATS = ("onnx", "export")  # ONNX (torch's dynamo exporter) or a torch.export program
-INPUT, OUTPUT = "images", "probabilities"
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 
 
 @app.command("export")
 @friendly
 def export_cmd(
-    task: Annotated[Path, typer.Option(help="a fitted task folder")],
-    out: Annotated[Path, typer.Option(help="the file to write (.onnx or .pt2)")],
+    task: Annotated[Path, typer.Option(help="a fitted task folder", rich_help_panel=TASKS)],
+    out: Annotated[Path, typer.Option(help="the file to write (.onnx or .pt2)",
+                                      rich_help_panel=OUTPUT)],
     format: Annotated[str, typer.Option(  # noqa: A002 - the option's name
         help="onnx: an ONNX model (onnxruntime, TensorRT, ...); export: a torch.export "
-             "program (torch.export.load)", metavar="[onnx|export]")] = "onnx",
+             "program (torch.export.load)", metavar="[onnx|export]",
+        rich_help_panel=OUTPUT)] = "onnx",
     backbone: TaskBackbone = None,
     checkpoint: TaskCheckpoint = None,
 ) -> None:
@@ -32,7 +34,7 @@ def export_cmd(
     check_choices("--format", [format], list(FORMATS))
     written = export_task(task, out, format, backbone=backbone, checkpoint=checkpoint)
     typer.echo(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB): input "
-               f"'{INPUT}' uint8 (batch, 3, H, W), output '{OUTPUT}' (batch, classes)")
+               f"'{INPUT_NAME}' uint8 (batch, 3, H, W), output '{OUTPUT}' (batch, classes)")
 
 
 def export_task(task: Path, out: Path, format: str = "onnx", *,  # noqa: A002
@@ -69,8 +71,8 @@ def export_task(task: Path, out: Path, format: str = "onnx", *,  # noqa: A002
             atomic_write_bytes(out, buf.getvalue())
             return out
         try:
-            onnx = torch.onnx.export(module, (x,), dynamo=True, input_names=[INPUT],
-                                     output_names=[OUTPUT], dynamic_shapes=({0: batch},),
+            onnx = torch.onnx.export(module, (x,), dynamo=True, input_names=[INPUT_NAME],
+                                     output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
                                      verbose=False)
         except Exception as e:  # noqa: BLE001 - the exporter's own error, named
             raise InCAError(f"the ONNX exporter refused {task}: {type(e).__name__}: "
