@@ -34,7 +34,7 @@ def export_cmd(
     check_choices("--format", [format], list(FORMATS))
     written = export_task(task, out, format, backbone=backbone, checkpoint=checkpoint)
     typer.echo(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MiB): input "
-               f"'{INPUT_NAME}' uint8 (batch, 3, H, W), output '{OUTPUT}' (batch, classes)")
+               f"'{INPUT_NAME}' uint8 (batch, 3, H, W), output '{OUTPUT_NAME}' (batch, classes)")
 
 
 def export_task(task: Path, out: Path, format: str = "onnx", *,  # noqa: A002
