@@ -356,3 +356,49 @@ def test_error_messages_show_no_object_reprs(roomy, kwargs, status, message):
     detail = r.json()["detail"]
     assert message in detail
     assert not re.search(r"object at 0x|<[A-Za-z_.]+[ >]|UploadFile", detail), detail
+
+
+class _SumModel:
+    """Stands in for a MultiTaskModel: one 'probability' per image, its pixel sum."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def predict_proba(self, images: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+        self.calls.append((len(images), batch_size))
+        return {"t": images.sum((1, 2, 3))[:, None]}
+
+
+def test_the_batcher_admits_up_to_its_limit_counts_every_waiting_image_and_runs_unbatched():
+    from fastapi import HTTPException
+
+    from inca.runtime.batcher import Batcher
+
+    async def queued() -> None:  # batching on, no worker: admitted requests wait
+        b = Batcher(_SumModel(), ServerConfig(max_images=1, max_queue_images=4))
+        first = asyncio.create_task(b.predict(torch.ones(2, 3, 2, 2)))
+        second = asyncio.create_task(b.predict(torch.ones(1, 3, 2, 2)))
+        await asyncio.sleep(0.01)
+        assert b.pending == 3
+        with pytest.raises(HTTPException) as e:  # 3 + 2 > 4
+            await b.predict(torch.ones(2, 3, 2, 2))
+        assert e.value.status_code == 503 and e.value.headers["Retry-After"] == "1"
+        assert e.value.detail == ("the server is busy (3 images are waiting for the model, the "
+                                  "limit is 4); retry in 1 s")
+        third = asyncio.create_task(b.predict(torch.ones(1, 3, 2, 2)))  # 3 + 1 = 4: admitted
+        await asyncio.sleep(0.01)
+        assert b.pending == 4 and not third.done()
+        for t in (first, second, third):
+            t.cancel()
+        await asyncio.gather(first, second, third, return_exceptions=True)
+        assert b.pending == 0
+
+    async def unbatched() -> tuple[dict, Batcher]:
+        b = Batcher(_SumModel(), ServerConfig(batching=False, max_images=4,
+                                              max_queue_images=4))
+        return await b.predict(torch.ones(4, 3, 2, 2)), b
+
+    asyncio.run(queued())
+    out, b = asyncio.run(unbatched())
+    assert torch.equal(out["t"], torch.full((4, 1), 12.0))
+    assert b.model.calls == [(4, 4)] and b.batches_run == 1 and b.pending == 0  # one pass
