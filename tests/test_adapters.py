@@ -564,3 +564,33 @@ def test_mlp_head_stacks_and_round_trips(tmp_path):
     assert stack.unstack(3).config == adapters[3].config
     with pytest.raises(AdapterError, match="head_hidden"):
         InCAConfig(head_hidden=0)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"layers": "ab"}, "layers must be a list of at most 4096 entries"),
+    ({"layers": [f"l{i}" for i in range(4097)]}, "layers must be a list of at most 4096"),
+    ({"layers": ["a"], "layer_dims": (4,) * 4097}, "layer_dims must be a list of at most 4096"),
+    ({"layers": []}, "multilayer_linear needs layers=[...]: the layers it reads"),
+    ({"layers": ["a", ""]}, "layers must be non-empty layer names"),
+    ({"layers": ["a", 3]}, "layers must be non-empty layer names"),
+    ({"layers": ["a"], "layer_dims": [0]}, "each of layer_dims must be an integer in [1, "),
+    ({"layers": [*"abcdefghi", "a"]},
+     "layers must be distinct, got ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h']$"),
+    ({"layers": ["a", "b"], "layer_dims": [4]}, "layer_dims has 1 entries for 2 layers"),
+    ({"layers": ["a"], "num_prefix_tokens": -1}, "num_prefix_tokens must be an integer in"),
+    ({"layers": ["a"], "norm": 1}, "norm must be true or false, got 1"),
+    ({"layers": ["a"], "dropout": 1.0}, "dropout must be a number in [0, 1), got 1.0"),
+    ({"layers": ["a"], "dropout": 1.5}, "dropout must be a number in [0, 1), got 1.5"),
+])
+def test_multilayer_linear_config_refusals_name_the_field(kwargs, message):
+    import re
+
+    with pytest.raises(AdapterError, match="^" + re.escape(message).replace(r"\$", "$")):
+        MultiLayerLinearConfig(**kwargs)
+
+
+def test_multilayer_linear_config_accepts_its_bounds():
+    wide = MultiLayerLinearConfig(layers=[f"l{i}" for i in range(4096)],
+                                  layer_dims=[1] * 4096, dropout=0.99)
+    assert len(wide.layers) == 4096 and wide.layer_dims == (1,) * 4096
+    assert MultiLayerLinearConfig(layers=["a"]).layers == ("a",)
