@@ -52,7 +52,8 @@ bench: $(ASSETS)
 # `make test`: all four rooms take hours on two cores. MUTATE narrows it to files or folders
 # (make mutation MUTATE=src/inca/training/selection.py), TESTS replaces the test files
 # selected in pyproject's [tool.mutmut]. Writes benchmarks/results/mutation.{json,md} over
-# every module run so far (mutants/ keeps the results; delete it to start again).
+# every module run so far (mutants/ keeps the results; delete it to start again; mutmut
+# drops them all when TESTS or [tool.mutmut] changes).
 MUTATE ?= src/inca/training src/inca/adapters src/inca/runtime src/inca/task
 TESTS ?=
 MUTATION_CHILDREN ?= 2
