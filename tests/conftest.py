@@ -22,3 +22,19 @@ def digits_task(tmp_path_factory):
     from tiny import save_digits_task
 
     return save_digits_task(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def two_tasks():
+    """``(backbone, a, b)``: two small linear tasks on the planted backbone, reading its
+    ``stem`` and ``block1``."""
+    from planted import planted_backbone, planted_data
+
+    import inca
+
+
+    bb = planted_backbone()
+    common = dict(kinds=("linear",), lrs=(1e-2,), epochs=2, progress=False)
+    a = inca.fit(bb, planted_data(96, 0), layers=["stem"], **common)
+    b = inca.fit(bb, planted_data(96, 1), layers=["block1"], ensemble_k=1, **common)
+    return bb, a, b

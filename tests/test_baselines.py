@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fit import planted_backbone, planted_data
+from planted import planted_backbone, planted_data
 from tiny import make_backbone
 
 import inca

@@ -198,8 +198,8 @@ def test_ordinary_class_names_stay_accepted():
 
 @pytest.fixture(scope="module")
 def saved_task(tmp_path_factory):
-    from test_faults_task import make_task
-    from test_fit import planted_backbone
+    from planted import planted_backbone
+    from tiny import make_task
 
     bb = planted_backbone()
     folder = tmp_path_factory.mktemp("task") / "t"
@@ -210,7 +210,7 @@ def saved_task(tmp_path_factory):
 def _edited(saved_task, tmp_path, change):
     import shutil
 
-    from test_faults_task import edit_json
+    from tiny import edit_json
 
     from inca.task import load_task
 

@@ -11,25 +11,23 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny import make_backbone
+from tiny import TESTS, make_backbone, torchrun
 
 from inca.data import load_dataset
 from inca.features import ActivationCache, extract_to_cache
 from inca.features.cache import recorded_shards
 
-TESTS = str(Path(__file__).parent)
 N, SHARD = 52, 8  # 7 shards: 4 for rank 0, 3 for rank 1
 
 _EXTRACT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from tiny import make_backbone
+from tiny import TESTS, make_backbone, torchrun
 from inca.data import load_dataset
 from inca.features import extract_to_cache
 from inca.features import cache as cache_mod
@@ -49,7 +47,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import inca
-from tiny import make_backbone
+from tiny import TESTS, make_backbone, torchrun
 from inca.data import load_dataset
 from inca._distributed import context
 bb = make_backbone("module", Path({tmp!r}))
@@ -66,13 +64,6 @@ if context().is_main:
 """
 
 
-def _torchrun(script: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "--no-python", sys.executable, "-c",
-                           script], env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", limit=N)
@@ -80,7 +71,7 @@ def digits():
 
 def test_two_ranks_extract_the_single_process_cache(tmp_path, digits):
     out = tmp_path / "dist"
-    res = _torchrun(_EXTRACT.format(tests=TESTS, tmp=str(tmp_path), n=N, out=str(out),
+    res = torchrun(_EXTRACT.format(tests=TESTS, tmp=str(tmp_path), n=N, out=str(out),
                                     shard=SHARD, kill_rank1=False))
     assert res.returncode == 0, res.stderr[-3000:]
     dist = ActivationCache(out)
@@ -97,11 +88,11 @@ def test_two_ranks_extract_the_single_process_cache(tmp_path, digits):
 def test_a_rank_killed_mid_extraction_leaves_a_cache_a_rerun_completes(tmp_path, digits):
     out = tmp_path / "dist"
     args = dict(tests=TESTS, tmp=str(tmp_path), n=N, out=str(out), shard=SHARD)
-    res = _torchrun(_EXTRACT.format(kill_rank1=True, **args))
+    res = torchrun(_EXTRACT.format(kill_rank1=True, **args))
     assert res.returncode != 0  # torchrun stops the group when a rank dies
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and 1 <= len(recorded_shards(out)) < 7
-    res = _torchrun(_EXTRACT.format(kill_rank1=False, **args))
+    res = torchrun(_EXTRACT.format(kill_rank1=False, **args))
     assert res.returncode == 0, res.stderr[-3000:]
     single = extract_to_cache(make_backbone("module", tmp_path), digits, tmp_path / "one",
                               batch_size=4, shard_size=SHARD, progress=False)
@@ -113,7 +104,7 @@ def test_a_rank_killed_mid_extraction_leaves_a_cache_a_rerun_completes(tmp_path,
 @pytest.mark.slow  # make test runs it; plain pytest skips it
 def test_two_ranks_train_and_select_as_one_process(tmp_path):
     args = dict(tests=TESTS, tmp=str(tmp_path))
-    res = _torchrun(_FIT.format(cache=str(tmp_path / "c2"), out=str(tmp_path / "two.json"),
+    res = torchrun(_FIT.format(cache=str(tmp_path / "c2"), out=str(tmp_path / "two.json"),
                                 **args), timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

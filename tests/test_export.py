@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_task_api import images, random_task
-from tiny import make_backbone
+from tiny import images, make_backbone, random_task
 from typer.testing import CliRunner
 
 from inca.cli import app

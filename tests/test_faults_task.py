@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 import torch
+from planted import planted_backbone
 from safetensors.torch import load_file, save_file
-from test_fit import planted_backbone
+from tiny import edit_json, make_task
 
 import inca.backbones
 from inca.adapters import AdapterError, create_adapter
@@ -26,22 +27,6 @@ from inca.task import (
     load_task,
     read_task_files,
 )
-
-CLASSES = ["c0", "c1", "c2", "c3"]
-
-
-def make_task(bb: Any, kind: str = "inca", layer: str = "block1", seed: int = 0,
-              classes: list[str] = CLASSES, **cfg: Any) -> Task:
-    """An untrained task with random (not initial) weights, so copies are told apart."""
-    torch.manual_seed(seed)
-    if kind == "linear":
-        cfg = {"pool": "mean", "num_prefix_tokens": 0, **cfg}
-    head = create_adapter(kind, embed_dim=bb.embed_dims[layer], num_classes=len(classes),
-                          **cfg)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_()
-    return Task([head], [[layer]], classes, bb.describe(), keys=[f"{kind}/{layer}"])
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +52,6 @@ def same_task(a: Task, b: Task) -> bool:
     sa, sb = state(a), state(b)
     return (a.classes == b.classes and a.member_layers == b.member_layers and sa.keys() == sb.keys()
             and all(torch.equal(sa[k], sb[k]) for k in sa))
-
-
-def edit_json(folder: Path, change: Callable[[dict[str, Any]], Any]) -> None:
-    meta = json.loads((folder / TASK_JSON).read_text())
-    change(meta)
-    (folder / TASK_JSON).write_text(json.dumps(meta))
 
 
 def rehash(folder: Path) -> None:

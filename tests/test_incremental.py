@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_fit import planted_backbone, planted_data
+from planted import planted_backbone, planted_data
 
 import inca
 from inca.data import ArrayDataset

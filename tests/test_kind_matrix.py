@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from test_fit import planted_backbone, planted_data
+from planted import planted_backbone, planted_data
 from tiny import SIZE, make_backbone
 
 import inca

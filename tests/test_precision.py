@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fit import PlantedNet, planted_backbone, planted_data
-from test_training import LAYERS, _bank, _source
+from planted import PlantedNet, planted_backbone, planted_data
+from tokens import LAYERS, token_bank, token_source
 from torch import nn
 
 import inca
@@ -47,11 +47,11 @@ def _changed(before, after) -> list[bool]:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_bank_moved_before_training_trains_every_member(device, dtype):
-    bank = _bank(BANK)
+    bank = token_bank(BANK)
     init = _states(bank)
     bank.to(device=device, dtype=dtype)
-    res = train_bank(bank, _on(_source(256, 0), device), _on(_source(128, 1), device), BANK,
-                     progress=False)
+    res = train_bank(bank, _on(token_source(256, 0), device),
+                     _on(token_source(128, 1), device), BANK, progress=False)
     assert all(_changed(init, [m.state for m in res.members]))
     assert all(v.dtype == dtype and v.device.type == device
                for m in res.members for v in m.state.values())
@@ -65,8 +65,8 @@ def test_bank_moved_before_training_trains_every_member(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bank_moved_during_training_keeps_training(device):
     """Today's main failed this: moving re-fused the stacks behind the optimizer's back."""
-    bank = _bank(BANK).to(device)
-    feats, y = next(_on(_source(64, 0), device).batches(64))
+    bank = token_bank(BANK).to(device)
+    feats, y = next(_on(token_source(64, 0), device).batches(64))
     opt = torch.optim.AdamW(bank.param_groups(), weight_decay=1e-4)
 
     def steps(n: int) -> None:
@@ -126,10 +126,10 @@ def test_each_step_reads_the_current_weights_inside_an_outer_autocast():
 def test_bank_in_an_outer_autocast_trains_as_without_it():
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(1e-2,), epochs=2,
                        batch_size=32, patience=0, precision="bf16-mixed")
-    train, val = _source(128, 0), _source(64, 1)
-    ref = train_bank(_bank(config), train, val, config, progress=False)
+    train, val = token_source(128, 0), token_source(64, 1)
+    ref = train_bank(token_bank(config), train, val, config, progress=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        wrapped = train_bank(_bank(config), train, val, config, progress=False)
+        wrapped = train_bank(token_bank(config), train, val, config, progress=False)
     for a, b in zip(ref.members, wrapped.members, strict=True):
         assert a.val_accuracy == b.val_accuracy
         for k in a.state:
@@ -140,12 +140,12 @@ def test_bank_in_an_outer_autocast_trains_as_without_it():
 def test_mixed_precision_bank_learns_like_fp32(precision):
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=3,
                        batch_size=32, patience=0, precision=precision)
-    train, val = _source(128, 0), _source(64, 1)
-    bank, steps = _bank(config), []  # each training step's logits: computed in 16 bits
+    train, val = token_source(128, 0), token_source(64, 1)
+    bank, steps = token_bank(config), []  # each training step's logits: computed in 16 bits
     bank.register_forward_hook(lambda module, args, out: steps.append(out.dtype))
     mixed = train_bank(bank, train, val, config, progress=False)
     assert steps == [Precision(precision).compute_dtype] * 12  # 4 batches x 3 epochs
-    ref = train_bank(_bank(config), train, val, config, progress=False, precision="32")
+    ref = train_bank(token_bank(config), train, val, config, progress=False, precision="32")
     for a, b in zip(mixed.members, ref.members, strict=True):
         assert a.val_accuracy == pytest.approx(b.val_accuracy, abs=0.05), a.key
         assert all(v.dtype == torch.float32 for v in a.state.values())  # fp32 masters
@@ -340,11 +340,11 @@ def _two_ranks_fit(tmp_path, monkeypatch, device: str) -> list[dict]:
     shape: the bank's input is a ``StackedFeats`` that DDP must leave alone)."""
     import json
 
-    from test_distributed import TESTS, _torchrun
+    from tiny import TESTS, torchrun
 
     monkeypatch.setenv("INCA_DIST_BACKEND", "gloo")  # ranks sharing one GPU
     out = str(tmp_path / "rank")
-    res = _torchrun(_FIT_TWO_RANKS.format(tests=TESTS, tmp=str(tmp_path), device=device,
+    res = torchrun(_FIT_TWO_RANKS.format(tests=TESTS, tmp=str(tmp_path), device=device,
                                           cache=str(tmp_path / "cache"), out=out),
                     timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]

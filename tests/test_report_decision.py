@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fit import planted_backbone, planted_data
+from planted import planted_backbone, planted_data
 
 import inca
 from inca.task import FitReport

@@ -6,22 +6,13 @@ import json
 
 import pytest
 import torch
-from test_fit import planted_backbone, planted_data
+from planted import planted_backbone, planted_data
 
 import inca
 import inca.backbones
 from inca.adapters import _folded, create_adapter, stacked
 from inca.runtime import MultiTaskModel
 from inca.task import Task, TaskError
-
-
-@pytest.fixture(scope="module")
-def two_tasks():
-    bb = planted_backbone()
-    common = dict(kinds=("linear",), lrs=(1e-2,), epochs=2, progress=False)
-    a = inca.fit(bb, planted_data(96, 0), layers=["stem"], **common)
-    b = inca.fit(bb, planted_data(96, 1), layers=["block1"], ensemble_k=1, **common)
-    return bb, a, b
 
 
 def test_one_pass_serves_every_task(two_tasks, tmp_path):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_fit import planted_backbone, planted_data
+from planted import planted_backbone, planted_data
 
 import inca
 from inca._precision import Precision

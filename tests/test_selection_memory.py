@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from test_training import LAYERS, _bank, _source
+from tokens import LAYERS, token_bank, token_source
 
 import inca.training.loop as loop
 from inca.adapters import member_input
@@ -82,8 +82,8 @@ def _train_recording(monkeypatch, config):
         return real(bank, source, batch_size, precision, ensembles)
 
     monkeypatch.setattr(loop, "evaluate", recording)
-    bank, val = _bank(config), _source(64, 1)
-    res = train_bank(bank, _source(128, 0), val, config, progress=False)
+    bank, val = token_bank(config), token_source(64, 1)
+    res = train_bank(bank, token_source(128, 0), val, config, progress=False)
     return bank, val, res, calls
 
 
@@ -142,7 +142,6 @@ def test_soups_score_as_when_they_kept_their_probabilities(monkeypatch):
 
 
 def test_a_member_alone_in_its_kind_and_layer_has_no_soup_and_the_others_still_do():
-    from test_training import _bank
 
     from inca.training.plan import MemberSpec
 
@@ -150,8 +149,8 @@ def test_a_member_alone_in_its_kind_and_layer_has_no_soup_and_the_others_still_d
                        batch_size=32, patience=0, soup=True)
     specs = [MemberSpec("linear", ("l0",), 3e-3),  # alone: no soup, and the next still get one
              MemberSpec("inca", ("l1",), 3e-3), MemberSpec("inca", ("l1",), 1e-2)]
-    bank, val = _bank(config, specs), _source(64, 1)
-    res = train_bank(bank, _source(128, 0), val, config, progress=False)
+    bank, val = token_bank(config, specs), token_source(64, 1)
+    res = train_bank(bank, token_source(128, 0), val, config, progress=False)
     got = soups(bank, res, val, 16)
     assert [(c.name, c.member_indices) for c in got] == [("soup:inca/l1", [1])]
 
@@ -162,7 +161,7 @@ def test_the_ensembles_pass_puts_the_members_current_weights_back(monkeypatch):
     bank, _, res, calls = _train_recording(monkeypatch, config)
     assert len(calls) == res.epochs_run + 1
     last = calls[res.epochs_run - 1][0][0]  # the last epoch's probabilities, every member
-    now, _ = _old_evaluate(bank, _source(64, 1), 32)
+    now, _ = _old_evaluate(bank, token_source(64, 1), 32)
     torch.testing.assert_close(now, last, atol=0, rtol=0)
 
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_runtime import two_tasks  # noqa: F401 - fixture
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

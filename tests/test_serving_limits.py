@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
-from test_runtime import two_tasks  # noqa: F401 - fixture
 from tiny import start_serve, stop_serve
 
 pytest.importorskip("fastapi")

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_fit import planted_backbone, planted_data
-from tiny import SIZE, make_backbone, save_tiny_hf_vit
+from planted import planted_backbone, planted_data
+from tiny import CLASSES, SIZE, images, make_backbone, random_task, save_tiny_hf_vit
 
 import inca
 import inca.backbones
 from inca._files import atomic_write_bytes
-from inca.adapters import create_adapter
 from inca.backbones.dinov2 import DinoV2Backbone, DinoV2ViT
 from inca.runtime import MultiTaskModel
 from inca.task import (
@@ -37,26 +36,6 @@ from inca.task import (
     TaskModule,
     load_task,
 )
-
-CLASSES = ["cat", "dog", "eel"]
-
-
-def random_task(bb: Any, *, token_grid: int | None = None, two: bool = True) -> Task:
-    """An ensemble of an InCA adapter (first layer) and a linear probe (last layer)."""
-    torch.manual_seed(1)
-    first, last = bb.layers[0], bb.layers[-1]
-    members = [create_adapter("inca", embed_dim=bb.embed_dims[first], num_classes=3)]
-    layers = [[first]]
-    if two:
-        members.append(create_adapter("linear", embed_dim=bb.embed_dims[last], num_classes=3,
-                                      pool="mean", num_prefix_tokens=bb.num_prefix_tokens))
-        layers.append([last])
-    with torch.no_grad():
-        for m in members:
-            for p in m.parameters():
-                p.normal_(0, 0.5)
-    return Task(members, layers, CLASSES, bb.describe(), backbone=bb, precision="32",
-                token_grid=token_grid, keys=[f"m{i}" for i in range(len(members))])
 
 
 def spy_creation(monkeypatch) -> list[tuple[str, dict[str, Any], bool]]:
@@ -72,11 +51,6 @@ def spy_creation(monkeypatch) -> list[tuple[str, dict[str, Any], bool]]:
 
     monkeypatch.setattr(inca.backbones, "create_backbone", create)
     return calls
-
-
-def images(n: int = 4, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
 
 
 # -- the backbone's record ----------------------------------------------------------------

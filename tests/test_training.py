@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokens import LAYERS, C, D, N, token_bank, token_source
 
 import inca.errors as inca_errors
 from inca.training import AdapterBank, FitConfig, TrainingError, plan_members, train_bank
@@ -12,31 +13,11 @@ from inca.training.incremental import extend_adapters
 from inca.training.plan import MemberSpec
 from inca.training.sources import MemorySource, StackedFeats
 
-LAYERS = ["l0", "l1", "l2"]
-D, N, C = 16, 9, 4
-
-
-def _source(n: int, seed: int, classes: int = C, signal_layer: str = "l1") -> MemorySource:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    feats = {k: torch.randn(n, N, D, generator=g) for k in LAYERS}
-    # the label is a bump on some channels of every token of one layer
-    feats[signal_layer][:, :, :classes] += 2.0 * torch.nn.functional.one_hot(y, classes)[:, None]
-    return MemorySource(feats, y)
-
-
-def _bank(config: FitConfig, specs=None) -> AdapterBank:
-    specs = specs or plan_members(LAYERS, config)
-    adapters = [build_adapter(s, embed_dims=dict.fromkeys(LAYERS, D), num_prefix_tokens=1,
-                              num_classes=C, seed=config.seed, options=config.adapter_options)
-                for s in specs]
-    return AdapterBank(specs, adapters, dict.fromkeys(LAYERS, N))
-
 
 def test_bank_keys_and_stacking():
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear", "multilayer_linear"),
                        lrs=(1e-3, 1e-2))
-    bank = _bank(config)
+    bank = token_bank(config)
     assert bank.keys[:2] == ["inca/l0/lr=0.001", "inca/l0/lr=0.01"]
     assert "multilayer_linear/3layers/lr=0.01" in bank.keys
     # one stack per (kind, lr), each holding a member per layer; single multi-layer probes
@@ -46,7 +27,7 @@ def test_bank_keys_and_stacking():
     assert [g["lr"] for g in bank.param_groups()] == [1e-3, 1e-2] * 3
     stacked = [f for f in bank._families if f.kind is not None]
     assert len(stacked) == 2 and all(f.layers == [(k,) for k in LAYERS] for f in stacked)
-    feats, y = next(_source(8, 0).batches(8))
+    feats, y = next(token_source(8, 0).batches(8))
     bank.eval()
     logits = bank.logits(feats)
     assert logits.shape == (len(bank.keys), 8, C)
@@ -73,11 +54,11 @@ def test_member_seeds_come_from_the_spec_not_its_display_key(monkeypatch):
 def test_batched_bank_equals_adapters_trained_one_by_one():
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(1e-3, 1e-2), epochs=2,
                        batch_size=16, patience=0)
-    train, val = _source(64, 0), _source(32, 1)
-    bank = _bank(config)
+    train, val = token_source(64, 0), token_source(32, 1)
+    bank = token_bank(config)
     together = train_bank(bank, train, val, config, progress=False)
     for i, spec in enumerate(bank.specs):
-        alone = _bank(config, [spec])
+        alone = token_bank(config, [spec])
         res = train_bank(alone, train, val, config, progress=False)
         assert res.members[0].val_accuracy == pytest.approx(together.members[i].val_accuracy)
         for k, v in res.members[0].state.items():
@@ -87,9 +68,9 @@ def test_batched_bank_equals_adapters_trained_one_by_one():
 def test_bank_finds_the_informative_layer_and_is_reproducible():
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=6,
                        batch_size=32)
-    train, val = _source(256, 0), _source(128, 1)
-    a = train_bank(_bank(config), train, val, config, progress=False)
-    b = train_bank(_bank(config), train, val, config, progress=False)
+    train, val = token_source(256, 0), token_source(128, 1)
+    a = train_bank(token_bank(config), train, val, config, progress=False)
+    b = train_bank(token_bank(config), train, val, config, progress=False)
     accs = {r.key: r.val_accuracy for r in a.members}
     assert accs["inca/l1/lr=0.003"] > 0.9 > accs["inca/l2/lr=0.003"] + 0.3
     assert [r.val_accuracy for r in a.members] == [r.val_accuracy for r in b.members]
@@ -98,9 +79,9 @@ def test_bank_finds_the_informative_layer_and_is_reproducible():
 def test_a_diverging_member_is_dropped_and_the_others_train_on():
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=3,
                        batch_size=16, patience=0)
-    train, val = _source(64, 0), _source(32, 1)
-    clean = train_bank(_bank(config), train, val, config, progress=False)
-    bank = _bank(config)
+    train, val = token_source(64, 0), token_source(32, 1)
+    clean = train_bank(token_bank(config), train, val, config, progress=False)
+    bank = token_bank(config)
     bad = bank.keys.index("linear/l2/lr=0.003")
     with torch.no_grad():  # an exploded member: its logits, hence its loss, are infinite
         for p, row in bank.member_slices(bad):
@@ -121,10 +102,10 @@ def test_a_diverging_member_does_not_stop_the_others_under_16_mixed():
     finite: a diverged member's NaN gradients must not reach it."""
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=1,
                        batch_size=16, patience=0, precision="16-mixed")
-    train, val = _source(64, 0), _source(32, 1)
-    clean_bank = _bank(config)
+    train, val = token_source(64, 0), token_source(32, 1)
+    clean_bank = token_bank(config)
     train_bank(clean_bank, train, val, config, progress=False)
-    bank = _bank(config)
+    bank = token_bank(config)
     start = [bank.member_state(i) for i in range(len(bank.keys))]
     bad = bank.keys.index("inca/l2/lr=0.003")
     with torch.no_grad():  # an exploded member: its own weights are infinite
@@ -156,11 +137,11 @@ def test_stacked_feats_survive_being_moved_by_ddp():
 
 def test_nan_everywhere_stops_with_a_clear_error():
     config = FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-3,), epochs=1)
-    train = _source(32, 0)
+    train = token_source(32, 0)
     for k in LAYERS:
         train.feats[k][3, 0, 0] = float("nan")
     with pytest.raises(TrainingError, match=r"every adapter became NaN or infinite .*--lrs"):
-        train_bank(_bank(config), train, _source(16, 1), config, progress=False)
+        train_bank(token_bank(config), train, token_source(16, 1), config, progress=False)
     for lrs in ((float("nan"),), (float("inf"),), (0.0,)):
         with pytest.raises(inca_errors.InCAError, match="lrs must be positive finite"):
             FitConfig(lrs=lrs)
@@ -176,7 +157,7 @@ def test_open_inca_adds_classes_without_hurting_old_ones():
         m = keep(src.labels)
         return MemorySource({k: v[m] for k, v in src.feats.items()}, src.labels[m])
 
-    full_train, full_val = _source(600, 0, total), _source(300, 1, total)
+    full_train, full_val = token_source(600, 0, total), token_source(300, 1, total)
     first = [plan_members(["l1"], config)[0]]
     adapter = build_adapter(first[0], embed_dims={"l1": D}, num_prefix_tokens=1,
                             num_classes=old)
@@ -222,13 +203,13 @@ def test_wide_layers_get_a_narrow_attention():
 
 
 def test_time_budget_sets_the_epochs_after_timing_the_first():
-    train, val = _source(64, 0), _source(32, 1)
+    train, val = token_source(64, 0), token_source(32, 1)
     base = dict(layers=LAYERS, kinds=("linear",), lrs=(1e-2,), batch_size=16, patience=0,
                 epochs=20)
     short = FitConfig(**base, time_budget_s=1e-9)  # no time: the first epoch only
-    assert train_bank(_bank(short), train, val, short, progress=False).epochs_run == 1
+    assert train_bank(token_bank(short), train, val, short, progress=False).epochs_run == 1
     ample = FitConfig(**base, time_budget_s=1e9)  # all the time: every epoch asked for
-    assert train_bank(_bank(ample), train, val, ample, progress=False).epochs_run == 20
+    assert train_bank(token_bank(ample), train, val, ample, progress=False).epochs_run == 20
     with pytest.raises(inca_errors.InCAError, match="time_budget_s"):
         FitConfig(time_budget_s=0)
 
@@ -240,14 +221,14 @@ def test_variants_are_axes_of_one_bank():
                        epochs=4, batch_size=32, patience=0,
                        adapter_options={"inca": {"num_heads": 2},
                                         "inca:q4": {"num_queries": 4}})
-    bank = _bank(config)
+    bank = token_bank(config)
     assert "inca:q4/l1/lr=0.003" in bank.keys
     q4 = bank.export(bank.keys.index("inca:q4/l1/lr=0.003"))
     one = bank.export(bank.keys.index("inca/l1/lr=0.003"))
     assert (q4.config.num_queries, q4.config.num_heads) == (4, 2)  # its kind's, then its own
     assert (one.config.num_queries, one.config.num_heads) == (1, 2)
     assert len(bank.stacks) == 3  # the variant is a stack of its own
-    res = train_bank(bank, _source(256, 0), _source(128, 1), config, progress=False)
+    res = train_bank(bank, token_source(256, 0), token_source(128, 1), config, progress=False)
     accs = {m.key: m.val_accuracy for m in res.members}
     assert accs["inca:q4/l1/lr=0.003"] > 0.9 and accs["inca/l1/lr=0.003"] > 0.9
     with pytest.raises(ConfigError, match="needs its settings"):
@@ -264,7 +245,8 @@ def test_select_by_loss_picks_epochs_and_members_by_validation_loss():
 
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3, 3e-2), epochs=5,
                        batch_size=32, patience=0, select_by="loss")
-    res = train_bank(_bank(config), _source(128, 0), _source(64, 1), config, progress=False)
+    res = train_bank(token_bank(config), token_source(128, 0), token_source(64, 1), config,
+                     progress=False)
     losses = torch.tensor([h["val_loss"] for h in res.history])  # (epochs, K)
     for i, m in enumerate(res.members):
         assert m.best_epoch == int(losses[:, i].argmin())
@@ -288,16 +270,16 @@ def test_adapters_reading_adjacent_layers_stack_and_export():
         ["inca:w2/l0+l1/lr=0.003", "inca:w2/l1+l2/lr=0.003"]
     wide = plan_members(LAYERS, config, {"l0": D, "l1": D, "l2": 2 * D})
     assert [s.layers for s in wide if s.kind == "inca:w2"] == [("l0", "l1")]  # not across widths
-    bank = _bank(config)
+    bank = token_bank(config)
     assert len(bank.stacks) == 2  # windows of 2 layers stack as (L'=2, B, 2N, D)
-    feats, _ = next(_source(8, 0).batches(8))
+    feats, _ = next(token_source(8, 0).batches(8))
     bank.eval()
     logits = bank.logits(feats)
     for i, s in enumerate(bank.specs):
         adapter = bank.export(i)
         x = [feats[k] for k in s.layers] if len(s.layers) > 1 else feats[s.layers[0]]
         torch.testing.assert_close(logits[i], adapter(x), atol=1e-5, rtol=1e-5)
-    res = train_bank(bank, _source(256, 0), _source(128, 1), config, progress=False)
+    res = train_bank(bank, token_source(256, 0), token_source(128, 1), config, progress=False)
     accs = {m.key: m.val_accuracy for m in res.members}
     assert accs["inca:w2/l0+l1/lr=0.003"] > 0.9  # the window holding the signal layer learns
     with pytest.raises(TrainingError, match="reads 4 adjacent layers"):
@@ -312,13 +294,13 @@ def test_fused_adamw_is_chosen_before_the_first_step(monkeypatch):
 
     from inca.training.loop import _adamw
 
-    bank = _bank(FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-3,)))
+    bank = token_bank(FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-3,)))
     assert _adamw(bank.param_groups(), 0.0).defaults["fused"]
     monkeypatch.setattr(foreach_utils, "_get_fused_kernels_supported_devices",
                         lambda: ["cuda"])  # as if the CPU had no fused kernel
     opt = _adamw(bank.param_groups(), 0.0)
     assert not opt.defaults["fused"]
-    feats, y = next(_source(8, 0).batches(8))
+    feats, y = next(token_source(8, 0).batches(8))
     bank_loss = torch.nn.functional.cross_entropy(bank(feats)[0], y)
     bank_loss.backward()
     opt.step()  # the plain kernel: no late "fused unsupported" error
@@ -345,7 +327,7 @@ def test_the_progress_bar_shows_the_selection_measure_which_only_improves(monkey
     monkeypatch.setattr(loop, "progress_bar", Bar)  # tqdm, or plain lines in a log
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=4,
                        batch_size=16, patience=0)
-    train_bank(_bank(config), _source(64, 0), _source(32, 1), config)
+    train_bank(token_bank(config), token_source(64, 0), token_source(32, 1), config)
     losses = [float(v["best_val_loss"]) for v in shown]
     assert len(losses) == 4 and losses == sorted(losses, reverse=True)
 
@@ -371,7 +353,8 @@ def test_early_stopping_waits_patience_epochs_and_keeps_each_best_state(monkeypa
     monkeypatch.setattr(loop, "evaluate", scripted)
     config = FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-2,), epochs=10,
                        batch_size=32, patience=patience, ensemble_k=1)
-    res = train_bank(_bank(config), _source(64, 0), _source(32, 1), config, progress=False)
+    res = train_bank(token_bank(config), token_source(64, 0), token_source(32, 1), config,
+                     progress=False)
     assert res.epochs_run == 3 + patience  # epoch 3, then `patience` epochs in vain
     assert len(states) == res.epochs_run
     assert [m.best_epoch for m in res.members] == [1, 2, 0]

@@ -3,13 +3,21 @@ for tests (no downloads)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 import inca
+from inca.adapters import create_adapter
 from inca.backbones import Backbone, Preprocessing
+from inca.task import TASK_JSON, Task
 
 SIZE = 32
 
@@ -126,3 +134,65 @@ def stop_serve(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# -- a random task on any backbone, and random pixels for it ------------------------------
+CLASSES = ["cat", "dog", "eel"]
+
+
+def random_task(bb: Any, *, token_grid: int | None = None, two: bool = True) -> Task:
+    """An ensemble of an InCA adapter (first layer) and a linear probe (last layer)."""
+    torch.manual_seed(1)
+    first, last = bb.layers[0], bb.layers[-1]
+    members = [create_adapter("inca", embed_dim=bb.embed_dims[first], num_classes=3)]
+    layers = [[first]]
+    if two:
+        members.append(create_adapter("linear", embed_dim=bb.embed_dims[last], num_classes=3,
+                                      pool="mean", num_prefix_tokens=bb.num_prefix_tokens))
+        layers.append([last])
+    with torch.no_grad():
+        for m in members:
+            for p in m.parameters():
+                p.normal_(0, 0.5)
+    return Task(members, layers, CLASSES, bb.describe(), backbone=bb, precision="32",
+                token_grid=token_grid, keys=[f"m{i}" for i in range(len(members))])
+
+
+def images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+
+
+# -- torchrun: two ranks of a script on this machine --------------------------------------
+TESTS = str(Path(__file__).parent)  # for scripts: sys.path.insert(0, TESTS) to import these
+
+
+def torchrun(script: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "--no-python", sys.executable, "-c",
+                           script], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# -- task files to tamper with ------------------------------------------------------------
+TAMPER_CLASSES = ["c0", "c1", "c2", "c3"]
+
+
+def make_task(bb: Any, kind: str = "inca", layer: str = "block1", seed: int = 0,
+              classes: list[str] = TAMPER_CLASSES, **cfg: Any) -> Task:
+    """An untrained task with random (not initial) weights, so copies are told apart."""
+    torch.manual_seed(seed)
+    if kind == "linear":
+        cfg = {"pool": "mean", "num_prefix_tokens": 0, **cfg}
+    head = create_adapter(kind, embed_dim=bb.embed_dims[layer], num_classes=len(classes),
+                          **cfg)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    return Task([head], [[layer]], classes, bb.describe(), keys=[f"{kind}/{layer}"])
+
+
+def edit_json(folder: Path, change: Callable[[dict[str, Any]], Any]) -> None:
+    meta = json.loads((folder / TASK_JSON).read_text())
+    change(meta)
+    (folder / TASK_JSON).write_text(json.dumps(meta))
