@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -187,6 +187,21 @@ def member_input(layers: Sequence[str], feats: Mapping[str, torch.Tensor]
     if len(layers) == 1:
         return feats[layers[0]]
     return [feats[k] for k in layers]
+
+
+def ensemble_proba(members: Iterable[nn.Module], member_layers: Iterable[Sequence[str]],
+                   feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A task's output ``(B, C)``: each member's softmax, in float32, averaged over the
+    members. The one rule of :meth:`Task.predict_proba <inca.task.Task.predict_proba>` and
+    :class:`~inca.task.TaskModule` (the runtime and selection compute the same average
+    from batched logits)."""
+    probs, n = None, 0
+    for member, layers in zip(members, member_layers, strict=True):
+        p = member(member_input(layers, feats)).float().softmax(-1)
+        probs, n = (p if probs is None else probs + p), n + 1
+    if probs is None:
+        raise AdapterError("an ensemble needs at least one member")
+    return probs / n
 
 
 class Adapter(nn.Module):

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from inca.adapters import member_input
+from inca.adapters import ensemble_proba
 from inca.backbones.base import Backbone, to_tokens
 from inca.backbones.hooks import HookBackbone, _first_tensor
 from inca.errors import BackboneError
@@ -82,11 +82,7 @@ class TaskModule(nn.Module):
         x = x.to(self.backbone.dtype)
         feats = {k: reduce_tokens(v, self.backbone.num_prefix_tokens, self.token_grid)
                  for k, v in layer_tokens(self.backbone, x, self.layers).items()}
-        probs = None
-        for member, layers in zip(self.members, self.member_layers, strict=True):
-            p = member(member_input(layers, feats)).float().softmax(-1)  # (B, C)
-            probs = p if probs is None else probs + p
-        return probs / len(self.members)
+        return ensemble_proba(self.members, self.member_layers, feats)
 
 
 def layer_tokens(backbone: Backbone, x: torch.Tensor, layers: list[str]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from inca._precision import Precision
-from inca.adapters import Adapter, member_input
+from inca.adapters import Adapter, ensemble_proba
 from inca.backbones.base import Backbone, Preprocessing
 from inca.features import extract_features
 from inca.task.backbone import check_backbone, task_backbone
@@ -138,12 +138,8 @@ class Task(nn.Module):
     @torch.no_grad()
     def proba_from_features(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class probabilities ``(B, C)`` (float32) from extracted (and reduced) tokens."""
-        probs = None
         with self._precision().autocast():
-            for member, layers in zip(self.members, self.member_layers, strict=True):
-                p = member(member_input(layers, feats)).float().softmax(-1)
-                probs = p if probs is None else probs + p
-        return probs / len(self.members)
+            return ensemble_proba(self.members, self.member_layers, feats)
 
     def _images_to_tensor(self, images: Any) -> torch.Tensor:
         """Images as one batch ``(B, 3, H, W)``; see :meth:`predict_proba` for the inputs."""
