@@ -93,6 +93,9 @@ class Server:
                     "--host", HOST, "--port", str(self.port), *options]
         self.log = log
         self.startup_timeout = startup_timeout
+        # every path but /livez needs the key where the server has one
+        key = options[options.index("--api-key") + 1] if "--api-key" in options else None
+        self.headers = {"X-API-Key": key} if key else {}
 
     def __enter__(self) -> Server:
         env = {k: v for k, v in os.environ.items() if k != "INCA_API_KEY"}
@@ -108,7 +111,7 @@ class Server:
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        with httpx.Client(timeout=5) as client:
+        with httpx.Client(timeout=5, headers=self.headers) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
@@ -123,7 +126,7 @@ class Server:
                            + self.log_tail())
 
     def health(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/health", timeout=10).json()
+        return httpx.get(f"{self.url}/health", headers=self.headers, timeout=10).json()
 
     def peak_rss_mib(self) -> float | None:
         """The server process's peak resident memory (Linux ``VmHWM``)."""
