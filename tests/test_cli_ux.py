@@ -261,7 +261,7 @@ def test_extraction_refused_when_the_cache_cannot_fit(tmp_path, monkeypatch):
     with pytest.raises(StorageError) as e:
         extract_to_cache(bb, _tiny_data(), tmp_path / "cache", progress=False, num_workers=0)
     text = str(e.value)
-    for part in ("KiB per image x 20 images", "0.0 MiB free", "--token-grid", "--layers",
+    for part in ("KiB per image x 20 images", "1000 B free", "--token-grid", "--layers",
                  "another folder"):
         assert part in text, part
     assert not (tmp_path / "cache" / "manifest.json").exists()  # refused before writing

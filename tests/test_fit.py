@@ -183,12 +183,12 @@ def test_cli_fit_says_what_its_cache_holds_and_drops_it_when_asked(tmp_path):
             "--out", str(out)]
     res = CliRunner().invoke(app, base)
     assert res.exit_code == 0, res.output
-    assert re.search(r"activation cache: [\d.]+ MiB kept in .*cache .*--drop-cache", res.output)
+    assert re.search(r"activation cache: [\d.]+ [KMG]?i?B kept in .*cache .*--drop-cache", res.output)
     assert "from an earlier run" not in res.output
     res = CliRunner().invoke(app, [*base, "--overwrite", "--drop-cache"])
     assert res.exit_code == 0, res.output
-    assert re.search(r"cache holds [\d.]+ MiB from an earlier run; reused", res.output)
-    assert re.search(r"activation cache: [\d.]+ MiB deleted \(--drop-cache\)", res.output)
+    assert re.search(r"cache holds [\d.]+ [KMG]?i?B from an earlier run; reused", res.output)
+    assert re.search(r"activation cache: [\d.]+ [KMG]?i?B deleted \(--drop-cache\)", res.output)
     assert not (out / "cache").exists() and (out / "task" / "task.json").is_file()
 
 

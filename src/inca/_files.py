@@ -19,14 +19,36 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
-
-import numpy as np
+from typing import IO, TYPE_CHECKING, Any
 
 from inca.errors import StorageError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 TMP_SUFFIX = ".tmp"
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def human_bytes(n: float) -> str:
+    """A size as people read it: ``512 B``, ``3.5 KiB``, ``97.0 MiB``, ``31.2 GiB``.
+
+    Example:
+        >>> human_bytes(97 * 2**20), human_bytes(31.2 * 2**30), human_bytes(512)
+        ('97.0 MiB', '31.2 GiB', '512 B')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def folder_bytes(folder: Path | str) -> int:
+    """Bytes of the files under ``folder`` (0 when it does not exist)."""
+    folder = Path(folder)
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) \
+        if folder.is_dir() else 0
 
 
 def storage_error(e: OSError, path: Path | str) -> StorageError | None:
@@ -136,6 +158,8 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
 
 def atomic_save_npy(path: Path | str, array: np.ndarray) -> None:
     """``np.save`` atomically (see :func:`atomic_write`)."""
+    import numpy as np  # here: the CLI imports this module to start fast
+
     atomic_write(path, lambda f: np.save(f, array))
 
 

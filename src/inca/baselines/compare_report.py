@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from inca._files import human_bytes
 from inca.baselines.compare_config import EXPENSIVE, CompareConfig
 
 
@@ -123,7 +124,7 @@ def to_markdown(result: dict[str, Any], command: str = "") -> str:
             f"| {r['method']} | {r['seeds']} | {100 * r['test_accuracy_mean']:.2f}{spread} | "
             f"{delta} | {r['train_seconds']:.1f} | "
             f"{ratio('time_vs_ref')} | {r['peak_rss_mib']:.0f} | {ratio('memory_vs_ref')} | "
-            f"{r['trainable_parameters']:,} | {_size(r['stored_bytes'])} | "
+            f"{r['trainable_parameters']:,} | {human_bytes(r['stored_bytes'])} | "
             f"{r['stored_percent_of_backbone']:.2f} |")
     finished = {r["method"] for r in result["summary"]}
     failures = result.get("failures", [])
@@ -143,14 +144,6 @@ def to_markdown(result: dict[str, Any], command: str = "") -> str:
         lines += ["", "Settings:", ""]
         lines += [f"- {m}: {text}" for m, text in result["settings"].items()]
     return "\n".join(lines) + "\n"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def plot(result: dict[str, Any], path: str | Path) -> Path:

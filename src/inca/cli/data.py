@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from inca._files import human_bytes
 from inca._progress import hide_library_bars
 from inca.cli._app import app, context, friendly
 from inca.cli._options import (
@@ -83,9 +84,8 @@ def layers_cmd(
         typer.echo(f"{layer:<28}{n:>8}{d:>7}{n * d * 2 / 1024:>9.1f}")
     per_10k = total * 10_000
     typer.echo(f"cache of every layer: {total / 1024:.1f} KiB per image (float16), "
-               + (f"{per_10k / 2**30:.1f} GiB" if per_10k >= 2**30 else
-                  f"{per_10k / 2**20:.1f} MiB")
-               + " per 10,000 images; --layers and --token-grid make it smaller")
+               + human_bytes(per_10k) + " per 10,000 images; --layers and --token-grid make "
+               "it smaller")
 
 
 @app.command("extract")

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from inca._choices import ADAPTER_KINDS, AUGMENTATIONS
+from inca._files import folder_bytes, human_bytes
 from inca._progress import hide_library_bars
 from inca.cli._app import app, context, friendly
 from inca.cli._config import config_option, extra_fields
@@ -242,9 +243,9 @@ def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, 
             say(f"no test split evaluated ({e})")  # e.g. a hub test split without labels
     elif test_limit != 0:
         say(f"no test split evaluated ({data} has none; pass --test-data)")
-    held = _folder_bytes(out / "cache")
+    held = folder_bytes(out / "cache")
     if held:
-        say(f"activation cache: {out / 'cache'} holds {_size(held)} from an earlier run; "
+        say(f"activation cache: {out / 'cache'} holds {human_bytes(held)} from an earlier run; "
             "reused where it matches this run's backbone, data and layers")
     # the data first: a misspelt name or folder costs no backbone download
     bb = create_backbone(backbone, device=dev, dtype=dtype, **bb_kwargs)
@@ -263,22 +264,14 @@ def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, 
     # the result line, --quiet or not
     typer.echo(f"task saved to {out / 'task'}; report: {files['markdown']}, {files['plot']}")
     cache = out / "cache"
-    size = _folder_bytes(cache)
+    size = folder_bytes(cache)
     if size and drop_cache:
         import shutil
 
         shutil.rmtree(cache)
-        say(f"activation cache: {_size(size)} deleted (--drop-cache)")
+        say(f"activation cache: {human_bytes(size)} deleted (--drop-cache)")
     elif size:
-        say(f"activation cache: {_size(size)} kept in {cache} (a refit of the same data "
+        say(f"activation cache: {human_bytes(size)} kept in {cache} (a refit of the same data "
             "skips the backbone); delete it, or pass --drop-cache, to free the disk")
 
 
-def _folder_bytes(folder: Path) -> int:
-    """Bytes of the files under ``folder`` (0 when it does not exist)."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) \
-        if folder.is_dir() else 0
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from inca._distributed import Dist, context
-from inca._files import FolderLock, atomic_write_json, remove_stale_tmp
+from inca._files import FolderLock, atomic_write_json, human_bytes, remove_stale_tmp
 from inca._precision import Precision
 from inca._progress import progress_bar
 from inca._version import __version__
@@ -229,20 +229,16 @@ def check_disk_space(root: Path, wanted: dict[str, Any]) -> int:
     need = per * max(n, 0)
     where = next(p for p in (root, *root.absolute().parents) if p.exists())
     free = shutil.disk_usage(where).free
-    what = (f"the cache would take {_gib(need)} ({per / 1024:.1f} KiB per image x {n} images, "
-            f"{len(wanted['layers'])} layer(s))")
+    what = (f"the cache would take {human_bytes(need)} ({per / 1024:.1f} KiB per image x "
+            f"{n} images, {len(wanted['layers'])} layer(s))")
     fix = ("pool the patch tokens (--token-grid, e.g. 4), store fewer layers (--layers), or "
            "write the cache to another folder")
     if need > 0.95 * free:  # a little room for the manifest and the rest of the system
-        raise StorageError(f"{what}, but {where} has only {_gib(free)} free. Fix: {fix}")
+        raise StorageError(f"{what}, but {where} has only {human_bytes(free)} free. Fix: {fix}")
     if need > LARGE_CACHE_BYTES:
-        warnings.warn(f"{what} at {root} ({_gib(free)} free). To make it smaller: {fix}",
+        warnings.warn(f"{what} at {root} ({human_bytes(free)} free). To make it smaller: {fix}",
                       stacklevel=2)
     return need
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _prepare(root: Path, wanted: dict[str, Any], overwrite: bool) -> tuple[str, Any]:

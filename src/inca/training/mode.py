@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inca._files import human_bytes
 from inca.errors import InCAError
 from inca.training.config import FitConfig
 
@@ -30,10 +31,6 @@ class ModeChoice:
     mode: str  # "cached" or "streaming"
     reason: str
     cache_bytes: int
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def available_memory() -> int:
@@ -78,7 +75,7 @@ def grid_hint(shapes: dict[str, tuple[int, int]], prefix: int, num_images: int, 
     for g in GRIDS:
         size = cache_bytes(_pooled(shapes, prefix, g), num_images, dtype)
         if size <= budget and size < cache_bytes(shapes, num_images, dtype):
-            return f"; --token-grid {g} would make it {_gib(size)}"
+            return f"; --token-grid {g} would make it {human_bytes(size)}"
     return ""
 
 
@@ -101,10 +98,10 @@ def choose_mode(config: FitConfig, shapes: dict[str, tuple[int, int]], prefix: i
     disk = free_disk(cache_dir)
     budget = min(int(config.cache_budget_gb * 2**30), int(0.9 * disk))
     hint = grid_hint(shapes, prefix, num_images, config.cache_dtype, budget)
-    what = f"a cache of {num_images} images would take {_gib(size)}"
+    what = f"a cache of {num_images} images would take {human_bytes(size)}"
     if config.mode == "cached":
         if size > 0.95 * disk:
-            raise InCAError(f"{what}, but only {_gib(disk)} is free at {cache_dir}: use "
+            raise InCAError(f"{what}, but only {human_bytes(disk)} is free at {cache_dir}: use "
                             f"--mode streaming (or auto), or free space{hint}")
         return ModeChoice("cached", f"asked for; {what}", size)
     if config.mode == "streaming":
@@ -116,12 +113,12 @@ def choose_mode(config: FitConfig, shapes: dict[str, tuple[int, int]], prefix: i
         return ModeChoice("streaming", "one epoch reads each image once: a cache would not "
                           "be read again", size)
     if size > budget:
-        return ModeChoice("streaming", f"{what}, over the budget of {_gib(budget)} "
+        return ModeChoice("streaming", f"{what}, over the budget of {human_bytes(budget)} "
                           f"(--cache-budget-gb, and 90% of the free disk){hint}", size)
     memory = available_memory()
     if device.type == "cuda" and size > 0.5 * memory:
         return ModeChoice("streaming", f"{what}, more than half the free memory "
-                          f"({_gib(memory)}): read back from disk it would be slower than "
+                          f"({human_bytes(memory)}): read back from disk it would be slower than "
                           f"the GPU's forward pass{hint}", size)
     return ModeChoice("cached", f"{what}, within the budget, read for up to "
                       f"{config.epochs} epochs", size)
