@@ -108,11 +108,14 @@ def test_checkpoint_and_no_pretrained_are_recorded_and_rebuilt(tmp_path, monkeyp
     ("timm:vit_tiny_patch16_224", dict(input_size=SIZE, patch_size=8, embed_dim=32, depth=2,
                                        num_heads=2)),
     ("torchvision:mobilenet_v3_small", {}),
+    ("hf", {}),  # a local folder's architecture (its config), built at random
 ])
 def test_a_task_on_random_weights_loads_again(tmp_path, spec, kwargs):
     """--no-pretrained weights are drawn from a fixed seed: rebuilt in another random
     state (another process), they are the same, so the task loads (it was refused with
     "trained on 'X' and does not fit 'X'")."""
+    if spec == "hf":
+        spec = f"hf:{save_tiny_hf_vit(tmp_path / 'vit')}"
     torch.manual_seed(11)
     bb = inca.create_backbone(spec, pretrained=False, **kwargs)
     state = torch.random.get_rng_state()

@@ -17,6 +17,7 @@ from inca.backbones.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocessing,
+    seeded_init,
     weights_fingerprint,
 )
 from inca.backbones.hooks import HookBackbone
@@ -84,7 +85,8 @@ def create_hf_backbone(
                     id_or_path, output_loading_info=True, **kwargs)
                 fresh = _newly_initialised(loading)
             else:
-                model = transformers.AutoModel.from_config(config)
+                with seeded_init(True):  # the same spec, the same weights in any process
+                    model = transformers.AutoModel.from_config(config)
             prep = _hf_preprocessing(id_or_path, config, input_size, **hub)
     except Exception as e:
         if not local and is_hub_error(e):
