@@ -49,7 +49,10 @@ def test_task_round_trip_and_backbone_mismatch(planted_fit, tmp_path):
     loaded = load_task(tmp_path / "task", backbone=bb)
     torch.testing.assert_close(loaded.predict_proba(images), before)
     assert loaded.predict(images) == task.predict(images)
-    with pytest.raises(TaskError, match="does not fit"):
+    # the same name, other weights: said once, with what differs
+    with pytest.raises(TaskError, match=r"does not fit backbone 'planted' as it is now "
+                                        r"\(trained on other weights of the same name\): "
+                                        r"weights fingerprint"):
         load_task(tmp_path / "task", backbone=planted_backbone(seed=1))
     with pytest.raises(TaskError, match="not a task folder"):
         load_task(tmp_path / "nothing", backbone=bb)
@@ -183,7 +186,8 @@ def test_cli_fit_says_what_its_cache_holds_and_drops_it_when_asked(tmp_path):
             "--out", str(out)]
     res = CliRunner().invoke(app, base)
     assert res.exit_code == 0, res.output
-    assert re.search(r"activation cache: [\d.]+ [KMG]?i?B kept in .*cache .*--drop-cache", res.output)
+    assert re.search(r"activation cache: [\d.]+ [KMG]?i?B kept in .*cache .*--drop-cache",
+                     res.output)
     assert "from an earlier run" not in res.output
     res = CliRunner().invoke(app, [*base, "--overwrite", "--drop-cache"])
     assert res.exit_code == 0, res.output

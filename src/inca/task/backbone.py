@@ -46,11 +46,17 @@ def check_backbone(info: dict[str, Any], backbone: Backbone, what: str) -> None:
         problems.append(f"preprocessing {backbone.preprocessing.to_dict()} != "
                         f"{info['preprocessing']}")
     if problems:
-        raise TaskError(
-            f"{what} was trained on backbone {info.get('name')!r} and does not fit "
-            f"{backbone.name!r}: " + "; ".join(problems)
-            + f". Load it with the backbone it was trained on ({info.get('name')})."
-        )
+        # what the records say of the weights' origin, where they differ
+        was, now = info.get("source") or {}, backbone.describe().get("source") or {}
+        problems += [f"{key} {now.get(key)!r} != {was.get(key)!r} it was trained with"
+                     for key in ("pretrained", "checkpoint_path", "revision", "hub_id")
+                     if was and now and was.get(key) != now.get(key)]
+        name = info.get("name")
+        head = (f"{what} does not fit backbone {name!r} as it is now (trained on other "
+                "weights of the same name)" if name == backbone.name else
+                f"{what} was trained on backbone {name!r} and does not fit {backbone.name!r}")
+        raise TaskError(f"{head}: " + "; ".join(problems)
+                        + f". Load it with the backbone it was trained on ({name}).")
 
 
 def task_backbone(info: dict[str, Any], backbone: Backbone | str | None = None, *,
