@@ -784,7 +784,7 @@ def kill_fits(b: Bench, kills: int, rng: random.Random) -> tuple[list[dict[str, 
     gaps = [end - seen[name] for (name, _), end in zip(anchors, ends, strict=True)]
     clean = {"seconds": round(time.monotonic() - t0, 2),
              "phases_s": {name: round(g, 2) for (name, _), g in zip(anchors, gaps, strict=True)}}
-    ref_task = read_task_files(ref / "task").build()
+    ref_task = Task.from_files(read_task_files(ref / "task"))
     ref_caches = {s: cache_arrays(ref / "cache" / s) for s in ("train", "test")}
     rows, attempt, first = [], 0, rng.randrange(len(anchors))
     while len(rows) < kills and attempt < 3 * kills:
@@ -833,7 +833,7 @@ def rerun_fit(b: Bench, out: Path, when: str, ref_task: Task,
             same, diff = compare_arrays(cache_arrays(out / "cache" / s), arrays)
             bitwise &= same
             diffs.append(diff)
-        tdiff = task_diff(read_task_files(out / "task").build(), ref_task)
+        tdiff = task_diff(Task.from_files(read_task_files(out / "task")), ref_task)
     except InCAError as e:  # exit 0, yet its files do not read back
         row["read_back_error"] = b.scrub(str(e))
         diffs, bitwise, tdiff = [float("inf")], False, float("inf")
@@ -1446,10 +1446,10 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
         first = b.cli(fargs)
         if first.rc != 0:
             raise RuntimeError(f"the first fit failed: {first.stderr[-2000:]}")
-        old = read_task_files(run / "task").build()
+        old = Task.from_files(read_task_files(run / "task"))
         v = error_verdict(b.run(again, patch=patch2), ("no space",))
         try:
-            kept = task_diff(read_task_files(run / "task").build(), old) == 0
+            kept = task_diff(Task.from_files(read_task_files(run / "task")), old) == 0
         except InCAError as e:
             kept = False
             v.detail += f" | the old task no longer loads: {b.scrub(str(e))}"
@@ -1471,7 +1471,7 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
         first = b.cli(uargs)
         if first.rc != 0:
             raise RuntimeError(f"the first fit failed: {first.stderr[-2000:]}")
-        saved = read_task_files(unfinished / "task").build()
+        saved = Task.from_files(read_task_files(unfinished / "task"))
         for f in unfinished.glob("report.*"):
             f.unlink()
         r = b.cli(uargs)
@@ -1479,7 +1479,7 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
         def check() -> str | None:
             if not (unfinished / "report.json").is_file():
                 return "exit 0 but no report written"
-            diff = task_diff(read_task_files(unfinished / "task").build(), saved)
+            diff = task_diff(Task.from_files(read_task_files(unfinished / "task")), saved)
             return None if diff <= 1e-4 else f"the task differs from the first run's by {diff}"
         return result_verdict(r, check)
     cases.append(Case("fit-rerun-without-report", "cli", "inca fit run again on its run folder "

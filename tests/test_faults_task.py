@@ -333,7 +333,7 @@ def test_kill_between_the_renames_is_read_from_the_aside_copy(bb, tmp_path, monk
     assert not folder.exists()
     files = read_task_files(folder)
     assert files.folder == tmp_path / ".task.old"
-    assert same_task(files.build(), old)
+    assert same_task(Task.from_files(files), old)
     new.save(folder)
     assert same_task(load_task(folder, backbone=bb), new)
     assert not (tmp_path / ".task.old").exists()

@@ -2,10 +2,9 @@
 manifests, torchvision sets and lists of pairs (through :func:`as_image_dataset`); splits;
 transforms."""
 
-from inca.data.adapters import WrappedDataset, as_image_dataset
 from inca.data.base import ImageDataset
 from inca.data.builtin import ArrayDataset, list_datasets
-from inca.data.datasets import has_split, load_dataset
+from inca.data.datasets import as_image_dataset, has_split, load_dataset
 from inca.data.folders import ImageFolderDataset
 from inca.data.hf import HFDataset
 from inca.data.images import ImageError, ImageTooLargeError, image_size, open_image
@@ -24,6 +23,7 @@ from inca.data.transforms import (
     loader_options,
     to_model_input,
 )
+from inca.data.wrappers import WrappedDataset
 
 __all__ = [
     "ArrayDataset",

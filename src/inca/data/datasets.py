@@ -4,18 +4,22 @@ Every source yields ``(PIL.Image RGB, int label)`` and carries ``classes``, ``ta
 a ``fingerprint()`` that caches record, so a cache is never reused for other data. The
 sources live one job per module: :mod:`~inca.data.folders` (image folders),
 :mod:`~inca.data.builtin` (arrays, Fashion-MNIST, digits), :mod:`~inca.data.hf` (Hugging
-Face), :mod:`~inca.data.manifests` (CSV / JSON lines), :mod:`~inca.data.adapters`
-(torchvision sets, lists of pairs), :mod:`~inca.data.splits` (subsets and splits).
+Face), :mod:`~inca.data.manifests` (CSV / JSON lines), :mod:`~inca.data.wrappers`
+(torchvision sets, lists of pairs), :mod:`~inca.data.splits` (subsets and splits);
+:func:`as_image_dataset`, here, is the one door for objects.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import IterableDataset
+
 from inca._hints import did_you_mean
-from inca.data.adapters import as_image_dataset
-from inca.data.base import ImageDataset
+from inca.data.base import ImageDataset, _hash
 from inca.data.builtin import (  # noqa: F401 - names older code imports from here
     BUILTIN_SPLITS,
     BUILTINS,
@@ -25,7 +29,7 @@ from inca.data.builtin import (  # noqa: F401 - names older code imports from he
     list_datasets,
 )
 from inca.data.folders import ImageFolderDataset, folder_splits, load_folder  # noqa: F401
-from inca.data.hf import has_hf_split, is_hf, is_saved_folder, load_hf, open_hf
+from inca.data.hf import from_hf, has_hf_split, is_hf, is_saved_folder, load_hf, open_hf
 from inca.data.manifests import ManifestDataset, is_manifest
 from inca.data.splits import (  # noqa: F401
     ClassAlignedDataset,
@@ -35,6 +39,7 @@ from inca.data.splits import (  # noqa: F401
     resolve_split,
     split_train_val,
 )
+from inca.data.wrappers import WrappedDataset, _hf_name, _name
 from inca.errors import DataError
 
 
@@ -119,3 +124,55 @@ def has_split(spec: Any, split: str) -> bool:
         sub = folder_splits(path)
         return resolve_split(sub, split) is not None if sub else split == "train"
     return split == "train"
+
+
+def as_image_dataset(data: Any, *, split: str = "train", image_column: str | None = None,
+                     label_column: str | None = None, classes: Sequence[str] | None = None,
+                     fingerprint: str | None = None, name: str | None = None
+                     ) -> ImageDataset:
+    """Any image classification data as an :class:`~inca.data.ImageDataset`, which every
+    part of inca reads (splits, limits, caches, ``inca.fit``).
+
+    Args:
+        data: an inca data set (returned as it is); a name or path (see
+            :func:`~inca.data.load_dataset`); a Hugging Face ``Dataset`` or
+            ``DatasetDict``; a map-style data set yielding ``(image, label)`` (torchvision's
+            ``ImageFolder``, ``CIFAR10``, ``FakeData`` ...); a list of ``(image, label)``.
+        split: the split to take from a ``DatasetDict`` or a path (``"val"`` also finds
+            ``validation``, ``valid`` and ``dev``).
+        image_column: the images' column (Hugging Face, manifests, rows); default: found.
+        label_column: the labels' column; default: found.
+        classes: class names: integer labels index them, and the result's labels are
+            matched to them by name (as validation data is matched to training classes).
+        fingerprint: your own name for the data's content, used by caches instead of
+            hashing images (for sets inca cannot fingerprint cheaply; see the module).
+        name: how messages and reports name the data.
+
+    Raises:
+        DataError: not single-label classification data (a list of labels per sample,
+            fractional labels), no image or label column found, a streaming data set.
+
+    Example:
+        >>> from PIL import Image
+        >>> from inca.data import as_image_dataset
+        >>> pairs = [(Image.new("RGB", (8, 8), c), c) for c in ("red", "blue", "red")]
+        >>> ds = as_image_dataset(pairs)
+        >>> ds.classes, ds.targets.tolist()
+        (['blue', 'red'], [1, 0, 1])
+    """
+    if isinstance(data, ImageDataset):
+        return data if classes is None else align_classes(data, classes)
+    columns = {"image_column": image_column, "label_column": label_column}
+    if isinstance(data, str | os.PathLike):
+        ds: ImageDataset = load_dataset(os.fspath(data), split, **columns)
+    elif is_hf(data):
+        ds = from_hf(data, split, name or _hf_name(data), classes=classes and list(classes),
+                     **columns)
+    elif isinstance(data, IterableDataset):
+        raise DataError(f"{type(data).__name__} is an iterable (streaming) data set; inca "
+                        "needs a map-style one (len(data) and data[i])")
+    else:
+        ds = WrappedDataset(data, name or _name(data), classes=classes, **columns)
+    if fingerprint is not None:
+        ds._fingerprint = _hash("given", fingerprint, ds.classes, ds.targets.tobytes())
+    return ds if classes is None else align_classes(ds, classes)

@@ -121,7 +121,7 @@ class MultiTaskModel(nn.Module):
             check_backbone(f.backbone_info, backbone, what=f"task {name!r} ({f.folder})")
         model = cls(backbone, precision=precision)
         for name, f in zip(names, files, strict=True):
-            model.add_task(name, f.build(precision))
+            model.add_task(name, Task.from_files(f, precision))
         return model
 
     # -- managing tasks -------------------------------------------------------------
@@ -136,7 +136,7 @@ class MultiTaskModel(nn.Module):
             files = _read_named(name, task)
             check_backbone(files.backbone_info, self.backbone,
                            what=f"task {name!r} ({files.folder})")
-            task = files.build(self.precision)
+            task = Task.from_files(files, self.precision)
         check_backbone(task.backbone_info, self.backbone, what=f"task {name!r}")
         task.backbone = self.backbone  # checked above, with the task's name
         task.follow_backbone()

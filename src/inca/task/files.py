@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -29,7 +29,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from inca._files import FolderLock, disk_errors, make_new_dir, strict_json
-from inca.adapters import adapter_from_spec
+from inca.adapters import Adapter, adapter_from_spec
 from inca.errors import InCAError
 from inca.task.report import FitReport
 from inca.task.schema import (
@@ -47,9 +47,6 @@ from inca.task.schema import (
     expected_tensors,
     few,
 )
-
-if TYPE_CHECKING:
-    from inca.task.model import Task
 
 _MAX_JSON_BYTES = 64 << 20
 # The weights file may hold float64 at most, plus its JSON header (a few hundred bytes a
@@ -109,10 +106,9 @@ class TaskFiles:
         """``Backbone.describe()`` of the backbone the task was trained on."""
         return self.meta["backbone"]
 
-    def build(self, precision: str = "auto") -> Task:
-        """The task (members on the CPU in float32, no backbone attached yet)."""
-        from inca.task.model import Task
-
+    def members(self) -> list[Adapter]:
+        """The members with their weights (on the CPU, in float32);
+        :meth:`Task.from_files <inca.task.Task.from_files>` makes the task of them."""
         members = []
         for i, m in enumerate(self.meta["members"]):
             adapter = adapter_from_spec(m["spec"])
@@ -120,14 +116,7 @@ class TaskFiles:
             adapter.load_state_dict({k[len(prefix):]: v for k, v in self.tensors.items()
                                      if k.startswith(prefix)})
             members.append(adapter)
-        meta = self.meta
-        task = Task(members, [m["layers"] for m in meta["members"]], meta["classes"],
-                    meta["backbone"], token_grid=meta.get("token_grid"),
-                    metrics=meta.get("metrics"), keys=[m["key"] for m in meta["members"]],
-                    precision=precision)
-        task.report = self.report
-        task.license = meta.get("license")
-        return task
+        return members
 
 
 def read_task_files(path: str | Path) -> TaskFiles:

@@ -22,7 +22,7 @@ from inca.backbones.base import Backbone, Preprocessing
 from inca.features import extract_features
 from inca.task.backbone import check_backbone, task_backbone
 from inca.task.export import TaskModule
-from inca.task.files import read_task_files, write_task_folder
+from inca.task.files import TaskFiles, read_task_files, write_task_folder
 from inca.task.hub import model_card, push_task, task_folder
 from inca.task.inputs import image_list, open_one
 from inca.task.report import FitReport
@@ -285,6 +285,18 @@ class Task(nn.Module):
     save_pretrained = save  # the Hugging Face name; one writer
 
     @classmethod
+    def from_files(cls, files: TaskFiles, precision: str = "auto") -> Task:
+        """The task a checked folder holds (:func:`read_task_files`), members on the CPU in
+        float32, no backbone attached yet."""
+        meta = files.meta
+        task = cls(files.members(), [m["layers"] for m in meta["members"]], meta["classes"],
+                   meta["backbone"], token_grid=meta.get("token_grid"),
+                   metrics=meta.get("metrics"), keys=[m["key"] for m in meta["members"]],
+                   precision=precision)
+        task.report, task.license = files.report, meta.get("license")
+        return task
+
+    @classmethod
     def from_pretrained(cls, folder_or_repo_id: str | Path,
                         backbone: Backbone | str | None = None, *,
                         revision: str | None = None, token: str | bool | None = None,
@@ -388,4 +400,4 @@ def load_task(path: str | Path, backbone: Backbone | str | None = None, *,
     files = read_task_files(path)
     backbone = task_backbone(files.backbone_info, backbone, device=device, dtype=dtype,
                              what=f"the task in {files.folder}", **backbone_kwargs)
-    return files.build(precision).attach(backbone)
+    return Task.from_files(files, precision).attach(backbone)

@@ -1,6 +1,7 @@
-"""Foreign data sets as inca data sets: :func:`as_image_dataset` is the one door.
+"""Foreign data sets as inca data sets: :class:`WrappedDataset` wraps what
+:func:`inca.data.as_image_dataset` (the one door) does not load itself.
 
-Accepted: inca's own data sets; names and paths (through :func:`inca.data.load_dataset`);
+Accepted there: inca's own data sets; names and paths (through :func:`inca.data.load_dataset`);
 Hugging Face ``Dataset`` / ``DatasetDict``; any map-style data set yielding
 ``(image, label)`` pairs (torchvision's ``ImageFolder``, ``CIFAR10``, ``FakeData``, a
 ``torch.utils.data.Subset``, your own) or rows ``{"image": ..., "label": ...}``; a plain list
@@ -24,7 +25,6 @@ The class name and ``transform`` of the source are part of it.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import IterableDataset, Subset
+from torch.utils.data import Subset
 
 from inca.data.base import ImageDataset, _hash, image_from
 from inca.data.folders import file_identity
-from inca.data.hf import IMAGE_NAMES, LABEL_NAMES, from_hf, is_hf
+from inca.data.hf import IMAGE_NAMES, LABEL_NAMES
 from inca.data.labels import encode_labels
-from inca.data.splits import align_classes
 from inca.errors import DataError
 
 
@@ -179,57 +178,3 @@ def _hf_name(data: Any) -> str:
     info = getattr(first, "info", None)
     label = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
     return f"hf:{label or type(data).__name__}"
-
-
-def as_image_dataset(data: Any, *, split: str = "train", image_column: str | None = None,
-                     label_column: str | None = None, classes: Sequence[str] | None = None,
-                     fingerprint: str | None = None, name: str | None = None
-                     ) -> ImageDataset:
-    """Any image classification data as an :class:`~inca.data.ImageDataset`, which every
-    part of inca reads (splits, limits, caches, ``inca.fit``).
-
-    Args:
-        data: an inca data set (returned as it is); a name or path (see
-            :func:`~inca.data.load_dataset`); a Hugging Face ``Dataset`` or
-            ``DatasetDict``; a map-style data set yielding ``(image, label)`` (torchvision's
-            ``ImageFolder``, ``CIFAR10``, ``FakeData`` ...); a list of ``(image, label)``.
-        split: the split to take from a ``DatasetDict`` or a path (``"val"`` also finds
-            ``validation``, ``valid`` and ``dev``).
-        image_column: the images' column (Hugging Face, manifests, rows); default: found.
-        label_column: the labels' column; default: found.
-        classes: class names: integer labels index them, and the result's labels are
-            matched to them by name (as validation data is matched to training classes).
-        fingerprint: your own name for the data's content, used by caches instead of
-            hashing images (for sets inca cannot fingerprint cheaply; see the module).
-        name: how messages and reports name the data.
-
-    Raises:
-        DataError: not single-label classification data (a list of labels per sample,
-            fractional labels), no image or label column found, a streaming data set.
-
-    Example:
-        >>> from PIL import Image
-        >>> from inca.data import as_image_dataset
-        >>> pairs = [(Image.new("RGB", (8, 8), c), c) for c in ("red", "blue", "red")]
-        >>> ds = as_image_dataset(pairs)
-        >>> ds.classes, ds.targets.tolist()
-        (['blue', 'red'], [1, 0, 1])
-    """
-    if isinstance(data, ImageDataset):
-        return data if classes is None else align_classes(data, classes)
-    columns = {"image_column": image_column, "label_column": label_column}
-    if isinstance(data, str | os.PathLike):
-        from inca.data.datasets import load_dataset
-
-        ds: ImageDataset = load_dataset(os.fspath(data), split, **columns)
-    elif is_hf(data):
-        ds = from_hf(data, split, name or _hf_name(data), classes=classes and list(classes),
-                     **columns)
-    elif isinstance(data, IterableDataset):
-        raise DataError(f"{type(data).__name__} is an iterable (streaming) data set; inca "
-                        "needs a map-style one (len(data) and data[i])")
-    else:
-        ds = WrappedDataset(data, name or _name(data), classes=classes, **columns)
-    if fingerprint is not None:
-        ds._fingerprint = _hash("given", fingerprint, ds.classes, ds.targets.tobytes())
-    return ds if classes is None else align_classes(ds, classes)
