@@ -27,8 +27,8 @@ def room(module: str) -> str | None:
     return head if head in ROOMS else "_plumbing"
 
 
-def imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+def imports(path: Path, tree: ast.Module | None = None) -> set[str]:
+    tree = tree or ast.parse(path.read_text())
     found = set()
     package = ".".join(("inca", *path.relative_to(SRC).with_suffix("").parts[:-1]))
     for node in ast.walk(tree):
@@ -62,3 +62,25 @@ def test_no_module_is_too_long():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 420}
     assert not long, f"modules over ~400 lines (split them by job): {long}"
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """``imports(path)`` without those under ``if TYPE_CHECKING:`` (annotations only)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = [ast.Pass()]
+    return imports(path, tree)
+
+
+def test_no_two_modules_import_each_other():
+    """A module that imports another which imports it back (even lazily, inside a
+    function) has two homes for one concept; annotations under TYPE_CHECKING aside."""
+    mods = {}
+    for path in SRC.rglob("*.py"):
+        name = ".".join(("inca", *path.relative_to(SRC).with_suffix("").parts))
+        if not name.endswith("__init__"):
+            mods[name] = _runtime_imports(path)
+    pairs = sorted({tuple(sorted((a, b))) for a, targets in mods.items() for b in targets
+                    if b in mods and b != a and a in mods[b]})
+    assert not pairs, f"modules importing each other: {pairs}"
