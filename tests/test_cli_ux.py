@@ -299,3 +299,20 @@ def test_extract_cli_refuses_a_cache_too_large(tmp_path, monkeypatch):
               "--limit", "10", "--input-size", SIZE, "--out", tmp_path / "cache")
     assert res.exit_code == 2 and "the cache would take" in res.output
     assert "--token-grid" in res.output
+
+
+def test_library_bars_hidden_after_a_partial_hub_import():
+    """``from huggingface_hub import constants`` (loading a task's backbone offline) leaves
+    huggingface_hub in sys.modules without its lazily loaded ``utils``: every in-process
+    fit or extract after it failed with 'No huggingface_hub attribute utils'."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom huggingface_hub import constants\n"
+            "assert 'huggingface_hub.utils' not in sys.modules\n"
+            "from inca._progress import hide_library_bars\nhide_library_bars(quiet=True)\n"
+            "from huggingface_hub.utils import are_progress_bars_disabled\n"
+            "assert are_progress_bars_disabled()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr

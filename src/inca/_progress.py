@@ -41,10 +41,16 @@ def hide_library_bars(quiet: bool = False) -> None:
     import os
 
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are imported
+    # imported by name: a package in sys.modules may lack the submodule still (its
+    # attributes load lazily: `from huggingface_hub import constants` leaves no .utils)
     if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     if "transformers" in sys.modules:
-        sys.modules["transformers"].utils.logging.disable_progress_bar()
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
 
 
 def _interactive() -> bool:
