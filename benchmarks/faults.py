@@ -22,7 +22,10 @@ its weights are not installed) and scikit-learn's digits. About 4 minutes on 2 b
    neither time nor kill moments.
 2. Bad inputs (``--parts library,cli,http``). Bad images and folders, tampered task files,
    bad options, a full and a stalled disk, a second writer, damaged caches, ``inca serve``
-   refusing to start, hostile HTTP requests to a real ``inca serve``. Handled clearly: a
+   refusing to start, hostile HTTP requests to a real ``inca serve``, and the cases of an
+   outside attack (``_faults_attack.py``: thin strips, a hub classifier checkpoint, a cache
+   overwritten in place, 2 million task names, odd manifests, edited task files, EXIF
+   orientation, media types, /docs). Handled clearly: a
    4xx with a JSON ``detail``; exit code 2 with one ``error: ...`` line on stderr (only
    progress-bar redraws after it) and no traceback; or the correct result where one is
    expected (16-bit images scaled, hidden files ignored). A bad input accepted, or a valid
@@ -1227,14 +1230,29 @@ def task_cases(b: Bench, x: Inputs, task: Path) -> list[Case]:
                       "shared"))
 
     def predict_error(cid: str, what: str, name: str, data: bytes | None) -> Case:
+        """``name`` beside a good image: inca predict reports the one it cannot read (an
+        ``error:`` line naming it, then how many failed), predicts the other, exits 1."""
         path = root / name
-        args = predict(task, path)
+        args = predict(task, path, image)
 
         def go() -> Verdict:
             if data is not None:
                 path.write_bytes(data)
-            return error_verdict(b.cli(args), (name,))
-        return Case(cid, "cli", what, "clear error", go, b.repro(args), "shared")
+            r = b.cli(args)
+            if r.rc == 0:
+                return Verdict(SILENT, "exit 0: " + short(r.stdout))
+            errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+            problems = ([f"exit {r.rc}"] if r.rc != 1 else []) + \
+                (["a traceback"] if "Traceback" in r.stderr else []) + \
+                ([] if len(errors) == 1 and name in errors[0] else ["no error line naming it"]) + \
+                ([] if last_line(r.stderr) == "1 of 2 images could not be read" else
+                 ["no count of the images not read"]) + \
+                ([] if f"{image}: " in r.stdout else ["the good image not predicted"])
+            shown = short(errors[0] if errors else last_line(r.stderr))
+            return Verdict(UNCLEAR, "; ".join(problems) + ": " + shown) if problems else \
+                Verdict(HANDLED, shown + " [the good image predicted; exit 1]")
+        return Case(cid, "cli", what + " (beside a good image)", "clear error", go,
+                    b.repro(args), "shared")
 
     cases += [predict_error("predict-bomb", "inca predict on a 12000x12000 PNG bomb",
                             "bomb.png", x.bomb),
@@ -2079,6 +2097,8 @@ def main() -> None:
                     help="smoke test: the library cases only (no subprocess, seconds)")
     ap.add_argument("--results-dir", type=Path, default=None)
     args = ap.parse_args()
+    import _faults_attack as attack  # imports this module's helpers (as ``faults``)
+
     parts = {q for p in args.parts.split(",") for q in PARTS.get(p, (p,))}
     if args.quick:
         parts = {"library"}
@@ -2114,7 +2134,8 @@ def main() -> None:
             if "library" in parts:
                 print("2. bad inputs: library", flush=True)
                 lib_task = random_task(b.bb, b.layers[0], 5).attach(b.bb)
-                cases += run_cases(library_cases(b, x, lib_task), 1, b.scrub)
+                cases += run_cases(library_cases(b, x, lib_task) + attack.library_cases(b),
+                                   1, b.scrub)
             if parts & {"cli", "http", "load"}:
                 task_dir = b.tmp / "tasks" / "digits"
                 task = serve_task(b, task_dir)
@@ -2127,7 +2148,8 @@ def main() -> None:
                 print("2. bad inputs: CLI", flush=True)
                 catalogue = (folder_cases(b, x, ext) + split_cases(b, x, fit)
                              + task_cases(b, x, task_dir) + serve_cases(b, task_dir)
-                             + option_cases(b, fit) + storage_cases(b, ext, fit))
+                             + option_cases(b, fit) + storage_cases(b, ext, fit)
+                             + attack.cli_cases(b, x, ext, fit, task_dir))
                 with timer(seconds, "cli"):
                     cases += run_cases(catalogue, args.jobs, b.scrub)
             if parts & {"http", "load"}:
@@ -2145,6 +2167,9 @@ def main() -> None:
                         with timer(seconds, "load"):
                             load = run_load(b, server, task, args)
                         load["server_log_tail"] = b.scrub(server.log_tail(1500))
+                if "http" in parts:  # the attack's cases, on a server of default limits
+                    with timer(seconds, "http"):
+                        cases += attack.http_rows(b, x, task_dir, task)
         finally:
             b.end_all()
     payload = summarize(kills, cases, load, fit_clean, args, seconds, backbone)
@@ -2256,11 +2281,16 @@ def to_markdown(p: dict[str, Any]) -> str:
     if p["bad_inputs"]:
         md += ["## Bad inputs", "",
                "Handled clearly: a 4xx with a JSON `detail`; exit code 2 with one `error: ...` "
-               "line on stderr and no traceback; or the correct result where one is expected. "
+               "line on stderr and no traceback (`inca predict`, which reads on past an "
+               "unreadable image: exit 1, one `error:` line naming it, the good image "
+               "predicted); or the correct result where one is expected. "
                "Silent wrong: a bad input accepted, or a valid one answered wrongly. CLI cases "
                "run in their own process (`own`: kills, patched disks, second writers, data "
                "workers, serve) or through typer's runner in this process (`shared`: the same "
-               "command and error handling, without 2-4 s of interpreter start-up each).", "",
+               "command and error handling, without 2-4 s of interpreter start-up each). "
+               "An input starting H1 ... L10 is a case of the outside attack (its report's "
+               "numbering; benchmarks/_faults_attack.py); its HTTP cases run against a server "
+               "of default limits (10 MB bodies), the others against a 2 MiB one.", "",
                "| id | area | input | expected | outcome | what happened |",
                "|---|---|---|---|---|---|"]
         for c in p["bad_inputs"]:
