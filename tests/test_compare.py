@@ -31,7 +31,7 @@ def test_compare_cli_end_to_end(tmp_path):
             assert 1 <= r["extra"]["epochs_run"] <= 4
     assert result["time_budget_s"] == rows["full"]["train_seconds"]
     assert rows["linear"]["seeds"] == 2 and rows["full"]["seeds"] == 1
-    assert rows["full"]["time_vs_full"] == 1.0
+    assert rows["full"]["reference"] == "full" and rows["full"]["time_vs_ref"] == 1.0
     assert rows["inca"]["stored_bytes"] < rows["full"]["stored_bytes"]
     for r in result["runs"]:
         if r["method"] in ("linear", "inca"):  # the shared extraction is counted in
