@@ -382,14 +382,17 @@ def test_from_adapters_refuses_mixed_stacks():
 def test_from_adapters_copies():
     adapters = _adapters(2, InCAConfig(num_heads=2))
     stack = StackedInCA.from_adapters(adapters)
-    assert stack.query.shape == (2, 1, D) and stack.in_proj_weight.shape == (2, 3 * D, D)
+    assert stack.query.shape == (2, 1, D) and stack.in_proj_weight_q.shape == (2, D, D)
     assert stack.query.data_ptr() != adapters[0].query.data_ptr()
     # The registered stacked tensors are all there is: what the optimizer sees is what the
     # forward reads.
     assert {n for n, _ in stack.named_parameters()} == {
-        "query", "token_norm_weight", "token_norm_bias", "in_proj_weight", "in_proj_bias",
-        "out_proj_weight", "out_proj_bias", "norm_weight", "norm_bias", "head_weight",
-        "head_bias"}
+        "query", "token_norm_weight", "token_norm_bias", "in_proj_weight_q", "in_proj_weight_k",
+        "in_proj_weight_v", "in_proj_bias", "out_proj_weight", "out_proj_bias", "norm_weight",
+        "norm_bias", "head_weight", "head_bias"}
+    for a, i in zip(adapters, range(2), strict=True):  # stored in parts, read back whole
+        torch.testing.assert_close(stack.member_state(i)["in_proj_weight"], a.in_proj_weight,
+                                   rtol=0, atol=0)
 
 
 def test_stacks_share_token_passes_with_any_layer_assignment():
