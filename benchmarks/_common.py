@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -86,3 +87,21 @@ def publish(name: str, fields: dict[str, Any], markdown: list[str],
     path = write_results(name, payload, "\n".join(markdown) + "\n", folder)
     print(f"wrote {path}")
     return path
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile of ``values`` (seconds) in ms, by nearest rank; ``None`` for
+    no values."""
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, round(q / 100 * (len(v) - 1)))] * 1000
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -75,7 +75,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import command_line, environment, write_results
+from _common import command_line, cpu_seconds, environment, pct, write_results
 from PIL import Image
 
 import inca
@@ -1991,22 +1991,6 @@ def timer(into: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         into[name] = into.get(name, 0.0) + time.perf_counter() - t
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, round(q / 100 * (len(v) - 1)))] * 1000
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process has used (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_load(b: Bench, server: Any, task: Task, args: argparse.Namespace) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from _common import command_line, environment, make_backbone, write_results
+from _common import command_line, environment, make_backbone, pct, write_results
 from PIL import Image
 
 from inca.adapters import create_adapter
@@ -196,17 +196,12 @@ def load(url: str, images: list[bytes], *, requests: int, clients: int, per_requ
     wall = time.perf_counter() - t0
     lat = sorted(latencies)
 
-    def pct(q: float) -> float | None:
-        if not lat:
-            return None
-        return lat[min(len(lat) - 1, round(q / 100 * (len(lat) - 1)))] * 1000
-
     return {
         "requests_sent": len(lat) + len(errors), "ok": len(lat), "errors": len(errors),
         "error_examples": errors[:3], "wall_s": wall,
         "requests_per_s": len(lat) / wall if wall > 0 else 0.0,
         "images_per_s": len(lat) * per_request / wall if wall > 0 else 0.0,
-        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99),
+        "latency_ms": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99),
                        "mean": statistics.fmean(lat) * 1000 if lat else None,
                        "max": lat[-1] * 1000 if lat else None},
         "hit_time_limit": time.monotonic() > deadline,

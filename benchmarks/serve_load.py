@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 import torch
-from _common import make_backbone, publish
+from _common import cpu_seconds, make_backbone, pct, publish
 from PIL import Image
 from serve import HOST, Server, make_tasks, png_images
 
@@ -47,19 +47,6 @@ import inca
 
 TARGET = 2.0  # p99 under attack / p99 alone
 ATTACKER = Path(__file__).with_name("_attacks.py")
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile in ms (nearest rank)."""
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, round(q / 100 * (len(v) - 1)))] * 1000
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def expected_answers(tasks: list[Path], images: list[bytes], args: argparse.Namespace
