@@ -145,8 +145,10 @@ class _Stacked(nn.Module):
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member ``i``'s weights as a standalone adapter's state dict (copies)."""
-        return {key: torch.cat([p[i].detach() for p in self.stacked(key)]).clone()
-                for key in self.member_keys}
+        # one copy each: cat makes a new tensor of the parts, clone of a whole parameter's row
+        return {key: torch.cat([p[i].detach() for p in parts]) if len(parts) > 1
+                else parts[0][i].detach().clone()
+                for key in self.member_keys for parts in [self.stacked(key)]}
 
     @torch.no_grad()
     def load_member(self, i: int, state: dict[str, torch.Tensor]) -> None:
