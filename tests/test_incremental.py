@@ -109,3 +109,4 @@ def test_cli_add_classes_extends_a_saved_task(tmp_path):
                     str(new), "--out", str(tmp_path / "bigger"), "--epochs", "1",
                     "--num-workers", "0"])
     assert res.exit_code == 2 and "already holds a task" in res.output
+    assert "adapters:" not in res.output  # refused before any training

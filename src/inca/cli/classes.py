@@ -77,6 +77,9 @@ def add_classes_cmd(
 
     check_positive(epochs=epochs, batch_size=batch_size)
     check_data(data, val_data)
+    if out.resolve() != task.resolve() and (out / "task.json").exists():  # before any work
+        raise InCAError(f"{out} already holds a task; choose another --out, or pass --out "
+                        f"{task} to replace the task you extended")
     config = FitConfig(epochs=epochs, lrs=floats(lrs), batch_size=batch_size, seed=seed,
                        val_fraction=val_fraction, precision=precision)
     columns = {"image_column": image_column, "label_column": label_column,
@@ -86,9 +89,6 @@ def add_classes_cmd(
     kwargs = {"checkpoint_path": str(checkpoint.resolve())} if checkpoint else {}
     before = load_task(task, backbone, device=resolve_device(device), **kwargs)
     extended = add_classes(before, train, val, config, num_workers=num_workers)
-    if out.resolve() != task.resolve() and (out / "task.json").exists():
-        raise InCAError(f"{out} already holds a task; choose another --out, or pass --out "
-                        f"{task} to replace the task you extended")
     extended.save(out)
     added = extended.metrics["classes_added"][-1]
     scores = ", ".join(f"{m['val_accuracy']:.3f} (lr {m['lr']:g})" for m in added["members"])
