@@ -41,17 +41,9 @@ def _model(task: list[Path], backbone: str | None, checkpoint: Path | None, devi
 def image_files(paths: list[Path]) -> list[Path]:
     """The files given, each folder replaced by the images under it (sorted, hidden files
     and folders left out, as data sets read them)."""
-    from inca.data.folders import IMAGE_EXTENSIONS
+    from inca.data.folders import images_under
 
-    out: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
-                          and f.is_file()
-                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        else:
-            out.append(p)
-    return out
+    return [f for p in paths for f in (images_under(p) if p.is_dir() else [p])]
 
 
 _PREDICT_CHUNK = 64  # images opened and predicted at a time: a large folder streams

@@ -67,6 +67,13 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def images_under(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (any depth), sorted; hidden files and folders left
+    out."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not _hidden(p.relative_to(folder)) and p.is_file())
+
+
 class ImageFolderDataset(ImageDataset):
     """``root/<class>/<image>`` files; classes sorted by folder name.
 
@@ -92,8 +99,7 @@ class ImageFolderDataset(ImageDataset):
         files: list[Path] = []
         targets: list[int] = []
         for label, d in enumerate(class_dirs):
-            found = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                           and not _hidden(p.relative_to(d)) and p.is_file())
+            found = images_under(d)
             if not found:
                 raise DataError(f"class folder {d} holds no images "
                                 f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images")
