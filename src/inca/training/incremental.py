@@ -15,7 +15,7 @@ from inca.adapters import OpenInCAAdapter
 from inca.errors import TrainingError
 from inca.training.bank import AdapterBank
 from inca.training.config import FitConfig
-from inca.training.loop import train_bank
+from inca.training.loop import rank_members, train_bank
 from inca.training.plan import MemberSpec
 
 if TYPE_CHECKING:
@@ -55,8 +55,6 @@ def extend_adapters(
         The extended adapters, with ``C_old + num_new`` classes, and for each its chosen
         learning rate and validation accuracy and loss (over every class ``val`` holds).
     """
-    from inca.task import selection_key
-
     for a in adapters:
         if not isinstance(a, OpenInCAAdapter):
             raise TrainingError(f"only open_inca adapters can add classes, got {a.kind!r}")
@@ -68,11 +66,10 @@ def extend_adapters(
     specs = [MemberSpec(f"open_inca:{i}", (layers[i],), lr) for i, lr in grid]
     bank = AdapterBank(specs, extended)
     result = train_bank(bank, train, val, config, progress=progress)
+    ranked = rank_members(result.members, config.select_by)  # fit's rule, best first
     chosen, scores = [], []
     for i in range(len(adapters)):
-        j = min((j for j, (owner, _) in enumerate(grid) if owner == i), key=lambda j: (
-            selection_key(result.members[j].val_accuracy, result.members[j].val_loss,
-                          config.select_by), j))
+        j = next(j for j in ranked if grid[j][0] == i)  # adapter i's best copy
         m = result.members[j]
         chosen.append(bank.export(j, m.state))
         scores.append({"lr": grid[j][1], "val_accuracy": m.val_accuracy,
