@@ -71,6 +71,14 @@ QUICK = {  # the test suite's smoke run: tiny tokens, the same code
 }
 
 
+# The least memory traffic of a training step: the folded attention reads its token block
+# at least 5 times (forward: scores, squared norms, pooling; backward: the keys' and the
+# pooling weights' gradients); each parameter is read in the forward and in the backward,
+# its gradient written, and AdamW reads parameter, gradient and two moments and writes
+# three: 10 transfers.
+FLOOR_TOKEN_PASSES, FLOOR_PARAM_PASSES = 5, 10
+
+
 def best_time(fn, repeats: int) -> float:
     """The fastest of ``repeats`` calls, after two warm-up calls (seconds)."""
     for _ in range(2):
@@ -131,7 +139,8 @@ def measure(s: Shape, repeats: int, extraction: dict[str, float]) -> dict:
         with FlopCounterMode(display=False) as fc:
             fn()
         flops[name] = fc.get_total_flops()
-    times = {"forward": best_time(forward, repeats), "train": best_time(step, repeats)}
+    times = {"forward": best_time(forward, repeats), "train": best_time(step, repeats),
+             "optimizer": best_time(opt.step, repeats)}  # on the last step's gradients
     key = (s.backbone, s.input_size, s.batch)
     if key not in extraction:
         bb = make_backbone(s.backbone, input_size=s.input_size, device="cpu",
@@ -141,13 +150,15 @@ def measure(s: Shape, repeats: int, extraction: dict[str, float]) -> dict:
         with FlopCounterMode(display=False) as fc:
             bb.extract(x, bb.layers)
         extraction[(*key, "flops")] = fc.get_total_flops()
-    read = s.layers * s.batch * s.tokens * s.dim * 4  # the token block, float32
+    read = len(bank.layers) * s.batch * s.tokens * s.dim * 4  # its token block, float32
+    params = sum(p.numel() * p.element_size() for p in bank.parameters() if p.requires_grad)
     return {
         "shape": s.name, "what": s.what, "members": len(bank.keys),
         "tokens": [s.layers, s.batch, s.tokens, s.dim],
         "flops": flops, "seconds": times,
-        "gflop_s": {k: flops[k] / times[k] / 1e9 for k in times},
-        "token_block_bytes": read,
+        "gflop_s": {k: flops[k] / times[k] / 1e9 for k in flops},
+        "token_block_bytes": read, "param_bytes": params,
+        "floor_bytes": FLOOR_TOKEN_PASSES * read + FLOOR_PARAM_PASSES * params,
         "extract_seconds": extraction[key], "extract_flops": extraction[(*key, "flops")],
         "step_vs_extract": times["train"] / extraction[key],
         "flops_vs_extract": flops["train"] / extraction[(*key, "flops")],
@@ -175,6 +186,8 @@ def main() -> None:
         r["efficiency"] = {k: v / peak for k, v in r["gflop_s"].items()}
         # time to read the token block once at the measured bandwidth (half the copy's)
         r["one_token_pass_s"] = r["token_block_bytes"] / (bandwidth / 2 * 1e9)
+        r["floor_s"] = r["floor_bytes"] / (bandwidth * 1e9)  # bandwidth: bytes moved / s
+        r["floor_efficiency"] = r["flops"]["train"] / r["floor_s"] / 1e9 / peak
     ra = next((r for r in rows if r["shape"] == "a"), None)
     md = ["# The adapter bank against the machine's limits", "",
           f"{torch.get_num_threads()} threads; sgemm 2048^2: {peak:.0f} GFLOP/s (best of "
@@ -183,8 +196,9 @@ def main() -> None:
           "(read + write). Times are the best of the repeats (other load only adds time).", "",
           "| shape | members | tokens (L, B, N, D) | train GFLOP | train ms | train GFLOP/s "
           "| efficiency | forward ms | forward eff. | token passes in a step's time | "
-          "step / extraction | FLOPs / extraction's |",
-          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "step / extraction | FLOPs / extraction's | optimizer ms | memory floor ms | "
+          "step / floor | efficiency at the floor |",
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         md.append(
             f"| ({r['shape']}) {r['what']} | {r['members']} | {tuple(r['tokens'])} | "
@@ -192,7 +206,9 @@ def main() -> None:
             f"{r['gflop_s']['train']:.1f} | {r['efficiency']['train']:.1%} | "
             f"{r['seconds']['forward'] * 1e3:.1f} | {r['efficiency']['forward']:.1%} | "
             f"{r['seconds']['train'] / r['one_token_pass_s']:.1f} | "
-            f"{r['step_vs_extract']:.3f} | {r['flops_vs_extract']:.3f} |")
+            f"{r['step_vs_extract']:.3f} | {r['flops_vs_extract']:.3f} | "
+            f"{r['seconds']['optimizer'] * 1e3:.1f} | {r['floor_s'] * 1e3:.1f} | "
+            f"{r['seconds']['train'] / r['floor_s']:.2f} | {r['floor_efficiency']:.1%} |")
     if ra is not None:
         for r in rows:
             if r["shape"] in ("c", "d"):
@@ -201,7 +217,12 @@ def main() -> None:
                           f"(its FLOPs / (a)'s: {r['flops']['train'] / ra['flops']['train']:.2f})")
     md += ["", "'token passes in a step's time': the step's time divided by the time to read "
            "its float32 token block once at the measured bandwidth (a bound on what a "
-           "bandwidth-limited step can reach)."]
+           "bandwidth-limited step can reach).",
+           "", f"'memory floor': the least a step can move ({FLOOR_TOKEN_PASSES} reads of its "
+           f"token block, {FLOOR_PARAM_PASSES} transfers of its parameters: forward and "
+           "backward reads, the gradient, AdamW's moments) at the measured copy bandwidth; "
+           "'efficiency at the floor': the step's FLOPs in that time against the sgemm peak, "
+           "the most a step bound by memory traffic could show."]
     publish(args.name, {"sgemm_gflop_s": peak, "sgemm_samples": peaks,
                         "copy_gb_s": bandwidth, "shapes": rows}, md, folder=args.results_dir)
 

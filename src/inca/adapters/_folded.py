@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -165,19 +165,57 @@ def _layout(layer_index: tuple[tuple[int, ...], ...], rows: tuple[int, ...],
 
 def fold_keys(p: AttentionParams, num_heads: int) -> torch.Tensor:
     """The query and key projections folded into one key vector per query-head,
-    ``γ * W_k,hᵀ q_h / sqrt(d)``: ``(K, Q*H, D)``, ordered query-major.
+    ``γ * W_k,hᵀ q_h / sqrt(d)``: ``(K, H*Q, D)``, ordered head-major.
 
     O(K·Q·D²), independent of the tokens. ``b_k`` is dropped: it cancels in the softmax.
+    Both matmuls take the weights as stored, so their gradients come out in the weights'
+    own layout (autograd copies a gradient that does not into place, a pass over every
+    ``(K, A, D)`` weight).
     """
     k, q_count, d = p.query.shape
     a = p.q_weight.shape[1]  # attention width A (D unless narrowed)
     h, dh = num_heads, a // num_heads
-    b_q = p.in_proj_bias[:, :a]  # (K, A)
-    q = torch.baddbmm(b_q.unsqueeze(1), p.query, p.q_weight.transpose(1, 2))  # (K, Q, A)
-    q = q.view(k, q_count, h, dh) * dh**-0.5
-    keys = torch.einsum("kqhe,khed->kqhd", q, p.k_weight.reshape(k, h, dh, d))  # W_k,hᵀ q_h
-    keys = keys * p.norm_weight[:, None, None, :]  # fold γ; β·keys is constant over tokens
-    return keys.reshape(k, q_count * h, d)
+    b_q = p.in_proj_bias[:, :a, None]  # (K, A, 1)
+    q_t = torch.baddbmm(b_q, p.q_weight, p.query.transpose(1, 2)) * dh**-0.5  # (K, A, Q)
+    keys = torch.bmm(q_t.reshape(k * h, dh, q_count).transpose(1, 2),  # W_k,hᵀ q_h
+                     p.k_weight.reshape(k * h, dh, d))  # (K*H, Q, D)
+    # fold γ; β·keys is constant over tokens
+    return keys.view(k, h * q_count, d) * p.norm_weight[:, None, :]
+
+
+class _Scores(torch.autograd.Function):
+    """``tokens @ keysᵀ`` per layer, ``(L, B*N, D) x (L, W, D) -> (L, B*N, W)``, whose
+    backward computes the keys' gradient as ``gᵀ @ tokens``: autograd's own ``tokensᵀ @ g``
+    reads the token block across its rows, 2-2.6x slower on CPU (2 cores, shape (a) of
+    ``benchmarks/bank.py``)."""
+
+    @staticmethod
+    def forward(ctx: Any, tokens: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(tokens, keys)
+        return torch.bmm(tokens, keys.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        tokens, keys = ctx.saved_tensors
+        grad_tokens = torch.bmm(grad, keys) if ctx.needs_input_grad[0] else None
+        grad_keys = torch.bmm(grad.transpose(1, 2), tokens) if ctx.needs_input_grad[1] \
+            else None
+        return grad_tokens, grad_keys
+
+
+def _scores(tokens: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``tokens @ keysᵀ`` per layer; with :class:`_Scores`' backward when training eagerly.
+    Under autocast both are cast first as ``torch.bmm`` would be (float64 is not), so that
+    the backward computes in the dtype autograd's own would."""
+    if not (torch.is_grad_enabled() and keys.requires_grad) or _tracing():
+        return torch.bmm(tokens, keys.transpose(1, 2))
+    device = tokens.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        tokens, keys = (t if t.dtype == torch.float64 else t.to(dtype) for t in (tokens, keys))
+        with torch.autocast(device, enabled=False):
+            return _Scores.apply(tokens, keys)
+    return _Scores.apply(tokens, keys)
 
 
 def token_inv_std(tokens: torch.Tensor, mean: torch.Tensor, eps: float) -> torch.Tensor:
@@ -253,7 +291,7 @@ def cross_attention(
         flat = torch.cat([k.reshape(-1, d) for k in keys])  # (R, D)
         u = flat.new_zeros(n_layers, lay.width, d).index_put((lay.layer, lay.slot), flat)
     u_and_mean = torch.cat([u, u.new_full((n_layers, 1, d), 1.0 / d)], dim=1)
-    raw = torch.bmm(tokens.reshape(n_layers, b * n, d), u_and_mean.transpose(1, 2))
+    raw = _scores(tokens.reshape(n_layers, b * n, d), u_and_mean)  # (L, B*N, W+1)
     raw, mean = raw[..., :-1], raw[..., -1:]  # (L, B*N, W), (L, B*N, 1)
     inv_std = token_inv_std(tokens, mean.reshape(n_layers, b, n), eps)  # (L, B, N)
     centre = mean * u.sum(-1).unsqueeze(1)  # μ_n Σ_d u_d
@@ -262,49 +300,50 @@ def cross_attention(
     if lay.skip is not None:  # the rows of adapters that skip leading tokens ignore them
         ignored = torch.arange(n, device=tokens.device) < lay.skip  # (L, W, N)
         scores = scores.masked_fill(ignored.unsqueeze(1), float("-inf"))
-    attn = scores.softmax(dim=-1, dtype=_accumulate(scores.dtype))
+    attn = scores.softmax(dim=-1, dtype=_accumulate(scores.dtype))  # (L, B, W, N)
 
-    # Weights on normalized tokens = weights / σ on raw tokens, minus the weighted mean.
+    # Weights on normalized tokens = weights / σ on raw tokens, minus the weighted mean
+    # (kept apart, (L, W, B): subtracting it here would be one more pass over the block).
     a = compute_input(attn * inv_std.unsqueeze(2), tokens).view(n_layers * b, lay.width, n)
     pooled = torch.bmm(a, tokens.reshape(n_layers * b, n, d))  # (L*B, W, D)
-    pooled = pooled - torch.bmm(a, mean.reshape(n_layers * b, n, 1))  # Σ_n a_n μ_n / σ_n
-    pooled = pooled.view(n_layers, b, lay.width, d)
-    per_group = _rows_per_group(pooled, lay, sizes, rows)  # (K_p, B, M_p, D) each
+    pooled = pooled.view(n_layers, b, lay.width, d).transpose(1, 2)  # (L, W, B, D)
+    centred = torch.bmm(a, mean.reshape(n_layers * b, n, 1))  # Σ_n a_n μ_n / σ_n
+    centred = centred.view(n_layers, b, lay.width).transpose(1, 2)  # (L, W, B)
 
     outs = []
-    for p, x, h in zip(parts, per_group, heads, strict=True):  # x: (K, B, M, D)
+    for p, x, c, h in zip(parts, _rows_per_group(pooled, lay, sizes, rows),
+                          _rows_per_group(centred, lay, sizes, rows), heads,
+                          strict=True):  # x: (K, M, B, D) with M = H·Q, head-major
         k, q_count, a = x.shape[0], p.query.shape[1], p.v_weight.shape[1]  # A: attention width
         # The weights sum to 1, so LN's affine applies after the weighted sum.
-        x = x * p.norm_weight[:, None, None, :] + p.norm_bias[:, None, None, :]
-        heads_out = torch.einsum(  # per head, W_v,h after the weighted sum: (K, B, Q, H, A/H)
-            "kbqhd,khed->kbqhe", x.reshape(k, b, q_count, h, d),
-            p.v_weight.reshape(k, h, a // h, d),
-        )
-        b_v = p.in_proj_bias[:, 2 * a:]  # (K, A)
-        heads_out = heads_out.reshape(k, b * q_count, a) + b_v.unsqueeze(1)  # (K, B*Q, A)
-        out = torch.baddbmm(p.out_bias.unsqueeze(1), heads_out, p.out_weight.transpose(1, 2))
-        outs.append(out.view(k, b, q_count, d))
+        x = torch.addcmul(p.norm_bias[:, None, None, :], x - c.unsqueeze(-1),
+                          p.norm_weight[:, None, None, :])
+        x = x.reshape(k * h, q_count * b, d)  # per head h, its queries' pooled tokens
+        # The projections take their weights as stored (gradients in place, as fold_keys).
+        v = torch.bmm(p.v_weight.reshape(k * h, a // h, d), x.transpose(1, 2))  # W_v,h x
+        v = v.view(k, a, q_count * b) + p.in_proj_bias[:, 2 * a:, None]  # (K, A, Q*B)
+        out = torch.baddbmm(p.out_bias[:, :, None], p.out_weight, v)  # (K, D, Q*B)
+        outs.append(out.view(k, d, q_count, b).permute(0, 3, 2, 1))  # (K, B, Q, D)
 
     weights = None
     if need_weights:  # nn.MultiheadAttention's (B, H, Q, N) layout, per adapter
         weights = []
-        for p, w, h, sk in zip(parts, _rows_per_group(attn, lay, sizes, rows), heads, skips,
-                               strict=True):  # (K, B, M, N)
-            w = w.reshape(w.shape[0], b, p.query.shape[1], h, n).transpose(2, 3)
+        for p, w, h, sk in zip(parts, _rows_per_group(attn.transpose(1, 2), lay, sizes, rows),
+                               heads, skips, strict=True):  # (K, M, B, N)
+            w = w.reshape(w.shape[0], h, p.query.shape[1], b, n).permute(0, 3, 1, 2, 4)
             weights.append(w[..., sk:])  # (K, B, H, Q, N - skip)
     return outs, weights
 
 
 def _rows_per_group(x: torch.Tensor, lay: _Layout, sizes: list[int],
                     rows: list[int]) -> list[torch.Tensor]:
-    """Each group's rows of a per-layer block ``(L, B, W, ...)``, as ``(K_p, B, M_p, ...)``:
+    """Each group's rows of a per-layer block ``(L, W, ...)``, as ``(K_p, M_p, ...)``:
     views when the layout is regular, else one gather."""
     if lay.regular:  # group p's rows of layer j belong to its adapter j
-        return list(x.split(rows, dim=2)) if len(rows) > 1 else [x]
+        return list(x.split(rows, dim=1)) if len(rows) > 1 else [x]
     cut = [k * m for k, m in zip(sizes, rows, strict=True)]
-    gathered = x[lay.layer, :, lay.slot].split(cut)  # (K_p·M_p, B, ...) each
-    return [g.view(k, m, *g.shape[1:]).transpose(1, 2)
-            for g, k, m in zip(gathered, sizes, rows, strict=True)]
+    gathered = x[lay.layer, lay.slot].split(cut)  # (K_p·M_p, ...) each
+    return [g.view(k, m, *g.shape[1:]) for g, k, m in zip(gathered, sizes, rows, strict=True)]
 
 
 def _per_group(value: int | Sequence[int], groups: int) -> list[int]:
