@@ -224,119 +224,148 @@ def train_bank(
         TrainingError: the loss of every member became NaN or infinite.
     """
     prec = bank_precision(bank, precision if precision is not None else config.precision)
-    device = next(bank.parameters()).device
-    ctx = context()
-    # Under torchrun: DDP all-reduces the gradients; each rank reads its part of every batch
-    # device_ids=None: the inputs are already on the bank's device, so DDP never moves
-    # (and rebuilds) them; one device per process is all DDP needs to know.
-    model: nn.Module = bank if not ctx.active else DistributedDataParallel(
-        bank, device_ids=None)
-    gen = torch.Generator().manual_seed(config.seed)
-    optimizer = _adamw(bank.param_groups(), config.weight_decay)
-    scaler = prec.grad_scaler()
-    # the single-process batch sizes, which the ranks' parts add up to
-    sizes = [len(b) for b in batch_order(len(train), config.batch_size)
-             if not ctx.active or len(b) >= ctx.world]
-    steps_per_epoch = len(sizes)
-    total = steps_per_epoch * config.epochs
-    lr_factor = cosine_with_warmup(total, round(config.warmup_epochs * steps_per_epoch))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    epochs = config.epochs  # at most; a time budget fixes it after the first epoch
+    steps = _Steps(bank, train, config, prec)
     results = [MemberResult(k) for k in bank.keys]
-    active = torch.ones(len(bank.keys), dtype=torch.bool, device=device)
     history: list[dict[str, Any]] = []
-    stale = 0
-    start = time.perf_counter()
-    bar = progress_bar(total=total, unit="step", desc=f"train {len(bank.keys)} adapters",
-                       disable=not progress)
-    epoch = 0
+    epochs, stale, epoch = config.epochs, 0, 0  # epochs: at most; a time budget may fix it
     scored: dict[tuple[int, ...], tuple[float, float]] = {}
+    start = time.perf_counter()
+    bar = progress_bar(total=steps.per_epoch * epochs, unit="step",
+                       desc=f"train {len(bank.keys)} adapters", disable=not progress)
     for epoch in range(config.epochs):
-        bank.train()
-        loss_sum, seen = torch.zeros(len(bank.keys), device=device), 0
-        for step, (feats, y) in enumerate(train.batches(config.batch_size, shuffle=True,
-                                                        generator=gen, part="batch")):
-            with prec.autocast():
-                logits = model(feats)  # (K, B, C)
-                # A diverged member is masked before its loss (on the device: no wait): the
-                # loss's backward would turn a masked NaN into 0 * NaN = NaN gradients.
-                active &= torch.isfinite(logits.detach()).flatten(1).all(1)
-                logits = torch.where(active[:, None, None], logits, 0.0)
-                losses = bank_loss(logits, y, config.label_smoothing)  # (K,)
-            if ctx.active:  # DDP averages over ranks: weigh each part by its share
-                losses = losses * (len(y) * ctx.world / sizes[step])
-            losses = torch.where(active, losses, 0.0)
-            optimizer.zero_grad(set_to_none=True)
-            # members are independent: each gets its own gradient from the sum
-            scaler.scale(losses.sum()).backward()
-            if scaler.is_enabled():
-                # A member whose own weights are no longer finite still gets NaN gradients
-                # (0 * inf); a float16 gradient scaler would skip every member's step for it.
-                bank.mask_grads(active)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            loss_sum += losses.detach() * (sizes[step] / ctx.world if ctx.active else len(y))
-            seen += len(y)
-            bar.update(1)
-        if ctx.active:
-            loss_sum = ctx.all_sum(loss_sum)
-            seen = sum(sizes)
-            active = ctx.all_sum((~active).int()) == 0  # dropped on any rank: on all
-        epoch_loss = (loss_sum / max(seen, 1)).cpu()  # the epoch's one wait for the device
-        alive = active.cpu()
+        epoch_loss, alive = steps.epoch(bar)
         if not alive.any():
             raise TrainingError(
                 f"the training loss of every adapter became NaN or infinite by epoch "
                 f"{epoch + 1}; lower the learning rates (--lrs) or check the inputs for NaN/inf")
         for i in (~alive).nonzero().flatten().tolist():
             if results[i].diverged_epoch is None:
-                _drop(bank, optimizer, results[i], i, epoch)
-        # The members' scores, and those of the ensembles that the top-k ensemble would
-        # be if this epoch were every top member's best (kept if it is; see _score_ensembles)
-        guess = ensemble_members(results, config.ensemble_k, config.select_by)
-        guesses = [guess[:j] for j in range(2, len(guess) + 1)]
-        scores = evaluate(bank, val, config.batch_size, prec, guesses)
-        accs, nll = scores.accuracy[:len(results)], scores.loss[:len(results)]
-        scored = {tuple(g): (float(scores.accuracy[len(results) + j]),
-                             float(scores.loss[len(results) + j]))
-                  for j, g in enumerate(guesses)}
-        improved = False
-        for i, r in enumerate(results):
-            if r.diverged_epoch is not None:
-                continue
-            acc, loss = float(accs[i]), float(nll[i])
-            if (selection_key(acc, loss, config.select_by)
-                    < selection_key(r.val_accuracy, r.val_loss, config.select_by)):
-                r.val_accuracy, r.val_loss, r.best_epoch = acc, loss, epoch
-                r.state = bank.member_state(i)
-                improved = True
-        history.append({
-            "epoch": epoch + 1,
-            "train_loss": epoch_loss.tolist(),
-            "val_accuracy": accs.tolist(),
-            "val_loss": nll.tolist(),
-        })
+                _drop(bank, steps.optimizer, results[i], i, epoch)
+        accs, nll, scored = _score_epoch(bank, val, config, prec, results)
+        improved = _keep_best(bank, results, accs, nll, epoch, config.select_by)
+        history.append({"epoch": epoch + 1, "train_loss": epoch_loss.tolist(),
+                        "val_accuracy": accs.tolist(), "val_loss": nll.tolist()})
         # the selection's own measure, which only improves (an accuracy at the best loss
-        # could go down)
+        # could go down); in a log, not a terminal: one line per epoch
         best = results[rank_members(results, config.select_by)[0]]
-        # (in a log, not a terminal: one line per epoch)
         bar.set_postfix({"epoch": epoch + 1, **({"best_val_loss": f"{best.val_loss:.4f}"}
                                                 if config.select_by == "loss" else
                                                 {"best_val_acc": f"{best.val_accuracy:.3f}"})})
         if config.time_budget_s is not None and epoch == 0:
-            # As many epochs as fit in the budget, the schedule decaying over exactly those.
-            per_epoch = time.perf_counter() - start
-            epochs = max(1, min(config.epochs, int(config.time_budget_s // per_epoch)))
-            epochs = ctx.broadcast_object(epochs)  # rank 0's timing: every rank stops together
-            lr_factor.total_steps = steps_per_epoch * epochs
-            bar.total = lr_factor.total_steps
+            epochs = steps.fit_budget(config.time_budget_s, time.perf_counter() - start)
+            bar.total = steps.per_epoch * epochs
         stale = 0 if improved else stale + 1
         if (config.patience and stale >= config.patience) or epoch + 1 >= epochs:
             break
     bar.close()
     ensembles = _score_ensembles(bank, val, config, prec, results, scored, epoch)
     return BankResult(results, history, epoch + 1, time.perf_counter() - start, ensembles)
+
+
+class _Steps:
+    """The optimization of one :func:`train_bank` run: the bank (in DDP under torchrun),
+    AdamW, the gradient scaler, the learning-rate schedule, and an epoch of steps."""
+
+    def __init__(self, bank: AdapterBank, train: Any, config: FitConfig,
+                 prec: Precision) -> None:
+        self.bank, self.train, self.config, self.prec = bank, train, config, prec
+        self.ctx = ctx = context()
+        # Under torchrun: DDP all-reduces the gradients; each rank reads its part of every
+        # batch. device_ids=None: the inputs are already on the bank's device, so DDP never
+        # moves (and rebuilds) them; one device per process is all DDP needs to know.
+        self.model: nn.Module = bank if not ctx.active else DistributedDataParallel(
+            bank, device_ids=None)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.optimizer = _adamw(bank.param_groups(), config.weight_decay)
+        self.scaler = prec.grad_scaler()
+        # the single-process batch sizes, which the ranks' parts add up to
+        self.sizes = [len(b) for b in batch_order(len(train), config.batch_size)
+                      if not ctx.active or len(b) >= ctx.world]
+        self.per_epoch = len(self.sizes)
+        self.lr_factor = cosine_with_warmup(self.per_epoch * config.epochs,
+                                            round(config.warmup_epochs * self.per_epoch))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.active = torch.ones(len(bank.keys), dtype=torch.bool,
+                                 device=next(bank.parameters()).device)
+
+    def epoch(self, bar: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over the training data. Returns each member's mean training loss and
+        whether it is still finite, on the host (the epoch's one wait for the device)."""
+        ctx, config, scaler = self.ctx, self.config, self.scaler
+        self.bank.train()
+        loss_sum, seen = torch.zeros(len(self.bank.keys), device=self.active.device), 0
+        for step, (feats, y) in enumerate(self.train.batches(
+                config.batch_size, shuffle=True, generator=self.gen, part="batch")):
+            with self.prec.autocast():
+                logits = self.model(feats)  # (K, B, C)
+                # A diverged member is masked before its loss (on the device: no wait): the
+                # loss's backward would turn a masked NaN into 0 * NaN = NaN gradients.
+                self.active &= torch.isfinite(logits.detach()).flatten(1).all(1)
+                logits = torch.where(self.active[:, None, None], logits, 0.0)
+                losses = bank_loss(logits, y, config.label_smoothing)  # (K,)
+            if ctx.active:  # DDP averages over ranks: weigh each part by its share
+                losses = losses * (len(y) * ctx.world / self.sizes[step])
+            losses = torch.where(self.active, losses, 0.0)
+            self.optimizer.zero_grad(set_to_none=True)
+            # members are independent: each gets its own gradient from the sum
+            scaler.scale(losses.sum()).backward()
+            if scaler.is_enabled():
+                # A member whose own weights are no longer finite still gets NaN gradients
+                # (0 * inf); a float16 gradient scaler would skip every member's step for it.
+                self.bank.mask_grads(self.active)
+            scaler.step(self.optimizer)
+            scaler.update()
+            self.schedule.step()
+            loss_sum += losses.detach() * (self.sizes[step] / ctx.world if ctx.active
+                                           else len(y))
+            seen += len(y)
+            bar.update(1)
+        if ctx.active:
+            loss_sum = ctx.all_sum(loss_sum)
+            seen = sum(self.sizes)
+            self.active = ctx.all_sum((~self.active).int()) == 0  # dropped on any rank: on all
+        return (loss_sum / max(seen, 1)).cpu(), self.active.cpu()
+
+    def fit_budget(self, budget_s: float, epoch_s: float) -> int:
+        """As many epochs as fit in ``budget_s`` after a first one took ``epoch_s``, with the
+        schedule decaying over exactly those; rank 0's timing, so that every rank stops
+        together."""
+        epochs = max(1, min(self.config.epochs, int(budget_s // epoch_s)))
+        epochs = self.ctx.broadcast_object(epochs)
+        self.lr_factor.total_steps = self.per_epoch * epochs
+        return epochs
+
+
+def _score_epoch(bank: AdapterBank, val: Any, config: FitConfig, prec: Precision,
+                 results: list[MemberResult]
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[tuple[int, ...], tuple]]:
+    """Every member's validation accuracy and loss after an epoch, and those of the
+    ensembles that the top-k ensemble would be if this epoch were every top member's best
+    (kept if it is; see :func:`_score_ensembles`), from one pass."""
+    guess = ensemble_members(results, config.ensemble_k, config.select_by)
+    guesses = [guess[:j] for j in range(2, len(guess) + 1)]
+    scores = evaluate(bank, val, config.batch_size, prec, guesses)
+    k = len(results)
+    scored = {tuple(g): (float(scores.accuracy[k + j]), float(scores.loss[k + j]))
+              for j, g in enumerate(guesses)}
+    return scores.accuracy[:k], scores.loss[:k], scored
+
+
+def _keep_best(bank: AdapterBank, results: list[MemberResult], accs: torch.Tensor,
+               nll: torch.Tensor, epoch: int, select_by: str) -> bool:
+    """Record the members whose validation improved this epoch, with a copy of their state;
+    whether any did."""
+    improved = False
+    for i, r in enumerate(results):
+        if r.diverged_epoch is not None:
+            continue
+        acc, loss = float(accs[i]), float(nll[i])
+        if (selection_key(acc, loss, select_by)
+                < selection_key(r.val_accuracy, r.val_loss, select_by)):
+            r.val_accuracy, r.val_loss, r.best_epoch = acc, loss, epoch
+            r.state = bank.member_state(i)
+            improved = True
+    return improved
 
 
 def _drop(bank: AdapterBank, optimizer: torch.optim.Optimizer, result: MemberResult, i: int,
