@@ -12,7 +12,8 @@ from planted import planted_backbone, planted_data
 import inca
 from inca._precision import Precision
 from inca.data import build_transform
-from inca.errors import InCAError
+from inca.data.transforms import default_num_workers
+from inca.errors import CacheError, InCAError
 from inca.features import ActivationCache, extract_to_cache
 from inca.training import FitConfig
 from inca.training import mode as mode_mod
@@ -100,16 +101,34 @@ class _LoggedCache(ActivationCache):
         self.log = log
         log.touch()
 
-    def get_numpy(self, layer, indices):
+    def get_numpy(self, layer, indices, out=None):
         with open(self.log, "a") as f:
             f.write(f"{os.getpid()} {len(indices)}\n")
-        return super().get_numpy(layer, indices)
+        return super().get_numpy(layer, indices, out)
 
     def reads(self) -> list[tuple[int, int]]:
         """The reads logged since the last call (then forgotten)."""
         lines = self.log.read_text().split()
         self.log.write_text("")
         return [(int(pid), int(n)) for pid, n in zip(lines[::2], lines[1::2], strict=True)]
+
+
+def test_rows_read_into_a_given_array_equal_the_cache_in_any_order(cached):
+    # Sorted indices are read with one take per shard straight into out; unsorted ones
+    # (rows of a shard not side by side in out) row by row. Both across shard boundaries.
+    _, _, cache = cached
+    layer = cache.layers[1]
+    whole = cache.get_numpy(layer, np.arange(len(cache)))
+    rng = np.random.default_rng(0)
+    for idx in (np.sort(rng.choice(len(cache), 50, replace=False)),  # runs, 4 shards
+                rng.choice(len(cache), 50, replace=False),  # interleaved shards
+                np.array([31, 32, 31, 0])):  # a shard boundary, repeats
+        out = np.full((len(idx), *whole.shape[1:]), np.nan, dtype=whole.dtype)
+        assert cache.get_numpy(layer, idx, out=out) is out
+        np.testing.assert_array_equal(out, whole[idx])
+        np.testing.assert_array_equal(cache.get_numpy(layer, idx), whole[idx])
+    with pytest.raises(CacheError, match="out must be"):
+        cache.get_numpy(layer, [0, 1], out=np.empty((3, *whole.shape[1:]), whole.dtype))
 
 
 def test_cached_source_reads_batches_in_workers_and_holds_no_split(cached, tmp_path):
@@ -146,6 +165,17 @@ def test_cached_source_reads_batches_in_workers_and_holds_no_split(cached, tmp_p
             else:
                 assert pids == {os.getpid()}
     assert len(workers) == 1
+
+
+def test_cached_source_reads_in_process_on_a_cpu_by_default(cached, tmp_path):
+    # On a CPU the bank's compute uses every core, and a worker's batch costs one more copy
+    # (into shared memory): the cache is read in this process unless workers are asked for.
+    bb, _, cache = cached
+    logged = _LoggedCache(cache.path, tmp_path / "reads")
+    list(CachedSource(logged, np.arange(40), bb.layers).batches(16))
+    assert {pid for pid, _ in logged.reads()} == {os.getpid()}
+    assert CachedSource(cache, np.arange(40), bb.layers, device="cuda")._loader.options[
+        "num_workers"] == min(2, default_num_workers())  # on a GPU: workers
 
 
 def test_cached_source_converts_on_the_device_to_the_compute_dtype(cached):

@@ -65,7 +65,8 @@ Checkpoint = Annotated[Path | None, typer.Option(
     help="local weights file for a timm:/torchvision: backbone (a state_dict, or a "
          "checkpoint holding one), instead of the hub's", rich_help_panel=BACKBONE)]
 NumWorkers = Annotated[int | None, typer.Option(
-    help="data-loading workers (default: cores - 1, at most 8)", rich_help_panel=DEVICE)]
+    help="data-loading workers (default: cores - 1, at most 8, decoding images; a cache "
+         "is read in-process on a CPU, by 2 workers on a GPU)", rich_help_panel=DEVICE)]
 ImageColumn = Annotated[str | None, typer.Option(
     help="the images' column in a Hugging Face set or a manifest (default: the Image "
          "feature, or a column named image / path)", rich_help_panel=DATA)]

@@ -253,18 +253,29 @@ class ActivationCache:
             self._mmaps[key] = self._load(i, _layer_file(layer), mmap_mode="r")
         return self._mmaps[key]
 
-    def get_numpy(self, layer: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Tokens ``(len(indices), N, D)`` of ``layer`` for the given samples, in that order."""
+    def get_numpy(self, layer: str, indices: Sequence[int] | np.ndarray,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """Tokens ``(len(indices), N, D)`` of ``layer`` for the given samples, in that order,
+        written into ``out`` when given (an array of that shape in the cache's dtype)."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise CacheError(f"sample index out of range for a cache of {len(self)} samples")
         n, d = self.token_shape(layer)
-        out = np.empty((idx.size, n, d), dtype=self.manifest["dtype"])
+        shape, dtype = (idx.size, n, d), np.dtype(self.manifest["dtype"])
+        if out is None:
+            out = np.empty(shape, dtype=dtype)
+        elif out.shape != shape or out.dtype != dtype:
+            raise CacheError(f"out must be {shape} {dtype}, got {out.shape} {out.dtype}")
         shard_of = np.searchsorted(self._starts, idx, side="right") - 1
         for s in np.unique(shard_of):
             sel = np.nonzero(shard_of == s)[0]
             local = idx[sel] - self._starts[s]
-            out[sel] = self._shard(int(s), layer)[local]  # reads only these rows
+            rows = self._shard(int(s), layer)
+            if sel[-1] - sel[0] + 1 == sel.size:  # a run of out's rows (sorted indices):
+                # read straight into it (mode="clip": unbuffered; the indices are checked)
+                np.take(rows, local, axis=0, out=out[sel[0]:sel[-1] + 1], mode="clip")
+            else:
+                out[sel] = rows[local]  # reads only these rows
         return out
 
     def get(

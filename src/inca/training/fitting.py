@@ -136,8 +136,9 @@ def fit(
         cache_dir: where the activation caches go (cached mode); a temporary folder when
             omitted. Reusing a folder reuses (or resumes) its caches.
         progress: show progress bars.
-        num_workers: data-loading workers decoding images or reading the cache (default:
-            the cores but one, at most 8).
+        num_workers: data-loading workers decoding images (default: the cores but one, at
+            most 8) or reading the cache (default: none on a CPU, 2 on a GPU; see
+            :class:`~inca.training.sources.CachedSource`).
         device: where to run: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
             ``"cuda:1"``...; ``None`` keeps the backbone where it is.
         **overrides: fields of :class:`FitConfig`, e.g. ``epochs=5, precision="bf16-mixed"``.
