@@ -271,55 +271,32 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         device: where the copy trains (``"auto"``: CUDA when available); the backbone's
             device when omitted.
     """
-    from inca.training.schedule import cosine_with_warmup
-
     config = config or FineTuneConfig()
     tuned, names = prepare(backbone, config)
     if device is not None:
         _move_unhashed(tuned, resolve_device(device))
-    model, device = tuned.model, tuned.device
+    device = tuned.device
     precision = Precision(config.precision, device)
-    params = dict(model.named_parameters())
+    params = dict(tuned.model.named_parameters())
     trained = [params[n] for n in names]
-    dim = _features(tuned, torch.zeros(1, 3, tuned.preprocessing.input_size,
-                                       tuned.preprocessing.input_size, device=device)).shape[-1]
+    size = tuned.preprocessing.input_size
+    dim = _features(tuned, torch.zeros(1, 3, size, size, device=device)).shape[-1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         head = nn.Linear(dim, len(train.classes)).to(device)
-    prep = tuned.preprocessing
-    gen = torch.Generator().manual_seed(config.seed)
-    loading = {**loader_options(config.num_workers, device), "batch_size": config.batch_size}
-    loader = DataLoader(TransformedDataset(train, build_transform(prep, config.augment)),
-                        shuffle=True, generator=gen, drop_last=len(train) > config.batch_size,
-                        **loading)
-    eval_loaders: dict[int, DataLoader] = {}
-
-    def eval_loader(ds: Any) -> DataLoader:  # made once per data set (persistent workers)
-        if id(ds) not in eval_loaders:
-            eval_loaders[id(ds)] = DataLoader(TransformedDataset(ds, build_transform(prep)),
-                                              **loading)
-        return eval_loaders[id(ds)]
-
-    if config.method == "lora":
-        groups = [{"params": trained, "lr": config.lr_lora}]
-    else:
-        groups = layer_decay_groups(tuned, names, config.lr_backbone, config.layer_decay)
-    optimizer = torch.optim.AdamW(
-        [*groups, {"params": list(head.parameters()), "lr": config.lr_head}],
-        weight_decay=config.weight_decay, fused=device.type == "cuda")
-    total = len(loader) * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total, round(config.warmup_epochs * len(loader))))
+    loaders = _Loaders(tuned, config, train)
+    optimizer, schedule = _optimizer(tuned, names, trained, head, config,
+                                     len(loaders.train))
     best_acc, best_state, history = -1.0, None, []
-    bar = progress_bar(total=total, desc=f"fine-tune ({config.method})", unit="step",
-                       disable=not progress)
+    bar = progress_bar(total=len(loaders.train) * config.epochs,
+                       desc=f"fine-tune ({config.method})", unit="step", disable=not progress)
     start = time.perf_counter()
     scaler = precision.grad_scaler()
     for epoch in range(config.epochs):
         _set_mode(tuned, config, True)
         loss_sum = torch.zeros((), device=device)
-        for x, y in loader:
-            x, y = to_model_input(x, prep, device), y.to(device, non_blocking=True)
+        for x, y in loaders.train:
+            x, y = to_model_input(x, tuned.preprocessing, device), y.to(device, non_blocking=True)
             with precision.autocast():
                 logits = head(_features(tuned, x))
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
@@ -330,12 +307,12 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
             schedule.step()
             loss_sum += loss.detach()
             bar.update(1)
-        epoch_loss = float(loss_sum) / max(len(loader), 1)  # the epoch's one wait
+        epoch_loss = float(loss_sum) / max(len(loaders.train), 1)  # the epoch's one wait
         if not math.isfinite(epoch_loss):
             raise TrainingError(f"{config.method} fine-tuning: the loss became {epoch_loss} "
                                 f"at epoch {epoch + 1}; lower the learning rates")
         _set_mode(tuned, config, False)
-        acc = _accuracy(tuned, head, eval_loader(val), precision)
+        acc = _accuracy(tuned, head, loaders.eval(val), precision)
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss, "val_accuracy": acc})
         bar.set_postfix({"epoch": epoch + 1, "val_acc": f"{acc:.3f}"})  # a log's line per epoch
         if acc > best_acc:
@@ -348,16 +325,63 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
         for p, v in zip(trained, best_state[0], strict=True):
             p.copy_(v)
     head.load_state_dict(best_state[1])
-    test_acc = _accuracy(tuned, head, eval_loader(test), precision) if test is not None \
+    test_acc = _accuracy(tuned, head, loaders.eval(test), precision) if test is not None \
         else None
     head_params = sum(p.numel() for p in head.parameters())
-    stored = sum(p.numel() * p.element_size() for p in trained) + head_params * 4
-    if config.method == "full":  # the whole backbone is the task's own copy, buffers too
-        stored = sum(v.numel() * v.element_size() for v in model.state_dict().values()) \
-            + head_params * 4
     return FineTuneResult(config.method, best_acc, test_acc, train_seconds, config.epochs,
-                          sum(p.numel() for p in trained) + head_params, stored, history,
+                          sum(p.numel() for p in trained) + head_params,
+                          _stored_bytes(tuned, config, trained, head_params), history,
                           tuned, head)
+
+
+class _Loaders:
+    """The fine-tuning's data loaders: training (shuffled, seeded, augmented as configured),
+    and one per evaluated data set, made once (their workers persist)."""
+
+    def __init__(self, tuned: Backbone, config: FineTuneConfig, train: Any) -> None:
+        self.prep = tuned.preprocessing
+        self.options = {**loader_options(config.num_workers, tuned.device),
+                        "batch_size": config.batch_size}
+        self.train = DataLoader(
+            TransformedDataset(train, build_transform(self.prep, config.augment)),
+            shuffle=True, generator=torch.Generator().manual_seed(config.seed),
+            drop_last=len(train) > config.batch_size, **self.options)
+        self._eval: dict[int, DataLoader] = {}
+
+    def eval(self, ds: Any) -> DataLoader:
+        if id(ds) not in self._eval:
+            self._eval[id(ds)] = DataLoader(TransformedDataset(ds, build_transform(self.prep)),
+                                            **self.options)
+        return self._eval[id(ds)]
+
+
+def _optimizer(tuned: Backbone, names: list[str], trained: list[nn.Parameter], head: nn.Module,
+               config: FineTuneConfig, steps_per_epoch: int
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trained weights (LoRA's at one rate, the backbone's with layer-wise
+    decay) and the head, and its warm-up + cosine schedule."""
+    from inca.training.schedule import cosine_with_warmup
+
+    if config.method == "lora":
+        groups = [{"params": trained, "lr": config.lr_lora}]
+    else:
+        groups = layer_decay_groups(tuned, names, config.lr_backbone, config.layer_decay)
+    optimizer = torch.optim.AdamW(
+        [*groups, {"params": list(head.parameters()), "lr": config.lr_head}],
+        weight_decay=config.weight_decay, fused=tuned.device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
+        steps_per_epoch * config.epochs, round(config.warmup_epochs * steps_per_epoch)))
+    return optimizer, schedule
+
+
+def _stored_bytes(tuned: Backbone, config: FineTuneConfig, trained: list[nn.Parameter],
+                  head_params: int) -> int:
+    """Bytes a task of this method keeps: its trained weights and the float32 head; for
+    full fine-tuning the whole backbone, buffers too (it is the task's own copy)."""
+    if config.method == "full":
+        return sum(v.numel() * v.element_size()
+                   for v in tuned.model.state_dict().values()) + head_params * 4
+    return sum(p.numel() * p.element_size() for p in trained) + head_params * 4
 
 
 def trainable_parameter_names(backbone: Backbone, method: str) -> list[str]:
