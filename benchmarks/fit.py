@@ -127,6 +127,9 @@ def main() -> None:
         f"- bank / extraction: **{bank_s / extract_s:.2f}** (target < 1)",
         f"- bank / one adapter: **{bank_s / one_s:.2f}** for K={k} (target <= K/3 = {k / 3:.1f})",
         f"- best adapter: {rows[best]['key']} at {rows[best]['val_accuracy']:.4f} val accuracy",
+        "- On a CPU the cache is read in this process (memory-mapped): the RSS of (b) and (c) "
+        "counts the cache's pages mapped by those reads, file pages the kernel drops under "
+        "memory pressure, not memory held by the bank.",
         "",
         "| adapter | val acc |",
         "|---|---:|",
