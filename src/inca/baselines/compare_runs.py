@@ -68,50 +68,76 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
     """A child process: one method at one seed (or the shared extraction); returns dicts."""
     import torch
 
-    from inca._memory import PeakMemory
     from inca.data import split_train_val
 
     config = CompareConfig(**job["config"])
-    method, seed = job["method"], job["seed"]
-    torch.manual_seed(seed)
+    torch.manual_seed(job["seed"])
     backbone, train, test = _setup(config)
     tr, val = split_train_val(train, config.val_fraction, 0)  # one split for every method
-    device = torch.device(config.device)
-    cache_root = Path(job["cache_root"])
-    if method == "extract":
-        from inca.features import extract_to_cache
+    splits = {"train": tr, "val": val, "test": test}
+    if job["method"] == "extract":
+        return _run_extract(config, backbone, splits, Path(job["cache_root"]))
+    if job["method"] in EXPENSIVE:
+        return _run_finetune(config, backbone, splits, job["method"], job["seed"])
+    return _run_fit(config, backbone, splits, job)
 
-        with PeakMemory(device=device) as mem:
-            t = time.perf_counter()
-            for name, ds in (("train", tr), ("val", val), ("test", test)):
-                extract_to_cache(backbone, ds, cache_root / name, layers="all",
-                                 batch_size=config.batch_size, token_grid=config.token_grid,
-                                 progress=False, precision=config.precision)
-            seconds = time.perf_counter() - t
-        return [{"seconds": seconds, "peak_rss_mib": mem.peak_rss_mib,
-                 "cuda_peak_mib": mem.cuda_peak_mib}]
-    if method in EXPENSIVE:
-        from inca.baselines.finetune import FineTuneConfig, finetune
 
-        ft = FineTuneConfig(method=method, epochs=config.epochs, batch_size=config.batch_size,
-                            seed=seed, precision=config.precision)
-        with PeakMemory(device=device) as mem:
-            t = time.perf_counter()
-            res = finetune(backbone, tr, val, test, ft, progress=False)
-            seconds = time.perf_counter() - t
-        return [asdict(Run(method, seed, res.test_accuracy or 0.0, res.val_accuracy, seconds,
-                           mem.peak_rss_mib, mem.cuda_peak_mib, res.trainable_parameters,
-                           res.stored_bytes, {"epochs_run": res.epochs_run}))]
+def _run_extract(config: CompareConfig, backbone: Any, splits: dict[str, Any],
+                 cache_root: Path) -> list[dict[str, Any]]:
+    """The shared extraction of every split's activations, timed."""
+    import torch
+
+    from inca._memory import PeakMemory
+    from inca.features import extract_to_cache
+
+    with PeakMemory(device=torch.device(config.device)) as mem:
+        t = time.perf_counter()
+        for name, ds in splits.items():
+            extract_to_cache(backbone, ds, cache_root / name, layers="all",
+                             batch_size=config.batch_size, token_grid=config.token_grid,
+                             progress=False, precision=config.precision)
+        seconds = time.perf_counter() - t
+    return [{"seconds": seconds, "peak_rss_mib": mem.peak_rss_mib,
+             "cuda_peak_mib": mem.cuda_peak_mib}]
+
+
+def _run_finetune(config: CompareConfig, backbone: Any, splits: dict[str, Any],
+                  method: str, seed: int) -> list[dict[str, Any]]:
+    """Full or LoRA fine-tuning at one seed."""
+    import torch
+
+    from inca._memory import PeakMemory
+    from inca.baselines.finetune import FineTuneConfig, finetune
+
+    ft = FineTuneConfig(method=method, epochs=config.epochs, batch_size=config.batch_size,
+                        seed=seed, precision=config.precision)
+    with PeakMemory(device=torch.device(config.device)) as mem:
+        t = time.perf_counter()
+        res = finetune(backbone, splits["train"], splits["val"], splits["test"], ft,
+                       progress=False)
+        seconds = time.perf_counter() - t
+    return [asdict(Run(method, seed, res.test_accuracy or 0.0, res.val_accuracy, seconds,
+                       mem.peak_rss_mib, mem.cuda_peak_mib, res.trainable_parameters,
+                       res.stored_bytes, {"epochs_run": res.epochs_run}))]
+
+
+def _run_fit(config: CompareConfig, backbone: Any, splits: dict[str, Any],
+             job: dict[str, Any]) -> list[dict[str, Any]]:
+    """``inca.fit`` (InCA or a probe) on the shared cache: its best adapter, and for InCA
+    its ensemble, each costed with the shared extraction."""
+    import torch
 
     import inca
+    from inca._memory import PeakMemory
 
+    method, seed, cache_root = job["method"], job["seed"], Path(job["cache_root"])
     ext = job["extraction"]
     budget = job.get("time_budget_s")  # equal time: what is left after the extraction
     written = _manifests(cache_root)
-    with PeakMemory(device=device) as mem:
+    with PeakMemory(device=torch.device(config.device)) as mem:
         t = time.perf_counter()
-        task = inca.fit(backbone, tr, val, test=test, seed=seed,
-                        epochs=config.max_epochs if budget else config.epochs,
+        task = inca.fit(backbone, splits["train"], splits["val"], test=splits["test"],
+                        seed=seed, epochs=config.max_epochs if budget else config.epochs,
                         time_budget_s=max(budget - ext["seconds"], 1e-3) if budget else None,
                         batch_size=config.batch_size, lrs=config.lrs, patience=0,
                         token_grid=config.token_grid, progress=False, cache_dir=cache_root,
@@ -122,8 +148,7 @@ def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
         raise InCAError("the shared activation cache was not reused; costs would count "
                         "extraction twice")
     runs = []
-    names = ["best", "ensemble"] if method == "inca" else ["best"]
-    for name in names:
+    for name in ["best", "ensemble"] if method == "inca" else ["best"]:
         cand = next((c for c in rep.candidates if c["name"] == name), None)
         if cand is None:
             continue
