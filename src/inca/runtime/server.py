@@ -24,6 +24,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+import torch
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
@@ -111,6 +112,32 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
                                        "images"}, 503,
                             headers={"Retry-After": str(config.retry_after_s)})
 
+    _add_probes(app, model, batcher, metrics, config, backbone)
+
+    @app.post("/predict", openapi_extra=PREDICT_BODY)
+    async def predict(request: Request) -> dict[str, Any]:
+        body = await _read_body(request, config.max_upload_bytes)
+        # parsing (a 10 MiB JSON, a multipart of many parts) runs on a thread: the event
+        # loop keeps answering /livez and other clients meanwhile
+        raw, wanted, top_k, pixels = await asyncio.to_thread(
+            _parse, request.scope, body, config, list(model.tasks))
+        del body
+        request.scope["inca.tasks"] = wanted
+        labels = [label for label, _ in raw]
+        images = await decoder.run(decode_images, raw, transform, config, memory,
+                                   pixels=pixels)  # its lane: cheap or expensive
+        del raw  # the encoded bytes are no longer needed while the pass runs
+        metrics.images.inc(len(images))
+        probs = await batcher.predict(images)
+        return {"predictions": _top_k(model, probs, labels, wanted, top_k)}
+
+    return app
+
+
+def _add_probes(app: FastAPI, model: MultiTaskModel, batcher: Batcher, metrics: _Metrics,
+                config: ServerConfig, backbone: str) -> None:
+    """The liveness, readiness, health, metrics and task-listing routes."""
+
     @app.get("/livez")
     async def livez() -> dict[str, Any]:
         """The process answers (never needs the API key)."""
@@ -141,33 +168,20 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
              "num_parameters": t.num_parameters(), "metrics": t.metrics}
             for name, t in model.tasks.items()]}
 
-    @app.post("/predict", openapi_extra=PREDICT_BODY)
-    async def predict(request: Request) -> dict[str, Any]:
-        body = await _read_body(request, config.max_upload_bytes)
-        # parsing (a 10 MiB JSON, a multipart of many parts) runs on a thread: the event
-        # loop keeps answering /livez and other clients meanwhile
-        raw, wanted, top_k, pixels = await asyncio.to_thread(
-            _parse, request.scope, body, config, list(model.tasks))
-        del body
-        request.scope["inca.tasks"] = wanted
-        labels = [label for label, _ in raw]
-        images = await decoder.run(decode_images, raw, transform, config, memory,
-                                   pixels=pixels)  # its lane: cheap or expensive
-        del raw  # the encoded bytes are no longer needed while the pass runs
-        metrics.images.inc(len(images))
-        probs = await batcher.predict(images)
-        out = []
-        for i, label in enumerate(labels):
-            per_task = {}
-            for name in wanted:
-                classes = model.tasks[name].classes
-                values, idx = probs[name][i].topk(min(top_k, len(classes)))
-                per_task[name] = [{"label": classes[c], "probability": float(v)}
-                                  for v, c in zip(values.tolist(), idx.tolist(), strict=True)]
-            out.append({"image": label, "tasks": per_task})
-        return {"predictions": out}
 
-    return app
+def _top_k(model: MultiTaskModel, probs: dict[str, torch.Tensor], labels: list[str],
+           wanted: list[str], top_k: int) -> list[dict[str, Any]]:
+    """Each image's ``top_k`` classes and probabilities for every task asked for."""
+    out = []
+    for i, label in enumerate(labels):
+        per_task = {}
+        for name in wanted:
+            classes = model.tasks[name].classes
+            values, idx = probs[name][i].topk(min(top_k, len(classes)))
+            per_task[name] = [{"label": classes[c], "probability": float(v)}
+                              for v, c in zip(values.tolist(), idx.tolist(), strict=True)]
+        out.append({"image": label, "tasks": per_task})
+    return out
 
 
 def _parse(scope: dict, body: bytes, config: ServerConfig, tasks: list[str]
