@@ -126,6 +126,19 @@ def test_per_class_metrics_are_the_chosen_tasks_on_the_test_set(fitted):
     assert f"| c0 | {expected[0].sum()} |" in task.report.to_markdown()
 
 
+def test_without_a_test_set_per_class_metrics_are_the_chosen_tasks_on_validation(tmp_path):
+    val = planted_data(80, 2)
+    task = inca.fit(planted_backbone(), planted_data(160, 0), val=val, layers="all",
+                    kinds=("inca",), lrs=(1e-2,), epochs=2, batch_size=32, patience=0,
+                    cache_dtype="float32", progress=False, num_workers=0, cache_dir=tmp_path)
+    images, labels = zip(*(val[i] for i in range(len(val))), strict=True)
+    pred = task.predict_proba(list(images)).argmax(-1).numpy()
+    expected = np.zeros((CLASSES, CLASSES), dtype=int)
+    np.add.at(expected, (np.asarray(labels), pred), 1)
+    assert task.report.per_class["split"] == "validation"
+    assert np.array_equal(np.asarray(task.report.per_class["confusion"]), expected)
+
+
 def test_report_json_says_which_inca_how_when_and_on_what(fitted, tmp_path):
     task, _ = fitted
     files = task.report.write(tmp_path)

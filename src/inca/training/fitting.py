@@ -27,7 +27,7 @@ from inca.training.config import FitConfig
 from inca.training.factory import build_adapter
 from inca.training.loop import BankResult, train_bank
 from inca.training.mode import choose_mode
-from inca.training.plan import plan_members
+from inca.training.plan import MemberSpec, plan_members
 from inca.training.probe import probe_baseline, probe_features
 from inca.training.report import build_report
 from inca.training.scoring import accuracy, task_confusion, test_accuracies
@@ -184,14 +184,8 @@ def fit(
                                       progress, num_workers, precision)
         train_src, val_src, test_src = sources["train"], sources["val"], sources.get("test")
 
-        dims = {k: backbone.embed_dims[k] for k in layers}
-        specs = plan_members(layers, config, dims)
         n_params = sum(p.numel() for p in backbone.parameters())
-        adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=backbone.num_prefix_tokens,
-                                  num_classes=len(classes), options=config.adapter_options,
-                                  seed=config.seed, backbone_params=n_params) for s in specs]
-        bank = AdapterBank(specs, adapters, {k: n for k, (n, _) in shapes.items()})
-        bank.to(backbone.device)
+        specs, bank = _build_bank(backbone, layers, config, shapes, len(classes), n_params)
         result = train_bank(bank, train_src, val_src, config, progress=progress,
                             precision=precision)
 
@@ -204,25 +198,9 @@ def fit(
         task = _task_from(chosen, bank, result, classes, backbone, config)
 
         baseline = _linear_probe_baseline(bank, result, layers, config.select_by)
-        tests: dict[str, float] = {}
-        member_tests: list[float] | None = None
-        confusion = None
-        if test_src is not None:
-            tests, member_tests, confusion = test_accuracies(
-                bank, result, candidates, test_src, config.batch_size, precision, chosen,
-                len(classes))
-            if baseline is not None:
-                tests["linear_probe"] = member_tests[baseline]
-            for c in candidates:
-                if c.states:  # soups
-                    soup = task if c is chosen else _task_from(c, bank, result, classes,
-                                                               backbone, config)
-                    matrix = task_confusion(soup, test_src, config.batch_size, len(classes))
-                    tests[c.name] = accuracy(matrix)
-                    confusion = matrix if c is chosen else confusion
-        per_class = ({"split": "test", "confusion": confusion.tolist()} if test_src is not None
-                     else {"split": "validation", "confusion": task_confusion(
-                         task, val_src, config.batch_size, len(classes)).tolist()})
+        tests, member_tests, per_class = _evaluate(
+            task, bank, result, candidates, chosen, baseline, test_src, val_src, classes,
+            backbone, config, precision)
         probe = _probe(mode.mode, train_src, val_src, test_src, layers, backbone, classes,
                        config, ctx)
 
@@ -240,6 +218,45 @@ def fit(
     task.metrics = report.summary()
     task.report = report
     return task
+
+
+def _build_bank(backbone: Backbone, layers: list[str], config: FitConfig,
+                shapes: dict[str, tuple[int, int]], num_classes: int, backbone_params: int
+                ) -> tuple[list[MemberSpec], AdapterBank]:
+    """The members planned for ``layers`` and their adapters, stacked into a bank on the
+    backbone's device."""
+    dims = {k: backbone.embed_dims[k] for k in layers}
+    specs = plan_members(layers, config, dims)
+    adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=backbone.num_prefix_tokens,
+                              num_classes=num_classes, options=config.adapter_options,
+                              seed=config.seed, backbone_params=backbone_params)
+                for s in specs]
+    bank = AdapterBank(specs, adapters, {k: n for k, (n, _) in shapes.items()})
+    return specs, bank.to(backbone.device)
+
+
+def _evaluate(task: Task, bank: AdapterBank, result: BankResult, candidates: list[Candidate],
+              chosen: Candidate, baseline: int | None, test_src: Any, val_src: Any,
+              classes: list[str], backbone: Backbone, config: FitConfig, precision: Precision
+              ) -> tuple[dict[str, float], list[float] | None, dict[str, Any]]:
+    """Test accuracies of every candidate and of the linear-probe baseline, every member's,
+    and the chosen task's confusion matrix (on test, else on validation)."""
+    tests: dict[str, float] = {}
+    if test_src is None:
+        return tests, None, {"split": "validation", "confusion": task_confusion(
+            task, val_src, config.batch_size, len(classes)).tolist()}
+    tests, member_tests, confusion = test_accuracies(
+        bank, result, candidates, test_src, config.batch_size, precision, chosen, len(classes))
+    if baseline is not None:
+        tests["linear_probe"] = member_tests[baseline]
+    for c in candidates:
+        if c.states:  # soups
+            soup = task if c is chosen else _task_from(c, bank, result, classes, backbone,
+                                                       config)
+            matrix = task_confusion(soup, test_src, config.batch_size, len(classes))
+            tests[c.name] = accuracy(matrix)
+            confusion = matrix if c is chosen else confusion
+    return tests, member_tests, {"split": "test", "confusion": confusion.tolist()}
 
 
 @contextmanager
