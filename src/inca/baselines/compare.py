@@ -46,20 +46,7 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
         ``{"config", "runs", "failures", "summary", "backbone", ...}``; see
         :func:`to_markdown`.
     """
-    # Built once here, on the CPU: a backbone that cannot be created fails now, before any
-    # child process starts; its description and size go in the report.
-    backbone = backbone_for(config, device="cpu")
-    backbone_info = {**backbone.describe(),
-                     "bytes": sum(p.numel() * p.element_size() for p in backbone.parameters())}
-    del backbone
-    from inca.data import has_split, load_dataset
-
-    if not has_split(config.data, "test"):
-        raise DataError(f"{config.data} has no test split of its own: compare scores every "
-                           "method on held-out test data (a test/ folder beside train/, or a "
-                           "data set with a test split)")
-    for split, limit in (("train", config.limit), ("test", config.test_limit)):
-        load_dataset(config.data, split=split, limit=limit, seed=0)  # read, or refused, now
+    backbone_info = _check_inputs(config)
     runs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
 
@@ -84,13 +71,7 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                 extraction_error = f"the shared extraction failed: {error_text(e)}"
                 if progress:
                     print(f"  {extraction_error}", flush=True)
-        jobs = []
-        for method in sorted(config.methods, key=lambda m: m != "full"):  # full first
-            n = config.expensive_seeds if method in EXPENSIVE else config.seeds
-            jobs += [{**base, "method": method, "seed": s, "extraction": extraction}
-                     for s in range(n)]
-        if config.equal_time:  # after full, whose wall time they are given
-            jobs += [{**job, "equal_time": True} for job in jobs if job["method"] in cheap]
+        jobs = _jobs(config, {**base, "extraction": extraction}, cheap)
         for i, job in enumerate(jobs):
             if progress:
                 print(f"[{i + 1}/{len(jobs)}] {job['method']} seed {job['seed']}"
@@ -116,3 +97,34 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                                    if r["method"] == "full" and r["seed"] == 0), None),
             "backbone": backbone_info,
             "summary": summarise(runs, backbone_info["bytes"])}
+
+
+def _check_inputs(config: CompareConfig) -> dict[str, Any]:
+    """Fail now, before any child process starts, on a backbone that cannot be created or
+    data that cannot be read or has no test split; the backbone's description and size."""
+    backbone = backbone_for(config, device="cpu")  # once, on the CPU
+    info = {**backbone.describe(),
+            "bytes": sum(p.numel() * p.element_size() for p in backbone.parameters())}
+    del backbone
+    from inca.data import has_split, load_dataset
+
+    if not has_split(config.data, "test"):
+        raise DataError(f"{config.data} has no test split of its own: compare scores every "
+                        "method on held-out test data (a test/ folder beside train/, or a "
+                        "data set with a test split)")
+    for split, limit in (("train", config.limit), ("test", config.test_limit)):
+        load_dataset(config.data, split=split, limit=limit, seed=0)  # read, or refused, now
+    return info
+
+
+def _jobs(config: CompareConfig, base: dict[str, Any], cheap: list[str]
+          ) -> list[dict[str, Any]]:
+    """Every child's job: full fine-tuning first, each method at each of its seeds, then
+    the cheap methods again given full's wall time (``equal_time``)."""
+    jobs = []
+    for method in sorted(config.methods, key=lambda m: m != "full"):
+        n = config.expensive_seeds if method in EXPENSIVE else config.seeds
+        jobs += [{**base, "method": method, "seed": s} for s in range(n)]
+    if config.equal_time:  # after full, whose wall time they are given
+        jobs += [{**job, "equal_time": True} for job in jobs if job["method"] in cheap]
+    return jobs
