@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -165,6 +166,29 @@ def test_default_options_build_the_default_configs(tmp_path, monkeypatch):
                   tmp_path / command)
         assert res.exit_code == 2 and "captured" in res.output, res.output
     assert built == [FitConfig(), CompareConfig(backbone="timm:resnet10t", data="digits")]
+
+
+def test_serve_defaults_build_the_default_server_config(tmp_path, monkeypatch):
+    # serve's options (some in other units: MB, megapixels) take their defaults from
+    # ServerConfig: with none given it builds ServerConfig() itself
+    pytest.importorskip("fastapi")
+    import inca.runtime.server as server
+    from inca.cli import predict as predict_cli
+    from inca.runtime.config import ServerConfig
+
+    built = []
+
+    def capture(_model, config):
+        built.append(config)
+        raise InCAError("captured")
+
+    monkeypatch.delenv("INCA_API_KEY", raising=False)
+    monkeypatch.setattr(predict_cli, "_model", lambda *a, **k: SimpleNamespace(tasks={"t": 0}))
+    monkeypatch.setattr(predict_cli, "_check_port", lambda *a: None)
+    monkeypatch.setattr(server, "create_app", capture)
+    res = run("serve", "--task", tmp_path)
+    assert "captured" in res.output, res.output
+    assert built == [ServerConfig()]
 
 
 # -- fit --overwrite ---------------------------------------------------------------------

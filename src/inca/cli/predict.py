@@ -121,23 +121,28 @@ def serve_cmd(
                                       rich_help_panel=SERVER)] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on", rich_help_panel=SERVER)] = 8000,
     max_batch: Annotated[int, typer.Option(help="most images per backbone pass",
-                                           rich_help_panel=BATCHING)] = 32,
+                                           rich_help_panel=BATCHING)]
+    = _serve_default("max_batch"),
     max_wait_ms: Annotated[float, typer.Option(help="batching wait for the first request",
                                                rich_help_panel=BATCHING)]
-    = 5.0,
+    = _serve_default("max_wait_ms"),
     batching: Annotated[bool, typer.Option(help="batch concurrent requests",
-                                           rich_help_panel=BATCHING)] = True,
+                                           rich_help_panel=BATCHING)]
+    = _serve_default("batching"),
     max_upload_mb: Annotated[float, typer.Option(help="largest request body (413 above)",
                                                  rich_help_panel=LIMITS)]
-    = 10.0,
+    = _serve_default("max_upload_bytes") / 2**20,
     max_images: Annotated[int, typer.Option(help="most images per request (413 above)",
-                                            rich_help_panel=LIMITS)] = 64,
+                                            rich_help_panel=LIMITS)]
+    = _serve_default("max_images"),
     max_image_megapixels: Annotated[float, typer.Option(
         help="largest image, width x height, checked before decoding (413 above: "
-             "decompression bombs)", rich_help_panel=LIMITS)] = 40.0,
+             "decompression bombs)", rich_help_panel=LIMITS)]
+    = _serve_default("max_image_pixels") / 1e6,
     max_request_megapixels: Annotated[float, typer.Option(
         help="most pixels of all images of one request together (413 above)",
-        rich_help_panel=LIMITS)] = 160.0,
+        rich_help_panel=LIMITS)]
+    = _serve_default("max_request_pixels") / 1e6,
     api_key: Annotated[str | None, typer.Option(
         envvar="INCA_API_KEY", help="require this X-API-Key header on everything but /livez "
         "(an empty key is refused)", rich_help_panel=SERVER)] = None,
