@@ -253,6 +253,35 @@ def test_fit_config_file_refuses_unknown_or_bad_settings(tmp_path, captured_fit,
     assert not captured_fit
 
 
+def test_compare_config_file_sets_defaults_that_options_override(tmp_path, monkeypatch):
+    from inca.baselines.compare_config import CompareConfig
+    from inca.cli import compare as compare_cli
+    from inca.errors import InCAError
+
+    got = []
+
+    def capture(config, progress=True):
+        got.append(config)
+        raise InCAError("captured")
+
+    monkeypatch.setattr(compare_cli, "run_compare", capture)
+    ckpt = tmp_path / "w.safetensors"
+    ckpt.write_bytes(b"")
+    path = tmp_path / "compare.toml"
+    path.write_text('data = "digits"\nbackbone = "timm:resnet10t"\nmethods = ["linear", '
+                    '"inca"]\nepochs = 2\nval_fraction = 0.25\n'
+                    f'checkpoint_path = "{tmp_path / "other.safetensors"}"\n')
+    res = run("compare", "--config", path, "--out", tmp_path / "out", "--epochs", "4",
+              "--checkpoint", ckpt)
+    assert res.exit_code == 2 and "captured" in res.output, res.output
+    assert got == [CompareConfig(backbone="timm:resnet10t", data="digits",
+                                 methods=("linear", "inca"), epochs=4, val_fraction=0.25,
+                                 checkpoint_path=str(ckpt))]
+    path.write_text('data = "digits"\nbackbone = "timm:resnet10t"\nepochz = 2\n')
+    res = run("compare", "--config", path, "--out", tmp_path / "out")
+    assert res.exit_code == 2 and "did you mean 'epochs'" in res.output
+
+
 def test_compare_quiet_prints_only_the_result_line(tmp_path, monkeypatch):
     import inca.baselines.compare as lib
     from inca.cli import compare as compare_cli

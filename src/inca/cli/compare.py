@@ -16,6 +16,7 @@ import typer
 from inca._progress import hide_library_bars
 from inca.baselines.compare_config import METHODS, CompareConfig
 from inca.cli._app import app, friendly
+from inca.cli._config import config_option, extra_fields
 from inca.cli._options import (
     DATA,
     OUTPUT,
@@ -36,6 +37,7 @@ from inca.cli._options import (
 )
 
 _default = functools.partial(config_default, CompareConfig)
+CompareConfigFile = config_option(CompareConfig)
 METHODS_PANEL = "Methods"
 
 
@@ -49,7 +51,9 @@ def run_compare(config: CompareConfig, **kwargs) -> dict:
 @app.command("compare")
 @friendly
 def compare_cmd(
+    ctx: typer.Context,
     *,  # every option is named, listed in --help in this order, panel by panel
+    config_file: CompareConfigFile = None,
     data: Annotated[str, typer.Option(help="data with train and test splits",
                                       rich_help_panel=DATA)],
     limit: Annotated[int | None, typer.Option(help="training samples", rich_help_panel=DATA)]
@@ -100,13 +104,16 @@ def compare_cmd(
     hide_library_bars(quiet)
     checkpoint_path = backbone_kwargs(None, True, checkpoint).get("checkpoint_path")
     check_data(data)
+    extra = extra_fields(ctx)  # --config's fields that no option sets (val_fraction, ...)
+    from_file = extra.pop("checkpoint_path", None)
+    checkpoint_path = checkpoint_path or from_file  # --checkpoint wins over the file's
     config = CompareConfig(
         backbone=backbone, data=data, methods=names(methods), epochs=epochs, limit=limit,
         test_limit=test_limit, seeds=seeds, expensive_seeds=expensive_seeds,
         batch_size=batch_size, lrs=floats(lrs), input_size=input_size, token_grid=token_grid,
         device=device, precision=precision, equal_time=equal_time,
         time_fraction=time_fraction, max_epochs=max_epochs, checkpoint_path=checkpoint_path,
-        pretrained=pretrained)
+        pretrained=pretrained, **extra)
     check_writable(out)  # before hours of work whose table could not be saved
     result = run_compare(config, progress=not quiet)
     files = write(result, out, command=" ".join(["inca", *sys.argv[1:]]))
