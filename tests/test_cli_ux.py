@@ -18,6 +18,7 @@ import inca
 from inca.baselines.compare import CompareConfig
 from inca.cli import app
 from inca.errors import CacheError, InCAError, StorageError
+from inca.runtime.config import ServerConfig
 from inca.training.config import FitConfig
 
 
@@ -168,13 +169,12 @@ def test_default_options_build_the_default_configs(tmp_path, monkeypatch):
     assert built == [FitConfig(), CompareConfig(backbone="timm:resnet10t", data="digits")]
 
 
-def test_serve_defaults_build_the_default_server_config(tmp_path, monkeypatch):
-    # serve's options (some in other units: MB, megapixels) take their defaults from
-    # ServerConfig: with none given it builds ServerConfig() itself
+@pytest.fixture
+def captured_serve(monkeypatch):
+    """The ServerConfig ``inca serve`` builds, no model loaded and no server started."""
     pytest.importorskip("fastapi")
     import inca.runtime.server as server
     from inca.cli import predict as predict_cli
-    from inca.runtime.config import ServerConfig
 
     built = []
 
@@ -186,9 +186,32 @@ def test_serve_defaults_build_the_default_server_config(tmp_path, monkeypatch):
     monkeypatch.setattr(predict_cli, "_model", lambda *a, **k: SimpleNamespace(tasks={"t": 0}))
     monkeypatch.setattr(predict_cli, "_check_port", lambda *a: None)
     monkeypatch.setattr(server, "create_app", capture)
+    return built
+
+
+def test_serve_defaults_build_the_default_server_config(tmp_path, captured_serve):
+    # serve's options (some in other units: MB, megapixels) take their defaults from
+    # ServerConfig: with none given it builds ServerConfig() itself
     res = run("serve", "--task", tmp_path)
     assert "captured" in res.output, res.output
-    assert built == [ServerConfig()]
+    assert captured_serve == [ServerConfig()]
+
+
+def test_serve_config_file_sets_options_and_fields_that_options_override(tmp_path,
+                                                                        captured_serve):
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"max_batch": 8, "cheap_pixels": 5, "max_upload_bytes": 1000,
+                                "header_timeout_s": 3.0, "max_image_megapixels": 2}))
+    res = run("serve", "--config", path, "--task", tmp_path, "--header-timeout", "7",
+              "--max-batch", "16")
+    assert "captured" in res.output, res.output
+    # options given win (max_batch 16, header_timeout 7); the file's option (megapixels)
+    # and fields (cheap_pixels, max_upload_bytes) set the rest
+    assert captured_serve == [ServerConfig(max_batch=16, cheap_pixels=5, max_upload_bytes=1000,
+                                           header_timeout_s=7.0, max_image_pixels=2_000_000)]
+    path.write_text('{"max_batchh": 8}')
+    res = run("serve", "--config", path, "--task", tmp_path)
+    assert res.exit_code == 2 and "did you mean 'max_batch'" in res.output
 
 
 # -- fit --overwrite ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from inca.cli._app import app, friendly
+from inca.cli._config import config_option, extra_fields
 from inca.cli._options import (
     OUTPUT,
     BackboneDtype,
@@ -24,6 +25,13 @@ from inca.errors import InCAError
 from inca.runtime.config import ServerConfig
 
 _serve_default = functools.partial(config_default, ServerConfig)  # defaults live there
+ServerConfigFile = config_option(ServerConfig)
+# ServerConfig's fields that a serve option sets in other units or under another name: a
+# --config file may set either; an option given on the command line wins over both
+_FIELD_OPTIONS = {"max_upload_bytes": "max_upload_mb", "max_image_pixels":
+                  "max_image_megapixels", "max_request_pixels": "max_request_megapixels",
+                  "header_timeout_s": "header_timeout", "body_timeout_s": "body_timeout",
+                  "request_timeout_s": "request_timeout", "drain_timeout_s": "drain_timeout"}
 SERVER, BATCHING, LIMITS, TIMEOUTS = "Server", "Batching", "Request limits", "Timeouts"
 
 
@@ -116,6 +124,9 @@ def predict_cmd(
 @app.command("serve")
 @friendly
 def serve_cmd(
+    ctx: typer.Context,
+    *,
+    config_file: ServerConfigFile = None,
     task: TaskFolders,
     host: Annotated[str, typer.Option(help="address to listen on",
                                       rich_help_panel=SERVER)] = "127.0.0.1",
@@ -191,7 +202,7 @@ def serve_cmd(
         # click reads an empty variable as unset: say so rather than serve without a key
         raise InCAError("INCA_API_KEY is set but empty, which would serve without "
                         "authentication; set it to the key, or unset it to serve without one")
-    config = ServerConfig(  # checked before the (slow) model loading
+    settings = dict(
         max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching,
         max_upload_bytes=int(max_upload_mb * 2**20), max_images=max_images,
         max_image_pixels=int(max_image_megapixels * 1e6),
@@ -200,6 +211,12 @@ def serve_cmd(
         body_timeout_s=body_timeout, request_timeout_s=request_timeout,
         drain_timeout_s=drain_timeout, max_queue_images=max_queue_images,
         decode_threads=decode_threads)
+    for name, value in extra_fields(ctx).items():  # --config's fields (cheap_pixels, ...)
+        option = _FIELD_OPTIONS.get(name)
+        # (by name: typer carries its own copy of click's ParameterSource)
+        if option is None or ctx.get_parameter_source(option).name == "DEFAULT":
+            settings[name] = value
+    config = ServerConfig(**settings)  # checked before the (slow) model loading
     model = _model(task, backbone, checkpoint, device, precision, backbone_dtype)
     auth = "X-API-Key required" if api_key is not None else "no API key"
     typer.echo(f"serving {', '.join(model.tasks)} on http://{host}:{port} ({auth}; "
