@@ -296,19 +296,30 @@ def test_serve_refuses_a_port_in_use_clearly():
             _check_port("127.0.0.1", s.getsockname()[1])
 
 
-def test_extract_over_a_complete_but_damaged_cache_says_so(tmp_path):
+def test_extract_over_a_complete_but_damaged_cache_says_so(tmp_path, monkeypatch):
     """``inca extract`` run again over a complete cache checks every array (the attack's
-    L10: it said "complete" over a damaged one)."""
+    L10: it said "complete" over a damaged one); a cache it has just written is not read
+    back."""
     from tiny import save_tiny_hf_vit
     from typer.testing import CliRunner
 
     from inca.cli import app
+    from inca.features.cache import ActivationCache
 
+    verified = []
+    real_verify = ActivationCache.verify
+    monkeypatch.setattr(ActivationCache, "verify",
+                        lambda self: verified.append(self.path) or real_verify(self))
     root = _folder(tmp_path / "data")
     vit = save_tiny_hf_vit(tmp_path / "vit")
     args = ["extract", "--backbone", f"hf:{vit}", "--data", str(root), "--out",
             str(tmp_path / "cache"), "--num-workers", "0"]
-    assert CliRunner().invoke(app, args).exit_code == 0
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "checksummed as written" in res.output, res.output
+    assert verified == []  # written now: not read back
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "arrays match the checksums" in res.output, res.output
+    assert len(verified) == 1  # found complete: checked
     layer = next(p for p in (tmp_path / "cache" / "shards").rglob("*.npy")
                  if p.name != "labels.npy")
     _overwrite_inside(layer)

@@ -139,18 +139,34 @@ def extract_cmd(
     ds = load_dataset(data, split=split, limit=limit, skip_unreadable=skip_unreadable,
                       image_column=image_column, label_column=label_column)
     bb = create_backbone(backbone, device=dev, dtype=bb_dtype, **bb_kwargs)
+    # a cache found again, complete or resumed (shards of an earlier run)
+    reused = not overwrite and _manifest_or_none(out) is not None
     cache = extract_to_cache(
         bb, ds, out, layers=layers, batch_size=batch_size, token_grid=token_grid, dtype=dtype,
         overwrite=overwrite, num_workers=num_workers, precision=precision,
         progress=not quiet, desc=f"extract {split}",
     )
     if ctx.is_main:
-        checked = cache.verify()  # a complete cache found again is checked, not trusted
+        # A cache found again (complete, or resumed) is checked, not trusted; one written
+        # whole now has just been checksummed (reading it back would double the disk reads).
+        checked = (f"{cache.verify()} arrays match the checksums recorded at extraction"
+                   if reused else "its arrays checksummed as written")
         if not quiet:
             print_cache_summary(cache)
         typer.echo(f"cache {cache.path}: {len(cache)} samples, {len(cache.layers)} layers, "
-                   f"{cache.nbytes() / 2**20:.1f} MiB; {checked} arrays match the checksums "
-                   "recorded at extraction")
+                   f"{cache.nbytes() / 2**20:.1f} MiB; {checked}")
+
+
+def _manifest_or_none(out: Path) -> dict | None:
+    """The manifest of a cache at ``out``, or ``None`` (none, or unreadable: the extraction
+    then says what is wrong)."""
+    from inca.errors import CacheError
+    from inca.features.cache import read_manifest
+
+    try:
+        return read_manifest(out)
+    except CacheError:
+        return None
 
 
 def print_cache_summary(cache) -> None:
