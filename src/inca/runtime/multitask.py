@@ -260,11 +260,16 @@ class MultiTaskModel(nn.Module):
     def predict(self, images: Any, tasks: list[str] | None = None, top_k: int = 1,
                 batch_size: int = 64) -> dict[str, list[list[tuple[str, float]]]]:
         """``{task: [[(label, probability), ...top_k] per image]}``."""
+        return self.ranked(self.predict_proba(images, tasks, batch_size), top_k)
+
+    def ranked(self, probs: Mapping[str, torch.Tensor], top_k: int = 1
+               ) -> dict[str, list[list[tuple[str, float]]]]:
+        """Each task's ``top_k`` ``(label, probability)`` pairs per image, best first, from
+        its probabilities ``(B, C)`` (as :meth:`predict_proba` returns them)."""
         result = {}
-        for name, probs in self.predict_proba(images, tasks, batch_size).items():
+        for name, p in probs.items():
             classes = self._tasks[name].classes
-            k = min(top_k, len(classes))
-            values, idx = probs.topk(k, dim=-1)
+            values, idx = p.topk(min(top_k, len(classes)), dim=-1)
             result[name] = [
                 [(classes[i], float(v)) for v, i in zip(vs, ids, strict=True)]
                 for vs, ids in zip(values.tolist(), idx.tolist(), strict=True)

@@ -172,16 +172,10 @@ def _add_probes(app: FastAPI, model: MultiTaskModel, batcher: Batcher, metrics: 
 def _top_k(model: MultiTaskModel, probs: dict[str, torch.Tensor], labels: list[str],
            wanted: list[str], top_k: int) -> list[dict[str, Any]]:
     """Each image's ``top_k`` classes and probabilities for every task asked for."""
-    out = []
-    for i, label in enumerate(labels):
-        per_task = {}
-        for name in wanted:
-            classes = model.tasks[name].classes
-            values, idx = probs[name][i].topk(min(top_k, len(classes)))
-            per_task[name] = [{"label": classes[c], "probability": float(v)}
-                              for v, c in zip(values.tolist(), idx.tolist(), strict=True)]
-        out.append({"image": label, "tasks": per_task})
-    return out
+    ranked = model.ranked({name: probs[name] for name in wanted}, top_k)
+    return [{"image": label, "tasks": {
+        name: [{"label": c, "probability": p} for c, p in ranked[name][i]] for name in wanted}}
+        for i, label in enumerate(labels)]
 
 
 def _parse(scope: dict, body: bytes, config: ServerConfig, tasks: list[str]
