@@ -26,12 +26,21 @@ from inca.runtime.config import ServerConfig
 
 _serve_default = functools.partial(config_default, ServerConfig)  # defaults live there
 ServerConfigFile = config_option(ServerConfig)
-# ServerConfig's fields that a serve option sets in other units or under another name: a
-# --config file may set either; an option given on the command line wins over both
-_FIELD_OPTIONS = {"max_upload_bytes": "max_upload_mb", "max_image_pixels":
-                  "max_image_megapixels", "max_request_pixels": "max_request_megapixels",
-                  "header_timeout_s": "header_timeout", "body_timeout_s": "body_timeout",
-                  "request_timeout_s": "request_timeout", "drain_timeout_s": "drain_timeout"}
+# ServerConfig's fields that a serve option sets under another name, and how many of the
+# field's units make one of the option's; the other options are named as their fields. A
+# --config file may set either; an option given on the command line wins over both.
+_RENAMED = {"max_upload_bytes": ("max_upload_mb", 2**20),
+            "max_image_pixels": ("max_image_megapixels", 10**6),
+            "max_request_pixels": ("max_request_megapixels", 10**6),
+            "header_timeout_s": ("header_timeout", 1), "body_timeout_s": ("body_timeout", 1),
+            "request_timeout_s": ("request_timeout", 1), "drain_timeout_s": ("drain_timeout", 1)}
+
+
+def _option_default(field: str) -> float:
+    """The default of the option that sets ``field`` (:data:`_RENAMED`), in its units."""
+    return _serve_default(field) / _RENAMED[field][1]
+
+
 SERVER, BATCHING, LIMITS, TIMEOUTS = "Server", "Batching", "Request limits", "Timeouts"
 
 
@@ -142,18 +151,18 @@ def serve_cmd(
     = _serve_default("batching"),
     max_upload_mb: Annotated[float, typer.Option(help="largest request body (413 above)",
                                                  rich_help_panel=LIMITS)]
-    = _serve_default("max_upload_bytes") / 2**20,
+    = _option_default("max_upload_bytes"),
     max_images: Annotated[int, typer.Option(help="most images per request (413 above)",
                                             rich_help_panel=LIMITS)]
     = _serve_default("max_images"),
     max_image_megapixels: Annotated[float, typer.Option(
         help="largest image, width x height, checked before decoding (413 above: "
              "decompression bombs)", rich_help_panel=LIMITS)]
-    = _serve_default("max_image_pixels") / 1e6,
+    = _option_default("max_image_pixels"),
     max_request_megapixels: Annotated[float, typer.Option(
         help="most pixels of all images of one request together (413 above)",
         rich_help_panel=LIMITS)]
-    = _serve_default("max_request_pixels") / 1e6,
+    = _option_default("max_request_pixels"),
     api_key: Annotated[str | None, typer.Option(
         envvar="INCA_API_KEY", help="require this X-API-Key header on everything but /livez "
         "(an empty key is refused)", rich_help_panel=SERVER)] = None,
@@ -163,18 +172,18 @@ def serve_cmd(
     header_timeout: Annotated[float, typer.Option(
         help="seconds for a request's headers to arrive (408 and closed after)",
         rich_help_panel=TIMEOUTS)]
-    = _serve_default("header_timeout_s"),
+    = _option_default("header_timeout_s"),
     body_timeout: Annotated[float, typer.Option(
         help="seconds for a request's body to arrive after its headers (408 after)",
         rich_help_panel=TIMEOUTS)]
-    = _serve_default("body_timeout_s"),
+    = _option_default("body_timeout_s"),
     request_timeout: Annotated[float, typer.Option(
         help="seconds to answer a request after its headers (503 after)", rich_help_panel=TIMEOUTS)]
-    = _serve_default("request_timeout_s"),
+    = _option_default("request_timeout_s"),
     drain_timeout: Annotated[float, typer.Option(
         help="on SIGTERM, seconds to answer requests in flight before exiting",
         rich_help_panel=TIMEOUTS)]
-    = _serve_default("drain_timeout_s"),
+    = _option_default("drain_timeout_s"),
     max_queue_images: Annotated[int, typer.Option(
         help="most images waiting for the model (503 with Retry-After past it)",
         rich_help_panel=BATCHING)]
@@ -202,17 +211,13 @@ def serve_cmd(
         # click reads an empty variable as unset: say so rather than serve without a key
         raise InCAError("INCA_API_KEY is set but empty, which would serve without "
                         "authentication; set it to the key, or unset it to serve without one")
-    settings = dict(
-        max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching,
-        max_upload_bytes=int(max_upload_mb * 2**20), max_images=max_images,
-        max_image_pixels=int(max_image_megapixels * 1e6),
-        max_request_pixels=int(max_request_megapixels * 1e6), api_key=api_key,
-        max_connections=max_connections, header_timeout_s=header_timeout,
-        body_timeout_s=body_timeout, request_timeout_s=request_timeout,
-        drain_timeout_s=drain_timeout, max_queue_images=max_queue_images,
-        decode_threads=decode_threads)
+    fields = ServerConfig.__dataclass_fields__
+    settings = {k: v for k, v in ctx.params.items() if k in fields}  # options named as fields
+    for field, (option, unit) in _RENAMED.items():
+        value = ctx.params[option] * unit
+        settings[field] = int(value) if type(fields[field].default) is int else value
     for name, value in extra_fields(ctx).items():  # --config's fields (cheap_pixels, ...)
-        option = _FIELD_OPTIONS.get(name)
+        option = _RENAMED[name][0] if name in _RENAMED else None
         # (by name: typer carries its own copy of click's ParameterSource)
         if option is None or ctx.get_parameter_source(option).name == "DEFAULT":
             settings[name] = value
