@@ -241,9 +241,8 @@ def _evaluate(task: Task, bank: AdapterBank, result: BankResult, candidates: lis
               ) -> tuple[dict[str, float], list[float] | None, dict[str, Any]]:
     """Test accuracies of every candidate and of the linear-probe baseline, every member's,
     and the chosen task's confusion matrix (on test, else on validation)."""
-    tests: dict[str, float] = {}
     if test_src is None:
-        return tests, None, {"split": "validation", "confusion": task_confusion(
+        return {}, None, {"split": "validation", "confusion": task_confusion(
             task, val_src, config.batch_size, len(classes)).tolist()}
     tests, member_tests, confusion = test_accuracies(
         bank, result, candidates, test_src, config.batch_size, precision, chosen, len(classes))
