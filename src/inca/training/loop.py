@@ -59,6 +59,13 @@ class ValScores:
     accuracy: torch.Tensor  # (R,) float32: correct / seen, as a float32 mean of hits
     loss: torch.Tensor  # (R,) float64: mean cross-entropy of the probabilities
     seen: int
+    confusion: torch.Tensor | None = None  # (C, C) long, rows true, of the row asked for
+
+
+def count_confusion(confusion: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> None:
+    """Add a batch's (true, predicted) pairs to ``confusion`` ``(C, C)``, rows true."""
+    c = confusion.shape[0]
+    confusion += torch.bincount(y * c + pred, minlength=c * c).view(c, c).to(confusion)
 
 
 def rank_members(members: list[MemberResult], select_by: str = "loss") -> list[int]:
@@ -109,17 +116,24 @@ class ScoreSums:
     on the device (nothing that grows with the data is kept, and no wait for the device),
     summed over the ranks at the end."""
 
-    def __init__(self, rows: int, device: torch.device | str) -> None:
+    def __init__(self, rows: int, device: torch.device | str,
+                 confusion_row: int | None = None, num_classes: int = 0) -> None:
         self.hits = torch.zeros(rows, dtype=torch.long, device=device)
         self.nll = torch.zeros(rows, dtype=torch.float64, device=device)
         self.seen = 0
+        self.row = confusion_row  # whose confusion matrix is counted too
+        self.confusion = None if confusion_row is None else torch.zeros(
+            num_classes, num_classes, dtype=torch.long, device=device)
 
     def add(self, probs: torch.Tensor, y: torch.Tensor, first: int = 0) -> None:
         """One batch: probabilities ``(R, B, C)`` (float32) of rows ``first..first + R``,
         and the labels ``(B,)``; the samples count once, with the batch's first rows."""
         y = y.to(probs.device).long()
         rows = slice(first, first + probs.shape[0])
-        self.hits[rows] += (probs.argmax(-1) == y).sum(-1)
+        pred = probs.argmax(-1)
+        self.hits[rows] += (pred == y).sum(-1)
+        if self.confusion is not None and rows.start <= self.row < rows.stop:
+            count_confusion(self.confusion, y, pred[self.row - first])
         p = probs.gather(-1, y.expand(probs.shape[0], -1).unsqueeze(-1)).squeeze(-1)
         self.nll[rows] -= p.clamp_min(1e-12).log().double().sum(-1)
         self.seen += len(y) if first == 0 else 0
@@ -133,15 +147,18 @@ class ScoreSums:
         seen = int(sums[-1])
         # the float32 mean of 0/1 hits, as the accuracy always was; the loss in float64
         acc = sums[:rows].float() / max(seen, 1)
-        return ValScores(acc, sums[rows:2 * rows] / max(seen, 1), seen)
+        confusion = None if self.confusion is None else context().all_sum(self.confusion).cpu()
+        return ValScores(acc, sums[rows:2 * rows] / max(seen, 1), seen, confusion)
 
 
 @torch.no_grad()
 def evaluate(bank: AdapterBank, source: Any, batch_size: int,
              precision: str | Precision | None = "32",
-             ensembles: list[list[int]] | tuple = ()) -> ValScores:
+             ensembles: list[list[int]] | tuple = (), confusion_row: int | None = None,
+             num_classes: int = 0) -> ValScores:
     """Every member's accuracy and cross-entropy on a source, then those of each ensemble
-    in ``ensembles`` (member indices; their probabilities averaged), from one pass.
+    in ``ensembles`` (member indices; their probabilities averaged), from one pass; with
+    ``confusion_row`` (an index into those rows), that row's confusion matrix too.
 
     Scores are summed batch by batch: memory does not grow with the source, the members or
     the classes beyond one batch of probabilities ``(K, B, C)``. Under ``torchrun`` each
@@ -151,7 +168,8 @@ def evaluate(bank: AdapterBank, source: Any, batch_size: int,
     bank.eval()
     groups = [list(g) for g in ensembles]
     k = len(bank.keys)
-    sums = ScoreSums(k + len(groups), next(bank.parameters()).device)
+    sums = ScoreSums(k + len(groups), next(bank.parameters()).device, confusion_row,
+                     num_classes)
     for feats, y in source.batches(batch_size, part="share"):
         with prec.autocast():
             logits = bank.logits(feats)
