@@ -30,7 +30,6 @@ from _common import RESULTS, make_backbone, publish
 from torch.utils.flop_counter import FlopCounterMode
 
 from inca.training import AdapterBank, FitConfig, plan_members
-from inca.training.factory import build_adapter
 from inca.training.loss import bank_loss
 from inca.training.sources import StackedFeats
 
@@ -110,10 +109,9 @@ def build_bank(s: Shape) -> tuple[AdapterBank, StackedFeats, torch.Tensor]:
     specs = plan_members(layers, config)
     if s.only_last_layer:
         specs = [sp for sp in specs if sp.layers == (layers[-1],)]
-    dims = dict.fromkeys(layers, s.dim)
-    adapters = [build_adapter(sp, embed_dims=dims, num_prefix_tokens=1, num_classes=10,
-                              options=config.adapter_options) for sp in specs]
-    bank = AdapterBank(specs, adapters, dict.fromkeys(layers, s.tokens))
+    bank = AdapterBank.build(specs, embed_dims=dict.fromkeys(layers, s.dim),
+                             token_counts=dict.fromkeys(layers, s.tokens), num_classes=10,
+                             num_prefix_tokens=1, options=config.adapter_options)
     g = torch.Generator().manual_seed(0)
     block = torch.randn(s.layers, s.batch, s.tokens, s.dim, generator=g)
     return bank, StackedFeats(block, layers), torch.randint(0, 10, (s.batch,), generator=g)

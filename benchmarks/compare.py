@@ -27,7 +27,6 @@ from inca.baselines.compare import CompareConfig, run_compare, write
 from inca.data import load_dataset, split_train_val
 from inca.features import extract_to_cache
 from inca.training import AdapterBank, FitConfig, plan_members, train_bank
-from inca.training.bank import build_adapter
 from inca.training.sources import CachedSource
 
 # Five labelings of the 10 Fashion-MNIST classes: five different tasks on the same images.
@@ -64,11 +63,10 @@ def scaling(backbone_name: str, limit: int, epochs: int, lrs: tuple[float, ...])
                 sources = [CachedSource(c, np.arange(len(c)), layers, relabel=labels)
                            for c in caches]
                 specs = plan_members(layers, config)
-                adapters = [build_adapter(s, embed_dims=bb.embed_dims,
-                                          num_prefix_tokens=bb.num_prefix_tokens,
-                                          num_classes=int(labels.max()) + 1) for s in specs]
-                bank = AdapterBank(specs, adapters, {k: c.token_shape(k)[0] for k in layers
-                                                     for c in caches[:1]})
+                bank = AdapterBank.build(
+                    specs, embed_dims=bb.embed_dims, num_classes=int(labels.max()) + 1,
+                    token_counts={k: caches[0].token_shape(k)[0] for k in layers},
+                    num_prefix_tokens=bb.num_prefix_tokens)
                 t = time.perf_counter()
                 train_bank(bank, sources[0], sources[1], config, progress=False)
                 train_s.append(time.perf_counter() - t)

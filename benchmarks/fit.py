@@ -22,7 +22,6 @@ from inca._memory import PeakMemory
 from inca.data import load_dataset, split_train_val
 from inca.features import extract_to_cache
 from inca.training import AdapterBank, FitConfig, plan_members, train_bank
-from inca.training.bank import build_adapter
 from inca.training.sources import CachedSource
 
 
@@ -66,9 +65,9 @@ def main() -> None:
             used = [k for k in layers if any(k in s.layers for s in specs)]
             train = CachedSource(cache, train_part.indices, used, device)
             val = CachedSource(cache, val_part.indices, used, device)
-            adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=bb.num_prefix_tokens,
-                                      num_classes=len(data.classes), seed=0) for s in specs]
-            bank = AdapterBank(specs, adapters, counts).to(device)
+            bank = AdapterBank.build(specs, embed_dims=dims, token_counts=counts,
+                                     num_classes=len(data.classes),
+                                     num_prefix_tokens=bb.num_prefix_tokens).to(device)
             with PeakMemory(device=device) as mem:
                 t = time.perf_counter()
                 result = train_bank(bank, train, val, config, progress=False)

@@ -49,7 +49,7 @@ from inca.baselines.finetune import FineTuneConfig, _features, finetune, prepare
 from inca.data import ArrayDataset, split_train_val, to_model_input
 from inca.features import extract_features, token_shapes
 from inca.training import AdapterBank, FitConfig, plan_members
-from inca.training.bank import bank_loss, build_adapter
+from inca.training.loss import bank_loss
 from inca.training.sources import StackedFeats
 
 ASSETS = Path(__file__).resolve().parents[1] / ".bench-assets" / "fashion_mnist.npz"
@@ -128,11 +128,10 @@ def build_backbone(name: str, args, device) -> inca.Backbone:
 def bank_for(backbone, layers: list[str], num_classes: int, lrs: tuple[float, ...]):
     config = FitConfig(layers=layers, kinds=("inca", "linear"), lrs=lrs)
     specs = plan_members(layers, config)
-    dims = {k: backbone.embed_dims[k] for k in layers}
-    adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=backbone.num_prefix_tokens,
-                              num_classes=num_classes) for s in specs]
     counts = {k: n for k, (n, _) in token_shapes(backbone, layers).items()}
-    return AdapterBank(specs, adapters, counts).to(backbone.device)
+    return AdapterBank.build(specs, embed_dims={k: backbone.embed_dims[k] for k in layers},
+                             token_counts=counts, num_classes=num_classes,
+                             num_prefix_tokens=backbone.num_prefix_tokens).to(backbone.device)
 
 
 def stream_block(bb, pixels: torch.Tensor, prec: Precision) -> StackedFeats:

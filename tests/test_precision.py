@@ -22,7 +22,7 @@ from inca.errors import InCAError
 from inca.runtime import MultiTaskModel
 from inca.task import Task, load_task
 from inca.training import FitConfig, train_bank
-from inca.training.bank import bank_loss
+from inca.training.loss import bank_loss
 from inca.training.sources import MemorySource
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

@@ -177,7 +177,6 @@ _SELECT = """
 import os, resource, sys, threading, time
 import torch
 from inca.training import AdapterBank, FitConfig, plan_members, train_bank
-from inca.training.factory import build_adapter
 from inca.training.selection import best_member, soups, top_k_ensemble
 from inca.training.sources import MemorySource
 
@@ -201,10 +200,9 @@ config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), epochs=1, batch_size
                    ensemble_k=3, soup=True)
 specs = plan_members(LAYERS, config)
 def select(n_val):
-    bank = AdapterBank(specs, [build_adapter(s, embed_dims=dict.fromkeys(LAYERS, D),
-                                             num_prefix_tokens=1, num_classes=C, seed=0,
-                                             options=config.adapter_options) for s in specs],
-                       dict.fromkeys(LAYERS, T))
+    bank = AdapterBank.build(specs, embed_dims=dict.fromkeys(LAYERS, D),
+                             token_counts=dict.fromkeys(LAYERS, T), num_classes=C,
+                             num_prefix_tokens=1, options=config.adapter_options)
     val = source(n_val, 1)
     res = train_bank(bank, source(256, 0), val, config, progress=False)
     cands = [best_member(res), top_k_ensemble(res, 3), *soups(bank, res, val, 128)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from inca.training import AdapterBank, FitConfig, plan_members
-from inca.training.factory import build_adapter
 from inca.training.sources import MemorySource
 
 LAYERS = ["l0", "l1", "l2"]
@@ -24,7 +23,7 @@ def token_source(n: int, seed: int, classes: int = C, signal_layer: str = "l1") 
 
 def token_bank(config: FitConfig, specs=None) -> AdapterBank:
     specs = specs or plan_members(LAYERS, config)
-    adapters = [build_adapter(s, embed_dims=dict.fromkeys(LAYERS, D), num_prefix_tokens=1,
-                              num_classes=C, seed=config.seed, options=config.adapter_options)
-                for s in specs]
-    return AdapterBank(specs, adapters, dict.fromkeys(LAYERS, N))
+    return AdapterBank.build(specs, embed_dims=dict.fromkeys(LAYERS, D),
+                             token_counts=dict.fromkeys(LAYERS, N), num_classes=C,
+                             num_prefix_tokens=1, seed=config.seed,
+                             options=config.adapter_options)

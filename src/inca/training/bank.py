@@ -22,14 +22,9 @@ from inca.adapters import Adapter, StackedInCA, StackedLinear, member_input
 from inca.adapters._folded import index_tensor
 from inca.adapters.stacked import _Stacked
 from inca.errors import TrainingError
-from inca.training.factory import build_adapter  # noqa: F401 - re-exported, see below
-from inca.training.loss import bank_loss  # noqa: F401 - re-exported, see below
+from inca.training.factory import build_adapter
 from inca.training.plan import MemberSpec
 from inca.training.sources import StackedFeats
-
-# build_adapter and bank_loss live in inca.training.factory and inca.training.loss; they
-# stay importable from here for scripts written before the split (benchmarks/*.py,
-# tests/test_precision.py).
 
 _STACKS: dict[str, type[_Stacked]] = {"inca": StackedInCA, "linear": StackedLinear}
 
@@ -108,6 +103,19 @@ class AdapterBank(nn.Module):
         order = None if flat == list(range(len(flat))) else \
             torch.tensor([flat.index(i) for i in range(len(flat))])
         self.register_buffer("_order", order, persistent=False)
+
+    @classmethod
+    def build(cls, specs: Sequence[MemberSpec], *, embed_dims: dict[str, int],
+              token_counts: dict[str, int], num_classes: int, num_prefix_tokens: int,
+              options: dict[str, Any] | None = None, seed: int = 0,
+              backbone_params: int | None = None) -> AdapterBank:
+        """The bank of ``specs`` (a plan, :func:`~inca.training.plan_members`), each
+        member's adapter built by :func:`~inca.training.factory.build_adapter` from its own
+        seed: how ``inca.fit``, the benchmarks and the tests make one."""
+        return cls(specs, [build_adapter(s, embed_dims=embed_dims, num_classes=num_classes,
+                                         num_prefix_tokens=num_prefix_tokens, options=options,
+                                         seed=seed, backbone_params=backbone_params)
+                           for s in specs], token_counts)
 
     @property
     def keys(self) -> list[str]:

@@ -24,7 +24,6 @@ from inca.features import extract_to_cache, token_shapes
 from inca.task import Task, selection_key
 from inca.training.bank import AdapterBank
 from inca.training.config import FitConfig
-from inca.training.factory import build_adapter
 from inca.training.loop import BankResult, train_bank
 from inca.training.mode import choose_mode
 from inca.training.plan import MemberSpec, plan_members
@@ -227,11 +226,11 @@ def _build_bank(backbone: Backbone, layers: list[str], config: FitConfig,
     backbone's device."""
     dims = {k: backbone.embed_dims[k] for k in layers}
     specs = plan_members(layers, config, dims)
-    adapters = [build_adapter(s, embed_dims=dims, num_prefix_tokens=backbone.num_prefix_tokens,
-                              num_classes=num_classes, options=config.adapter_options,
-                              seed=config.seed, backbone_params=backbone_params)
-                for s in specs]
-    bank = AdapterBank(specs, adapters, {k: n for k, (n, _) in shapes.items()})
+    bank = AdapterBank.build(specs, embed_dims=dims, num_classes=num_classes,
+                             token_counts={k: n for k, (n, _) in shapes.items()},
+                             num_prefix_tokens=backbone.num_prefix_tokens,
+                             options=config.adapter_options, seed=config.seed,
+                             backbone_params=backbone_params)
     return specs, bank.to(backbone.device)
 
 
