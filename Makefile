@@ -51,15 +51,17 @@ bench: $(ASSETS)
 # Mutation testing (mutmut 3) of training/, adapters/, runtime/ and task/; not part of
 # `make test`: all four rooms take hours on two cores. MUTATE narrows it to files or folders
 # (make mutation MUTATE=src/inca/training/selection.py), TESTS replaces the test files
-# selected in pyproject's [tool.mutmut]. Writes benchmarks/results/mutation.{json,md} over
-# every module run so far (mutants/ keeps the results; delete it to start again; mutmut
+# selected in pyproject's [tool.mutmut]; SAMPLE=1000 runs that many mutants drawn uniformly
+# from the whole scope, which estimates its score in a fraction of the time. Writes
+# benchmarks/results/mutation.{json,md} over every module run so far (mutants/ keeps the results; delete it to start again; mutmut
 # drops them all when TESTS or [tool.mutmut] changes).
 MUTATE ?= src/inca/training src/inca/adapters src/inca/runtime src/inca/task
 TESTS ?=
 MUTATION_CHILDREN ?= 2
+SAMPLE ?=
 mutation: $(ASSETS)
 	$(BIN)/python benchmarks/mutation.py --max-children $(MUTATION_CHILDREN) \
-		--mutate $(MUTATE) $(if $(TESTS),--tests $(TESTS))
+		--mutate $(MUTATE) $(if $(TESTS),--tests $(TESTS)) $(if $(SAMPLE),--sample $(SAMPLE))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache mutants

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -105,8 +106,10 @@ def mutant_glob(path: str) -> str:
     return ".".join(parts) + ".*"
 
 
-def run_mutmut(globs: list[str], tests: list[str], max_children: int) -> None:
-    """In this process: mutmut's ``run`` with the test selection replaced by ``tests``."""
+def run_mutmut(globs: list[str], tests: list[str], max_children: int,
+               sample: int = 0, seed: int = 0) -> None:
+    """In this process: mutmut's ``run`` with the test selection replaced by ``tests``; with
+    ``sample``, only that many of the matched mutants, drawn uniformly (seeded) from all."""
     os.chdir(ROOT)
     from mutmut import configuration
 
@@ -115,6 +118,17 @@ def run_mutmut(globs: list[str], tests: list[str], max_children: int) -> None:
         cfg.pytest_add_cli_args_test_selection = list(tests)
     import mutmut.__main__ as mm
 
+    if sample:
+        collect = mm.collect_source_file_mutation_data
+
+        def sampled(*, mutant_names):  # mutmut's own list of matched mutants, thinned
+            mutants, by_path = collect(mutant_names=mutant_names)
+            keep = sorted(random.Random(seed).sample(range(len(mutants)),
+                                                     min(sample, len(mutants))))
+            print(f"    sampled {len(keep)} of {len(mutants)} mutants (seed {seed})")
+            return [mutants[i] for i in keep], by_path
+
+        mm.collect_source_file_mutation_data = sampled
     mm._run(globs, max_children)
 
 
@@ -152,7 +166,16 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
-def summarize(tests: list[str], notes: list[str]) -> None:
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson interval of a proportion k / n."""
+    if not n:
+        return (0.0, 1.0)
+    p = k / n
+    mid, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return ((mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n))
+
+
+def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0) -> None:
     from _common import publish
 
     results = read_results()
@@ -185,7 +208,15 @@ def summarize(tests: list[str], notes: list[str]) -> None:
     after["survived"] -= killed_after
     after_score = score(after)
     unexplained = [s for s in survivors if s["explained"] == "unexplained"]
+    n_run = sum(total[s] for s in DETECTED + UNDETECTED)
+    population = sum(len(v) for v in results.values())
+    low, high = wilson(sum(total[s] for s in DETECTED), n_run)
+    sampling = (f"a uniform random sample of {n_run} of the scope's {population} mutants "
+                f"(seed {seed}): the score estimates the whole scope's, 95% Wilson interval "
+                f"{pct(low)} to {pct(high)}" if sample else "")
     fields = {
+        "sample": {"mutants": n_run, "population": population, "seed": seed,
+                   "interval_95": [low, high]} if sample else None,
         "scope": "src/inca/{training,adapters,runtime,task}",
         "tests": tests,
         "score": raw, "score_excluding_equivalent": adjusted,
@@ -201,7 +232,7 @@ def summarize(tests: list[str], notes: list[str]) -> None:
           "Score = detected / (detected + undetected); detected = killed, timed out or "
           "crashed; undetected = survived or reached by no selected test.", "",
           f"**Score: {pct(raw)}** over {len(modules)} module(s) "
-          f"({sum(total[s] for s in DETECTED + UNDETECTED)} mutants); "
+          f"({n_run} mutants{'; ' + sampling if sampling else ''}); "
           f"{pct(adjusted)} without the {sum(equivalent.values())} equivalent mutant(s) "
           f"explained below; {killed_after} survivor(s) killed since by new tests (each "
           f"checked against its mutant), making {pct(after_score)} without the equivalent "
@@ -220,7 +251,12 @@ def summarize(tests: list[str], notes: list[str]) -> None:
                + (f": {s['why']}" if s["why"] else ""), "", "  ```diff",
                *[f"  {line}" for line in s["diff"].splitlines()], "  ```", ""]
     md += ["## Not run", ""]
-    if not_run:
+    if sample:
+        md.append(f"The other {population - n_run} mutants were not run (a sample)"
+                  + ("; modules none of whose mutants was drawn: "
+                     + ", ".join(f"`{m['module']}`" for m in not_run) if not_run else "")
+                  + ".")
+    elif not_run:
         md.append("Mutated but not run (time: the whole scope takes hours on this machine's "
                   "two cores; `make mutation MUTATE=<file>` runs one):")
         md += [f"- `{m['module']}` ({m['mutants']} mutants)" for m in not_run]
@@ -240,18 +276,22 @@ def main() -> None:
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--summary-only", action="store_true",
                     help="only write the results from what mutants/ holds")
+    ap.add_argument("--sample", type=int, default=0,
+                    help="run only this many of the matched mutants, drawn uniformly at random")
+    ap.add_argument("--seed", type=int, default=0, help="the sample's seed")
     ap.add_argument("--note", action="append", default=[],
                     help="a line for the results (how a run was made)")
     ap.add_argument("--run-mutmut", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     globs = [mutant_glob(p) for p in args.mutate]
     if args.run_mutmut:  # the child: nothing of inca imported before mutmut sets sys.path
-        run_mutmut(globs, args.tests, args.max_children)
+        run_mutmut(globs, args.tests, args.max_children, args.sample, args.seed)
         return
     if not args.summary_only:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per mutant's tests
         cmd = [sys.executable, __file__, "--run-mutmut", "--max-children",
-               str(args.max_children), "--mutate", *args.mutate]
+               str(args.max_children), "--sample", str(args.sample), "--seed", str(args.seed),
+               "--mutate", *args.mutate]
         if args.tests:
             cmd += ["--tests", *args.tests]
         rc = subprocess.run(cmd, cwd=ROOT).returncode
@@ -263,7 +303,7 @@ def main() -> None:
 
         conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
         tests = conf["pytest_add_cli_args_test_selection"]
-    summarize(tests, args.note)
+    summarize(tests, args.note, args.sample, args.seed)
 
 
 if __name__ == "__main__":
