@@ -53,8 +53,9 @@ bench: $(ASSETS)
 # (make mutation MUTATE=src/inca/training/selection.py), TESTS replaces the test files
 # selected in pyproject's [tool.mutmut]; SAMPLE=1000 runs that many mutants drawn uniformly
 # from the whole scope, which estimates its score in a fraction of the time. Writes
-# benchmarks/results/mutation.{json,md} over every module run so far (mutants/ keeps the results; delete it to start again; mutmut
-# drops them all when TESTS or [tool.mutmut] changes).
+# benchmarks/results/mutation.{json,md} over every module run so far (mutants/ keeps the
+# results; delete it to start again; mutmut drops them all when TESTS or [tool.mutmut]
+# changes).
 MUTATE ?= src/inca/training src/inca/adapters src/inca/runtime src/inca/task
 TESTS ?=
 MUTATION_CHILDREN ?= 2

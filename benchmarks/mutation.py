@@ -166,17 +166,10 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson interval of a proportion k / n."""
-    if not n:
-        return (0.0, 1.0)
-    p = k / n
-    mid, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
-    return ((mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n))
-
-
 def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0) -> None:
     from _common import publish
+
+    from inca.task.report_render import wilson_interval
 
     results = read_results()
     if not results:
@@ -210,7 +203,7 @@ def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0
     unexplained = [s for s in survivors if s["explained"] == "unexplained"]
     n_run = sum(total[s] for s in DETECTED + UNDETECTED)
     population = sum(len(v) for v in results.values())
-    low, high = wilson(sum(total[s] for s in DETECTED), n_run)
+    low, high = wilson_interval(sum(total[s] for s in DETECTED) / max(n_run, 1), n_run)
     sampling = (f"a uniform random sample of {n_run} of the scope's {population} mutants "
                 f"(seed {seed}): the score estimates the whole scope's, 95% Wilson interval "
                 f"{pct(low)} to {pct(high)}" if sample else "")
