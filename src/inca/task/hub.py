@@ -57,9 +57,9 @@ def model_card(task: Task) -> str:
             "## Backbone", "", f"- name: `{name}`",
             f"- weights fingerprint: `{info.get('fingerprint', '?')}`"]
     if source:
-        body.append(f"- created with: `inca.create_backbone({source.get('spec')!r}, "
-                    + ", ".join(f"{k}={v!r}" for k, v in source.get("kwargs", {}).items())
-                    + ")`")
+        args = [repr(source.get("spec")),
+                *(f"{k}={v!r}" for k, v in (source.get("kwargs") or {}).items())]
+        body.append(f"- created with: `inca.create_backbone({', '.join(args)})`")
         body.append(f"- pretrained weights: {'yes' if source.get('pretrained') else 'no'}")
         for key, label in (("hub_id", "hub id"), ("revision", "revision"),
                            ("checkpoint_path", "local checkpoint")):

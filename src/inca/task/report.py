@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from inca._files import atomic_write_bytes, atomic_write_json
 from inca.task import report_render
-from inca.task.report_render import per_class_metrics, wilson_interval
+from inca.task.report_render import per_class_metrics, score_text, wilson_interval
 
 if TYPE_CHECKING:
     import pandas
@@ -161,7 +161,7 @@ class FitReport:
         for c in self.candidates:
             test = self.test_accuracy.get(c["name"])
             lines.append(f"| {c['name']}{' (chosen)' if c['name'] == self.chosen else ''} | "
-                         f"{c['val_accuracy']:.4f} | {c.get('val_loss', float('nan')):.4f} | "
+                         f"{c['val_accuracy']:.4f} | {score_text(c.get('val_loss'))} | "
                          f"{'' if test is None else f'{test:.4f}'} | {', '.join(c['members'])} |")
         has_test = any("test_accuracy" in r for r in self.rows)
         lines += [
@@ -173,8 +173,8 @@ class FitReport:
         select_by = self.config.get("select_by", "accuracy")
         for r in sorted(self.rows, key=lambda r: selection_key(r["val_accuracy"], r["val_loss"],
                                                                select_by)):
-            mark = " **(chosen)**" if r["key"] in self.chosen_members and \
-                self.chosen == "best" else ""
+            mark = "" if r["key"] not in self.chosen_members else \
+                " **(chosen)**" if self.chosen == "best" else f" **(in the chosen {self.chosen})**"
             test = f" {r['test_accuracy']:.4f} |" if has_test else ""
             if r.get("diverged_epoch"):
                 mark += f" (dropped: diverged in epoch {r['diverged_epoch']})"

@@ -45,6 +45,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
 
 
+def score_text(x: float | None) -> str:
+    """A score to four places; "n/a" where none was measured (None, NaN)."""
+    return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
+
+
 def _chosen_share(r: FitReport) -> float:
     return sum(row.get("percent_of_backbone", 0.0) for row in r.rows
                if row["key"] in r.chosen_members)
@@ -121,7 +126,7 @@ def baselines(r: FitReport) -> list[str]:
     if rows:
         lines += ["| baseline | layer | L2 | val acc | val loss | test acc |",
                   "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {n} | {layer} | {l2} | {va:.4f} | {vl:.4f} | "
+        lines += [f"| {n} | {layer} | {l2} | {va:.4f} | {score_text(vl)} | "
                   f"{'' if te is None else f'{te:.4f}'} |" for n, layer, l2, va, vl, te in rows]
         lines.append("")
     return lines
@@ -131,8 +136,8 @@ def per_class(r: FitReport) -> list[str]:
     if not r.per_class.get("confusion"):
         return []
     split = r.per_class.get("split", "test")
-    note = " (used for selection: optimistic)" if split == "validation" else ""
-    lines = [f"## Per class ({split}{note}, chosen: {r.chosen})", "",
+    note = ", used for selection: optimistic" if split == "validation" else ""
+    lines = [f"## Per class ({split}{note}; chosen: {r.chosen})", "",
              "| class | images | precision | recall |", "|---|---:|---:|---:|"]
     for m in per_class_metrics(r.per_class["confusion"], r.data["classes"]):
         lines.append(f"| {m['class']} | {m['support']} | {_pct(m['precision'])} | "
@@ -167,8 +172,8 @@ def layer_series(r: FitReport) -> dict[str, Any]:
             flat[row["kind"]] = better(flat.get(row["kind"], v), v)
     chosen = [(layers.index(row["layers"][-1]), value(row), row["key"])
               for row in r.rows if row["key"] in r.chosen_members]
-    probe = {layers.index(p["layer"]): float(p[metric]) for p in r.probe.get("per_layer", [])
-             if p.get(metric) is not None and p["layer"] in layers}
+    probe = {layers.index(p["layer"]): value(p) for p in r.probe.get("per_layer", [])
+             if not math.isnan(value(p)) and p["layer"] in layers}  # null in JSON: NaN
     ens = next((value(c) for c in r.candidates if c["name"] == "ensemble"), None)
     return {"metric": metric, "kinds": {k: dict(sorted(v.items())) for k, v in kinds.items()},
             "flat": flat, "chosen": chosen, "probe": dict(sorted(probe.items())),

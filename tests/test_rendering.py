@@ -1,0 +1,234 @@
+"""What users read, pinned: the fit report's Markdown, the model card of a task folder, and
+what the per-layer plot draws, each rendered from hand-written reports that reach every
+branch, compared with the snapshots in ``__snapshots__/test_rendering.ambr`` (syrupy).
+
+A wanted change to a text is one command: ``pytest tests/test_rendering.py
+--snapshot-update``, then read the snapshot's diff before committing it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from inca.adapters import create_adapter
+from inca.task import FitReport, Task
+from inca.task.hub import model_card
+from inca.task.report_render import layer_series, per_class_metrics
+
+LAYERS = ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+CLASSES = ["cat", "dog", "bird"]
+
+
+def _row(key: str, kind: str, layers: list[str], lr: float, acc: float, loss: float,
+         **extra: Any) -> dict[str, Any]:
+    return {"key": key, "kind": kind, "layers": layers, "lr": lr, "val_accuracy": acc,
+            "val_loss": loss, "best_epoch": 3, "diverged_epoch": None, "parameters": 12_345,
+            "percent_of_backbone": 0.0125, **extra}
+
+
+def full_report(**changes: Any) -> dict[str, Any]:
+    """A report with every part: a test split, both probe rows, the bank's linear member,
+    an ensemble, a diverged member, a tie, per-class metrics and the run's provenance."""
+    rows = [
+        _row("inca/blocks.2/lr=0.001", "inca", ["blocks.2"], 1e-3, 0.91, 0.31,
+             test_accuracy=0.905),
+        _row("inca/blocks.3/lr=0.001", "inca", ["blocks.3"], 1e-3, 0.93, 0.25,
+             test_accuracy=0.92),
+        _row("inca/blocks.3/lr=0.01", "inca", ["blocks.3"], 1e-2, 0.12, 9.5, test_accuracy=0.1,
+             diverged_epoch=2),
+        _row("linear/blocks.3/lr=0.01", "linear", ["blocks.3"], 1e-2, 0.85, 0.48,
+             test_accuracy=0.84),
+        _row("linear/blocks.1/lr=0.01", "linear", ["blocks.1"], 1e-2, 0.80, 0.55,
+             test_accuracy=0.79),
+        _row("multilayer_linear/blocks.0+blocks.3/lr=0.01", "multilayer_linear",
+             ["blocks.0", "blocks.3"], 1e-2, 0.88, 0.40, test_accuracy=0.87),
+    ]
+    report = {
+        "backbone": {"name": "dinov2_vits14", "fingerprint": "ab12cd34", "layers": LAYERS},
+        "config": {"select_by": "accuracy", "augment": "flip", "epochs": 4},
+        "rows": rows,
+        "candidates": [
+            {"name": "best", "val_accuracy": 0.93, "val_loss": 0.25,
+             "members": ["inca/blocks.3/lr=0.001"]},
+            {"name": "ensemble", "val_accuracy": 0.94, "val_loss": 0.22,
+             "members": ["inca/blocks.3/lr=0.001", "inca/blocks.2/lr=0.001"]},
+        ],
+        "chosen": "ensemble",
+        "chosen_members": ["inca/blocks.3/lr=0.001", "inca/blocks.2/lr=0.001"],
+        "val_accuracy": 0.94,
+        "linear_probe": {"key": "linear/blocks.3/lr=0.01", "val_accuracy": 0.85,
+                         "val_loss": 0.48},
+        "test_accuracy": {"best": 0.92, "ensemble": 0.935, "linear_probe": 0.84},
+        "timings": {"extract_seconds": 12.34, "train_seconds": 56.78, "epochs_run": 4},
+        "data": {"num_train": 900, "num_val": 100, "num_test": 200, "classes": CLASSES},
+        "task_parameters": 24_690,
+        "mode": {"mode": "cached", "reason": "the cache fits on disk"},
+        "tie": "two candidates at 0.9400: the lower validation loss chose",
+        "probe": {
+            "method": "logistic regression (L-BFGS)", "pool": "cls_mean",
+            "l2_grid": [1e-4, 1e-2, 1.0], "max_iter": 500, "train_samples": 900,
+            "val_samples": 100, "seconds": 1.25,
+            "last_layer": {"layer": "blocks.3", "l2": 1e-2, "val_accuracy": 0.86,
+                           "val_loss": 0.45, "test_accuracy": 0.85},
+            "best_layer": {"layer": "blocks.2", "l2": 1e-4, "val_accuracy": 0.89,
+                           "val_loss": 0.37, "test_accuracy": 0.875},
+            "per_layer": [{"layer": n, "l2": 1e-2, "val_accuracy": a, "val_loss": lo}
+                          for n, a, lo in (("blocks.1", 0.7, 0.9), ("blocks.2", 0.89, 0.37),
+                                           ("blocks.3", 0.86, 0.45))],
+        },
+        "per_class": {"split": "test", "confusion": [[60, 5, 0], [3, 70, 2], [0, 3, 57]]},
+        "inca_version": "1.2.3", "command": "inca fit --data pets --out runs/pets",
+        "date": "2026-12-05T12:00:00Z", "machine": {"platform": "Linux", "cpu": "x86_64"},
+    }
+    report.update(changes)
+    return report
+
+
+def bare_report() -> dict[str, Any]:
+    """No test split, the probe skipped, selection by loss, the last layer chosen alone,
+    per-class metrics on validation, no linear member, no provenance."""
+    r = full_report(
+        config={"select_by": "loss"}, chosen="best", chosen_members=["inca/blocks.3/lr=0.001"],
+        val_accuracy=0.93, linear_probe=None, test_accuracy={},
+        data={"num_train": 900, "num_val": 100, "classes": CLASSES}, mode={}, tie="",
+        probe={"skipped": "fewer than 2 samples of a class in validation"},
+        per_class={"split": "validation", "confusion": [[30, 2, 0], [1, 35, 0], [0, 0, 0]]},
+        inca_version="", command="", date="", machine={},
+        candidates=[{"name": "best", "val_accuracy": 0.93, "val_loss": 0.25,
+                     "members": ["inca/blocks.3/lr=0.001"]}])
+    for row in r["rows"]:
+        row.pop("test_accuracy")
+    return r
+
+
+def test_report_markdown_with_every_part(snapshot):
+    assert FitReport.from_dict(full_report()).to_markdown() == snapshot
+
+
+def test_report_markdown_without_a_test_split(snapshot):
+    assert FitReport.from_dict(bare_report()).to_markdown() == snapshot
+
+
+def test_report_markdown_when_the_last_layer_is_the_best_probe_and_no_count(snapshot):
+    """One probe row says both; a test accuracy without a recorded count says so."""
+    r = full_report(data={"num_train": 900, "num_val": 100, "classes": CLASSES})
+    r["probe"]["best_layer"] = r["probe"]["last_layer"]
+    r["linear_probe"] = {"key": "linear", "val_accuracy": 0.85}  # no layer in the key
+    assert FitReport.from_dict(r).to_markdown() == snapshot
+
+
+def _task(report: dict[str, Any] | None, *, n_classes: int = 3, **info: Any) -> Task:
+    classes = CLASSES if n_classes == 3 else [f"class {i}" for i in range(n_classes)]
+    members = [create_adapter("inca", embed_dim=32, num_classes=len(classes), num_heads=2),
+               create_adapter("linear", embed_dim=32, num_classes=len(classes), pool="mean")]
+    backbone = {"name": "dinov2_vits14", "fingerprint": "ab12cd34", "layers": LAYERS, **info}
+    metrics = {"chosen": "ensemble", "val_accuracy": 0.94,
+               "test_accuracy": {"best": 0.92, "ensemble": 0.935, "linear_probe": None}}
+    task = Task(members, [["blocks.3"], ["blocks.2"]], classes, backbone,
+                metrics=metrics if report else None,
+                keys=["inca/blocks.3/lr=0.001", "linear/blocks.2/lr=0.01"])
+    if report is not None:
+        task.report = FitReport.from_dict(report)
+    return task
+
+
+def test_model_card_of_a_fitted_task(snapshot):
+    task = _task(full_report(), source={"spec": "dinov2_vits14", "pretrained": True,
+                                        "kwargs": {"input_size": 112}},
+                 preprocessing={"input_size": 112, "mean": [0.485, 0.456, 0.406],
+                                "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"})
+    task.license = "apache-2.0"
+    task.metrics["classes_added"] = [{"classes": ["fox|wolf"], "train_samples": 40,
+                                      "members": [{"val_accuracy": 0.9},
+                                                  {"val_accuracy": 0.875}]}]
+    assert model_card(task) == snapshot
+
+
+def test_model_card_of_a_hub_backbone_with_many_classes_and_no_metrics(snapshot):
+    """The hub id, revision and local checkpoint are named; classes past the hundredth are
+    counted; names that would break a table or a code span are escaped; no license and no
+    metrics are said to be missing; the default resize is bicubic."""
+    task = _task(None, n_classes=103,
+                 source={"spec": "hf:org/vit-tiny", "pretrained": True, "hub_id": "org/vit",
+                         "revision": "v2", "checkpoint_path": "ckpt/model.safetensors",
+                         "kwargs": {}},
+                 preprocessing={"input_size": 224, "mean": [0.5], "std": [0.5]})
+    task.classes[0] = "a|b `c`\nd"
+    assert model_card(task) == snapshot
+
+
+def test_model_card_of_a_bundled_backbone_without_weights(snapshot):
+    """Random weights: no base model is claimed."""
+    task = _task(None, source={"spec": "dinov2_vits14", "pretrained": False, "kwargs": {}})
+    assert model_card(task) == snapshot
+
+
+def test_layer_series_is_what_the_plot_draws():
+    accuracy = layer_series(FitReport.from_dict(full_report()))
+    assert accuracy == {
+        "metric": "val_accuracy",
+        "kinds": {"inca": {2: 0.91, 3: 0.93}, "linear": {1: 0.80, 3: 0.85}},
+        "flat": {"multilayer_linear": 0.88},
+        "chosen": [(2, 0.91, "inca/blocks.2/lr=0.001"), (3, 0.93, "inca/blocks.3/lr=0.001")],
+        "probe": {1: 0.7, 2: 0.89, 3: 0.86}, "ensemble": 0.94}
+    r = full_report(config={"select_by": "loss"})
+    r["rows"][4]["val_loss"] = None  # a member never scored is left out ...
+    r["probe"]["per_layer"].append({"layer": "blocks.0", "val_accuracy": 0.5, "val_loss": None})
+    loss = layer_series(FitReport.from_dict(r))  # ... and the lowest loss is the best
+    assert loss["metric"] == "val_loss" and loss["ensemble"] == 0.22
+    assert loss["kinds"] == {"inca": {2: 0.31, 3: 0.25}, "linear": {3: 0.48}}
+    assert loss["flat"] == {"multilayer_linear": 0.40}
+    assert loss["probe"] == {1: 0.9, 2: 0.37, 3: 0.45}
+    assert loss["chosen"] == [(2, 0.31, "inca/blocks.2/lr=0.001"),
+                              (3, 0.25, "inca/blocks.3/lr=0.001")]
+
+
+def test_per_class_metrics_of_a_confusion_matrix():
+    rows = per_class_metrics([[8, 2, 0], [1, 9, 0], [0, 0, 0]], CLASSES)
+    assert [r["class"] for r in rows] == CLASSES
+    assert [r["support"] for r in rows] == [10, 10, 0]
+    assert [r["precision"] for r in rows[:2]] == [pytest.approx(8 / 9), pytest.approx(9 / 11)]
+    assert [r["recall"] for r in rows[:2]] == [0.8, 0.9]
+    assert math.isnan(rows[2]["precision"]) and math.isnan(rows[2]["recall"])
+
+
+def _drawn(fig: Any) -> dict[str, Any]:
+    """What a figure shows, in words and numbers (not pixels, which vary with
+    matplotlib's version)."""
+    import numpy as np
+
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    return {
+        "title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+        "xticks": [t.get_text() for t in ax.get_xticklabels()],
+        "yticks": [t.get_text() for t in ax.get_yticklabels()] if ax.images else None,
+        "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
+        "lines": [(line.get_linestyle(), np.round(line.get_xdata(), 4).tolist(),
+                   np.round(line.get_ydata(), 4).tolist()) for line in ax.get_lines()],
+        "points": [np.round(c.get_offsets(), 4).tolist() for c in ax.collections
+                   if hasattr(c, "get_offsets") and len(c.get_offsets())],
+        "cells": [t.get_text() for t in ax.texts],
+        "image": np.round(ax.images[0].get_array(), 4).tolist() if ax.images else None,
+        "colorbar": [a.get_ylabel() for a in fig.axes[1:]],
+    }
+
+
+@pytest.mark.parametrize("which", ["every_part", "by_loss_without_test"])
+def test_plots_draw_what_the_report_holds(which, snapshot, monkeypatch, tmp_path):
+    """The per-layer plot (each kind's best per layer, the all-layer member as a line, the
+    probe dashed, the ensemble, the chosen members starred) and the confusion matrix
+    (rows normalized, counts in the cells), as drawn, before they are written."""
+    from inca.task import report_render
+
+    drawn = []
+    save = report_render._save
+    monkeypatch.setattr(report_render, "_save",
+                        lambda fig, path: (drawn.append(_drawn(fig)), save(fig, path))[1])
+    report = FitReport.from_dict(full_report() if which == "every_part" else bare_report())
+    paths = report.write(tmp_path)
+    assert paths["plot"].stat().st_size > 0 and paths["confusion"].stat().st_size > 0
+    assert drawn == snapshot
