@@ -73,6 +73,17 @@ def set_config(field: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return lambda m: m["members"][0]["spec"]["config"].update({field: value})
 
 
+def set_backbone(**fields: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda m: m["backbone"].update(fields)
+
+
+def set_prep(**fields: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda m: m["backbone"]["preprocessing"].update(fields)
+
+
+SOURCE = {"spec": "planted", "kwargs": {}}
+
+
 def truncate(folder: Path) -> None:
     data = (folder / TASK_WEIGHTS).read_bytes()
     (folder / TASK_WEIGHTS).write_bytes(data[:-7])
@@ -142,7 +153,8 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "JSON not an object": (lambda f: (f / TASK_JSON).write_text("[1, 2]"), TASK_JSON,
                            "top level must be a JSON object"),
     "NaN weights": (lambda f: edit_weights(f, nan_weight), TASK_WEIGHTS,
-                    "'members.0.head.weight' holds NaN or infinite values"),
+                    "'members.0.head.weight' holds NaN or infinite values \\(the training "
+                    "diverged\\); fit the task again"),
     "missing key": (lambda f: edit_weights(f, lambda t: t.pop("members.0.query")),
                     TASK_WEIGHTS, "lacks the weight.*'members.0.query'"),
     "extra key": (lambda f: edit_weights(f, lambda t: t.update(
@@ -158,6 +170,42 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
                                TASK_WEIGHTS, "more than the .* its task can need"),
     "weights file missing": (lambda f: (f / TASK_WEIGHTS).unlink(), "task",
                              "is not a task folder"),
+    # each malformed field is named by its path in task.json, with the value it holds
+    "backbone name not a string": (lambda f: edit_json(f, set_backbone(name=5)), TASK_JSON,
+                                   "backbone.name must be a non-empty string"),
+    "empty fingerprint": (lambda f: edit_json(f, set_backbone(fingerprint="")), TASK_JSON,
+                          "backbone.fingerprint must be a non-empty string"),
+    "embed_dims not an object": (lambda f: edit_json(f, set_backbone(embed_dims=[16])),
+                                 TASK_JSON, "backbone.embed_dims must be a JSON object"),
+    "negative prefix tokens": (lambda f: edit_json(f, set_backbone(num_prefix_tokens=-1)),
+                               TASK_JSON, "backbone.num_prefix_tokens must be an integer"),
+    "mean a string of 3 letters": (lambda f: edit_json(f, set_prep(mean="abc")), TASK_JSON,
+                                   "backbone.preprocessing.mean must be a list of 3 numbers, "
+                                   'got "abc"'),
+    "huge std": (lambda f: edit_json(f, set_prep(std=[0.5, 1e9, 0.5])), TASK_JSON,
+                 r"backbone.preprocessing.std\[1\] must be a finite number of magnitude below "
+                 r"1e\+06, got 1000000000.0"),
+    "hub id not a string": (lambda f: edit_json(f, set_backbone(source=dict(SOURCE, hub_id=5))),
+                            TASK_JSON, "backbone.source.hub_id must be a non-empty string"),
+    "revision not a string": (lambda f: edit_json(
+        f, set_backbone(source=dict(SOURCE, revision=[]))), TASK_JSON,
+        "backbone.source.revision must be a non-empty string"),
+    "empty member key": (lambda f: edit_json(f, lambda m: m["members"][0].update(key="")),
+                         TASK_JSON, r"members\[0\].key must be a non-empty string"),
+    "member without layers": (lambda f: edit_json(
+        f, lambda m: m["members"][0].update(layers=[])), TASK_JSON,
+        r"members\[0\] \('inca/block1'\).layers must be a list of 1 to"),
+    "metrics not an object": (lambda f: edit_json(f, lambda m: m.update(metrics=5)), TASK_JSON,
+                              "metrics must be a JSON object, got 5"),
+    "parameter count past 2^62": (lambda f: edit_json(
+        f, lambda m: m.update(num_parameters=(1 << 62) + 1)), TASK_JSON,
+        "num_parameters must be an integer"),
+    "format version 2 without its hash": (lambda f: edit_json(
+        f, lambda m: (m.update(format_version=2), m.pop("weights_sha256"))), TASK_JSON,
+        "lacks the key.*weights_sha256"),
+    "an older unknown format version": (lambda f: edit_json(
+        f, lambda m: m.update(format_version=0)), TASK_JSON,
+        r"format_version 0 is not one this inca reads \(.*\); save the task again"),
     # edits within the schema, which would load and predict silently: the weights file
     # records the sha256 of what they mean
     "member moved to a layer of the same width": (lambda f: edit_json(
