@@ -138,7 +138,9 @@ def test_api_key(two_tasks):  # noqa: F811
     bb, a, _ = two_tasks
     app = create_app(MultiTaskModel(bb, {"a": a}), ServerConfig(api_key="s3cret"))
     with TestClient(app) as c:
-        assert c.post("/predict", files=[("files", ("x.png", png()))]).status_code == 401
+        r = c.post("/predict", files=[("files", ("x.png", png()))])
+        assert r.status_code == 401
+        assert r.json()["detail"] == "missing or wrong API key: send it in the X-API-Key header"
         assert c.get("/tasks").status_code == 401
         r = c.post("/predict", files=[("files", ("x.png", png()))],
                    headers={"X-API-Key": "s3cret"})
@@ -251,7 +253,8 @@ def test_too_many_pixels_get_413_and_the_server_keeps_serving(roomy, bombs):
     cases = [([("big.png", big)], r"big\.png is 101x100 = 0\.0101 megapixels, over the "
                                   r"limit of 0\.01 .*--max-image-megapixels"),
              ([(f"{i}.png", png(size=100)) for i in range(3)],
-              r"0\.03 megapixels together, over the limit of 0\.025"),
+              r"0\.03 megapixels together, over the limit of 0\.025 per request; send "
+              r"fewer or smaller images$"),
              ([("bomb.png", bombs["bomb"])], r"bomb\.png is 12000x12000"),
              ([("hard.png", bombs["hard"])], r"hard\.png has 196 megapixels")]
     for files, message in cases:
@@ -261,6 +264,29 @@ def test_too_many_pixels_get_413_and_the_server_keeps_serving(roomy, bombs):
         assert r.status_code == 413, r.text
         assert re.search(message, r.json()["detail"]), r.json()["detail"]
         assert c.post("/predict", files=[("files", ("ok.png", png()))]).status_code == 200
+
+
+def test_memory_running_short_while_decoding_fails_that_request_alone(roomy, monkeypatch):
+    """Images within every limit, but memory short: 503 with Retry-After, and the next
+    request is served."""
+    from inca.runtime import request
+
+    c, _, _ = roomy
+    real = request.open_image
+
+    def short(data, name, max_pixels):
+        if name == "second.png":
+            raise MemoryError
+        return real(data, name=name, max_pixels=max_pixels)
+
+    monkeypatch.setattr(request, "open_image", short)
+    r = c.post("/predict", files=[("files", ("first.png", png())),
+                                  ("files", ("second.png", png()))])
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert r.json()["detail"] == ("the server ran out of memory decoding second.png; retry "
+                                  "later, or send fewer or smaller images")
+    monkeypatch.undo()
+    assert c.post("/predict", files=[("files", ("ok.png", png()))]).status_code == 200
 
 
 def test_16_bit_upload_predicts_like_its_8_bit_twin(roomy):

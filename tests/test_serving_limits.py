@@ -232,6 +232,17 @@ def test_many_unknown_task_names_are_answered_briefly(make_client):
     assert r.json()["detail"] == "unknown task(s): t0, t1, t2, t3, t4, ...; tasks: a, b"
 
 
+@pytest.mark.parametrize("unknown, shown", [
+    (5, "unknown task(s): u0, u1, u2, u3, u4; tasks: a, b"),
+    (6, "unknown task(s): u0, u1, u2, u3, u4, ...; tasks: a, b"),
+])
+def test_unknown_task_names_past_five_are_cut_short(unknown, shown, make_client):
+    c, _, _ = make_client()
+    r = c.post("/predict", json={"images": [base64.b64encode(png()).decode()],
+                                 "tasks": ["a", *(f"u{i}" for i in range(unknown))]})
+    assert r.status_code == 404 and r.json()["detail"] == shown
+
+
 def test_readyz_waits_for_the_warm_up_and_fails_while_draining(two_tasks):  # noqa: F811
     bb, a, _ = two_tasks
     app = create_app(MultiTaskModel(bb, {"a": a}), ServerConfig())
@@ -278,6 +289,7 @@ def metric(text: str, name: str, **labels) -> float:
 def test_metrics_count_requests_tasks_batches_and_images(make_client):
     c, _, _ = make_client(max_upload_bytes=4096, api_key="k")
     key = {"X-API-Key": "k"}
+    started = time.monotonic()
     for i in range(3):
         assert c.post("/predict", **files(i), headers=key).status_code == 200
     two = {"files": [("files", ("x.png", png(1))), ("files", ("y.png", png(2)))],
@@ -294,12 +306,17 @@ def test_metrics_count_requests_tasks_batches_and_images(make_client):
     assert metric(text, "inca_http_requests_total", path="/predict", status="200") == 4
     assert metric(text, "inca_http_requests_total", path="/predict", status="404") == 1
     assert metric(text, "inca_http_requests_total", path="/predict", status="413") == 1
+    elapsed = time.monotonic() - started
     assert metric(text, "inca_http_requests_total", path="/metrics", status="401") == 1
+    assert 0 < metric(text, "inca_http_request_duration_seconds_sum", path="/predict") < elapsed
     assert metric(text, "inca_task_requests_total", task="a", status="200") == 3
     assert metric(text, "inca_task_requests_total", task="b", status="200") == 4
     assert metric(text, "inca_images_decoded_total") == 5
     assert metric(text, "inca_batch_images_count") == 4  # one pass per request here
     assert metric(text, "inca_batch_images_sum") == 5
+    assert metric(text, "inca_batch_images_bucket", le="1.0") == 3  # powers of two
+    assert metric(text, "inca_batch_images_bucket", le="2.0") == 4
+    assert metric(text, "inca_batch_images_bucket", le="4.0") == 4
     assert metric(text, "inca_http_request_duration_seconds_count", path="/predict") == 6
     assert metric(text, "inca_queue_images") == 0
     assert metric(text, "inca_decode_requests") == 0
