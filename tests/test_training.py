@@ -363,3 +363,45 @@ def test_early_stopping_waits_patience_epochs_and_keeps_each_best_state(monkeypa
         best, last = states[m.best_epoch][i], states[-1][i]
         assert all(torch.equal(m.state[k], best[k]) for k in best), f"{m.key}: not its best"
         assert not all(torch.equal(m.state[k], last[k]) for k in last)  # it trained on
+
+
+def test_an_epochs_training_loss_is_the_mean_loss_of_its_samples():
+    """One step per epoch (the batch holds every sample): epoch 1's training loss of each
+    member is its label-smoothed cross-entropy over the training set before that step."""
+    from inca.training.loss import bank_loss
+
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(1e-2,), epochs=1,
+                       batch_size=64, patience=0, label_smoothing=0.1,
+                       adapter_options={"inca": {"dropout": 0.0}})
+    bank, train = token_bank(config), token_source(50, 0)
+    feats, y = next(train.batches(64))
+    bank.train()
+    with torch.no_grad():
+        expected = bank_loss(bank.logits(feats), y, 0.1)
+    res = train_bank(bank, train, token_source(16, 1), config, progress=False)
+    torch.testing.assert_close(torch.tensor(res.history[0]["train_loss"]), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("patience, improves, epochs_run", [
+    (2, [True, False, True, False, False, True, True], 5),  # stale for 2 epochs after epoch 3
+    (1, [True, False, True], 2),
+    (0, [True, False, False, False], 4),  # 0: never stop early
+    (3, [True, True, True, True], 4),  # the epoch budget ends it
+])
+def test_early_stopping_after_patience_epochs_without_improvement(patience, improves,
+                                                                  epochs_run, monkeypatch):
+    from inca.training import loop
+
+    keep_best, script = loop._keep_best, iter(improves)
+
+    def scripted(*args, **kwargs):
+        keep_best(*args, **kwargs)  # the states are still recorded
+        return next(script)
+
+    monkeypatch.setattr(loop, "_keep_best", scripted)
+    config = FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-2,), epochs=len(improves),
+                       batch_size=16, patience=patience)
+    res = train_bank(token_bank(config), token_source(32, 0), token_source(16, 1), config,
+                     progress=False)
+    assert res.epochs_run == epochs_run == len(res.history)
