@@ -58,8 +58,12 @@ def test_probe_reaches_the_optimum_scikit_learn_finds(l2):
     assert objective(w, b) == pytest.approx(best, rel=1e-4, abs=1e-5)
 
 
-def test_probe_penalty_is_the_one_validation_prefers():
+@pytest.mark.parametrize("scale", [1.0, 0.01])
+def test_probe_penalty_is_the_one_validation_prefers(scale):
+    """On standardized features (per feature, from the training samples), whatever the
+    features' own scale."""
     x, y = _separable(400, 16, CLASSES, 1)
+    x = x * scale
     fit = fit_layer(x[:300], y[:300], x[300:], y[300:], CLASSES, "loss")
     mu, sd = x[:300].mean(0), x[:300].std(0)
     losses = {}
