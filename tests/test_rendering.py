@@ -8,6 +8,7 @@ A wanted change to a text is one command: ``pytest tests/test_rendering.py
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -232,3 +233,39 @@ def test_plots_draw_what_the_report_holds(which, snapshot, monkeypatch, tmp_path
     paths = report.write(tmp_path)
     assert paths["plot"].stat().st_size > 0 and paths["confusion"].stat().st_size > 0
     assert drawn == snapshot
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: 5, "a report is a JSON object, not int"),
+    (lambda r: r.pop("rows") and r, "the report lacks rows"),
+    (lambda r: r.update(rows={"a": 1}) or r, "the report's rows must be a list of objects"),
+    (lambda r: r.update(history=[1]) or r, "the report's history must be a list of objects"),
+    (lambda r: r.update(timings=[]) or r, "the report's timings must be an object"),
+    (lambda r: r.update(probe=[]) or r, "the report's probe must be an object"),
+    (lambda r: r.update(per_class=5) or r, "the report's per_class must be an object"),
+    (lambda r: r.update(machine="x") or r, "the report's machine must be an object"),
+])
+def test_a_report_that_is_not_one_is_refused_clearly(change, message):
+    with pytest.raises(ValueError) as info:
+        FitReport.from_dict(change(full_report()))
+    assert str(info.value) == message
+
+
+def test_summary_table_and_files_of_a_report(tmp_path):
+    report = FitReport.from_dict(full_report(history=[{"epoch": 1}]))
+    assert report.history == [{"epoch": 1}]
+    assert report.summary() == {
+        "chosen": "ensemble", "members": ["inca/blocks.3/lr=0.001", "inca/blocks.2/lr=0.001"],
+        "val_accuracy": 0.94, "test_accuracy": {"best": 0.92, "ensemble": 0.935,
+                                                "linear_probe": 0.84},
+        "linear_probe": {"key": "linear/blocks.3/lr=0.01", "val_accuracy": 0.85,
+                         "val_loss": 0.48}}
+    table = report.to_pandas()
+    assert table["layers"].tolist()[-1] == "blocks.0, blocks.3"
+    assert table["chosen"].tolist() == [True, True, False, False, False, False]
+    bare = FitReport.from_dict(full_report(per_class={}))
+    paths = bare.write(tmp_path)
+    assert sorted(paths) == ["json", "markdown", "plot"]  # no confusion matrix to draw
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "accuracy_per_layer.png", "report.json", "report.md"]
+    assert FitReport.from_dict(json.loads((tmp_path / "report.json").read_text())) == bare
