@@ -239,6 +239,21 @@ def test_tampered_task_is_refused_clearly_before_any_backbone(tamper, bb, tmp_pa
         load_task(folder, backbone=bb)
 
 
+def test_task_json_reformatted_by_an_editor_still_loads(bb, tmp_path):
+    """Keys in another order and other indentation change nothing the weights mean."""
+    task = make_task(bb, classes=["c0", "c1", "c2", "c3"])
+    folder = task.save(tmp_path / "task")
+
+    def reverse(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: reverse(value[k]) for k in reversed(list(value))}
+        return [reverse(v) for v in value] if isinstance(value, list) else value
+
+    meta = json.loads((folder / TASK_JSON).read_text())
+    (folder / TASK_JSON).write_text(json.dumps(reverse(meta), indent=7))
+    assert same_task(load_task(folder, backbone=bb), task)
+
+
 def test_swapped_weights_from_another_task_are_refused(bb, tmp_path):
     a = make_task(bb, seed=0).save(tmp_path / "a")
     twin = make_task(bb, seed=1).save(tmp_path / "twin")  # same shapes, other values

@@ -40,14 +40,23 @@ def test_one_pass_serves_every_task(two_tasks, tmp_path):
 def test_add_remove_and_refuse(two_tasks, tmp_path):
     bb, a, b = two_tasks
     b.save(tmp_path / "b" / "task")
-    model = MultiTaskModel.from_paths([tmp_path / "b" / "task"], backbone=bb)
+    model = MultiTaskModel.from_paths([tmp_path / "b" / "task"], backbone=bb,
+                                      precision="bf16-mixed")
     assert list(model.tasks) == ["b"]
+    # the model's precision is every task's, whether loaded with it or added from a folder
+    assert model.precision == model.tasks["b"].precision == "bf16-mixed"
+    assert model.add_task("b2", tmp_path / "b" / "task").precision == "bf16-mixed"
+    model.remove_task("b2")
     model.add_task("a", a)
     assert set(model.tasks) == {"a", "b"}
     model.remove_task("b")
     assert model.layers() == ["stem"]
-    with pytest.raises(TaskError, match="no task named"):
+    with pytest.raises(TaskError, match="^no task named 'b'; tasks: a$"):
         model.remove_task("b")
+    model.remove_task("a")
+    with pytest.raises(TaskError, match="^no task named 'a'; tasks: none$"):
+        model.remove_task("a")
+    model.add_task("a", a)
     with pytest.raises(TaskError, match="unknown task"):
         model.predict_proba(torch.zeros(1, 3, 16, 16), tasks=["zzz"])
     other = MultiTaskModel(planted_backbone(seed=1))
