@@ -54,6 +54,26 @@ def test_auto_mode_caches_only_when_it_pays_off(tmp_path, roomy):
     assert gpu.mode == "streaming" and "forward pass" in gpu.reason
     assert _choose(tmp_path, n=1000, epochs=5, device=torch.device("cuda")).mode == "cached"
     assert _choose(tmp_path, epochs=5, mode="streaming").reason == "asked for"
+    # every choice says what a cache would take (the report shows it)
+    size = cache_bytes(VIT_B, 4000, "float16")
+    assert {c.cache_bytes for c in (_choose(tmp_path, epochs=5), gpu, choice,
+                                    _choose(tmp_path, epochs=5, mode="streaming"))} == {size}
+    assert big.cache_bytes == cache_bytes(VIT_B, 20000, "float16")
+
+
+def test_free_memory_and_disk_are_the_systems():
+    """What the choice is made from: MemAvailable, and the free space where a cache would
+    go (its nearest existing parent)."""
+    import shutil
+
+    psutil = pytest.importorskip("psutil")
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("no /proc/meminfo")
+    assert mode_mod.available_memory() == pytest.approx(psutil.virtual_memory().available,
+                                                        rel=0.25)
+    here = os.path.dirname(__file__)
+    assert mode_mod.free_disk(os.path.join(here, "not", "made")) == pytest.approx(
+        shutil.disk_usage(here).free, rel=0.01)
 
 
 def test_cached_mode_refuses_a_cache_the_disk_cannot_hold(tmp_path, monkeypatch):
