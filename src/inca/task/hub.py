@@ -29,21 +29,6 @@ _MAX_CLASSES_SHOWN = 100
 def model_card(task: Task) -> str:
     """The ``README.md`` of a task folder: YAML front matter for the hub, then Markdown."""
     info = task.backbone_info
-    source = info.get("source") or {}
-    metrics = task.metrics or {}
-    report = task.report
-    front = ["---", "library_name: inca", "tags:",
-             *(f"- {t}" for t in ("inca", "image-classification", "vision", "adapters",
-                                  "frozen-backbone")),
-             "pipeline_tag: image-classification"]
-    base = source.get("hub_id") or (source.get("pretrained")
-                                    and _DINOV2_HUB.get(str(source.get("spec"))))
-    if base:
-        front.append(f"base_model: {json.dumps(base)}")
-    if task.license:
-        front.append(f"license: {task.license}")
-    front += ["metrics:", "- accuracy", *_model_index(task), "---", ""]
-
     name = info.get("name", "?")
     body = [f"# inca task: {len(task.classes)} classes on `{name}`", "",
             "Adapters trained by inca (InCA: cross-attention adapters over the activations "
@@ -54,21 +39,7 @@ def model_card(task: Task) -> str:
             "## Use", "", "```python", "import inca", "",
             'task = inca.Task.from_pretrained("<this repo id or folder>")',
             'task.predict(["image.png"])  # class names', "```", "",
-            "## Backbone", "", f"- name: `{name}`",
-            f"- weights fingerprint: `{info.get('fingerprint', '?')}`"]
-    if source:
-        args = [repr(source.get("spec")),
-                *(f"{k}={v!r}" for k, v in (source.get("kwargs") or {}).items())]
-        body.append(f"- created with: `inca.create_backbone({', '.join(args)})`")
-        body.append(f"- pretrained weights: {'yes' if source.get('pretrained') else 'no'}")
-        for key, label in (("hub_id", "hub id"), ("revision", "revision"),
-                           ("checkpoint_path", "local checkpoint")):
-            if source.get(key):
-                body.append(f"- {label}: `{source[key]}`")
-    prep = info.get("preprocessing") or {}
-    if prep:
-        body.append(f"- input: {prep.get('input_size')} px, mean {prep.get('mean')}, "
-                    f"std {prep.get('std')}, {prep.get('interpolation', 'bicubic')} resize")
+            *_backbone_section(info)]
     shown = ", ".join(f"`{_cell(c)}`" for c in task.classes[:_MAX_CLASSES_SHOWN])
     more = len(task.classes) - _MAX_CLASSES_SHOWN
     body += ["", "## Classes", "", f"{len(task.classes)}: {shown}"
@@ -78,29 +49,71 @@ def model_card(task: Task) -> str:
     for key, layers, member in zip(task.keys, task.member_layers, task.members, strict=True):
         body.append(f"| {_cell(key)} | {_cell(member.spec()['kind'])} | "
                     f"{_cell(', '.join(layers))} | {member.num_parameters():,} |")
-    body += ["", "## Metrics", ""]
-    if metrics.get("val_accuracy") is not None:
-        body.append(f"- validation accuracy ({metrics.get('chosen', 'chosen')}): "
-                    f"{metrics['val_accuracy']:.4f}")
-    for cand, acc in (metrics.get("test_accuracy") or {}).items():
-        if acc is not None:
-            body.append(f"- test accuracy ({cand}; reported, never used to choose): "
-                        f"{acc:.4f}")
-    for step in metrics.get("classes_added") or []:  # inca.add_classes, in order
-        accs = ", ".join(f"{m['val_accuracy']:.4f}" for m in step.get("members", []))
-        body.append(f"- classes added after the fit: {', '.join(map(_cell, step['classes']))} "
-                    f"({step.get('train_samples', '?')} training images; validation "
-                    f"accuracy over every class: {accs})")
-    if body[-1] == "":
-        body.append("No metrics were recorded.")
+    body += ["", "## Metrics", "", *(_metric_lines(task.metrics or {})
+                                     or ["No metrics were recorded."])]
     body += ["", "## License", "", f"`{task.license}`" if task.license else
              "Not stated. The data the adapters were trained on and the backbone's license "
              "decide it: set `task.license` (e.g. `\"apache-2.0\"`) before "
              "`save_pretrained` or `push_to_hub`. inca itself is Apache-2.0."]
-    if report is not None:  # its headings two levels down, under this card's
+    if task.report is not None:  # its headings two levels down, under this card's
         body += ["", "## Fit report", "", *("##" + line if line.startswith("#") else line
-                                             for line in report.to_markdown().splitlines())]
-    return "\n".join(front + body).rstrip() + "\n"
+                                             for line in task.report.to_markdown().splitlines())]
+    return "\n".join(_front_matter(task) + body).rstrip() + "\n"
+
+
+def _front_matter(task: Task) -> list[str]:
+    """The hub's YAML: library, tags, base model, license, metrics and model index."""
+    source = task.backbone_info.get("source") or {}
+    front = ["---", "library_name: inca", "tags:",
+             *(f"- {t}" for t in ("inca", "image-classification", "vision", "adapters",
+                                  "frozen-backbone")),
+             "pipeline_tag: image-classification"]
+    base = source.get("hub_id") or (source.get("pretrained")
+                                    and _DINOV2_HUB.get(str(source.get("spec"))))
+    if base:
+        front.append(f"base_model: {json.dumps(base)}")
+    if task.license:
+        front.append(f"license: {task.license}")
+    return [*front, "metrics:", "- accuracy", *_model_index(task), "---", ""]
+
+
+def _backbone_section(info: dict[str, Any]) -> list[str]:
+    """How the backbone is created again, its weights and its input."""
+    source = info.get("source") or {}
+    lines = ["## Backbone", "", f"- name: `{info.get('name', '?')}`",
+             f"- weights fingerprint: `{info.get('fingerprint', '?')}`"]
+    if source:
+        args = [repr(source.get("spec")),
+                *(f"{k}={v!r}" for k, v in (source.get("kwargs") or {}).items())]
+        lines.append(f"- created with: `inca.create_backbone({', '.join(args)})`")
+        lines.append(f"- pretrained weights: {'yes' if source.get('pretrained') else 'no'}")
+        for key, label in (("hub_id", "hub id"), ("revision", "revision"),
+                           ("checkpoint_path", "local checkpoint")):
+            if source.get(key):
+                lines.append(f"- {label}: `{source[key]}`")
+    prep = info.get("preprocessing") or {}
+    if prep:
+        lines.append(f"- input: {prep.get('input_size')} px, mean {prep.get('mean')}, "
+                     f"std {prep.get('std')}, {prep.get('interpolation', 'bicubic')} resize")
+    return lines
+
+
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """Validation and test accuracies, and the classes added since the fit."""
+    lines = []
+    if metrics.get("val_accuracy") is not None:
+        lines.append(f"- validation accuracy ({metrics.get('chosen', 'chosen')}): "
+                     f"{metrics['val_accuracy']:.4f}")
+    for cand, acc in (metrics.get("test_accuracy") or {}).items():
+        if acc is not None:
+            lines.append(f"- test accuracy ({cand}; reported, never used to choose): "
+                         f"{acc:.4f}")
+    for step in metrics.get("classes_added") or []:  # inca.add_classes, in order
+        accs = ", ".join(f"{m['val_accuracy']:.4f}" for m in step.get("members", []))
+        lines.append(f"- classes added after the fit: {', '.join(map(_cell, step['classes']))} "
+                     f"({step.get('train_samples', '?')} training images; validation "
+                     f"accuracy over every class: {accs})")
+    return lines
 
 
 # The bundled DINOv2 backbones are Meta's checkpoints on the hub.
