@@ -282,9 +282,33 @@ def cross_attention(
     layout = _layout.__wrapped__ if _tracing() else _layout  # as index_tensor
     lay = layout(index, tuple(rows), tuple(skips), n_layers, tokens.device)
 
-    # Keys of every adapter, laid out per layer: (L, W, D). One matmul per layer scores
-    # all of its adapters' query-heads; an extra row of 1/D yields the tokens' means too.
     keys = [fold_keys(p, h) for p, h in zip(parts, heads, strict=True)]  # (K_p, M_p, D)
+    attn, inv_std, mean = _attend(tokens, keys, lay, eps)
+    pooled, centred = _pool(tokens, attn, inv_std, mean)
+    outs = [_project(p, x, c, h)  # x: (K, M, B, D) with M = H·Q, head-major
+            for p, x, c, h in zip(parts, _rows_per_group(pooled, lay, sizes, rows),
+                                  _rows_per_group(centred, lay, sizes, rows), heads,
+                                  strict=True)]
+
+    weights = None
+    if need_weights:  # nn.MultiheadAttention's (B, H, Q, N) layout, per adapter
+        weights = []
+        for p, w, h, sk in zip(parts, _rows_per_group(attn.transpose(1, 2), lay, sizes, rows),
+                               heads, skips, strict=True):  # (K, M, B, N)
+            w = w.reshape(w.shape[0], h, p.query.shape[1], b, n).permute(0, 3, 1, 2, 4)
+            weights.append(w[..., sk:])  # (K, B, H, Q, N - skip)
+    return outs, weights
+
+
+def _attend(tokens: torch.Tensor, keys: list[torch.Tensor], lay: _Layout, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every query-head's softmax over LN(tokens) of its layer, ``(L, B, W, N)``, with the
+    tokens' ``1/σ`` ``(L, B, N)`` and means ``(L, B*N, 1)``.
+
+    The keys of every group are laid out per layer, ``(L, W, D)``: one matmul per layer
+    scores all of its adapters' query-heads, and an extra row of ``1/D`` yields the tokens'
+    means too."""
+    n_layers, b, n, d = tokens.shape
     if lay.regular:  # adapter j of every group reads layer j: groups side by side
         u = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]  # (L, W, D)
     else:  # slots left empty score nothing that is read
@@ -300,39 +324,38 @@ def cross_attention(
     if lay.skip is not None:  # the rows of adapters that skip leading tokens ignore them
         ignored = torch.arange(n, device=tokens.device) < lay.skip  # (L, W, N)
         scores = scores.masked_fill(ignored.unsqueeze(1), float("-inf"))
-    attn = scores.softmax(dim=-1, dtype=_accumulate(scores.dtype))  # (L, B, W, N)
+    return scores.softmax(dim=-1, dtype=_accumulate(scores.dtype)), inv_std, mean
 
-    # Weights on normalized tokens = weights / σ on raw tokens, minus the weighted mean
-    # (kept apart, (L, W, B): subtracting it here would be one more pass over the block).
-    a = compute_input(attn * inv_std.unsqueeze(2), tokens).view(n_layers * b, lay.width, n)
+
+def _pool(tokens: torch.Tensor, attn: torch.Tensor, inv_std: torch.Tensor, mean: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention-weighted raw tokens ``(L, W, B, D)`` and weighted means ``(L, W, B)``.
+
+    Weights on normalized tokens = weights / σ on raw tokens, minus the weighted mean (kept
+    apart: subtracting it here would be one more pass over the block)."""
+    n_layers, b, n, d = tokens.shape
+    width = attn.shape[2]
+    a = compute_input(attn * inv_std.unsqueeze(2), tokens).view(n_layers * b, width, n)
     pooled = torch.bmm(a, tokens.reshape(n_layers * b, n, d))  # (L*B, W, D)
-    pooled = pooled.view(n_layers, b, lay.width, d).transpose(1, 2)  # (L, W, B, D)
+    pooled = pooled.view(n_layers, b, width, d).transpose(1, 2)  # (L, W, B, D)
     centred = torch.bmm(a, mean.reshape(n_layers * b, n, 1))  # Σ_n a_n μ_n / σ_n
-    centred = centred.view(n_layers, b, lay.width).transpose(1, 2)  # (L, W, B)
+    return pooled, centred.view(n_layers, b, width).transpose(1, 2)
 
-    outs = []
-    for p, x, c, h in zip(parts, _rows_per_group(pooled, lay, sizes, rows),
-                          _rows_per_group(centred, lay, sizes, rows), heads,
-                          strict=True):  # x: (K, M, B, D) with M = H·Q, head-major
-        k, q_count, a = x.shape[0], p.query.shape[1], p.v_weight.shape[1]  # A: attention width
-        # The weights sum to 1, so LN's affine applies after the weighted sum.
-        x = torch.addcmul(p.norm_bias[:, None, None, :], x - c.unsqueeze(-1),
-                          p.norm_weight[:, None, None, :])
-        x = x.reshape(k * h, q_count * b, d)  # per head h, its queries' pooled tokens
-        # The projections take their weights as stored (gradients in place, as fold_keys).
-        v = torch.bmm(p.v_weight.reshape(k * h, a // h, d), x.transpose(1, 2))  # W_v,h x
-        v = v.view(k, a, q_count * b) + p.in_proj_bias[:, 2 * a:, None]  # (K, A, Q*B)
-        out = torch.baddbmm(p.out_bias[:, :, None], p.out_weight, v)  # (K, D, Q*B)
-        outs.append(out.view(k, d, q_count, b).permute(0, 3, 2, 1))  # (K, B, Q, D)
 
-    weights = None
-    if need_weights:  # nn.MultiheadAttention's (B, H, Q, N) layout, per adapter
-        weights = []
-        for p, w, h, sk in zip(parts, _rows_per_group(attn.transpose(1, 2), lay, sizes, rows),
-                               heads, skips, strict=True):  # (K, M, B, N)
-            w = w.reshape(w.shape[0], h, p.query.shape[1], b, n).permute(0, 3, 1, 2, 4)
-            weights.append(w[..., sk:])  # (K, B, H, Q, N - skip)
-    return outs, weights
+def _project(p: AttentionParams, x: torch.Tensor, c: torch.Tensor, h: int) -> torch.Tensor:
+    """One group's outputs ``(K, B, Q, D)`` from its pooled tokens ``x`` ``(K, M, B, D)``
+    and weighted means ``c`` ``(K, M, B)``: LN's affine (the weights sum to 1, so it
+    applies after the weighted sum), then the value and output projections, which take
+    their weights as stored (gradients in place, as :func:`fold_keys`)."""
+    k, _, b, d = x.shape
+    q_count, a = p.query.shape[1], p.v_weight.shape[1]  # A: attention width
+    x = torch.addcmul(p.norm_bias[:, None, None, :], x - c.unsqueeze(-1),
+                      p.norm_weight[:, None, None, :])
+    x = x.reshape(k * h, q_count * b, d)  # per head h, its queries' pooled tokens
+    v = torch.bmm(p.v_weight.reshape(k * h, a // h, d), x.transpose(1, 2))  # W_v,h x
+    v = v.view(k, a, q_count * b) + p.in_proj_bias[:, 2 * a:, None]  # (K, A, Q*B)
+    out = torch.baddbmm(p.out_bias[:, :, None], p.out_weight, v)  # (K, D, Q*B)
+    return out.view(k, d, q_count, b).permute(0, 3, 2, 1)  # (K, B, Q, D)
 
 
 def _rows_per_group(x: torch.Tensor, lay: _Layout, sizes: list[int],
