@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from inca.errors import ServerConfigError  # noqa: E402
 from inca.runtime import MultiTaskModel  # noqa: E402
 from inca.runtime import server as server_module  # noqa: E402
+from inca.runtime import transport as transport  # noqa: E402
 from inca.runtime.server import ServerConfig, create_app, public_name  # noqa: E402
 
 
@@ -273,7 +274,7 @@ def test_sigterm_marks_the_app_draining():
 
     app = server_module.FastAPI()
     app.state.draining = False
-    server = server_module._DrainingServer(uvicorn.Config(app))
+    server = transport._DrainingServer(uvicorn.Config(app))
     server.handle_exit(signal.SIGTERM, None)
     assert app.state.draining and server.should_exit
 

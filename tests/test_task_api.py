@@ -187,10 +187,10 @@ def test_cli_predict_and_serve_take_a_backbone_override(tmp_path, monkeypatch):
     res = run(app, ["predict", "--task", str(folder), str(img), "--backbone",
                     f"hf:{tmp_path / 'c'}"])
     assert res.exit_code == 2 and "does not fit" in res.output and "fingerprint" in res.output
-    import inca.runtime.server as server
+    import inca.runtime.transport as transport
 
     served = []
-    monkeypatch.setattr(server, "serve", lambda app_, **kw: served.append(app_))
+    monkeypatch.setattr(transport, "serve", lambda app_, **kw: served.append(app_))
     res = run(app, ["serve", "--task", str(folder), "--backbone", f"hf:{tmp_path / 'b'}",
                     "--device", "cpu", "--port", "0"])  # any free port: nothing listens
     assert res.exit_code == 0 and len(served) == 1, res.output

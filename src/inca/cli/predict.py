@@ -205,7 +205,8 @@ def serve_cmd(
 
     for module in ("uvicorn", "fastapi", "prometheus_client"):
         require(module, "serve", purpose="inca serve")
-    from inca.runtime.server import ServerConfig, create_app, serve
+    from inca.runtime.server import ServerConfig, create_app
+    from inca.runtime.transport import serve
 
     if api_key is None and os.environ.get("INCA_API_KEY") is not None:
         # click reads an empty variable as unset: say so rather than serve without a key

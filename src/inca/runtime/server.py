@@ -6,11 +6,11 @@ the server down (:mod:`~inca.runtime.request`: the body cut off past ``max_uploa
 every image's size checked from its header before any pixel is decoded), and memory freed
 after large requests is handed back to the OS (:mod:`~inca.runtime.memory`).
 
-Served as production servers are (:func:`serve`): a connection limit and deadlines on
-headers, bodies and whole requests; a bounded batch queue and a bounded decode pool that
-answer 503 with ``Retry-After`` when full; bodies parsed off the event loop; ``/livez``,
-``/readyz`` and Prometheus ``/metrics``; a drain on SIGTERM. With an API key, everything
-but ``/livez`` needs it.
+Served as production servers are (:func:`~inca.runtime.transport.serve`): a connection
+limit and deadlines on headers, bodies and whole requests; a bounded batch queue and a
+bounded decode pool that answer 503 with ``Retry-After`` when full; bodies parsed off the
+event loop; ``/livez``, ``/readyz`` and Prometheus ``/metrics``; a drain on SIGTERM. With
+an API key, everything but ``/livez`` needs it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
@@ -39,7 +38,6 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.requests import ClientDisconnect
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from inca.data import build_transform
 from inca.runtime.batcher import Batcher, DecodePool
@@ -55,18 +53,20 @@ from inca.runtime.request import (
     safe_label,
 )
 
-__all__ = ["ServerConfig", "create_app", "serve"]
+__all__ = ["ServerConfig", "create_app"]
 
 log = logging.getLogger("uvicorn.error")
 _PATHS = ("/predict", "/tasks", "/health", "/livez", "/readyz", "/metrics")
 
 
 def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> FastAPI:
-    """A FastAPI app serving ``model``'s tasks (run it with :func:`serve` for the limits on
-    connections and headers, and the drain on SIGTERM).
+    """A FastAPI app serving ``model``'s tasks (run it with
+    :func:`~inca.runtime.transport.serve` for the limits on connections and headers, and
+    the drain on SIGTERM).
 
     Example:
         >>> model = MultiTaskModel.from_paths(["runs/a/task"])  # doctest: +SKIP
+        >>> from inca.runtime.transport import serve
         >>> serve(create_app(model), host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     config = config or ServerConfig()
@@ -98,7 +98,7 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
     app = FastAPIOffline(title="inca", description="InCA task predictions from one shared "
                          "backbone pass", lifespan=lifespan)
     app.state.config, app.state.batcher, app.state.decoder = config, batcher, decoder
-    app.state.memory = memory = MemoryReleaser(config.trim_every_bytes)
+    app.state.memory = MemoryReleaser(config.trim_every_bytes)
     app.state.warm = app.state.draining = False
     metrics.gauges(batcher, decoder, app.state)
     app.add_middleware(_Guard, config=config, metrics=metrics)
@@ -113,6 +113,14 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
                             headers={"Retry-After": str(config.retry_after_s)})
 
     _add_probes(app, model, batcher, metrics, config, backbone)
+    _add_predict(app, model, config, batcher, decoder, metrics, transform)
+    return app
+
+
+def _add_predict(app: FastAPI, model: MultiTaskModel, config: ServerConfig, batcher: Batcher,
+                 decoder: DecodePool, metrics: _Metrics, transform: Any) -> None:
+    """The ``/predict`` route: read, parse and decode off the event loop, then one batched
+    pass."""
 
     @app.post("/predict", openapi_extra=PREDICT_BODY)
     async def predict(request: Request) -> dict[str, Any]:
@@ -124,14 +132,12 @@ def create_app(model: MultiTaskModel, config: ServerConfig | None = None) -> Fas
         del body
         request.scope["inca.tasks"] = wanted
         labels = [label for label, _ in raw]
-        images = await decoder.run(decode_images, raw, transform, config, memory,
+        images = await decoder.run(decode_images, raw, transform, config, app.state.memory,
                                    pixels=pixels)  # its lane: cheap or expensive
         del raw  # the encoded bytes are no longer needed while the pass runs
         metrics.images.inc(len(images))
         probs = await batcher.predict(images)
         return {"predictions": _top_k(model, probs, labels, wanted, top_k)}
-
-    return app
 
 
 def _add_probes(app: FastAPI, model: MultiTaskModel, batcher: Batcher, metrics: _Metrics,
@@ -319,96 +325,3 @@ async def _send_json(send: Any, status: int, detail: str, config: ServerConfig,
         headers.append((b"retry-after", str(config.retry_after_s).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def _raw(status: int, reason: str, detail: str, retry_after: int | None = None) -> bytes:
-    """A whole HTTP answer as bytes, for a connection that sent no complete request."""
-    body = json.dumps({"detail": detail}).encode()
-    retry = f"retry-after: {retry_after}\r\n" if retry_after else ""
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n{retry}\r\n").encode() + body
-
-
-class _Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a connection limit and a deadline for request headers:
-    from the connection's opening, and on a kept-alive one from the next request's first
-    bytes (idle, it is closed after ``keep_alive_s``)."""
-
-    limits = ServerConfig()
-    _timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
-            transport.write(_raw(503, "Service Unavailable", "too many connections; retry "
-                                 "later", self.limits.retry_after_s))
-            transport.close()
-            return
-        self._arm()
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(self.limits.header_timeout_s, self._late, self.cycle)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _late(self, cycle: Any) -> None:
-        """No new request since ``cycle`` (None: the first): the headers are too slow."""
-        self._timer = None
-        if (self.cycle is cycle and (cycle is None or cycle.response_complete)
-                and not self.transport.is_closing()):
-            self.transport.write(_raw(408, "Request Timeout", "the request headers did not "
-                                      f"arrive within {self.limits.header_timeout_s:g} s"))
-            self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        if self._timer is None and (self.cycle is None or self.cycle.response_complete):
-            self._arm()  # a new request's first bytes
-        super().data_received(data)
-
-    def handle_events(self) -> None:
-        before = self.cycle
-        super().handle_events()
-        if self.cycle is not before:  # a request's headers are in
-            self._disarm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-
-class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, marking the app as draining (``/readyz`` 503) on SIGTERM/SIGINT."""
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self.config.app.state.draining = True
-        super().handle_exit(sig, frame)
-
-
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "warning") -> None:
-    """Run ``app`` (from :func:`create_app`) until SIGTERM or SIGINT, with its config's
-    limits; then stop accepting, answer what is in flight within ``drain_timeout_s``, and
-    return."""
-    config: ServerConfig = app.state.config
-    _raise_fd_limit(config.max_connections + 256)
-    protocol = type("LimitedH11Protocol", (_Protocol,), {"limits": config})
-    _DrainingServer(uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, http=protocol,
-        timeout_keep_alive=config.keep_alive_s,  # type: ignore[arg-type] - a float works
-        timeout_graceful_shutdown=config.drain_timeout_s)).run()  # type: ignore[arg-type]
-
-
-def _raise_fd_limit(wanted: int) -> None:
-    """Lift the soft limit on open files towards ``wanted`` (within the hard limit)."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
