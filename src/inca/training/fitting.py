@@ -25,7 +25,7 @@ from inca.task import Task, selection_key
 from inca.training.bank import AdapterBank
 from inca.training.config import FitConfig
 from inca.training.loop import BankResult, train_bank
-from inca.training.mode import choose_mode
+from inca.training.mode import ModeChoice, choose_mode
 from inca.training.plan import MemberSpec, plan_members
 from inca.training.probe import probe_baseline, probe_features
 from inca.training.report import build_report
@@ -155,15 +155,9 @@ def fit(
         ...                 layers="all", epochs=10)  # doctest: +SKIP
         >>> task.report.to_markdown()  # doctest: +SKIP
     """
-    config = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
-    config.__post_init__()
     ctx = context()  # one process, or one rank of torchrun's N
     progress = progress and ctx.is_main
-    if device is not None:
-        backbone.to(resolve_device(ctx.device(device)))
-    ctx.agree(backbone.fingerprint(), "backbone weights", _SAME_WEIGHTS)
-    precision = Precision(config.precision, backbone.device)
-    config = replace(config, precision=precision.name)  # recorded as resolved
+    config, precision = _settle(backbone, config, overrides, device, ctx)
     layers = backbone.resolve_layers(config.layers)
     from inca.data import as_image_dataset  # torchvision, Hugging Face, lists of pairs ...
 
@@ -173,12 +167,7 @@ def fit(
     shapes = token_shapes(backbone, layers, config.token_grid)
     splits = _splits(train, val, test, config)
     with _cache_root(cache_dir, ctx) as root:
-        images = sum(len(ds) for ds in {id(ds): ds for ds, _ in splits.values()}.values())
-        mode = ctx.broadcast_object(  # rank 0's choice, made on its disk and device
-            choose_mode(config, shapes, backbone.num_prefix_tokens, images, root,
-                        backbone.device) if ctx.is_main else None)
-        if progress:
-            tqdm.write(f"mode: {mode.mode} ({mode.reason})")
+        mode = _mode(backbone, splits, shapes, config, root, ctx, progress)
         sources, extract_s = _sources(backbone, splits, layers, config, mode.mode, root,
                                       progress, num_workers, precision)
         train_src, val_src, test_src = sources["train"], sources["val"], sources.get("test")
@@ -188,11 +177,7 @@ def fit(
         result = train_bank(bank, train_src, val_src, config, progress=progress,
                             precision=precision)
 
-        candidates = [best_member(result, config.select_by)]
-        if len(result.members) > 1 and config.ensemble_k > 1:
-            candidates.append(top_k_ensemble(result, config.ensemble_k, config.select_by))
-        if config.soup:
-            candidates += soups(bank, result, val_src, config.batch_size, precision)
+        candidates = _candidates(bank, result, val_src, config, precision)
         chosen = min(candidates, key=lambda c: c.key(config.select_by))
         task = _task_from(chosen, bank, result, classes, backbone, config)
 
@@ -217,6 +202,42 @@ def fit(
     task.metrics = report.summary()
     task.report = report
     return task
+
+
+def _settle(backbone: Backbone, config: FitConfig | None, overrides: dict[str, Any],
+            device: str | torch.device | None, ctx: Dist) -> tuple[FitConfig, Precision]:
+    """The config with its overrides, checked; the backbone on its device (the same weights
+    on every rank); the precision resolved there, and recorded in the config."""
+    config = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
+    config.__post_init__()
+    if device is not None:
+        backbone.to(resolve_device(ctx.device(device)))
+    ctx.agree(backbone.fingerprint(), "backbone weights", _SAME_WEIGHTS)
+    precision = Precision(config.precision, backbone.device)
+    return replace(config, precision=precision.name), precision
+
+
+def _mode(backbone: Backbone, splits: dict[str, Any], shapes: dict[str, tuple[int, int]],
+          config: FitConfig, root: Path, ctx: Dist, progress: bool) -> ModeChoice:
+    """Cached or streaming: rank 0's choice, made on its disk and device, for every rank."""
+    images = sum(len(ds) for ds in {id(ds): ds for ds, _ in splits.values()}.values())
+    mode = ctx.broadcast_object(
+        choose_mode(config, shapes, backbone.num_prefix_tokens, images, root,
+                    backbone.device) if ctx.is_main else None)
+    if progress:
+        tqdm.write(f"mode: {mode.mode} ({mode.reason})")
+    return mode
+
+
+def _candidates(bank: AdapterBank, result: BankResult, val: Any, config: FitConfig,
+                precision: Precision) -> list[Candidate]:
+    """What the task may be: the best member, the top-k ensemble, the soups."""
+    candidates = [best_member(result, config.select_by)]
+    if len(result.members) > 1 and config.ensemble_k > 1:
+        candidates.append(top_k_ensemble(result, config.ensemble_k, config.select_by))
+    if config.soup:
+        candidates += soups(bank, result, val, config.batch_size, precision)
+    return candidates
 
 
 def _build_bank(backbone: Backbone, layers: list[str], config: FitConfig,
