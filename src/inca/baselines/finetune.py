@@ -294,20 +294,8 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
     scaler = precision.grad_scaler()
     for epoch in range(config.epochs):
         _set_mode(tuned, config, True)
-        loss_sum = torch.zeros((), device=device)
-        for x, y in loaders.train:
-            x, y = to_model_input(x, tuned.preprocessing, device), y.to(device, non_blocking=True)
-            with precision.autocast():
-                logits = head(_features(tuned, x))
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            loss_sum += loss.detach()
-            bar.update(1)
-        epoch_loss = float(loss_sum) / max(len(loaders.train), 1)  # the epoch's one wait
+        epoch_loss = _epoch(tuned, head, loaders.train, optimizer, schedule, scaler, precision,
+                            config, bar)
         if not math.isfinite(epoch_loss):
             raise TrainingError(f"{config.method} fine-tuning: the loss became {epoch_loss} "
                                 f"at epoch {epoch + 1}; lower the learning rates")
@@ -332,6 +320,29 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
                           sum(p.numel() for p in trained) + head_params,
                           _stored_bytes(tuned, config, trained, head_params), history,
                           tuned, head)
+
+
+def _epoch(tuned: Backbone, head: nn.Module, loader: DataLoader,
+           optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+           scaler: Any, precision: Precision, config: FineTuneConfig, bar: Any) -> float:
+    """One pass over the training data: each step's forward and loss in its autocast
+    region, then the scaled backward and step. Returns the mean training loss (the epoch's
+    one wait for the device)."""
+    loss_sum = torch.zeros((), device=tuned.device)
+    for x, y in loader:
+        x = to_model_input(x, tuned.preprocessing, tuned.device)
+        y = y.to(tuned.device, non_blocking=True)
+        with precision.autocast():
+            logits = head(_features(tuned, x))
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        loss_sum += loss.detach()
+        bar.update(1)
+    return float(loss_sum) / max(len(loader), 1)
 
 
 class _Loaders:
