@@ -213,15 +213,12 @@ def _fit_replacing(run: Any, cache_root: Path, overwrite: bool) -> Any:
     return run()
 
 
-def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, dtype: Any,
-              *, bb_kwargs: dict, limit: int | None, test_limit: int | None,
-              val_data: str | None, test_data: str | None, columns: dict,
-              num_workers: int | None, overwrite: bool, drop_cache: bool = False,
-              quiet: bool = False) -> None:
-    """``inca fit`` once its run folder is locked; ``quiet``: the final line only."""
-    from inca.backbones import create_backbone
+def _splits(data: str, val_data: str | None, test_data: str | None, config: FitConfig, *,
+            limit: int | None, test_limit: int | None, columns: dict, say: Any
+            ) -> tuple[Any, Any, Any]:
+    """The training, validation and test data sets ``inca fit`` reads (validation and test
+    ``None`` when there are none), each named on the way."""
     from inca.data import has_split, load_dataset
-    from inca.training import fit
 
     train = load_dataset(data, split="train", limit=limit, seed=config.seed, **columns)
     val = None
@@ -229,7 +226,6 @@ def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, 
         val = load_dataset(val_data, split="val", **columns)
     elif has_split(data, "val"):  # a val/ folder, a validation split
         val = load_dataset(data, split="val", **columns)
-    say = typer.echo if context().is_main and not quiet else (lambda *_: None)
     say(f"validation: {val.name} ({len(val)} images)" if val is not None else
         f"validation: {config.val_fraction:.0%} of the training data, stratified")
     test = None
@@ -243,6 +239,21 @@ def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, 
             say(f"no test split evaluated ({e})")  # e.g. a hub test split without labels
     elif test_limit != 0:
         say(f"no test split evaluated ({data} has none; pass --test-data)")
+    return train, val, test
+
+
+def _fit_into(out: Path, backbone: str, data: str, config: FitConfig, dev: Any, dtype: Any,
+              *, bb_kwargs: dict, limit: int | None, test_limit: int | None,
+              val_data: str | None, test_data: str | None, columns: dict,
+              num_workers: int | None, overwrite: bool, drop_cache: bool = False,
+              quiet: bool = False) -> None:
+    """``inca fit`` once its run folder is locked; ``quiet``: the final line only."""
+    from inca.backbones import create_backbone
+    from inca.training import fit
+
+    say = typer.echo if context().is_main and not quiet else (lambda *_: None)
+    train, val, test = _splits(data, val_data, test_data, config, limit=limit,
+                               test_limit=test_limit, columns=columns, say=say)
     held = folder_bytes(out / "cache")
     if held:
         say(f"activation cache: {out / 'cache'} holds {human_bytes(held)} from an earlier run; "
