@@ -300,12 +300,16 @@ class _Guard:
             state["status"] = state["status"] or 500
             raise
         finally:
-            status = str(state["status"] or 499)
-            label = path if path in _PATHS else "other"
-            self.metrics.requests.labels(label, status).inc()
-            self.metrics.latency.labels(label).observe(time.monotonic() - started)
-            for task in scope["inca.tasks"]:
-                self.metrics.task_requests.labels(task, status).inc()
+            self._count(path, state["status"] or 499, time.monotonic() - started,
+                        scope["inca.tasks"])
+
+    def _count(self, path: str, status: int, seconds: float, tasks: list[str]) -> None:
+        """A request in the metrics: by path and status, its latency, and per task."""
+        label = path if path in _PATHS else "other"
+        self.metrics.requests.labels(label, str(status)).inc()
+        self.metrics.latency.labels(label).observe(seconds)
+        for task in tasks:
+            self.metrics.task_requests.labels(task, str(status)).inc()
 
 
 def _key_ok(scope: dict, config: ServerConfig) -> bool:
