@@ -56,21 +56,11 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
         if progress:
             print(f"  {label} seed {job['seed']} failed: {error}", flush=True)
 
-    extraction: dict[str, Any] = {}
-    extraction_error = None
     with tempfile.TemporaryDirectory(prefix="inca-compare-") as tmp:
         root = Path(config.workdir or tmp) / "cache"
         base = {"config": asdict(config), "cache_root": str(root)}
         cheap = [m for m in config.methods if m not in EXPENSIVE]
-        if cheap:
-            if progress:
-                print("extracting every layer once for " + ", ".join(cheap), flush=True)
-            try:
-                extraction = run_in_child({**base, "method": "extract", "seed": 0})[0]
-            except Exception as e:  # noqa: BLE001 - recorded against every method needing it
-                extraction_error = f"the shared extraction failed: {error_text(e)}"
-                if progress:
-                    print(f"  {extraction_error}", flush=True)
+        extraction, extraction_error = _shared_extraction(base, cheap, progress)
         jobs = _jobs(config, {**base, "extraction": extraction}, cheap)
         for i, job in enumerate(jobs):
             if progress:
@@ -97,6 +87,23 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
                                    if r["method"] == "full" and r["seed"] == 0), None),
             "backbone": backbone_info,
             "summary": summarise(runs, backbone_info["bytes"])}
+
+
+def _shared_extraction(base: dict[str, Any], cheap: list[str], progress: bool
+                       ) -> tuple[dict[str, Any], str | None]:
+    """Every layer extracted once, in a child process, for the methods that read a cache
+    (``cheap``); what it recorded, or ``{}`` and why it failed."""
+    if not cheap:
+        return {}, None
+    if progress:
+        print("extracting every layer once for " + ", ".join(cheap), flush=True)
+    try:
+        return run_in_child({**base, "method": "extract", "seed": 0})[0], None
+    except Exception as e:  # noqa: BLE001 - recorded against every method needing it
+        error = f"the shared extraction failed: {error_text(e)}"
+        if progress:
+            print(f"  {error}", flush=True)
+        return {}, error
 
 
 def _check_inputs(config: CompareConfig) -> dict[str, Any]:
