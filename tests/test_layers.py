@@ -64,6 +64,26 @@ def test_no_module_is_too_long():
     assert not long, f"modules over ~400 lines (split them by job): {long}"
 
 
+def _body_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function's body, its docstring aside (nested functions included)."""
+    body = fn.body
+    if isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None),
+                                                     ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    return body[-1].end_lineno - body[0].lineno + 1 if body else 0
+
+
+def test_no_function_is_too_long():
+    """A long function hides its steps; name them (the module cap alone moved complexity
+    into long functions)."""
+    long = {f"{p.relative_to(SRC)}:{node.lineno} {node.name}": n
+            for p in SRC.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and (n := _body_lines(node)) > 50}
+    assert not long, f"functions over 50 body lines (split them into named steps): {long}"
+
+
 def _runtime_imports(path: Path) -> set[str]:
     """``imports(path)`` without those under ``if TYPE_CHECKING:`` (annotations only)."""
     tree = ast.parse(path.read_text())
