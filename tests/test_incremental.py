@@ -110,3 +110,63 @@ def test_cli_add_classes_extends_a_saved_task(tmp_path):
                     "--num-workers", "0"])
     assert res.exit_code == 2 and "already holds a task" in res.output
     assert "adapters:" not in res.output  # refused before any training
+
+
+def test_classes_added_twice_keep_the_tasks_settings_and_their_record(phase1, monkeypatch):
+    """A given validation set is the one used; the task's keys, token grid, license and
+    report carry over; the precision is the call's; each addition is recorded, in order."""
+    bb, task = phase1
+    monkeypatch.setattr(task, "license", "apache-2.0")
+    c2 = _only(planted_data(160, 2), ["c0", "c1", "c2"], "with c2")
+    c2_val = _only(planted_data(90, 4), ["c0", "c1", "c2"], "c2 val")
+    once = inca.add_classes(task, c2, val=c2_val, epochs=1, batch_size=32, lrs=(1e-2,),
+                            precision="32", progress=False)
+    assert once.classes == ["c0", "c1", "c2"] and once.precision == "32"
+    assert (once.keys, once.token_grid, once.license, once.report) == (
+        task.keys, task.token_grid, "apache-2.0", task.report)
+    first = once.metrics["classes_added"][0]
+    assert first["val_samples"] == len(c2_val) and first["train_samples"] == len(c2)
+    twice = inca.add_classes(once, _only(planted_data(160, 3), ["c2", "c3"], "with c3"),
+                             epochs=1, batch_size=32, lrs=(1e-2,), progress=False)
+    assert twice.classes == ["c0", "c1", "c2", "c3"]
+    assert [a["classes"] for a in twice.metrics["classes_added"]] == [["c2"], ["c3"]]
+    assert twice.metrics["val_accuracy"] == task.metrics["val_accuracy"]  # the fit's own
+
+
+@pytest.mark.parametrize("count, shown", [(5, "c0, c1, c2, c3, c4)"),
+                                          (6, "c0, c1, c2, c3, c4 ...)")])
+def test_nothing_to_add_names_the_tasks_classes_briefly(phase1, count, shown):
+    from inca.adapters import create_adapter
+
+    bb, _ = phase1
+    classes = [f"c{i}" for i in range(count)]
+    task = inca.Task([create_adapter("open_inca", embed_dim=bb.embed_dims["block1"],
+                                     num_classes=count)], [["block1"]], classes,
+                     bb.describe(), backbone=bb)
+    with pytest.raises(TrainingError) as info:
+        inca.add_classes(task, _only(planted_data(32, 3), ["c0", "c1"], "same"),
+                         progress=False)
+    assert str(info.value).endswith(f"(it has {count}: {shown}")
+
+
+def test_new_classes_learn_from_the_tokens_the_task_predicts_from(monkeypatch):
+    """A task fitted on tokens pooled to a grid: the new classes train on the same pooled
+    tokens (not the backbone's full set), and the grid is kept."""
+    from inca.training import incremental
+
+    bb = planted_backbone()
+    task = inca.fit(bb, _only(planted_data(96, 0), ["c0", "c1"], "old"), layers=["block1"],
+                    kinds=("open_inca",), lrs=(1e-2,), epochs=1, batch_size=32,
+                    token_grid=2, progress=False, mode="streaming")
+    seen, extend = [], incremental.extend_adapters
+
+    def spy(members, layers, new, train, val, *args, **kwargs):
+        seen.append(next(train.batches(4))[0]["block1"].shape[1])
+        return extend(members, layers, new, train, val, *args, **kwargs)
+
+    monkeypatch.setattr(incremental, "extend_adapters", spy)
+    ext = inca.add_classes(task, planted_data(96, 2), epochs=1, batch_size=32,
+                           lrs=(1e-2,), progress=False)
+    assert task.token_grid == ext.token_grid == 2 and seen == [4]  # 2 x 2, not 16
+    with pytest.raises(TrainingError, match="pooled to token_grid=2.*drop token_grid"):
+        inca.add_classes(task, planted_data(96, 2), token_grid=4, progress=False)

@@ -95,7 +95,8 @@ def add_classes(task: Task, train: Any, val: Any = None, config: FitConfig | Non
             name, and those the task lacks are added (in ``train``'s order).
         val: validation data (default: ``config.val_fraction`` of ``train``).
         config: epochs, batch size, the learning-rate grid (the best rate of each member
-            chosen on validation), precision.
+            chosen on validation), precision. The tokens are the task's (its
+            ``token_grid``, whatever the config says).
         progress: show progress bars.
         num_workers: data-loading workers.
         **overrides: fields of :class:`FitConfig`, e.g. ``epochs=5``.
@@ -125,7 +126,12 @@ def add_classes(task: Task, train: Any, val: Any = None, config: FitConfig | Non
     if task.backbone is None:
         raise TrainingError("the task has no backbone: load it with inca.load_task(path), "
                             "which creates it, or pass backbone=")
-    config = replace(config or FitConfig(), **overrides)
+    # the new classes learn from the tokens the task predicts from: its grid, if pooled
+    grid = overrides.pop("token_grid", task.token_grid)
+    if grid != task.token_grid:
+        raise TrainingError(f"the task reads tokens pooled to token_grid={task.token_grid}; "
+                            "new classes learn from the same tokens: drop token_grid")
+    config = replace(config or FitConfig(), **overrides, token_grid=task.token_grid)
     data = as_image_dataset(train)
     new = [c for c in data.classes if c not in task.classes]
     if not new:
