@@ -322,6 +322,66 @@ def test_save_pretrained_from_pretrained_push_to_hub(fitted, tmp_path, monkeypat
         Task.from_pretrained(tmp_path / "nothing")  # a path: never the hub
 
 
+def test_push_and_download_pass_every_option_to_the_hub(fitted, tmp_path, monkeypatch):
+    """What the user asks for reaches huggingface_hub: the token, privacy, branch, commit
+    message and pull request on upload; the revision, token and cache folder on download;
+    a refusal is one line naming its first cause."""
+    import huggingface_hub
+
+    from inca._version import __version__
+
+    _, task = fitted
+    seen: dict[str, Any] = {}
+
+    class Api:
+        def __init__(self, **kw):
+            seen["api"] = kw
+
+        def create_repo(self, repo_id, **kw):
+            seen["repo"] = (repo_id, kw)
+
+        def create_branch(self, repo_id, **kw):
+            seen["branch"] = (repo_id, kw)
+
+        def upload_folder(self, **kw):
+            seen["upload"] = {**kw, "files": sorted(p.name for p in kw["folder_path"].iterdir())}
+            if kw["commit_message"] == "fail":
+                raise OSError("403 Forbidden\nmore detail")
+            return "commit"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    assert task.push_to_hub("me/t", token="t0k", private=True, revision="v2",
+                            commit_message="first", create_pr=True) == "commit"
+    assert seen["api"] == {"token": "t0k", "library_name": "inca",
+                           "library_version": __version__}
+    assert seen["repo"] == ("me/t", {"private": True, "exist_ok": True})
+    assert seen["branch"] == ("me/t", {"branch": "v2", "exist_ok": True})
+    upload = seen["upload"]
+    assert (upload["repo_id"], upload["commit_message"], upload["revision"],
+            upload["create_pr"]) == ("me/t", "first", "v2", True)
+    assert upload["files"] == sorted([TASK_CARD, TASK_JSON, TASK_REPORT, TASK_WEIGHTS])
+    assert sorted(upload["allow_patterns"]) == sorted(upload["delete_patterns"]) == upload[
+        "files"]
+    seen.clear()
+    task.push_to_hub("me/t")
+    assert "branch" not in seen and seen["upload"]["revision"] is None
+    with pytest.raises(TaskError, match=r"repo 'me/t' failed \(403 Forbidden\); check"):
+        task.push_to_hub("me/t", commit_message="fail")
+
+    def snapshot_download(repo_id, **kw):
+        seen["download"] = (repo_id, kw)
+        raise OSError()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(TaskError, match=r"downloading it as a Hugging Face hub repo failed "
+                                        r"\(OSError\)"):
+        Task.from_pretrained("me/t", revision="r1", token="t0k", cache_dir=tmp_path / "hf")
+    repo, kw = seen["download"]
+    assert (repo, kw["revision"], kw["token"], kw["cache_dir"]) == (
+        "me/t", "r1", "t0k", tmp_path / "hf")
+    assert kw["library_version"] == __version__
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_files_get_ordinary_modes(fitted, tmp_path, umask):
     old = os.umask(umask)
