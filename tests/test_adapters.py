@@ -188,6 +188,9 @@ def test_parameter_counts_by_formula():
     assert open_inca.num_parameters(trainable_only=True) == 3 * (2 * d + 1)
     stack = StackedInCA(4, d, c)
     assert stack.num_parameters() == 4 * InCAAdapter(d, c).num_parameters()
+    stack.query.requires_grad_(False)
+    # four members' one query each, frozen: left out of the trainable count
+    assert stack.num_parameters(trainable_only=True) == stack.num_parameters() - 4 * d
     assert parameter_report(inca, nn.Linear(100, 100))["backbone_parameters"] == 10100
 
 
@@ -247,6 +250,13 @@ def test_invalid_inputs_are_refused():
         probe([torch.randn(B, N, D)])
     with pytest.raises(AdapterError, match="either config= or"):
         create_adapter("inca", embed_dim=D, num_classes=C, config=InCAConfig(), num_heads=2)
+    stack = StackedInCA(2, D, C)
+    with pytest.raises(AdapterError, match=r"tokens must be \(B, N, 32\) or"):
+        stack(torch.randn(2, B, 0, D))  # no tokens at all
+    out = stack.attend(torch.randn(2, B, N, D))  # the weights only when asked for
+    assert isinstance(out, torch.Tensor) and out.shape == (2, B, 1, D)
+    out, weights = stack.attend(torch.randn(2, B, N, D), need_weights=True)
+    assert weights.shape == (2, B, stack.config.num_heads, 1, N)
 
 
 def test_create_adapter_with_config_object_and_dtype():

@@ -260,6 +260,8 @@ def test_summary_table_and_files_of_a_report(tmp_path):
                                                 "linear_probe": 0.84},
         "linear_probe": {"key": "linear/blocks.3/lr=0.01", "val_accuracy": 0.85,
                          "val_loss": 0.48}}
+    assert [m["class"] for m in report.per_class_metrics()] == CLASSES
+    assert FitReport.from_dict(full_report(per_class={})).per_class_metrics() == []
     table = report.to_pandas()
     assert table["layers"].tolist()[-1] == "blocks.0, blocks.3"
     assert table["chosen"].tolist() == [True, True, False, False, False, False]

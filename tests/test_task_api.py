@@ -451,6 +451,9 @@ def test_predict_takes_one_image_or_many_in_every_common_form(fitted, tmp_path):
     grey = rng.integers(0, 256, (20, 24), dtype=np.uint8)
     torch.testing.assert_close(task.predict_proba(grey),
                                task.predict_proba(Image.fromarray(grey).convert("RGB")))
+    for shape in (grey.shape + (1,), (1,) + grey.shape):  # one channel, last or first
+        torch.testing.assert_close(task.predict_proba([grey.reshape(shape)]),
+                                   task.predict_proba(grey), msg=str(shape))
     assert task.predict(str(paths[0])) == task.predict([paths[0]])
     with pytest.raises(TaskError, match=r"got shape \(2, 20, 24, 5\)"):
         task.predict_proba([np.zeros((2, 20, 24, 5), dtype=np.uint8)])
