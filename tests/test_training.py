@@ -405,3 +405,28 @@ def test_early_stopping_after_patience_epochs_without_improvement(patience, impr
     res = train_bank(token_bank(config), token_source(32, 0), token_source(16, 1), config,
                      progress=False)
     assert res.epochs_run == epochs_run == len(res.history)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("token_grid", 0, "token_grid must be positive, got 0"),
+    ("warmup_epochs", float("inf"), "patience, weight_decay and warmup_epochs must be >= 0"),
+    ("weight_decay", -1e-3, "patience, weight_decay and warmup_epochs must be >= 0"),
+    ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\), got 1.0"),
+    ("cache_budget_gb", -1.0, "cache_budget_gb must be >= 0, got -1.0"),
+    ("val_fraction", 1.0, r"val_fraction must be in \(0, 1\), got 1.0"),
+    ("val_fraction", 0.0, r"val_fraction must be in \(0, 1\), got 0.0"),
+    ("cache_dtype", "int8", "cache_dtype must be float16 or float32, got 'int8'"),
+    ("lrs", (1e-3, 0.0), r"lrs must be positive finite numbers, got \[0.001, 0.0\]"),
+    ("epochs", 0, "epochs must be at least 1, got 0"),
+])
+def test_fit_config_refuses_values_out_of_bounds_by_name(field, value, message):
+    from inca.training import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        FitConfig(**{field: value})
+
+
+def test_fit_config_accepts_the_edges_of_its_bounds():
+    config = FitConfig(token_grid=1, label_smoothing=0.0, warmup_epochs=0, weight_decay=0.0,
+                       cache_budget_gb=0.0, val_fraction=0.01, patience=0, epochs=1)
+    assert (config.token_grid, config.label_smoothing, config.cache_budget_gb) == (1, 0.0, 0.0)
