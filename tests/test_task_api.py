@@ -502,3 +502,19 @@ def test_to_module_exports_with_torch_export(module_task):
     if dynamic:
         x5 = torch.randn(5, 3, SIZE, SIZE)
         torch.testing.assert_close(program.module()(x5), module(x5))
+
+
+def test_a_given_backbone_is_checked_then_moved_and_a_mismatch_says_what_differs(tmp_path):
+    from inca.task.backbone import check_backbone, task_backbone
+
+    bb = make_backbone("timm-vit", tmp_path)
+    info = bb.describe()
+    assert task_backbone(info, bb, dtype=torch.float64) is bb  # only a dtype: still moved
+    assert {p.dtype for p in bb.parameters()} == {torch.float64}
+    trained = {**info, "fingerprint": "0" * 16,
+               "source": {**info["source"], "pretrained": True, "revision": "v1"}}
+    with pytest.raises(TaskError) as e:
+        check_backbone(trained, bb, what="task 't'")
+    assert "task 't' does not fit backbone" in str(e.value)
+    assert "pretrained False != True it was trained with" in str(e.value)
+    assert "revision None != 'v1' it was trained with" in str(e.value)
