@@ -33,6 +33,9 @@ def test_bank_picks_the_planted_layer_and_beats_last_layer_probe(planted_fit):
     chosen_layers = {ly for ls in task.member_layers for ly in ls}
     assert chosen_layers <= {"stem", "block1"}
     assert report.linear_probe["key"].startswith("linear/block3/")
+    last = [r for r in report.rows if r["kind"] == "linear" and r["layers"] == ["block3"]]
+    best = min(last, key=lambda r: (-r["val_accuracy"], r["val_loss"]))  # by validation
+    assert report.linear_probe["key"] == best["key"]
     assert report.val_accuracy > 0.85
     assert report.val_accuracy > report.linear_probe["val_accuracy"] + 0.3
     assert report.test_accuracy[report.chosen] > report.test_accuracy["linear_probe"] + 0.3
@@ -341,3 +344,20 @@ def test_a_task_of_windowed_mlp_or_patch_adapters_round_trips(kinds, tmp_path):
     model.add_task("a", tmp_path / "t")
     torch.testing.assert_close(model.predict_proba(x)["a"], task.predict_proba(x),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("select_by, chosen", [("accuracy", 3), ("loss", 2)])
+def test_the_banks_linear_baseline_is_its_best_last_layer_probe(select_by, chosen):
+    """Among the last layer's linear members (not another kind, not another layer), the
+    one validation prefers by the selection's measure; the first in the bank on a tie."""
+    from types import SimpleNamespace as NS
+
+    from inca.training.fitting import _linear_probe_baseline
+
+    specs = [NS(kind="linear", layers=("a",)), NS(kind="inca", layers=("b",)),
+             NS(kind="linear", layers=("b",)), NS(kind="linear", layers=("b",)),
+             NS(kind="linear", layers=("b",))]
+    scores = [(0.99, 0.01), (0.99, 0.01), (0.80, 0.30), (0.85, 0.50), (0.85, 0.50)]
+    result = NS(members=[NS(val_accuracy=a, val_loss=lo) for a, lo in scores])
+    assert _linear_probe_baseline(NS(specs=specs), result, ["a", "b"], select_by) == chosen
+    assert _linear_probe_baseline(NS(specs=specs[:2]), result, ["a", "b"], select_by) is None
