@@ -548,3 +548,30 @@ def test_sigterm_drains_what_is_in_flight_then_exits(digits_task, tmp_path):
         stalled.close()
         if proc.poll() is None:
             stop_serve(proc)
+
+
+def test_a_client_that_leaves_mid_body_is_counted_not_answered(make_client):
+    """A disconnect while the body is read: nothing is sent (nobody is listening), no
+    error escapes, and /metrics counts it as 499 (nginx's 'client closed request')."""
+    import asyncio
+
+    c, app, _ = make_client()
+    messages = iter([{"type": "http.request", "body": b"--x\r\n", "more_body": True},
+                     {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/predict", "raw_path": b"/predict",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 9),
+             "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"multipart/form-data; boundary=x")]}
+    asyncio.run(app(scope, receive, send))
+    assert sent == []
+    text = c.get("/metrics").text
+    assert metric(text, "inca_http_requests_total", path="/predict", status="499") == 1
