@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tokens import LAYERS, C, D, N, token_bank, token_source
@@ -200,6 +202,29 @@ def test_wide_layers_get_a_narrow_attention():
     assert full.config.attn_dim == 320 and full.num_parameters() > 0.1 * 3_500_000
     assert build_adapter(spec, embed_dims={"stage": 320}, num_prefix_tokens=0,
                          num_classes=10).config.attn_dim == 320  # no backbone size given
+
+
+@pytest.mark.parametrize("d, classes, queries, backbone", [
+    (320, 10, 1, 3_500_000), (320, 100, 2, 5_000_000), (512, 10, 4, 9_000_000),
+    (1280, 1000, 1, 60_000_000)])
+def test_the_narrowed_attention_is_the_widest_that_fits(d, classes, queries, backbone):
+    """Counted on the adapters themselves: the width chosen fits the budget, 16 more
+    would not (unless it is already the least, 16)."""
+    from inca.adapters import create_adapter
+
+    def params(a: int) -> int:
+        return create_adapter("inca", embed_dim=d, num_classes=classes, num_queries=queries,
+                              attn_dim=a, num_heads=1).num_parameters()
+
+    a = narrow_attention(d, classes, queries, backbone)
+    budget = MAX_ADAPTER_SHARE * backbone
+    assert a is not None and a % 16 == 0 and 16 <= a < d
+    assert params(a) <= budget or a == 16
+    assert a + 16 >= d or params(a + 16) > budget
+    # at full width: None exactly when the whole adapter fits
+    full = params(d)
+    assert narrow_attention(d, classes, queries, math.ceil(full / MAX_ADAPTER_SHARE)) is None
+    assert narrow_attention(d, classes, queries, int(full / MAX_ADAPTER_SHARE) - 1) is not None
 
 
 def test_time_budget_sets_the_epochs_after_timing_the_first():
