@@ -361,3 +361,68 @@ def test_the_banks_linear_baseline_is_its_best_last_layer_probe(select_by, chose
     result = NS(members=[NS(val_accuracy=a, val_loss=lo) for a, lo in scores])
     assert _linear_probe_baseline(NS(specs=specs), result, ["a", "b"], select_by) == chosen
     assert _linear_probe_baseline(NS(specs=specs[:2]), result, ["a", "b"], select_by) is None
+
+
+def test_fit_from_one_folder_scores_every_candidate_on_its_test_split(tmp_path, monkeypatch):
+    """A folder with train/ and test/ given as both ``train`` and ``test``: each is read from
+    its own split; every soup's test accuracy is its own task's, the chosen task's confusion
+    matrix is counted on test, and the report records the mode's cache size."""
+    import inca.training.fitting as fitting
+    from inca.data import as_image_dataset
+
+    made, real = [], fitting.soups
+    monkeypatch.setattr(fitting, "soups", lambda bank, result, *a, **k: made.append(
+        (bank, result, real(bank, result, *a, **k))) or made[-1][2])
+    root = _image_folders(tmp_path / "data", {"train": {f"c{i}": 16 for i in range(3)},
+                                              "test": {f"c{i}": 8 for i in range(3)}})
+    bb = planted_backbone()
+    task = inca.fit(bb, str(root), test=str(root), layers=["stem", "block1", "wash"],
+                    kinds=("inca",), lrs=(1e-4, 3e-3), epochs=1, soup=True, ensemble_k=2,
+                    batch_size=16, progress=False, cache_dir=tmp_path / "cache", num_workers=0)
+    r, test = task.report, as_image_dataset(str(root), split="test")
+    assert (r.data["num_train"] + r.data["num_val"], r.data["num_test"]) == (48, 24)
+    assert r.mode["cache_bytes"] > 0 and r.per_class["split"] == "test"
+    images, truth = zip(*(test[i] for i in range(len(test))), strict=True)
+    [(bank, result, soups)] = made
+    config = fitting.FitConfig(token_grid=task.token_grid)
+    accuracies = {}
+    for c in soups:
+        soup = fitting._task_from(c, bank, result, task.classes, bb, config)
+        accuracies[c.name] = float(np.mean(soup.predict_proba(list(images)).argmax(-1).numpy()
+                                           == np.array(truth)))
+        assert r.test_accuracy[c.name] == pytest.approx(accuracies[c.name]), c.name
+    assert len(set(accuracies.values())) > 1, accuracies  # the soups are told apart
+    predicted = task.predict_proba(list(images)).argmax(-1).numpy()
+    expected = np.zeros((3, 3), dtype=int)
+    np.add.at(expected, (np.array(truth), predicted), 1)
+    assert r.per_class["confusion"] == expected.tolist()
+
+
+def test_the_bank_plans_windows_of_one_width_and_stacks_members_of_one_shape():
+    """``inca.fit``'s bank: a two-layer window never spans a change of width, and members of
+    one kind, width, token count and learning rate share one stack."""
+    from types import SimpleNamespace
+
+    import inca.training.fitting as fitting
+
+    bb = SimpleNamespace(embed_dims={"a": 8, "b": 8, "c": 16}, num_prefix_tokens=0,
+                         device=torch.device("cpu"))
+    config = fitting.FitConfig(kinds=("inca:w2", "linear"), lrs=(1e-3, 1e-2),
+                               adapter_options={"inca:w2": {"num_layers": 2}})
+    shapes = {"a": (4, 8), "b": (4, 8), "c": (4, 16)}
+    specs, bank = fitting._build_bank(bb, ["a", "b", "c"], config, shapes, 3, 1000)
+    assert [s.key for s in specs] == [
+        "inca:w2/a+b/lr=0.001", "inca:w2/a+b/lr=0.01", "linear/a/lr=0.001", "linear/a/lr=0.01",
+        "linear/b/lr=0.001", "linear/b/lr=0.01", "linear/c/lr=0.001", "linear/c/lr=0.01"]
+    assert len(bank.stacks) == 6  # linear on a and b, per lr, stacked; the rest alone
+
+
+def test_confusion_counts_are_whole_numbers_on_either_split(tmp_path):
+    """The confusion matrix in report.json counts images, on validation (a task's own
+    pass) as on test (the scoring pass): integers, never 3.0."""
+    for test in (None, planted_data(40, 2)):
+        task = inca.fit(planted_backbone(), planted_data(80, 0), test=test, layers=["stem"],
+                        kinds=("linear",), lrs=(1e-2,), epochs=1, progress=False,
+                        num_workers=0, cache_dir=tmp_path / str(test is None))
+        counts = [v for row in task.report.per_class["confusion"] for v in row]
+        assert all(type(v) is int for v in counts) and sum(counts) in (12, 40), counts

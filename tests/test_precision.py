@@ -152,6 +152,19 @@ def test_mixed_precision_bank_learns_like_fp32(precision):
     assert mixed.members[1].key == "inca/l1/lr=0.003" and mixed.members[1].val_accuracy > 0.9
 
 
+def test_each_epochs_validation_runs_in_the_banks_precision():
+    """Members are selected on validation scores computed as the task will predict: under
+    16-mixed, in 16-mixed (float32 scores differ)."""
+    from inca.training.loop import evaluate
+
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=1,
+                       batch_size=16, patience=0, precision="16-mixed")
+    bank, val = token_bank(config), token_source(32, 1)
+    res = train_bank(bank, token_source(64, 0), val, config, progress=False)
+    assert res.history[0]["val_loss"] == evaluate(bank, val, 16, "16-mixed").loss.tolist()
+    assert res.history[0]["val_loss"] != evaluate(bank, val, 16, "32").loss.tolist()
+
+
 @pytest.fixture(scope="module")
 def planted_both(tmp_path_factory):
     """inca.fit on the planted problem in float32 and in bf16-mixed, same data."""

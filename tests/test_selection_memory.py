@@ -165,6 +165,24 @@ def test_the_ensembles_pass_puts_the_members_current_weights_back(monkeypatch):
     torch.testing.assert_close(now, last, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("select_by, best, ensemble", [("accuracy", [0], [0, 1]),
+                                                      ("loss", [1], [1, 0])])
+def test_the_candidates_follow_the_selection_measure(select_by, best, ensemble):
+    """``inca.fit``'s candidates: the best member and the top-k ensemble by the config's
+    measure (member 0 is the more accurate, member 1 the lower loss); no ensemble of one."""
+    from inca.training.fitting import _candidates
+    from inca.training.loop import BankResult, MemberResult
+
+    a = MemberResult("a", val_accuracy=0.9, val_loss=0.5, best_epoch=0)
+    b = MemberResult("b", val_accuracy=0.8, val_loss=0.3, best_epoch=0)
+    scored = {(0,): (0.9, 0.5), (1,): (0.8, 0.3), (0, 1): (0.85, 0.4), (1, 0): (0.85, 0.4)}
+    config = FitConfig(select_by=select_by, ensemble_k=2)
+    got = _candidates(None, BankResult([a, b], [], 1, 0.0, scored), None, config, None)
+    assert [(c.name, c.member_indices) for c in got] == [("best", best), ("ensemble", ensemble)]
+    alone = BankResult([a], [], 1, 0.0, {(0,): (0.9, 0.5)})
+    assert [c.name for c in _candidates(None, alone, None, config, None)] == ["best"]
+
+
 # The selection path at 100 members x 20,000 validation samples x 1,000 classes, in a
 # process of its own. Keeping every probability, this script peaked at 2.0 GB with 1,000
 # samples and 3.2 GB with 2,000 (8 GB of (K, N, C) at 20,000, ~26 GB with its copies); now a
@@ -231,3 +249,21 @@ def test_selection_peak_memory_does_not_grow_with_validation_at_100_members_1000
     assert growth <= GROWTH_BOUND, (
         f"peak resident memory grew {growth / 1e9:.2f} GB from 2,000 to 20,000 validation "
         f"samples ({peaks[2_000] / 1e9:.2f} -> {peaks[20_000] / 1e9:.2f} GB)")
+
+
+@pytest.mark.parametrize("chosen", [0, 1])
+def test_the_test_confusion_matrix_is_the_chosen_candidates(chosen):
+    """The scoring pass counts the confusion matrix of the chosen candidate (the best
+    member or the ensemble): its diagonal share is that candidate's test accuracy."""
+    from inca.training.scoring import accuracy, test_accuracies
+
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=1,
+                       batch_size=16, patience=0, ensemble_k=3)
+    bank, val, test = token_bank(config), token_source(48, 1), token_source(64, 2)
+    res = train_bank(bank, token_source(64, 0), val, config, progress=False)
+    candidates = [best_member(res), top_k_ensemble(res, 3)]
+    tests, members, confusion = test_accuracies(bank, res, candidates, test, 16, "32",
+                                                candidates[chosen], 4)
+    assert accuracy(confusion) == pytest.approx(tests[candidates[chosen].name])
+    assert int(confusion.sum()) == 64 and len(members) == 6
+    assert len({tests["best"], tests["ensemble"], *members}) > 2  # rows told apart

@@ -331,9 +331,12 @@ def test_fused_adamw_is_chosen_before_the_first_step(monkeypatch):
     opt.step()  # the plain kernel: no late "fused unsupported" error
 
 
-def test_the_progress_bar_shows_the_selection_measure_which_only_improves(monkeypatch):
-    """By loss, the bar shows the best validation loss (an accuracy at the best loss could
-    go down from one epoch to the next)."""
+@pytest.mark.parametrize("select_by, shown_as, order", [("loss", "best_val_loss", -1),
+                                                       ("accuracy", "best_val_acc", 1)])
+def test_the_progress_bar_shows_the_selection_measure_which_only_improves(
+        monkeypatch, select_by, shown_as, order):
+    """The bar shows the best validation value of the measure selection uses (by loss, an
+    accuracy at the best loss could go down from one epoch to the next)."""
     import inca.training.loop as loop
 
     shown: list[dict] = []
@@ -351,10 +354,11 @@ def test_the_progress_bar_shows_the_selection_measure_which_only_improves(monkey
 
     monkeypatch.setattr(loop, "progress_bar", Bar)  # tqdm, or plain lines in a log
     config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(3e-3,), epochs=4,
-                       batch_size=16, patience=0)
+                       batch_size=16, patience=0, select_by=select_by)
     train_bank(token_bank(config), token_source(64, 0), token_source(32, 1), config)
-    losses = [float(v["best_val_loss"]) for v in shown]
-    assert len(losses) == 4 and losses == sorted(losses, reverse=True)
+    assert [sorted(v) for v in shown] == [sorted(["epoch", shown_as])] * 4
+    values = [float(v[shown_as]) for v in shown]
+    assert values == sorted(values, reverse=order < 0) and len(set(values)) > 1
 
 
 @pytest.mark.parametrize("patience", [2, 3])
@@ -443,6 +447,7 @@ def test_early_stopping_after_patience_epochs_without_improvement(patience, impr
     ("cache_dtype", "int8", "cache_dtype must be float16 or float32, got 'int8'"),
     ("lrs", (1e-3, 0.0), r"lrs must be positive finite numbers, got \[0.001, 0.0\]"),
     ("epochs", 0, "epochs must be at least 1, got 0"),
+    ("kinds", (), "kinds must name at least one adapter kind"),
 ])
 def test_fit_config_refuses_values_out_of_bounds_by_name(field, value, message):
     from inca.training import ConfigError
@@ -455,3 +460,52 @@ def test_fit_config_accepts_the_edges_of_its_bounds():
     config = FitConfig(token_grid=1, label_smoothing=0.0, warmup_epochs=0, weight_decay=0.0,
                        cache_budget_gb=0.0, val_fraction=0.01, patience=0, epochs=1)
     assert (config.token_grid, config.label_smoothing, config.cache_budget_gb) == (1, 0.0, 0.0)
+
+
+class _OneBadStep:
+    """A source whose ``bad_call``-th pass holds infinite ``layer`` tokens in its first
+    batch only: the members reading that layer see non-finite logits in one step."""
+
+    def __init__(self, source, layer: str, bad_call: int) -> None:
+        self.source, self.layer, self.bad_call, self.calls = source, layer, bad_call, 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, *args, **kwargs):
+        self.calls += 1
+        for step, (feats, y) in enumerate(self.source.batches(*args, **kwargs)):
+            if self.calls == self.bad_call and step == 0:
+                feats = {**feats, self.layer: torch.full_like(feats[self.layer], float("inf"))}
+            yield feats, y
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_a_member_non_finite_in_one_step_is_dropped_and_keeps_its_best_epoch(precision):
+    """A member whose logits are not finite in any one step of an epoch is dropped at the
+    epoch's end, even if its later steps are finite (under 16-mixed its weights stay finite:
+    its gradients are masked), and keeps its best epoch's state."""
+    config = FitConfig(layers=LAYERS, kinds=("linear",), lrs=(3e-3,), epochs=3,
+                       batch_size=16, patience=0, precision=precision)
+    bank = token_bank(config)
+    train = _OneBadStep(token_source(64, 0), "l2", bad_call=2)  # epoch 2's first step
+    with pytest.warns(RuntimeWarning) as caught:
+        res = train_bank(bank, train, token_source(32, 1), config, progress=False)
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith("dropped linear/l2/lr=0.003: its training loss became NaN or "
+                              "infinite in epoch 2 (")
+    assert message.endswith("; kept its best epoch (1)")
+    assert [m.diverged_epoch for m in res.members] == [None, None, 2]
+    assert [m.best_epoch for m in res.members][2] == 0 and len(res.history) == 3
+
+
+def test_every_member_diverging_names_the_epoch_and_the_fix():
+    config = FitConfig(layers=LAYERS, kinds=("linear",), lrs=(3e-3,), epochs=3,
+                       batch_size=16, patience=0)
+    train = token_source(64, 0)
+    for k in LAYERS:
+        train = _OneBadStep(train, k, bad_call=2)
+    with pytest.raises(TrainingError, match=r"^the training loss of every adapter became NaN "
+                                            r"or infinite by epoch 2; lower the learning rates "
+                                            r"\(--lrs\) or check the inputs for NaN/inf$"):
+        train_bank(token_bank(config), train, token_source(32, 1), config, progress=False)
