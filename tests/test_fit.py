@@ -426,3 +426,28 @@ def test_confusion_counts_are_whole_numbers_on_either_split(tmp_path):
                         num_workers=0, cache_dir=tmp_path / str(test is None))
         counts = [v for row in task.report.per_class["confusion"] for v in row]
         assert all(type(v) is int for v in counts) and sum(counts) in (12, 40), counts
+
+
+def test_fit_hands_its_workers_to_every_cached_split(tmp_path, monkeypatch):
+    import inca.training.fitting as fitting
+
+    made = []
+
+    class Source(fitting.CachedSource):
+        def __init__(self, *args) -> None:
+            made.append(args[-1])  # num_workers
+            super().__init__(*args)
+
+    monkeypatch.setattr(fitting, "CachedSource", Source)
+    inca.fit(planted_backbone(), planted_data(48, 0), test=planted_data(16, 1), layers=["stem"],
+             kinds=("linear",), lrs=(1e-2,), epochs=1, progress=False, num_workers=1,
+             mode="cached", cache_dir=tmp_path)
+    assert made == [1, 1, 1]  # train, validation, test
+
+
+def test_a_validation_split_without_indices_is_refused_by_name():
+    import inca.training.fitting as fitting
+
+    with pytest.raises(InCAError, match=r"^a validation split must carry \.indices into its "
+                                        r"parent data set$"):
+        fitting._indices_of(object(), planted_data(4, 0))

@@ -170,3 +170,47 @@ def test_new_classes_learn_from_the_tokens_the_task_predicts_from(monkeypatch):
     assert task.token_grid == ext.token_grid == 2 and seen == [4]  # 2 x 2, not 16
     with pytest.raises(TrainingError, match="pooled to token_grid=2.*drop token_grid"):
         inca.add_classes(task, planted_data(96, 2), token_grid=4, progress=False)
+
+
+def test_added_classes_keep_each_copys_best_epoch_in_the_calls_precision_quietly(
+        phase1, monkeypatch, capsys):
+    """Each adapter's chosen copy carries the weights of its best validation epoch (here
+    the first: later epochs are scripted not to improve), tokens are extracted in the
+    precision asked for, and ``progress=False`` prints nothing."""
+    import inca.training.fitting as fitting
+    import inca.training.incremental as incremental
+    import inca.training.loop as loop
+
+    _, task = phase1
+    keep_best, runs, extracted = loop._keep_best, [], []
+    monkeypatch.setattr(loop, "_keep_best", lambda bank, results, *a: keep_best(
+        bank, results, *a) if a[2] == 0 else False)  # a[2]: the epoch
+
+    def train_bank(bank, *args, **kwargs):
+        runs.append((bank, loop.train_bank(bank, *args, **kwargs)))
+        return runs[-1][1]
+
+    class Source(fitting.StreamingSource):
+        def __init__(self, *args) -> None:
+            extracted.append(args[-1].name)  # the precision
+            super().__init__(*args)
+
+    monkeypatch.setattr(incremental, "train_bank", train_bank)
+    monkeypatch.setattr(fitting, "StreamingSource", Source)
+    ext = inca.add_classes(task, planted_data(96, 2), epochs=3, batch_size=32, lrs=(1e-2,),
+                           precision="16-mixed", progress=False, patience=0)
+    [(bank, result)] = runs
+    assert extracted == ["16-mixed", "16-mixed"] and result.epochs_run == 3
+    assert [m.best_epoch for m in result.members] == [0]
+    state = ext.members[0].state_dict()
+    assert all(torch.equal(state[k], v) for k, v in result.members[0].state.items())
+    now = bank.member_state(0)  # trained on after its best epoch
+    assert any(not torch.equal(now[k], v) for k, v in result.members[0].state.items())
+    assert capsys.readouterr().err == ""
+
+
+def test_added_classes_show_their_training_when_asked(phase1, capsys):
+    _, task = phase1
+    inca.add_classes(task, planted_data(64, 2), epochs=1, batch_size=32, lrs=(1e-2,))
+    err = capsys.readouterr().err  # not a terminal: plain lines
+    assert err.startswith("train 1 adapters: 2/2 step") and "epoch=1, best_val_loss=" in err
