@@ -57,7 +57,8 @@ def test_auto_mode_caches_only_when_it_pays_off(tmp_path, roomy):
     # every choice says what a cache would take (the report shows it)
     size = cache_bytes(VIT_B, 4000, "float16")
     assert {c.cache_bytes for c in (_choose(tmp_path, epochs=5), gpu, choice,
-                                    _choose(tmp_path, epochs=5, mode="streaming"))} == {size}
+                                    _choose(tmp_path, epochs=5, mode="streaming"),
+                                    _choose(tmp_path, epochs=1))} == {size}
     assert big.cache_bytes == cache_bytes(VIT_B, 20000, "float16")
 
 
@@ -82,6 +83,21 @@ def test_cached_mode_refuses_a_cache_the_disk_cannot_hold(tmp_path, monkeypatch)
         _choose(tmp_path, epochs=5, mode="cached")
     with pytest.raises(InCAError, match="augmentation needs mode 'streaming'"):
         FitConfig(mode="cached", augment=True)
+
+
+def test_cached_mode_takes_a_cache_of_up_to_95_percent_of_the_free_disk(tmp_path, monkeypatch):
+    shapes, images = {"l": (19, 64)}, 2**14  # 19 x 2^21 bytes in float16
+    size, disk = cache_bytes(shapes, images, "float16"), 20 * 2**21
+    assert 0.95 * disk == size  # exactly at the limit: allowed
+
+    def choose():
+        return choose_mode(FitConfig(epochs=5, mode="cached"), shapes, 1, images, tmp_path, CPU)
+
+    monkeypatch.setattr(mode_mod, "free_disk", lambda folder: disk)
+    assert choose().mode == "cached"
+    monkeypatch.setattr(mode_mod, "free_disk", lambda folder: disk - 1)
+    with pytest.raises(InCAError, match="--mode streaming"):
+        choose()
 
 
 def test_fit_reports_the_mode_it_chose(tmp_path):

@@ -509,3 +509,40 @@ def test_every_member_diverging_names_the_epoch_and_the_fix():
                                             r"or infinite by epoch 2; lower the learning rates "
                                             r"\(--lrs\) or check the inputs for NaN/inf$"):
         train_bank(token_bank(config), train, token_source(32, 1), config, progress=False)
+
+
+def test_a_variant_named_with_colons_keeps_its_base_kinds_reading():
+    """``multilayer_linear:a:b`` is a variant of ``multilayer_linear`` (the name before the
+    first colon): one member per lr reading every layer, not one per layer."""
+    kind = "multilayer_linear:a:b"
+    config = FitConfig(kinds=(kind,), lrs=(1e-3,), adapter_options={kind: {}})
+    assert plan_members(["x", "y"], config) == [MemberSpec(kind, ("x", "y"), 1e-3)]
+
+
+def test_the_probe_reads_cls_and_mean_tokens_counts_its_iterations_and_picks_by_measure(
+        monkeypatch):
+    """The logistic-regression baseline: CLS ⊕ mean patch token where there is a prefix
+    token (the mean alone on CNN layers); L-BFGS's own iteration count (capped at
+    ``max_iter``); the best layer by the selection's measure."""
+    import inca.training.probe as probe
+
+    assert (probe.probe_features(1, None).pool, probe.probe_features(0, None).pool) == (
+        "cls_mean", "mean")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
+    capped, free = (probe.fit_logistic(x, y, 3, 1e-3, **k)[2] for k in ({"max_iter": 5}, {}))
+    assert 1 <= capped <= 5 < free <= probe.MAX_ITER
+    scores = {"l0": (0.9, 0.8), "l1": (0.8, 0.3), "l2": (0.5, 1.0)}  # (accuracy, loss)
+
+    def scripted(x, y, xv, yv, num_classes, select_by):
+        layer = next(k for k, (a, _) in scores.items() if a == round(float(x[0, 0]), 1))
+        return {"val_accuracy": scores[layer][0], "val_loss": scores[layer][1]}
+
+    monkeypatch.setattr(probe, "fit_layer", scripted)
+    feats = {k: torch.full((8, 2, 4), a) for k, (a, _) in scores.items()}  # x[0, 0]: a
+    source = MemorySource(feats, torch.arange(8) % 3)
+    linear = probe.probe_features(0, {"linear": {"norm": False}})
+    for select_by, best in (("accuracy", "l0"), ("loss", "l1")):
+        out = probe.probe_baseline(source, source, None, LAYERS, linear, 3,
+                                   select_by=select_by, batch_size=4)
+        assert (out["best_layer"]["layer"], out["last_layer"]["layer"]) == (best, "l2")
