@@ -299,22 +299,14 @@ class StackedLinear(_Stacked):
     kind = "stacked_linear"
     config: LinearConfig
 
-    @staticmethod
-    def _weights(s: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(s, StackedLinear):
-            return s.head_weight, s.head_bias
-        return s.head.weight.unsqueeze(0), s.head.bias.unsqueeze(0)  # one LinearProbe
-
     @classmethod
-    def run(cls, tokens: torch.Tensor, stacks: Sequence[Any],
+    def run(cls, tokens: torch.Tensor, stacks: Sequence[StackedLinear],
             layer_index: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         first = stacks[0]
-        weight0, _ = cls._weights(first)
-        feat = linear_features(compute_input(tokens, weight0), first.config)  # (L, B, F)
+        feat = linear_features(compute_input(tokens, first.head_weight), first.config)  # (L, B, F)
         out = []
         for s, idx in zip(stacks, layer_index, strict=True):
-            weight, bias = cls._weights(s)
             x = feat[index_tensor(tuple(idx), feat.device)]  # (K, B, F)
             x = F.dropout(x, s.config.dropout, s.training)
-            out.append(stacked_linear(x, weight, bias))
+            out.append(stacked_linear(x, s.head_weight, s.head_bias))
         return out
