@@ -19,6 +19,7 @@ from inca.adapters import (
     LinearConfig,
     LinearProbe,
     MultiLayerLinearConfig,
+    MultiLayerLinearProbe,
     OpenInCAAdapter,
     OpenInCAConfig,
     StackedInCA,
@@ -607,3 +608,92 @@ def test_multilayer_linear_config_accepts_its_bounds():
                                   layer_dims=[1] * 4096, dropout=0.99)
     assert len(wide.layers) == 4096 and wide.layer_dims == (1,) * 4096
     assert MultiLayerLinearConfig(layers=["a"]).layers == ("a",)
+
+
+def test_folded_layernorm_statistics_accumulate_16_bit_tokens_in_float32():
+    """The folded attention's per-token 1/std of bfloat16 tokens is LayerNorm's own (float32
+    accumulation), not a bfloat16 norm's (off by about 1%)."""
+    from inca.adapters._folded import token_inv_std
+
+    g = torch.Generator().manual_seed(0)
+    tokens = (torch.randn(4, 9, 384, generator=g) * 3 + 1).bfloat16()
+    mean = tokens.float().mean(-1)
+    exact = 1 / (tokens.double().var(-1, unbiased=False) + 1e-6).sqrt()
+    got = token_inv_std(tokens, mean, 1e-6)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=2e-4, atol=0)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: InCAConfig(norm_eps=0.0), r"norm_eps must be a number in \(0, 1\], got 0.0"),
+    (lambda: InCAConfig(num_layers=0), r"num_layers must be an integer in \[1, "),
+    (lambda: LinearConfig(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+    (lambda: OpenInCAConfig(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+    (lambda: OpenInCAConfig(class_groups=[1] * 1025),
+     r"class_groups must be a list of at most 1024 sizes"),
+    (lambda: InCAAdapter(D, 0), r"num_classes must be positive, got 0"),
+    (lambda: InCAAdapter(D, C, InCAConfig(attn_dim=12, num_heads=5)),
+     r"attn_dim 12 is not divisible by num_heads 5"),
+    (lambda: InCAAdapter(30, C, InCAConfig(num_heads=4)),
+     r"embed_dim 30 is not divisible by num_heads 4"),
+    (lambda: create_adapter("multilayer_linear", embed_dim=D, num_classes=C),
+     r"multilayer_linear needs layers=\[...\]: the layers it reads"),
+    (lambda: MultiLayerLinearProbe(D, C), r"multilayer_linear needs a config naming its layers"),
+    (lambda: adapter_from_spec({"kind": "linear", "embed_dim": D}),
+     r"adapter spec lacks \['config', 'num_classes'\]"),
+])
+def test_adapter_refusals_name_the_setting(build, message):
+    with pytest.raises(AdapterError, match=f"^{message}"):
+        build()
+
+
+def test_adapter_inputs_refused_by_name_and_edges_accepted():
+    """One class is a valid start for a class-incremental adapter; a multi-layer adapter
+    given one tensor, or a layer of the wrong width, is told what it reads."""
+    assert OpenInCAAdapter(D, 1).num_classes == 1
+    two = InCAAdapter(D, C, InCAConfig(num_layers=2))
+    with pytest.raises(AdapterError, match=r"^this adapter reads 2 layers: pass a list of "
+                                           r"their tokens$"):
+        two(torch.randn(B, N, D))
+    probe = create_adapter("multilayer_linear", embed_dim=D, num_classes=C,
+                           config={"layers": LAYERS})
+    with pytest.raises(AdapterError, match=r"tokens of layer 'blocks.3'"):
+        probe({"blocks.1": torch.randn(B, N, D), "blocks.3": torch.randn(B, N, D + 1)})
+
+
+def test_dropout_acts_only_in_training_and_attention_weights_come_when_asked():
+    probe = LinearProbe(D, C, LinearConfig(dropout=0.5)).eval()
+    x = torch.randn(B, N, D)
+    torch.testing.assert_close(probe(x), probe(x))  # eval: no dropout
+    assert not torch.equal(probe.train()(x), probe(x))
+    open_inca = OpenInCAAdapter(D, C, OpenInCAConfig(num_heads=2))
+    out, weights = open_inca.attend(x, need_weights=True)
+    assert out.shape == (B, C, D) and weights.shape == (B, 2, C, N)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B, 2, C))
+
+
+def test_a_registered_kind_is_named_listed_and_rebuilt(monkeypatch):
+    import inca.adapters.registry as registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @registry.register_adapter("plain_probe")
+    class PlainProbe(LinearProbe):  # no docstring
+        pass
+
+    assert PlainProbe.kind == "plain_probe" and registry.adapter_class("plain_probe") is PlainProbe
+    listed = {a["name"]: a for a in list_adapters()}
+    assert listed["plain_probe"]["description"] == ""
+    assert listed["linear"]["description"] == LinearProbe.__doc__.strip().splitlines()[0]
+    spec = PlainProbe(D, C).spec()
+    rebuilt = adapter_from_spec(spec, dtype=torch.float64)
+    assert type(rebuilt) is PlainProbe and rebuilt.head.weight.dtype == torch.float64
+    assert adapter_from_spec(spec, device="meta").head.weight.is_meta
+
+
+def test_the_parameter_report_counts_frozen_weights_apart():
+    grown = OpenInCAAdapter(D, 2).add_classes(3, freeze_old=True)
+    report = parameter_report(grown, 1_000_000)
+    assert 0 < report["trainable_parameters"] < grown.num_parameters()
+    assert report["trainable_parameters"] == sum(
+        p.numel() for p in grown.parameters() if p.requires_grad)

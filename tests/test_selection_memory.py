@@ -267,3 +267,12 @@ def test_the_test_confusion_matrix_is_the_chosen_candidates(chosen):
     assert accuracy(confusion) == pytest.approx(tests[candidates[chosen].name])
     assert int(confusion.sum()) == 64 and len(members) == 6
     assert len({tests["best"], tests["ensemble"], *members}) > 2  # rows told apart
+
+
+def test_at_equal_scores_the_single_adapter_wins():
+    from inca.training.selection import Candidate
+
+    single, ensemble = Candidate("best", [0], 0.9, 0.3), Candidate("ensemble", [0, 1], 0.9, 0.3)
+    for select_by in ("loss", "accuracy"):
+        assert single.key(select_by) < ensemble.key(select_by)
+        assert min([ensemble, single], key=lambda c: c.key(select_by)) is single

@@ -32,7 +32,7 @@ def list_adapters() -> list[dict[str, Any]]:
     return [
         {
             "name": kind,
-            "description": (cls.__doc__ or "").strip().splitlines()[0],
+            "description": next(iter((cls.__doc__ or "").strip().splitlines()), ""),
             "config": _defaults(cls.config_class),
         }
         for kind, cls in sorted(_REGISTRY.items())
