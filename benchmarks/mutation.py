@@ -41,55 +41,27 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault",
           -9: "segfault", 2: "interrupted"}
 
-# Survivors of the committed run, by mutant name (names follow the source: editing a
-# function may renumber its mutants). "killed": a test added after the run fails on it
-# (checked against that mutant alone); "equivalent": it behaves as the original (left out
-# of the adjusted score); "accepted": a real difference these tests cannot see (on one CPU
-# process), counted as a survivor.
-_S, _B, _P = "inca.task.schema.", "inca.runtime.batcher.", "inca.training.selection.x_soups"
-_L = "inca.adapters.linear.xǁMultiLayerLinearConfigǁ__post_init____mutmut_"
-_T = {"schema": "tests/test_faults_task.py::test_a_license_is_a_short_lowercase_identifier "
-                "and ::test_values_and_names_in_messages_are_cut_short",
-      "batcher": "tests/test_server.py::test_the_batcher_admits_up_to_its_limit_counts_every_"
-                 "waiting_image_and_runs_unbatched",
-      "soups": "tests/test_selection_memory.py::test_a_member_alone_in_its_kind_and_layer_has_"
-               "no_soup_and_the_others_still_do",
-      "linear": "tests/test_adapters.py::test_multilayer_linear_config_refusals_name_the_field "
-                "and ::test_multilayer_linear_config_accepts_its_bounds"}
-EXPLAINED: dict[str, tuple[str, str]] = {
-    **{f"{_S}x_license_ok__mutmut_{n}": ("killed", _T["schema"]) for n in (3, 4, 5, 6, 12)},
-    **{f"{_S}x__shown__mutmut_{n}": ("killed", _T["schema"]) for n in range(4, 11)},
-    **{f"{_S}x_few__mutmut_{n}": ("killed", _T["schema"]) for n in (3, 5, 7, 9, 10, 11, 12)},
-    **{f"{_B}x_busy__mutmut_{n}": ("killed", _T["batcher"]) for n in (8, 9)},
-    **{f"{_B}xǁBatcherǁpredict__mutmut_{n}": ("killed", _T["batcher"])
-       for n in (3, 8, 11, 12, 13, 14)},
-    f"{_B}xǁBatcherǁ_infer__mutmut_8": ("killed", _T["batcher"]),
-    f"{_P}__mutmut_8": ("killed", _T["soups"]),
-    **{f"{_L}{n}": ("killed", _T["linear"]) for n in (
-        1, 2, 3, 4, 6, 9, 10, 12, 16, 17, 18, 20, 27, 28, 29, 54, 55, 63, 72, 79, 80, 87, 91,
-        94, 99, 100, 101, 103, 104)},
-    **{f"{_B}x_busy__mutmut_{n}": ("equivalent", "HTTP header names are case-insensitive "
-                                   "(Starlette sends them lower-cased)") for n in (11, 12)},
-    f"{_B}xǁBatcherǁ_infer__mutmut_13": ("equivalent", "max(n, 2) and max(n, 1) differ only "
-                                         "for an empty batch, which predicts nothing either way"),
-    **{f"{_P}__mutmut_{n}": ("equivalent", "every member's state is float32 (the bank's "
-                             "parameters), so the cast and the member it names change nothing")
-       for n in (11, 15)},
-    **{f"{_P}__mutmut_{n}": ("equivalent", "the members of one (kind, layers) group share their "
-                             "keys, architecture and name: any of them gives the same") for n in
-       (16, 22, 58)},
-    f"{_P}__mutmut_28": ("equivalent", "a second, never-filled row of sums; row 0 is the same"),
-    f"{_P}__mutmut_54": ("equivalent", "softmax over dim 1 of (B, C) logits is dim -1"),
-    **{f"{_P}__mutmut_{n}": ("accepted", "the device/precision default differs only on a GPU "
-                             "(the CPU run cannot see it; the cuda tests are not selected)")
-       for n in (25, 32, 35)},
-    **{f"{_P}__mutmut_{n}": ("accepted", "part='share' differs from the whole set only under "
-                             "torchrun (one process here; the distributed tests run in "
-                             "subprocesses, which import the original code)")
-       for n in (39, 41, 42, 43)},
-    **{f"{_B}xǁDecodePoolǁclose__mutmut_{n}": ("accepted", "shutdown's wait/cancel_futures at "
-                                               "app shutdown: not tested (a gap)") for n in (4, 5)},
-}
+# How each survivor was triaged, by mutant name (names follow the source: editing a function
+# may renumber its mutants): one line per mutant in TRIAGE, ``name<TAB>verdict<TAB>why``.
+# "killed": a test added after a run fails on it (checked against that mutant alone; the
+# next run counts it as killed); "equivalent": it behaves as the original (left out of the
+# adjusted score); "accepted": a real difference these tests cannot see (on one CPU
+# process), counted as a survivor; "removed": the code it mutated is gone.
+TRIAGE = ROOT / "benchmarks" / "mutation_triage.tsv"
+VERDICTS = ("killed", "equivalent", "accepted", "removed")
+
+
+def read_triage(path: Path = TRIAGE) -> dict[str, tuple[str, str]]:
+    """``{mutant name: (verdict, why)}`` from the triage file (``#`` lines are comments)."""
+    out: dict[str, tuple[str, str]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, verdict, why = line.split("\t")
+        if verdict not in VERDICTS or name in out:
+            raise SystemExit(f"{path.name}:{n}: a verdict of {VERDICTS}, once per mutant")
+        out[name] = (verdict, why)
+    return out
 
 
 def mutant_glob(path: str) -> str:
@@ -171,7 +143,7 @@ def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0
 
     from inca.task.report_render import wilson_interval
 
-    results = read_results()
+    results, triage = read_results(), read_triage()
     if not results:
         raise SystemExit("no mutmut results in mutants/: run without --summary-only first")
     modules, not_run, survivors, total = [], [], [], Counter()
@@ -187,7 +159,7 @@ def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0
                         "score": score(counts)})
         for name, status in sorted(statuses.items()):
             if status in UNDETECTED:
-                kind, why = EXPLAINED.get(name, ("unexplained", ""))
+                kind, why = triage.get(name, ("unexplained", ""))
                 if kind == "equivalent":
                     equivalent[status] += 1
                 survivors.append({"mutant": name, "module": source, "status": status,

@@ -338,3 +338,30 @@ def test_faults_benchmark_quick(tmp_path):
     assert payload["bad_inputs_tried"] >= 4 and not payload["harness_errors"]
     assert {c["id"] for c in payload["bad_inputs"]} >= {"open-16-bit", "task-predict-bomb"}
     assert "| open-16-bit | library |" in (tmp_path / "faults.md").read_text()
+
+
+def test_the_mutation_triage_names_real_tests_and_refuses_a_bad_line(monkeypatch, tmp_path):
+    """Every survivor said killed names a test that exists (file and function); each line
+    has a known verdict, and a mutant is triaged once."""
+    import ast
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mutation = importlib.import_module("mutation")
+    triage = mutation.read_triage()
+    names: dict[str, set[str]] = {}
+    for verdict, why in triage.values():
+        if verdict != "killed":
+            assert why, "an equivalent or accepted mutant says why"
+            continue
+        file = why.split("::")[0]
+        if file not in names:
+            tree = ast.parse((ROOT / file).read_text())
+            names[file] = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        for test in why.split("::")[1:]:
+            assert test.split()[0].split("[")[0] in names[file], why
+    bad = tmp_path / "triage.tsv"
+    for line in ("a\tkilled\tx\na\tkilled\tx\n", "b\tmaybe\tx\n"):
+        bad.write_text(line)
+        with pytest.raises(SystemExit, match="triage.tsv:"):
+            mutation.read_triage(bad)
