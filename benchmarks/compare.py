@@ -26,7 +26,7 @@ import inca
 from inca.baselines.compare import CompareConfig, run_compare, write
 from inca.data import load_dataset, split_train_val
 from inca.features import extract_to_cache
-from inca.training import AdapterBank, FitConfig, plan_members, train_bank
+from inca.training import AdapterBank, FitConfig, train_bank
 from inca.training.sources import CachedSource
 
 # Five labelings of the 10 Fashion-MNIST classes: five different tasks on the same images.
@@ -62,9 +62,8 @@ def scaling(backbone_name: str, limit: int, epochs: int, lrs: tuple[float, ...])
             for labels in TASKS.values():
                 sources = [CachedSource(c, np.arange(len(c)), layers, relabel=labels)
                            for c in caches]
-                specs = plan_members(layers, config)
-                bank = AdapterBank.build(
-                    specs, embed_dims=bb.embed_dims, num_classes=int(labels.max()) + 1,
+                bank = AdapterBank.from_plan(
+                    layers, config, embed_dims=bb.embed_dims, num_classes=int(labels.max()) + 1,
                     token_counts={k: caches[0].token_shape(k)[0] for k in layers},
                     num_prefix_tokens=bb.num_prefix_tokens)
                 t = time.perf_counter()

@@ -48,7 +48,7 @@ from inca._precision import Precision, resolve_device
 from inca.baselines.finetune import FineTuneConfig, _features, finetune, prepare
 from inca.data import ArrayDataset, split_train_val, to_model_input
 from inca.features import extract_features, token_shapes
-from inca.training import AdapterBank, FitConfig, plan_members
+from inca.training import AdapterBank, FitConfig
 from inca.training.loss import bank_loss
 from inca.training.sources import StackedFeats
 
@@ -127,11 +127,12 @@ def build_backbone(name: str, args, device) -> inca.Backbone:
 
 def bank_for(backbone, layers: list[str], num_classes: int, lrs: tuple[float, ...]):
     config = FitConfig(layers=layers, kinds=("inca", "linear"), lrs=lrs)
-    specs = plan_members(layers, config)
     counts = {k: n for k, (n, _) in token_shapes(backbone, layers).items()}
-    return AdapterBank.build(specs, embed_dims={k: backbone.embed_dims[k] for k in layers},
-                             token_counts=counts, num_classes=num_classes,
-                             num_prefix_tokens=backbone.num_prefix_tokens).to(backbone.device)
+    return AdapterBank.from_plan(layers, config,
+                                 embed_dims={k: backbone.embed_dims[k] for k in layers},
+                                 token_counts=counts, num_classes=num_classes,
+                                 num_prefix_tokens=backbone.num_prefix_tokens
+                                 ).to(backbone.device)
 
 
 def stream_block(bb, pixels: torch.Tensor, prec: Precision) -> StackedFeats:

@@ -194,7 +194,7 @@ def test_the_candidates_follow_the_selection_measure(select_by, best, ensemble):
 _SELECT = """
 import os, resource, sys, threading, time
 import torch
-from inca.training import AdapterBank, FitConfig, plan_members, train_bank
+from inca.training import AdapterBank, FitConfig, train_bank
 from inca.training.selection import best_member, soups, top_k_ensemble
 from inca.training.sources import MemorySource
 
@@ -216,15 +216,14 @@ def source(n, seed):
 config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), epochs=1, batch_size=128,
                    lrs=tuple(float(x) for x in torch.logspace(-4, -2, 10)), patience=0,
                    ensemble_k=3, soup=True)
-specs = plan_members(LAYERS, config)
 def select(n_val):
-    bank = AdapterBank.build(specs, embed_dims=dict.fromkeys(LAYERS, D),
-                             token_counts=dict.fromkeys(LAYERS, T), num_classes=C,
-                             num_prefix_tokens=1, options=config.adapter_options)
+    bank = AdapterBank.from_plan(LAYERS, config, embed_dims=dict.fromkeys(LAYERS, D),
+                                 token_counts=dict.fromkeys(LAYERS, T), num_classes=C,
+                                 num_prefix_tokens=1)
     val = source(n_val, 1)
     res = train_bank(bank, source(256, 0), val, config, progress=False)
     cands = [best_member(res), top_k_ensemble(res, 3), *soups(bank, res, val, 128)]
-    assert len(specs) == 100 and len(cands) == 12
+    assert len(bank.specs) == 100 and len(cands) == 12
     print("peak_rss", n_val, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
           flush=True)
 select(2_000)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from inca.training import AdapterBank, FitConfig, plan_members
+from inca.training import AdapterBank, FitConfig
 from inca.training.sources import MemorySource
 
 LAYERS = ["l0", "l1", "l2"]
@@ -22,8 +22,9 @@ def token_source(n: int, seed: int, classes: int = C, signal_layer: str = "l1") 
 
 
 def token_bank(config: FitConfig, specs=None) -> AdapterBank:
-    specs = specs or plan_members(LAYERS, config)
-    return AdapterBank.build(specs, embed_dims=dict.fromkeys(LAYERS, D),
-                             token_counts=dict.fromkeys(LAYERS, N), num_classes=C,
-                             num_prefix_tokens=1, seed=config.seed,
-                             options=config.adapter_options)
+    """The bank ``config`` plans over the three layers, or one of ``specs``."""
+    shapes = dict(embed_dims=dict.fromkeys(LAYERS, D), token_counts=dict.fromkeys(LAYERS, N),
+                  num_classes=C, num_prefix_tokens=1)
+    if specs is None:
+        return AdapterBank.from_plan(LAYERS, config, **shapes)
+    return AdapterBank.build(specs, seed=config.seed, options=config.adapter_options, **shapes)

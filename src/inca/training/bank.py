@@ -22,8 +22,9 @@ from inca.adapters import Adapter, StackedInCA, StackedLinear, member_input
 from inca.adapters._folded import index_tensor
 from inca.adapters.stacked import _Stacked
 from inca.errors import TrainingError
+from inca.training.config import FitConfig
 from inca.training.factory import build_adapter
-from inca.training.plan import MemberSpec
+from inca.training.plan import MemberSpec, plan_members
 from inca.training.sources import StackedFeats
 
 _STACKS: dict[str, type[_Stacked]] = {"inca": StackedInCA, "linear": StackedLinear}
@@ -109,13 +110,26 @@ class AdapterBank(nn.Module):
               token_counts: dict[str, int], num_classes: int, num_prefix_tokens: int,
               options: dict[str, Any] | None = None, seed: int = 0,
               backbone_params: int | None = None) -> AdapterBank:
-        """The bank of ``specs`` (a plan, :func:`~inca.training.plan_members`), each
-        member's adapter built by :func:`~inca.training.factory.build_adapter` from its own
-        seed: how ``inca.fit``, the benchmarks and the tests make one."""
+        """The bank of ``specs`` (a plan, :func:`~inca.training.plan_members`, or part of
+        one), each member's adapter built by :func:`~inca.training.factory.build_adapter`
+        from its own seed."""
         return cls(specs, [build_adapter(s, embed_dims=embed_dims, num_classes=num_classes,
                                          num_prefix_tokens=num_prefix_tokens, options=options,
                                          seed=seed, backbone_params=backbone_params)
                            for s in specs], token_counts)
+
+    @classmethod
+    def from_plan(cls, layers: Sequence[str], config: FitConfig, *, embed_dims: dict[str, int],
+                  token_counts: dict[str, int], num_classes: int, num_prefix_tokens: int,
+                  backbone_params: int | None = None) -> AdapterBank:
+        """The bank ``config`` asks for over ``layers``: its members planned by
+        :func:`~inca.training.plan_members` (no window across a change of width), built
+        with the config's adapter options and seed. How ``inca.fit``, the benchmarks and the
+        tests make one; :meth:`build` takes a plan of one's own."""
+        return cls.build(plan_members(layers, config, embed_dims), embed_dims=embed_dims,
+                         token_counts=token_counts, num_classes=num_classes,
+                         num_prefix_tokens=num_prefix_tokens, options=config.adapter_options,
+                         seed=config.seed, backbone_params=backbone_params)
 
     @property
     def keys(self) -> list[str]:

@@ -26,7 +26,7 @@ from inca.training.bank import AdapterBank
 from inca.training.config import FitConfig
 from inca.training.loop import BankResult, train_bank
 from inca.training.mode import ModeChoice, choose_mode
-from inca.training.plan import MemberSpec, plan_members
+from inca.training.plan import MemberSpec
 from inca.training.probe import probe_baseline, probe_features
 from inca.training.report import build_report
 from inca.training.scoring import accuracy, task_confusion, test_accuracies
@@ -245,14 +245,13 @@ def _build_bank(backbone: Backbone, layers: list[str], config: FitConfig,
                 ) -> tuple[list[MemberSpec], AdapterBank]:
     """The members planned for ``layers`` and their adapters, stacked into a bank on the
     backbone's device."""
-    dims = {k: backbone.embed_dims[k] for k in layers}
-    specs = plan_members(layers, config, dims)
-    bank = AdapterBank.build(specs, embed_dims=dims, num_classes=num_classes,
-                             token_counts={k: n for k, (n, _) in shapes.items()},
-                             num_prefix_tokens=backbone.num_prefix_tokens,
-                             options=config.adapter_options, seed=config.seed,
-                             backbone_params=backbone_params)
-    return specs, bank.to(backbone.device)
+    bank = AdapterBank.from_plan(layers, config,
+                                 embed_dims={k: backbone.embed_dims[k] for k in layers},
+                                 token_counts={k: n for k, (n, _) in shapes.items()},
+                                 num_classes=num_classes,
+                                 num_prefix_tokens=backbone.num_prefix_tokens,
+                                 backbone_params=backbone_params)
+    return bank.specs, bank.to(backbone.device)
 
 
 def _evaluate(task: Task, bank: AdapterBank, result: BankResult, candidates: list[Candidate],
