@@ -307,3 +307,18 @@ def test_compare_quiet_prints_only_the_result_line(tmp_path, monkeypatch):
     assert res.output.splitlines() == [f"wrote {tmp_path / 'compare.md'}, "
                                        f"{tmp_path / 'compare.json'}, {tmp_path / 'c.png'}"]
     assert asked == [True, False]
+
+
+def test_inca_extract_defaults_to_what_extract_to_cache_does():
+    """``inca extract`` takes its defaults from where ``extract_to_cache`` declares them."""
+    import inspect
+
+    from typer.main import get_command
+
+    from inca.features import extract_to_cache
+
+    options = {p.name: p.default for p in get_command(app).commands["extract"].params}
+    signature = inspect.signature(extract_to_cache).parameters
+    for name in ("layers", "batch_size", "dtype", "token_grid", "num_workers", "precision",
+                 "overwrite"):
+        assert options[name] == signature[name].default, name

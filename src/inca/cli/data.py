@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from inca._choices import EXTRACT_BATCH_SIZE, EXTRACT_DTYPE, EXTRACT_LAYERS
 from inca._files import human_bytes
 from inca._progress import hide_library_bars
 from inca.cli._app import app, context, friendly
@@ -101,7 +102,7 @@ def extract_cmd(
     label_column: LabelColumn = None,
     skip_unreadable: SkipUnreadable = False,
     backbone: BackboneSpec,
-    layers: Layers = "all",
+    layers: Layers = EXTRACT_LAYERS,
     input_size: InputSize = None,
     token_grid: TokenGrid = None,
     pretrained: Pretrained = True,
@@ -110,12 +111,12 @@ def extract_cmd(
                                       rich_help_panel=OUTPUT)],
     dtype: Annotated[str, typer.Option(help="the cache's numbers",
                                        metavar=choices(CACHE_DTYPES), rich_help_panel=OUTPUT)]
-    = "float16",
+    = EXTRACT_DTYPE,
     overwrite: Annotated[bool, typer.Option(help="replace a cache made differently",
                                             rich_help_panel=OUTPUT)] = False,
     quiet: Quiet = False,
     batch_size: Annotated[int, typer.Option(help="images per backbone pass",
-                                            rich_help_panel=DEVICE)] = 32,
+                                            rich_help_panel=DEVICE)] = EXTRACT_BATCH_SIZE,
     device: Device = "auto",
     precision: Precision = "auto",
     backbone_dtype: BackboneDtype = "float32",

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from inca._choices import EXTRACT_BATCH_SIZE, EXTRACT_DTYPE, EXTRACT_LAYERS
 from inca._distributed import Dist, context
 from inca._files import FolderLock, atomic_write_json, human_bytes, remove_stale_tmp
 from inca._precision import Precision
@@ -108,10 +109,10 @@ def extract_to_cache(
     dataset: Any,
     out: str | Path,
     *,
-    layers: str | Sequence[str] | None = "all",
-    batch_size: int = 32,
+    layers: str | Sequence[str] | None = EXTRACT_LAYERS,
+    batch_size: int = EXTRACT_BATCH_SIZE,
     token_grid: int | None = None,
-    dtype: str = "float16",
+    dtype: str = EXTRACT_DTYPE,
     shard_size: int = 256,
     num_workers: int | None = None,
     overwrite: bool = False,
