@@ -104,19 +104,17 @@ def test_config_checks_every_option_and_suggests():
 def _fake_child(fail: dict[str, str]):
     """In-process stand-in for the child processes: a made-up run per job, or the error
     ``fail`` gives for its method."""
-    from dataclasses import asdict
-
-    from inca.baselines.compare import Run
+    from inca.baselines.compare import EXPENSIVE, Extraction, Run
 
     def child(job):
-        method = job["method"]
-        if method in fail:
-            raise InCAError(fail[method])
-        if method == "extract":
-            return [{"seconds": 1.0, "peak_rss_mib": 10.0, "cuda_peak_mib": None}]
-        label = method + (" @ full's time" if job.get("time_budget_s") else "")
-        return [asdict(Run(label, job["seed"], 0.5, 0.5, 10.0, 100.0, None, 10, 40,
-                           {"epochs_run": 1}))]
+        if job.method in fail:
+            raise InCAError(fail[job.method])
+        if job.method == "extract":
+            return Extraction(1.0, 10.0, None)
+        assert (job.time_budget_s is not None) == job.equal_time  # full's time, when asked
+        assert (job.extraction is None) == (job.method in EXPENSIVE or "extract" in fail)
+        return [Run(job.label, job.seed, 0.5, 0.5, 10.0, 100.0, None, 10, 40,
+                    {"epochs_run": 1})]
 
     return child
 

@@ -16,7 +16,7 @@ runs, :mod:`~inca.baselines.compare_runs` what each child process does and
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,18 @@ from inca.baselines.compare_report import (
     to_markdown,
     write,
 )
-from inca.baselines.compare_runs import Run, backbone_for, error_text, run_in_child
+from inca.baselines.compare_runs import (
+    Extraction,
+    Job,
+    Run,
+    backbone_for,
+    error_text,
+    run_in_child,
+)
 from inca.errors import DataError
 
-__all__ = ["EXPENSIVE", "METHODS", "CompareConfig", "Run", "plot", "run_compare", "summarise",
-           "to_markdown", "write"]
+__all__ = ["EXPENSIVE", "METHODS", "CompareConfig", "Extraction", "Job", "Run", "plot",
+           "run_compare", "summarise", "to_markdown", "write"]
 
 
 def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
@@ -43,67 +50,68 @@ def run_compare(config: CompareConfig, progress: bool = True) -> dict[str, Any]:
     extraction, too) and the table holds what finished.
 
     Returns:
-        ``{"config", "runs", "failures", "summary", "backbone", ...}``; see
-        :func:`to_markdown`.
+        ``{"config", "runs", "failures", "summary", "backbone", ...}`` (what ``compare.json``
+        holds); see :func:`to_markdown`.
     """
     backbone_info = _check_inputs(config)
-    runs: list[dict[str, Any]] = []
+    runs: list[Run] = []
     failures: list[dict[str, Any]] = []
 
-    def failed(job: dict[str, Any], error: str) -> None:
-        label = job["method"] + (" @ full's time" if job.get("equal_time") else "")
-        failures.append({"method": label, "seed": job["seed"], "error": error})
+    def failed(job: Job, error: str) -> None:
+        failures.append({"method": job.label, "seed": job.seed, "error": error})
         if progress:
-            print(f"  {label} seed {job['seed']} failed: {error}", flush=True)
+            print(f"  {job.label} seed {job.seed} failed: {error}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="inca-compare-") as tmp:
         root = Path(config.workdir or tmp) / "cache"
-        base = {"config": asdict(config), "cache_root": str(root)}
         cheap = [m for m in config.methods if m not in EXPENSIVE]
-        extraction, extraction_error = _shared_extraction(base, cheap, progress)
-        jobs = _jobs(config, {**base, "extraction": extraction}, cheap)
+        extraction, extraction_error = _shared_extraction(Job(config, "extract", 0, root),
+                                                          cheap, progress)
+        jobs = _jobs(config, root, extraction, cheap)
         for i, job in enumerate(jobs):
             if progress:
-                print(f"[{i + 1}/{len(jobs)}] {job['method']} seed {job['seed']}"
-                      + (" (full's time)" if job.get("equal_time") else ""), flush=True)
-            if extraction_error and job["method"] in cheap:
+                print(f"[{i + 1}/{len(jobs)}] {job.method} seed {job.seed}"
+                      + (" (full's time)" if job.equal_time else ""), flush=True)
+            if extraction_error and job.method in cheap:
                 failed(job, extraction_error)
                 continue
-            if job.get("equal_time"):
-                full = min((r for r in runs if r["method"] == "full"), key=lambda r: r["seed"],
+            if job.equal_time:
+                full = min((r for r in runs if r.method == "full"), key=lambda r: r.seed,
                            default=None)
                 if full is None:
                     failed(job, "needs full fine-tuning's wall time, and full fine-tuning "
                                 "failed")
                     continue
-                job = {**job, "time_budget_s": config.time_fraction * full["train_seconds"]}
+                job = replace(job, time_budget_s=config.time_fraction * full.train_seconds)
             try:
                 runs += run_in_child(job)
             except Exception as e:  # noqa: BLE001 - one method's failure is reported, not fatal
                 failed(job, error_text(e))
-    return {"config": asdict(config), "runs": runs, "failures": failures,
-            "extraction": extraction, "settings": method_settings(config),
-            "time_budget_s": next((config.time_fraction * r["train_seconds"] for r in runs
-                                   if r["method"] == "full" and r["seed"] == 0), None),
+    rows = [asdict(r) for r in runs]
+    return {"config": asdict(config), "runs": rows, "failures": failures,
+            "extraction": asdict(extraction) if extraction else {},
+            "settings": method_settings(config),
+            "time_budget_s": next((config.time_fraction * r.train_seconds for r in runs
+                                   if r.method == "full" and r.seed == 0), None),
             "backbone": backbone_info,
-            "summary": summarise(runs, backbone_info["bytes"])}
+            "summary": summarise(rows, backbone_info["bytes"])}
 
 
-def _shared_extraction(base: dict[str, Any], cheap: list[str], progress: bool
-                       ) -> tuple[dict[str, Any], str | None]:
+def _shared_extraction(job: Job, cheap: list[str], progress: bool
+                       ) -> tuple[Extraction | None, str | None]:
     """Every layer extracted once, in a child process, for the methods that read a cache
-    (``cheap``); what it recorded, or ``{}`` and why it failed."""
+    (``cheap``); what it cost, or ``None`` and why it failed."""
     if not cheap:
-        return {}, None
+        return None, None
     if progress:
         print("extracting every layer once for " + ", ".join(cheap), flush=True)
     try:
-        return run_in_child({**base, "method": "extract", "seed": 0})[0], None
+        return run_in_child(job), None
     except Exception as e:  # noqa: BLE001 - recorded against every method needing it
         error = f"the shared extraction failed: {error_text(e)}"
         if progress:
             print(f"  {error}", flush=True)
-        return {}, error
+        return None, error
 
 
 def _check_inputs(config: CompareConfig) -> dict[str, Any]:
@@ -124,14 +132,15 @@ def _check_inputs(config: CompareConfig) -> dict[str, Any]:
     return info
 
 
-def _jobs(config: CompareConfig, base: dict[str, Any], cheap: list[str]
-          ) -> list[dict[str, Any]]:
+def _jobs(config: CompareConfig, root: Path, extraction: Extraction | None,
+          cheap: list[str]) -> list[Job]:
     """Every child's job: full fine-tuning first, each method at each of its seeds, then
     the cheap methods again given full's wall time (``equal_time``)."""
     jobs = []
     for method in sorted(config.methods, key=lambda m: m != "full"):
         n = config.expensive_seeds if method in EXPENSIVE else config.seeds
-        jobs += [{**base, "method": method, "seed": s} for s in range(n)]
+        jobs += [Job(config, method, s, root, extraction if method in cheap else None)
+                 for s in range(n)]
     if config.equal_time:  # after full, whose wall time they are given
-        jobs += [{**job, "equal_time": True} for job in jobs if job["method"] in cheap]
+        jobs += [replace(job, equal_time=True) for job in jobs if job.method in cheap]
     return jobs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,34 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Extraction:
+    """What the shared extraction of every layer cost (added to each method reading it)."""
+
+    seconds: float
+    peak_rss_mib: float
+    cuda_peak_mib: float | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One child process's work: ``method`` at ``seed``, or (``method="extract"``) the
+    shared extraction, into and from the caches under ``cache_root``."""
+
+    config: CompareConfig
+    method: str
+    seed: int
+    cache_root: Path
+    extraction: Extraction | None = None  # the shared one, for the methods reading its cache
+    equal_time: bool = False  # a cheap method again, given full fine-tuning's wall time
+    time_budget_s: float | None = None  # that time, once full fine-tuning has run
+
+    @property
+    def label(self) -> str:
+        """The method as the results name it."""
+        return self.method + (" @ full's time" if self.equal_time else "")
+
+
 def backbone_for(config: CompareConfig, device: str | None = None):
     """The compared backbone, created as ``config`` asks, on ``device`` (its own by
     default)."""
@@ -64,26 +92,26 @@ def _setup(config: CompareConfig):
     return backbone, train, test
 
 
-def _run_one(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """A child process: one method at one seed (or the shared extraction); returns dicts."""
+def _run_one(job: Job) -> list[Run] | Extraction:
+    """A child process: one method at one seed, or the shared extraction."""
     import torch
 
     from inca.data import split_train_val
 
-    config = CompareConfig(**job["config"])
-    torch.manual_seed(job["seed"])
+    config = job.config
+    torch.manual_seed(job.seed)
     backbone, train, test = _setup(config)
     tr, val = split_train_val(train, config.val_fraction, 0)  # one split for every method
     splits = {"train": tr, "val": val, "test": test}
-    if job["method"] == "extract":
-        return _run_extract(config, backbone, splits, Path(job["cache_root"]))
-    if job["method"] in EXPENSIVE:
-        return _run_finetune(config, backbone, splits, job["method"], job["seed"])
+    if job.method == "extract":
+        return _run_extract(config, backbone, splits, job.cache_root)
+    if job.method in EXPENSIVE:
+        return _run_finetune(config, backbone, splits, job.method, job.seed)
     return _run_fit(config, backbone, splits, job)
 
 
 def _run_extract(config: CompareConfig, backbone: Any, splits: dict[str, Any],
-                 cache_root: Path) -> list[dict[str, Any]]:
+                 cache_root: Path) -> Extraction:
     """The shared extraction of every split's activations, timed."""
     import torch
 
@@ -97,12 +125,11 @@ def _run_extract(config: CompareConfig, backbone: Any, splits: dict[str, Any],
                              batch_size=config.batch_size, token_grid=config.token_grid,
                              progress=False, precision=config.precision)
         seconds = time.perf_counter() - t
-    return [{"seconds": seconds, "peak_rss_mib": mem.peak_rss_mib,
-             "cuda_peak_mib": mem.cuda_peak_mib}]
+    return Extraction(seconds, mem.peak_rss_mib, mem.cuda_peak_mib)
 
 
 def _run_finetune(config: CompareConfig, backbone: Any, splits: dict[str, Any],
-                  method: str, seed: int) -> list[dict[str, Any]]:
+                  method: str, seed: int) -> list[Run]:
     """Full or LoRA fine-tuning at one seed."""
     import torch
 
@@ -116,13 +143,13 @@ def _run_finetune(config: CompareConfig, backbone: Any, splits: dict[str, Any],
         res = finetune(backbone, splits["train"], splits["val"], splits["test"], ft,
                        progress=False)
         seconds = time.perf_counter() - t
-    return [asdict(Run(method, seed, res.test_accuracy or 0.0, res.val_accuracy, seconds,
-                       mem.peak_rss_mib, mem.cuda_peak_mib, res.trainable_parameters,
-                       res.stored_bytes, {"epochs_run": res.epochs_run}))]
+    return [Run(method, seed, res.test_accuracy or 0.0, res.val_accuracy, seconds,
+                mem.peak_rss_mib, mem.cuda_peak_mib, res.trainable_parameters,
+                res.stored_bytes, {"epochs_run": res.epochs_run})]
 
 
 def _run_fit(config: CompareConfig, backbone: Any, splits: dict[str, Any],
-             job: dict[str, Any]) -> list[dict[str, Any]]:
+             job: Job) -> list[Run]:
     """``inca.fit`` (InCA or a probe) on the shared cache: its best adapter, and for InCA
     its ensemble, each costed with the shared extraction."""
     import torch
@@ -130,15 +157,16 @@ def _run_fit(config: CompareConfig, backbone: Any, splits: dict[str, Any],
     import inca
     from inca._memory import PeakMemory
 
-    method, seed, cache_root = job["method"], job["seed"], Path(job["cache_root"])
-    ext = job["extraction"]
-    budget = job.get("time_budget_s")  # equal time: what is left after the extraction
+    method, seed, cache_root, budget = job.method, job.seed, job.cache_root, job.time_budget_s
+    ext = job.extraction  # equal time (budget): what is left after the extraction
+    if ext is None:
+        raise InCAError(f"{method} reads the shared extraction's cache, and none was made")
     written = _manifests(cache_root)
     with PeakMemory(device=torch.device(config.device)) as mem:
         t = time.perf_counter()
         task = inca.fit(backbone, splits["train"], splits["val"], test=splits["test"],
                         seed=seed, epochs=config.max_epochs if budget else config.epochs,
-                        time_budget_s=max(budget - ext["seconds"], 1e-3) if budget else None,
+                        time_budget_s=max(budget - ext.seconds, 1e-3) if budget else None,
                         batch_size=config.batch_size, lrs=config.lrs, patience=0,
                         token_grid=config.token_grid, progress=False, cache_dir=cache_root,
                         precision=config.precision, **FIT_ARGS[method])
@@ -154,17 +182,17 @@ def _run_fit(config: CompareConfig, backbone: Any, splits: dict[str, Any],
             continue
         members = [r for r in rep.rows if r["key"] in cand["members"]]
         label = method if name == "best" else f"{method}-ensemble"
-        label += " @ full's time" if budget else ""
+        label += " @ full's time" if job.equal_time else ""
         cuda = None if mem.cuda_peak_mib is None else max(mem.cuda_peak_mib,
-                                                          ext["cuda_peak_mib"] or 0)
-        runs.append(asdict(Run(
+                                                          ext.cuda_peak_mib or 0)
+        runs.append(Run(
             label, seed, rep.test_accuracy[name], cand["val_accuracy"],
-            ext["seconds"] + seconds, max(ext["peak_rss_mib"], mem.peak_rss_mib), cuda,
+            ext.seconds + seconds, max(ext.peak_rss_mib, mem.peak_rss_mib), cuda,
             sum(r["parameters"] for r in rep.rows),  # the whole bank was trained
             sum(r["parameters"] for r in members) * 4,  # fp32 safetensors of the chosen
-            {"members": cand["members"], "extract_seconds": ext["seconds"],
+            {"members": cand["members"], "extract_seconds": ext.seconds,
              "fit_seconds": seconds, "bank_size": len(rep.rows),
-             "epochs_run": rep.timings["epochs_run"]})))
+             "epochs_run": rep.timings["epochs_run"]}))
     return runs
 
 
@@ -174,7 +202,7 @@ def _manifests(root: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in sorted(root.glob("*/manifest.json"))}
 
 
-def run_in_child(job: dict[str, Any]) -> list[dict[str, Any]]:
+def run_in_child(job: Job) -> list[Run] | Extraction:
     """:func:`_run_one` in a fresh (spawned) process: the peak memory of this job alone.
     Not a multiprocessing.Pool, whose daemonic workers may not start the data-loading
     workers every method uses."""
