@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import SIZE, SOURCES, make_backbone
+from tiny import SIZE, SOURCES, make_backbone, save_tiny_vit_classifier
 
 import inca
 from inca.backbones import to_tokens
@@ -415,24 +415,6 @@ def test_packaging_dependencies():
     assert any(d.startswith("transformers") and "<6" in d for d in hf)
 
 
-def _save_tiny_vit_classifier(folder, *, drop: str | None = None):
-    """A tiny ``ViTForImageClassification`` saved as the hub's classifiers are: the base
-    model under ``vit.`` without a pooler, and a classifier head."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, image_size=SIZE, patch_size=8, num_labels=3)
-    ViTForImageClassification(config).save_pretrained(folder)
-    if drop is not None:
-        from safetensors.torch import load_file, save_file
-
-        weights = load_file(folder / "model.safetensors")
-        del weights[drop]
-        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
-
-
 def test_hf_classifier_checkpoint_has_one_fingerprint_and_its_task_loads(tmp_path):
     """AutoModel gives a classifier checkpoint's base model a pooler initialised at random;
     the fingerprint covered it, so each process had another one and a fitted task could
@@ -440,7 +422,7 @@ def test_hf_classifier_checkpoint_has_one_fingerprint_and_its_task_loads(tmp_pat
     from inca.backbones import weights_fingerprint
     from inca.data import load_dataset
 
-    folder = _save_tiny_vit_classifier(tmp_path / "cls")
+    folder = save_tiny_vit_classifier(tmp_path / "cls")
     prints, whole = [], []
     for seed in (1, 2):
         torch.manual_seed(seed)  # another random pooler each time
@@ -470,7 +452,7 @@ def tiny_hf_vit(tmp_path):
 
 
 def test_hf_checkpoint_lacking_weights_its_layers_read_is_refused(tmp_path):
-    folder = _save_tiny_vit_classifier(
+    folder = save_tiny_vit_classifier(
         tmp_path / "cut", drop="vit.encoder.layer.0.output.dense.weight")
     with pytest.raises(BackboneError, match=r"lacks weights its layers read \(\S*0\S*weight\): "
                                             r"transformers initialised them at random.*differ "

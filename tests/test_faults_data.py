@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import make_backbone
+from tiny import make_backbone, overwrite_inside
 
 from inca.data import ImageFolderDataset, load_dataset
 from inca.errors import StorageError
@@ -248,15 +248,6 @@ def test_an_unreadable_image_read_by_a_worker_is_one_line_naming_it(tmp_path):
     assert "Traceback" not in res.output and "DataLoader" not in res.output
 
 
-def _overwrite_inside(f: Path, n: int = 4096) -> None:
-    """Overwrite up to ``n`` bytes of an array file's data with 0xff, keeping its size (the
-    attack's silent corruption: the file still loads, as NaNs)."""
-    data = bytearray(f.read_bytes())
-    start = len(data) // 2
-    data[start:start + n] = b"\xff" * len(data[start:start + n])
-    f.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("damage", ["labels-deleted", "tokens-cut", "tokens-overwritten",
                                     "labels-overwritten"])
 def test_a_damaged_complete_cache_is_a_clear_error(tmp_path, digits, damage):
@@ -274,7 +265,7 @@ def test_a_damaged_complete_cache_is_a_clear_error(tmp_path, digits, damage):
     else:
         f = shard / "labels.npy" if damage == "labels-overwritten" else tokens
         size = f.stat().st_size
-        _overwrite_inside(f)
+        overwrite_inside(f)
         assert f.stat().st_size == size and np.load(f).shape  # still loads: only a checksum
     what = "does not match the checksum" if "overwritten" in damage else "missing or cut short"
     with pytest.raises(CacheError, match=rf"is damaged: shards/00001/.*{what}.* delete the folder"):
@@ -322,7 +313,7 @@ def test_extract_over_a_complete_but_damaged_cache_says_so(tmp_path, monkeypatch
     assert len(verified) == 1  # found complete: checked
     layer = next(p for p in (tmp_path / "cache" / "shards").rglob("*.npy")
                  if p.name != "labels.npy")
-    _overwrite_inside(layer)
+    overwrite_inside(layer)
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output
     assert "does not match the checksum" in res.output and "Traceback" not in res.output

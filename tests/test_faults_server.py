@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import os
 import select
@@ -22,30 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
-from tiny import start_serve, stop_serve
+from tiny import multipart, png, start_serve, stop_serve
 
 pytest.importorskip("fastapi")
 
 KEY = "k3y-for-tests"
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def multipart(files: list[tuple[str, bytes]], **fields: str) -> tuple[bytes, str]:
-    """A multipart/form-data body and its content type."""
-    boundary = "inca-test-boundary"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
-             .encode() for k, v in fields.items()]
-    for name, data in files:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
-                     f'filename="{name}"\r\nContent-Type: image/png\r\n\r\n'.encode()
-                     + data + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), \
-        f"multipart/form-data; boundary={boundary}"
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +44,7 @@ def server(digits_task, tmp_path_factory):
 def post(conn: http.client.HTTPConnection, files: list[tuple[str, bytes]],
          key: str | None = KEY, **fields: str) -> tuple[int, dict, str | None]:
     """``(status, JSON body, Connection header)`` of a multipart POST /predict."""
-    body, ctype = multipart(files, **fields)
+    body, ctype = multipart(files, fields)
     headers = {"Content-Type": ctype} | ({"X-API-Key": key} if key is not None else {})
     conn.request("POST", "/predict", body=body, headers=headers)
     r = conn.getresponse()

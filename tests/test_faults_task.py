@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 import torch
 from planted import planted_backbone
-from safetensors.torch import load_file, save_file
-from tiny import edit_json, make_task
+from tiny import edit_json, edit_weights, make_task, nan_weight, rehash, task_state
 
 import inca.backbones
 from inca.adapters import AdapterError, create_adapter
@@ -43,30 +42,10 @@ def no_backbone_created(monkeypatch):
     monkeypatch.setattr(inca.backbones, "create_backbone", refuse)
 
 
-def state(task: Task) -> dict[str, torch.Tensor]:
-    return {f"{i}.{k}": v for i, m in enumerate(task.members)
-            for k, v in m.state_dict().items()}
-
-
 def same_task(a: Task, b: Task) -> bool:
-    sa, sb = state(a), state(b)
+    sa, sb = task_state(a), task_state(b)
     return (a.classes == b.classes and a.member_layers == b.member_layers and sa.keys() == sb.keys()
             and all(torch.equal(sa[k], sb[k]) for k in sa))
-
-
-def rehash(folder: Path) -> None:
-    """Record the weights file's current sha256, so the checks behind the hash are reached."""
-    import hashlib
-
-    digest = hashlib.sha256((folder / TASK_WEIGHTS).read_bytes()).hexdigest()
-    edit_json(folder, lambda m: m.update(weights_sha256=digest))
-
-
-def edit_weights(folder: Path, change: Callable[[dict[str, torch.Tensor]], Any]) -> None:
-    tensors = load_file(str(folder / TASK_WEIGHTS))
-    change(tensors)
-    save_file(tensors, str(folder / TASK_WEIGHTS))
-    rehash(folder)
 
 
 def set_config(field: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -87,10 +66,6 @@ SOURCE = {"spec": "planted", "kwargs": {}}
 def truncate(folder: Path) -> None:
     data = (folder / TASK_WEIGHTS).read_bytes()
     (folder / TASK_WEIGHTS).write_bytes(data[:-7])
-
-
-def nan_weight(t: dict[str, torch.Tensor]) -> None:
-    t["members.0.head.weight"][0, 0] = float("nan")
 
 
 EDITED = "differ from those the weights were saved with.*restore the task.json"

@@ -31,7 +31,6 @@ connection ever cut). About 30-45 s on 2 busy cores, so marked slow.
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import start_serve, stop_serve
+from tiny import multipart, png, start_serve, stop_serve
 
 pytest.importorskip("fastapi")
 
@@ -73,15 +72,9 @@ ATTACKS = {"slowloris": 40, "slow_bodies": 4, "strips": 2, "big": 1, "tasklist":
            "livez": 1, "trickle_s": 0.1, "timeout": 60.0}
 
 
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
 def post(port: int, data: bytes, top_k: int) -> tuple[int, bytes, str | None]:
     """``(status, body, Retry-After)`` of one multipart POST /predict of ``data``."""
-    body, ctype = _attacks.multipart([("valid.png", data)], top_k=str(top_k))
+    body, ctype = multipart([("valid.png", data)], {"top_k": str(top_k)})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT_S)
     try:
         conn.request("POST", "/predict", body=body,

@@ -1,8 +1,14 @@
-"""Tiny random backbones of every source, and a tiny task served by a real ``inca serve``,
-for tests (no downloads)."""
+"""Tiny random backbones of every source, a tiny task served by a real ``inca serve``,
+requests to it, and task files to tamper with, for tests (no downloads).
+
+``benchmarks/faults.py`` (the heavier, repeated version of the fault tests) imports these
+too, so a tamper, a request body or a tiny model has one home: sys.path.insert(0, TESTS).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import subprocess
@@ -12,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 import inca
 from inca.adapters import create_adapter
 from inca.backbones import Backbone, Preprocessing
-from inca.task import TASK_JSON, Task
+from inca.task import TASK_JSON, TASK_WEIGHTS, Task
 
 SIZE = 32
 
@@ -42,6 +49,25 @@ def save_tiny_hf_vit(folder: Path) -> Path:
     config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                        intermediate_size=64, image_size=SIZE, patch_size=8)
     ViTModel(config).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_vit_classifier(folder: Path, *, drop: str | None = None) -> Path:
+    """A tiny ``ViTForImageClassification`` saved as the hub's classifiers are: the base
+    model under ``vit.`` without a pooler (AutoModel adds one initialised at random), and a
+    classifier head; ``drop`` deletes that weight from the saved file."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, image_size=SIZE, patch_size=8, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(folder)
+    if drop is not None:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(folder / "model.safetensors")
+        del weights[drop]
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 
@@ -136,6 +162,28 @@ def stop_serve(proc) -> None:
         proc.wait()
 
 
+def png(image: Image.Image, **kwargs: Any) -> bytes:
+    """``image`` as PNG bytes (``kwargs``: Pillow's PNG options)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **kwargs)
+    return buf.getvalue()
+
+
+def multipart(files: list[tuple[str, bytes]], fields: dict[str, str] | None = None
+              ) -> tuple[bytes, str]:
+    """A multipart/form-data body of ``files`` (each a part named ``files``) and text
+    ``fields``, and its content type."""
+    boundary = "inca-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+             .encode() for k, v in (fields or {}).items()]
+    for name, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+                     f'filename="{name}"\r\nContent-Type: image/png\r\n\r\n'.encode()
+                     + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), \
+        f"multipart/form-data; boundary={boundary}"
+
+
 # -- a random task on any backbone, and random pixels for it ------------------------------
 CLASSES = ["cat", "dog", "eel"]
 
@@ -196,3 +244,41 @@ def edit_json(folder: Path, change: Callable[[dict[str, Any]], Any]) -> None:
     meta = json.loads((folder / TASK_JSON).read_text())
     change(meta)
     (folder / TASK_JSON).write_text(json.dumps(meta))
+
+
+def rehash(folder: Path) -> None:
+    """Record the weights file's current sha256, so the checks behind the hash are reached."""
+    digest = hashlib.sha256((folder / TASK_WEIGHTS).read_bytes()).hexdigest()
+    edit_json(folder, lambda m: m.update(weights_sha256=digest))
+
+
+def edit_weights(folder: Path, change: Callable[[dict[str, torch.Tensor]], Any]) -> None:
+    """``change`` the saved weights' tensors in place, then :func:`rehash`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / TASK_WEIGHTS))
+    change(tensors)
+    save_file(tensors, str(folder / TASK_WEIGHTS))
+    rehash(folder)
+
+
+def nan_weight(t: dict[str, torch.Tensor]) -> None:
+    """A NaN in the first matrix of the weights (by name: ``members.0.head.weight`` of an
+    InCA member); a change for :func:`edit_weights`."""
+    name = next(k for k, v in t.items() if v.ndim == 2)
+    t[name][0, 0] = float("nan")
+
+
+def task_state(task: Task) -> dict[str, torch.Tensor]:
+    """Every member's weights by ``<member>.<name>``, to compare two tasks."""
+    return {f"{i}.{k}": v for i, m in enumerate(task.members)
+            for k, v in m.state_dict().items()}
+
+
+def overwrite_inside(path: Path, n: int = 4096) -> None:
+    """Overwrite up to ``n`` bytes in the middle of a file with 0xff, keeping its size (the
+    attack's silent corruption: an array file still loads, as NaNs)."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2
+    data[start:start + n] = b"\xff" * len(data[start:start + n])
+    path.write_bytes(bytes(data))
