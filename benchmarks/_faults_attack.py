@@ -22,28 +22,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import faults as f
 import numpy as np
-from faults import (
+from _faults_bench import HOST, KEY, Bench, Run, last_line, short
+from _faults_cases import (
     HANDLED,
-    KEY,
+    REFUSED,
     SILENT,
     UNCLEAR,
-    Bench,
     Case,
     Inputs,
-    Run,
     Verdict,
-    edit_json,
     error_verdict,
-    http_verdict,
-    png,
-    request,
     result_verdict,
-    short,
+    run_cases,
     write_folder,
 )
+from _faults_http import answer_problem, http_verdict, predicted, raw_exchange, request
 from PIL import Image
+from tiny import edit_json, multipart, overwrite_inside, png, save_tiny_vit_classifier
+
+from inca.data import load_dataset
 
 STRIP_WIDE = (100_000, 4)  # the CLI's strip (467 bytes; 2.48 GB RSS before the fix)
 
@@ -67,27 +65,6 @@ def run_rss(b: Bench, args: list[str], timeout: float = 300) -> tuple[Run, float
             usage.ru_maxrss / 1024)
 
 
-def tiny_vit_classifier(folder: Path) -> Path:
-    """A tiny ``ViTForImageClassification`` saved as the hub's classifiers are (a base model
-    without pooler, and a head): AutoModel adds a pooler initialised at random (H2)."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    ViTForImageClassification(ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=32, patch_size=8, num_labels=3)).save_pretrained(folder)
-    return folder
-
-
-def overwrite_inside(path: Path, n: int = 4096) -> None:
-    """``n`` bytes of 0xff written in the middle of a file, its size kept (M1)."""
-    data = bytearray(path.read_bytes())
-    start = len(data) // 2
-    data[start:start + n] = b"\xff" * len(data[start:start + n])
-    path.write_bytes(bytes(data))
-
-
 def exif_rotated(image: Image.Image) -> bytes:
     """A JPEG of ``image`` whose EXIF says Orientation=6 (viewed turned 90 degrees)."""
     exif = Image.Exif()
@@ -103,7 +80,7 @@ def overwritten_cache(b: Bench, folder: Path) -> Path:
     from inca.features import extract_to_cache
 
     with b.bb_lock:
-        extract_to_cache(b.bb, f.load_dataset("digits", limit=40), folder,
+        extract_to_cache(b.bb, load_dataset("digits", limit=40), folder,
                          layers=b.layers[:2], batch_size=32, num_workers=0, progress=False)
     shard = folder / "shards" / "00000"
     target = shard / (b.layers[0].replace("/", "_") + ".npy")
@@ -214,19 +191,19 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
     cls_predict = ["predict", str(image), "--task", str(cls_run / "task"), "--device", "cpu"]
 
     def hf_classifier() -> Verdict:
-        tiny_vit_classifier(root / "vit-classifier")
+        save_tiny_vit_classifier(root / "vit-classifier")
         image.write_bytes(x.good[7])
         r = b.run(cls_fit)
         if r.rc != 0:
             return error_verdict(r) if r.rc == 2 else Verdict(
-                UNCLEAR, f"inca fit: exit {r.rc}: {short(f.last_line(r.stderr))}")
+                UNCLEAR, f"inca fit: exit {r.rc}: {short(last_line(r.stderr))}")
         p = b.run(cls_predict)  # another process: another random pooler
         if p.rc != 0:
             return Verdict(SILENT, f"fit exit 0, but its task does not load in another "
-                           f"process: exit {p.rc}: {short(f.last_line(p.stderr))}",
+                           f"process: exit {p.rc}: {short(last_line(p.stderr))}",
                            data_lost=True)
         return Verdict(HANDLED, "fitted (exit 0); loaded and predicted in another process: "
-                       + short(f.last_line(p.stdout), 120))
+                       + short(last_line(p.stdout), 120))
     cases.append(Case("hf-classifier-task-loads", "cli", "H2: inca fit on a saved "
                       "ViTForImageClassification (hf:, pooler missing), then inca predict "
                       "with its task in another process", "correct result", hf_classifier,
@@ -398,12 +375,12 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
 def http_cases(b: Bench, port: int, x: Inputs, task: Any) -> list[Case]:
     key = {"X-API-Key": KEY}
     seven, b64 = x.good[7], base64.b64encode(x.good[7]).decode()
-    url = f"http://{f.HOST}:<port>"
+    url = f"http://{HOST}:<port>"
 
     def answered(status: int, body: bytes, want: Any, seconds: float, bound: float) -> Verdict:
         """200 with ``want``'s probabilities, or a clear 4xx; never a 5xx; within ``bound``."""
         if status == 200:
-            problem = f.answer_problem(f.predicted(body)[0], want, task.classes)
+            problem = answer_problem(predicted(body)[0], want, task.classes)
             v = Verdict(SILENT, problem) if problem else Verdict(HANDLED, "HTTP 200, "
                                                                  "answered right")
         else:
@@ -416,7 +393,7 @@ def http_cases(b: Bench, port: int, x: Inputs, task: Any) -> list[Case]:
     def strip(size: tuple[int, int], value: int) -> Any:
         def go() -> Verdict:
             data = png(Image.new("L", size, value))
-            body, ctype = f.multipart([("strip.png", data)])
+            body, ctype = multipart([("strip.png", data)])
             t = time.perf_counter()
             status, answer = request(port, "POST", "/predict", body,
                                      {"Content-Type": ctype} | key, timeout=120)
@@ -457,9 +434,9 @@ def http_cases(b: Bench, port: int, x: Inputs, task: Any) -> list[Case]:
         return v
 
     def raw(head: bytes) -> tuple[int, bytes]:
-        return f.raw_exchange(port, head)
+        return raw_exchange(port, head)
 
-    body, ctype = f.multipart([("x.png", seven)])
+    body, ctype = multipart([("x.png", seven)])
 
     def two_keys(first: str, second: str) -> tuple[int, bytes]:
         return raw(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nX-API-Key: "
@@ -470,12 +447,12 @@ def http_cases(b: Bench, port: int, x: Inputs, task: Any) -> list[Case]:
         status, answer = request(port, "POST", "/predict", json.dumps({"images": [b64]}).encode(),
                                  {"Content-Type": "APPLICATION/JSON"} | key)
         return answered(status, answer, task.predict_proba([seven])[0], 0, 60) \
-            if status == 200 else Verdict(f.REFUSED, f"HTTP {status}: {short(answer.decode())}")
+            if status == 200 else Verdict(REFUSED, f"HTTP {status}: {short(answer.decode())}")
 
     def docs() -> Verdict:
         status, page = request(port, "GET", "/docs", headers=key)
         if status != 200:
-            return Verdict(f.REFUSED, f"HTTP {status} with the key")
+            return Verdict(REFUSED, f"HTTP {status} with the key")
         text = page.decode(errors="replace")
         scripts = re.findall(r'<script[^>]*src="([^"]+)"', text)
         outside = [s for s in scripts if "://" in s or s.startswith("//")]
@@ -526,7 +503,7 @@ def http_rows(b: Bench, x: Inputs, task_dir: Path, task: Any) -> list[dict[str, 
     with Server([task_dir], ["--api-key", KEY, "--device", "cpu"], b.tmp / "server-attack.log",
                 180) as server:
         try:
-            return f.run_cases(http_cases(b, server.port, x, task), 1, b.scrub)
+            return run_cases(http_cases(b, server.port, x, task), 1, b.scrub)
         finally:
             if server.proc.poll() is not None:
                 print(b.scrub(server.log_tail(1500)), file=sys.stderr)
