@@ -132,3 +132,69 @@ def test_from_paths_refuses_tasks_of_different_backbones_before_creating_one(
         MultiTaskModel.from_paths(paths)
     with pytest.raises(TaskError, match=r"task 'o' \(.*o/task\) .*does not fit"):
         MultiTaskModel.from_paths(paths[1:], backbone=bb, names=["o"])
+
+
+def test_the_compatibility_names_are_listed_by_dir():
+    import inca.runtime
+
+    assert dir(inca.runtime) == ["MultiTaskModel", "Task", "TaskError", "TaskModule",
+                                 "load_task"]
+
+
+def test_a_head_alone_in_its_kind_leaves_the_shared_groups_after_it_intact():
+    """A member with no partner (its own config) runs alone, and the groups planned after it
+    still share one attention pass, on their tasks' pooled token grid."""
+    from tiny import make_task
+
+    bb = planted_backbone()
+
+    def pooled(layer: str, seed: int, **cfg) -> Task:  # on a 2 x 2 grid of tokens
+        t = make_task(bb, "inca", layer, seed=seed, classes=["x", "y"], **cfg)
+        return Task(t.members, t.member_layers, t.classes, bb.describe(), token_grid=2,
+                    keys=t.keys, backbone=bb, precision="32")
+
+    # planned in this order: solo (a group of one), then c and d (one group)
+    tasks = {"solo": pooled("stem", 0, norm_eps=1e-3), "c": pooled("stem", 1),
+             "d": pooled("block1", 2)}
+    model = MultiTaskModel(bb, tasks)
+    images = [planted_data(5, 3)[i][0] for i in range(5)]
+    out = model.predict_proba(images)
+    shared, alone = model._plan(("solo", "c", "d"))
+    assert [name for name, _, _ in alone] == ["solo"]
+    assert len(shared) == 1 and [n for n, _ in shared[0].members] == ["c", "d"]
+    assert shared[0].grid == 2
+    for name, task in tasks.items():
+        torch.testing.assert_close(out[name], task.predict_proba(images), atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_planning_probes_the_backbone_only_as_deep_as_the_tasks_read(two_tasks):
+    """The first prediction plans the heads with a probe pass, which stops after the
+    deepest layer asked for, as every prediction pass does."""
+    bb, a, b = two_tasks
+    model = MultiTaskModel(bb, {"a": a, "b": b})
+    deep = []
+    hook = bb.model.get_submodule("wash").register_forward_hook(lambda *x: deep.append(1))
+    try:
+        model.predict_proba(torch.zeros(1, 3, 16, 16))
+    finally:
+        hook.remove()
+    assert not deep and ("a", "b") in model._plans
+
+
+def test_predict_runs_batch_size_images_per_pass(two_tasks):
+    bb, a, _ = two_tasks
+    model = MultiTaskModel(bb, {"a": a})
+    images = [planted_data(5, 2)[i][0] for i in range(5)]
+    model.predict(images[:1])  # plans the heads (one probe pass)
+    sizes = []
+    hook = bb.model.register_forward_pre_hook(lambda m, i: sizes.append(len(i[0])))
+    try:
+        top = model.predict(images, top_k=2, batch_size=2)
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 1]
+    whole = model.ranked(model.predict_proba(images), 2)["a"]  # one pass: the same answers
+    assert [[c for c, _ in im] for im in top["a"]] == [[c for c, _ in im] for im in whole]
+    assert [p for im in top["a"] for _, p in im] == pytest.approx(
+        [p for im in whole for _, p in im], abs=1e-6)
