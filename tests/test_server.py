@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import re
 import warnings
@@ -427,3 +428,154 @@ def test_the_batcher_admits_up_to_its_limit_counts_every_waiting_image_and_runs_
     out, b = asyncio.run(unbatched())
     assert torch.equal(out["t"], torch.full((4, 1), 12.0))
     assert b.model.calls == [(4, 4)] and b.batches_run == 1 and b.pending == 0  # one pass
+
+
+# -- exact answers: what a client reads, at the limits --------------------------------------
+def b64png(**kwargs) -> str:
+    return base64.b64encode(png(**kwargs)).decode()
+
+
+USAGE = 'expected {"images": [base64 strings], "tasks": [names], "top_k": k}'
+NO_IMAGES = ("the request holds no images: send one or more in 'files' (multipart) or "
+             "'images' (JSON, base64)")
+
+
+@pytest.mark.parametrize("kwargs, status, detail", [
+    (dict(json=[1]), 422, USAGE),
+    (dict(json={"images": "x"}), 422, USAGE),
+    (dict(json={"images": [b64png()], "tasks": 3}), 422, f"tasks must be a list of names; {USAGE}"),
+    (dict(json={"tasks": ["a"]}), 400, NO_IMAGES),  # no "images" at all: none
+    (dict(json={"images": []}), 400, NO_IMAGES),
+    (dict(content=b"raw", headers={"content-type": "text/plain"}), 415,
+     "send multipart/form-data (field 'files') or application/json ({\"images\": [base64, "
+     "...]})"),
+    *[(dict(json={"images": [b64png()], "top_k": k}), 422, f"top_k must be an integer, got {d}")
+      for k, d in ((True, "true"), (1.5, "1.5"), ("two", '"two"'), ([1], "a list"))],
+])
+def test_bad_requests_are_told_exactly_what_to_send(client, kwargs, status, detail):
+    c, _, _ = client
+    r = c.post("/predict", **kwargs)
+    assert (r.status_code, r.json()["detail"]) == (status, detail)
+
+
+@pytest.mark.parametrize("top_k, shown", [("", 3), (None, 3), (2.0, 2), ("2", 2), (1, 1)])
+def test_top_k_is_a_whole_number_and_left_blank_means_three(client, top_k, shown):
+    c, _, _ = client  # the tasks have 4 classes
+    r = c.post("/predict", json={"images": [b64png()], "tasks": ["a"], "top_k": top_k})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"][0]["tasks"]["a"]) == shown
+
+
+def test_values_in_messages_are_described_briefly():
+    from inca.runtime.request import _describe
+
+    assert _describe("x" * 38) == '"' + "x" * 38 + '"'  # 40 characters quoted: whole
+    assert _describe("x" * 39) == '"' + "x" * 36 + "..."
+    assert [_describe(v) for v in (None, False, 7, 0.5)] == ["null", "false", "7", "0.5"]
+    assert [_describe(v) for v in ([], {}, (1,), b"1")] == [
+        "a list", "an object", "a value of another kind", "a value of another kind"]
+
+
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_refused(client):
+    c, _, _ = client  # max_upload_bytes=4096
+    body = json.dumps({"images": [b64png()], "tasks": ["a"]}).encode()
+    json_headers = {"content-type": "application/json"}
+    r = c.post("/predict", content=body.ljust(4096), headers=json_headers)
+    assert r.status_code == 200, r.text
+    r = c.post("/predict", content=body.ljust(4097), headers=json_headers)
+    assert (r.status_code, r.json()["detail"]) == (
+        413, "request of 4097 bytes is over the limit of 4096 bytes; send fewer or smaller "
+             "images")
+
+
+def test_a_long_file_name_is_cut_short_in_the_answer(client):
+    c, _, _ = client
+    name = "n" * 300 + ".png"
+    r = c.post("/predict", files=[("files", (name, png()))], data={"tasks": "a"})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["image"] == "n" * 197 + "..."
+
+
+def test_an_api_key_that_headers_cannot_carry_is_refused_with_the_reason():
+    with pytest.raises(ServerConfigError) as e:
+        ServerConfig(api_key=" padded")
+    assert str(e.value).startswith(
+        "the API key must be printable ASCII without leading or trailing spaces (HTTP headers "
+        "cannot carry anything else, so no client could send it); choose another key")
+
+
+def test_a_refusal_is_json_with_its_length_like_every_other_answer(two_tasks):  # noqa: F811
+    bb, a, _ = two_tasks
+    app = create_app(MultiTaskModel(bb, {"a": a}), ServerConfig(api_key="k"))
+    with TestClient(app) as c:
+        refused, ok = c.get("/health"), c.get("/health", headers={"X-API-Key": "k"})
+    assert (refused.status_code, ok.status_code) == (401, 200)
+    assert refused.headers["content-type"] == ok.headers["content-type"] == "application/json"
+    assert refused.headers["content-length"] == str(len(refused.content))
+    assert refused.json() == {
+        "detail": "missing or wrong API key: send it in the X-API-Key header"}
+
+
+@pytest.mark.parametrize("every, trims", [(3 * 16 * 16, 1), (3 * 16 * 16 + 1, 0)])
+def test_memory_is_handed_back_once_every_bytes_were_decoded(two_tasks, monkeypatch,  # noqa: F811
+                                                             every, trims):
+    bb, a, _ = two_tasks  # one 16 x 16 image: 768 bytes decoded (as RGB)
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: True)
+    app = create_app(MultiTaskModel(bb, {"a": a}),
+                     ServerConfig(trim_every_bytes=every, max_wait_ms=1))
+    with TestClient(app) as c:
+        assert c.post("/predict", files=[("files", ("s.png", png()))]).status_code == 200
+    assert app.state.memory.trims == trims
+
+
+def test_a_request_of_exactly_its_pixel_limit_is_served(two_tasks):  # noqa: F811
+    bb, a, _ = two_tasks
+    app = create_app(MultiTaskModel(bb, {"a": a}),
+                     ServerConfig(max_image_pixels=256, max_request_pixels=512, max_wait_ms=1))
+    with TestClient(app) as c:
+        two = [("files", (f"{i}.png", png())) for i in range(2)]  # 2 x 16 x 16 = 512
+        assert c.post("/predict", files=two).status_code == 200
+        r = c.post("/predict", files=[*two, ("files", ("2.png", png()))])
+    assert (r.status_code, r.json()["detail"]) == (
+        413, "the request's images hold 0.000768 megapixels together, over the limit of "
+             "0.000512 per request; send fewer or smaller images")
+
+
+def test_an_image_pillow_refuses_without_a_pixel_count_gets_413(client, monkeypatch):
+    from inca.runtime import request
+
+    def refuse(data, *, name, max_pixels):  # as Pillow's bomb check, with no "(N pixels)"
+        raise ImageTooLargeError("refused", name=name, size=None, pixels=None, limit=None)
+
+    monkeypatch.setattr(request, "open_image", refuse)
+    c, _, _ = client
+    r = c.post("/predict", files=[("files", ("x.png", png()))])
+    assert (r.status_code, r.json()["detail"]) == (
+        413, "image x.png has too many pixels, over this server's limit of 40 megapixels per "
+             "image (a guard against decompression bombs); shrink the image")
+
+
+class _FlakyModel(_SumModel):
+    """Its first pass fails."""
+
+    def predict_proba(self, images: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+        if not self.calls:
+            self.calls.append((0, 0))
+            raise RuntimeError("the pass failed")
+        return super().predict_proba(images, batch_size)
+
+
+def test_a_failed_pass_fails_its_requests_with_its_error_and_the_batcher_goes_on():
+    from inca.runtime.batcher import Batcher
+
+    async def run() -> dict:
+        b = Batcher(_FlakyModel(), ServerConfig(max_wait_ms=1))
+        b.start()
+        try:
+            with pytest.raises(RuntimeError, match="^the pass failed$"):
+                await asyncio.wait_for(b.predict(torch.ones(1, 3, 2, 2)), 5)
+            return await asyncio.wait_for(b.predict(torch.ones(2, 3, 2, 2)), 5)
+        finally:
+            await b.stop()
+
+    assert torch.equal(asyncio.run(run())["t"], torch.full((2, 1), 12.0))
