@@ -575,3 +575,44 @@ def test_a_client_that_leaves_mid_body_is_counted_not_answered(make_client):
     assert sent == []
     text = c.get("/metrics").text
     assert metric(text, "inca_http_requests_total", path="/predict", status="499") == 1
+
+
+def test_metrics_say_what_they_measure(make_client):
+    c, _, _ = make_client()
+    docs = {f.name: f.documentation
+            for f in text_string_to_metric_families(c.get("/metrics").text)}
+    assert docs["inca_queue_images"] == ("images admitted for a backbone pass and not yet "
+                                         "answered")
+    assert docs["inca_decode_requests"] == "requests decoding or waiting for a decode thread"
+    assert docs["inca_ready"] == "1 when /readyz answers 200"
+
+
+def test_once_the_body_is_in_the_body_deadline_no_longer_applies():
+    """A last body message may leave ``more_body`` out (ASGI: then false). After it the app
+    only listens for a disconnect, and a slow answer is not cut off as a slow body."""
+    import asyncio
+
+    async def app(scope, receive, send) -> None:
+        assert await receive() == {"type": "http.request", "body": b"{}"}
+        listener = asyncio.ensure_future(receive())  # a disconnect, should one come
+        await asyncio.sleep(0.3)  # working past the body deadline
+        listener.cancel()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    messages = [{"type": "http.request", "body": b"{}"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # the client stays, sending nothing more
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    guard = server_module._Guard(app, config=ServerConfig(body_timeout_s=0.1),
+                                 metrics=server_module._Metrics())
+    asyncio.run(guard({"type": "http", "path": "/x", "headers": []}, receive, send))
+    assert [m.get("status") for m in sent] == [200, None] and sent[1]["body"] == b"done"
