@@ -194,3 +194,53 @@ def test_reports_written_before_these_fields_still_load_and_render(fitted):
     new = json.loads(json.dumps(task.report.to_dict()))
     new["probe"]["best_layer"]["val_loss"] = None
     assert math.isnan(FitReport.from_dict(new).probe["best_layer"]["val_loss"])
+
+
+def _built(*, num_test: int | None, baseline: int | None = 1):
+    """A report built from stand-in bank results: two members tied on validation accuracy
+    (``b`` has the lower loss), selection by accuracy."""
+    from types import SimpleNamespace as NS
+
+    from inca.training.report import build_report
+
+    specs = [NS(key=k, kind="linear", layers=["block3"], lr=1e-2) for k in ("a", "b")]
+    members = [NS(val_accuracy=0.9, val_loss=loss, best_epoch=1, diverged_epoch=None)
+               for loss in (0.3, 0.2)]
+    result = NS(members=members, train_seconds=1.5, epochs_run=2, history=[])
+    best = NS(name="best", member_indices=[1], val_accuracy=0.9, val_loss=0.2)
+    config = NS(select_by="accuracy", to_dict=lambda: {"select_by": "accuracy"})
+    return build_report(
+        backbone={"name": "planted", "fingerprint": "ab12"}, config=config, specs=specs,
+        result=result, params=[{"parameters": 68, "percent_of_backbone": 4.25}] * 2,
+        candidates=[best], chosen=best, baseline=baseline, tests={"best": 0.8}, extract_seconds=0.5,
+        num_train=240, num_val=60, classes=["c0", "c1"], task_parameters=68,
+        num_test=num_test)
+
+
+def test_build_report_says_how_a_tie_was_broken_and_what_the_baseline_scored():
+    """Built in the test itself (not in a shared fixture), so that every field is checked
+    on the report this call made. Kills training.report build_report mutants 102 and 113
+    (checked by planting each)."""
+    report = _built(num_test=None)
+    assert report.tie == ("2 adapters share the best validation accuracy (0.9000); the "
+                          "lowest validation loss chose b (0.2000 against 0.3000 for a)")
+    assert report.linear_probe == {"key": "b", "val_accuracy": 0.9, "val_loss": 0.2}
+    assert report.chosen == "best" and report.chosen_members == ["b"]
+    assert _built(num_test=None, baseline=None).linear_probe is None
+
+
+def test_build_report_records_the_test_count_only_with_a_test_set_and_the_provenance():
+    """No test set: no ``num_test`` key at all (not null). Every report says which inca
+    made it, that it was the Python API, and when (UTC, now). Kills build_report mutants
+    134, 153, 176 and 192 (checked by planting each)."""
+    report = _built(num_test=None)
+    assert report.data == {"num_train": 240, "num_val": 60, "classes": ["c0", "c1"]}
+    assert report.test_interval() is None
+    assert _built(num_test=50).data["num_test"] == 50
+    assert report.inca_version == inca.__version__
+    assert report.command == "python API"
+    when = datetime.datetime.fromisoformat(report.date)
+    assert when.utcoffset() == datetime.timedelta(0)
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - when) < datetime.timedelta(
+        minutes=5)
+    assert f"inca {inca.__version__}, {report.date}: `python API`." in report.to_markdown()
