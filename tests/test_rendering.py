@@ -238,6 +238,7 @@ def test_plots_draw_what_the_report_holds(which, snapshot, monkeypatch, tmp_path
 @pytest.mark.parametrize("change, message", [
     (lambda r: 5, "a report is a JSON object, not int"),
     (lambda r: r.pop("rows") and r, "the report lacks rows"),
+    (lambda r: r.pop("rows") and r.pop("chosen") and r, "the report lacks rows, chosen"),
     (lambda r: r.update(rows={"a": 1}) or r, "the report's rows must be a list of objects"),
     (lambda r: r.update(history=[1]) or r, "the report's history must be a list of objects"),
     (lambda r: r.update(timings=[]) or r, "the report's timings must be an object"),
@@ -271,3 +272,83 @@ def test_summary_table_and_files_of_a_report(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "accuracy_per_layer.png", "report.json", "report.md"]
     assert FitReport.from_dict(json.loads((tmp_path / "report.json").read_text())) == bare
+
+
+def test_report_markdown_of_an_older_config_and_a_probe_without_a_best_layer():
+    """A config without ``select_by`` or ``augment`` (older reports): the adapters ranked
+    by validation accuracy, augmentation "none"; a probe without a best-layer record: the
+    last layer's row says both. Kills report to_markdown mutants 39 and 119 and
+    report_render baselines mutants 12 and 13 (each planted and seen to fail)."""
+    r = full_report(config={"epochs": 4})
+    r["rows"][4]["val_loss"] = 0.1  # the lowest loss, but the fifth accuracy
+    del r["probe"]["best_layer"]
+    text = FitReport.from_dict(r).to_markdown()
+    assert "augmentation: none." in text and "Selection on validation accuracy." in text
+    table = text.split("## Every adapter")[1]
+    keys = [row["key"] for row in r["rows"]]
+    assert sorted(keys, key=lambda k: table.index(f"| {k} ")) == [
+        "inca/blocks.3/lr=0.001", "inca/blocks.2/lr=0.001",
+        "multilayer_linear/blocks.0+blocks.3/lr=0.01", "linear/blocks.3/lr=0.01",
+        "linear/blocks.1/lr=0.01", "inca/blocks.3/lr=0.01"]
+    assert ("| last-layer linear probe: logistic regression (also the best layer) | "
+            "blocks.3 | 0.01 | 0.8600 | 0.4500 | 0.8500 |") in text
+    assert "best-layer linear probe" not in text
+
+
+def test_null_scores_of_the_probes_layers_come_back_as_nan():
+    """Kills report from_dict mutants 78 and 80 (each planted and seen to fail)."""
+    r = full_report()
+    r["probe"]["per_layer"][0].update(val_loss=None, val_accuracy=None)
+    per_layer = FitReport.from_dict(r).probe["per_layer"]
+    assert math.isnan(per_layer[0]["val_loss"]) and math.isnan(per_layer[0]["val_accuracy"])
+    assert per_layer[0]["layer"] == "blocks.1" and per_layer[1:] == r["probe"]["per_layer"][1:]
+
+
+def _figures(report: FitReport, monkeypatch: Any, tmp_path: Any) -> list[Any]:
+    """The figures :meth:`FitReport.write` draws (per layer, then confusion), as drawn."""
+    from inca.task import report_render
+
+    figures: list[Any] = []
+    save = report_render._save
+    monkeypatch.setattr(report_render, "_save",
+                        lambda fig, path: (figures.append(fig), save(fig, path))[1])
+    report.write(tmp_path)
+    return figures
+
+
+def test_per_layer_plot_greys_the_baseline_stars_on_top_and_slants_the_layer_names(
+        monkeypatch, tmp_path):
+    """The probe's line is a grey dashed baseline (not a kind's colour), the chosen members'
+    stars are drawn over every line, and the layer names are slanted 45 degrees, each ending
+    at its tick, in 8-point type. Kills report_render plot_layers mutants 49, 93, 124, 130
+    and 131 (each planted and seen to fail)."""
+    ax = _figures(FitReport.from_dict(full_report()), monkeypatch, tmp_path)[0].axes[0]
+    probe = {line.get_label(): line for line in ax.get_lines()}[
+        "logistic regression (baseline)"]
+    assert (probe.get_color(), probe.get_linestyle()) == ("gray", "--")
+    (stars,) = ax.collections
+    assert stars.get_zorder() > max(line.get_zorder() for line in ax.get_lines())
+    ticks = ax.get_xticklabels()
+    assert [t.get_text() for t in ticks] == LAYERS[1:]
+    assert {(t.get_rotation(), t.get_ha(), t.get_fontsize()) for t in ticks} == {
+        (45.0, "right", 8.0)}
+
+
+def test_confusion_plot_is_sized_to_its_classes_and_writes_counts_readably(monkeypatch,
+                                                                            tmp_path):
+    """The figure grows with the class count (3 + 0.35 inch a class, 0.85 as tall as wide)
+    beside a slim colour bar; class names in 7-point type on both axes; a count is white
+    only on a cell past half its row's share (exactly half: black). Kills report_render
+    plot_confusion mutants 39, 43, 68, 84 and 119 (each planted and seen to fail)."""
+    confusion = [[1, 1, 0], [0, 3, 1], [0, 0, 2]]
+    report = FitReport.from_dict(full_report(per_class={"split": "test",
+                                                        "confusion": confusion}))
+    fig = _figures(report, monkeypatch, tmp_path)[1]
+    size = 3 + 0.35 * len(CLASSES)
+    assert tuple(fig.get_size_inches()) == pytest.approx((size, size * 0.85))
+    ax, bar = fig.axes
+    assert bar.get_position().width < 0.1 * ax.get_position().width
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+    assert {t.get_fontsize() for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]} == {7.0}
+    assert [(t.get_text(), t.get_color()) for t in ax.texts] == [
+        ("1", "black"), ("1", "black"), ("3", "white"), ("1", "black"), ("2", "white")]
