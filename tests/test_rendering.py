@@ -167,6 +167,23 @@ def test_model_card_of_a_bundled_backbone_without_weights(snapshot):
     assert model_card(task) == snapshot
 
 
+def test_model_card_says_what_was_not_recorded_without_printing_none():
+    """A backbone record without its fingerprint, metrics without the chosen candidate's
+    name, a step of added classes without its image count: "?" and "chosen" stand in.
+    Kills hub _backbone_section mutant 21 and _metric_lines mutants 9 and 53 (each
+    planted and seen to fail)."""
+    task = _task(None, source={"spec": "dinov2_vits14", "pretrained": False, "kwargs": {}})
+    del task.backbone_info["fingerprint"]
+    task.metrics = {"val_accuracy": 0.5,
+                    "classes_added": [{"classes": ["fox"], "members": [{"val_accuracy": 0.75}]}]}
+    card = model_card(task)
+    assert "- weights fingerprint: `?`\n" in card
+    assert "- validation accuracy (chosen): 0.5000\n" in card
+    assert ("- classes added after the fit: fox (? training images; validation accuracy over "
+            "every class: 0.7500)\n") in card
+    assert "None" not in card
+
+
 def test_layer_series_is_what_the_plot_draws():
     accuracy = layer_series(FitReport.from_dict(full_report()))
     assert accuracy == {

@@ -244,8 +244,9 @@ def test_to_pandas_says_how_to_install_pandas(fitted, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "pandas", None)
-    with pytest.raises(ModuleNotFoundError, match="pip install pandas"):
+    with pytest.raises(ModuleNotFoundError, match="pip install pandas") as missing:
         fitted[1].report.to_pandas()
+    assert missing.value.name == "pandas"  # what tools that offer to install it read
 
 
 def test_save_pretrained_from_pretrained_push_to_hub(fitted, tmp_path, monkeypatch):
@@ -360,6 +361,9 @@ def test_push_and_download_pass_every_option_to_the_hub(fitted, tmp_path, monkey
     assert (upload["repo_id"], upload["commit_message"], upload["revision"],
             upload["create_pr"]) == ("me/t", "first", "v2", True)
     assert upload["files"] == sorted([TASK_CARD, TASK_JSON, TASK_REPORT, TASK_WEIGHTS])
+    # uploaded from a temporary copy, named as inca's (a kill may leave it), then removed
+    assert upload["folder_path"].parent.name.startswith("inca-push-")
+    assert not upload["folder_path"].exists()
     assert sorted(upload["allow_patterns"]) == sorted(upload["delete_patterns"]) == upload[
         "files"]
     seen.clear()
@@ -379,7 +383,7 @@ def test_push_and_download_pass_every_option_to_the_hub(fitted, tmp_path, monkey
     repo, kw = seen["download"]
     assert (repo, kw["revision"], kw["token"], kw["cache_dir"]) == (
         "me/t", "r1", "t0k", tmp_path / "hf")
-    assert kw["library_version"] == __version__
+    assert (kw["library_name"], kw["library_version"]) == ("inca", __version__)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
