@@ -20,6 +20,7 @@ from inca.adapters import AdapterError, create_adapter
 from inca.task import (
     TASK_CARD,
     TASK_JSON,
+    TASK_REPORT,
     TASK_WEIGHTS,
     Task,
     TaskError,
@@ -68,6 +69,15 @@ def truncate(folder: Path) -> None:
     (folder / TASK_WEIGHTS).write_bytes(data[:-7])
 
 
+def not_a_report(folder: Path) -> None:
+    """A report.json that is JSON but no fit report, its sha256 recorded in task.json."""
+    import hashlib
+
+    (folder / TASK_REPORT).write_bytes(b'{"chosen": "best"}')
+    digest = hashlib.sha256(b'{"chosen": "best"}').hexdigest()
+    edit_json(folder, lambda m: m.update(report_sha256=digest))
+
+
 EDITED = "differ from those the weights were saved with.*restore the task.json"
 TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     # name: (tamper, file named in the message, message fragment)
@@ -106,9 +116,38 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "missing classes": (lambda f: edit_json(f, lambda m: m.pop("classes")), TASK_JSON,
                         "lacks the key.*classes"),
     "unknown top-level key": (lambda f: edit_json(f, lambda m: m.update(extra=1)), TASK_JSON,
-                              "unknown key.*extra"),
+                              r": the top level has unknown key\(s\) 'extra';"),
     "members not a list": (lambda f: edit_json(f, lambda m: m.update(members={})), TASK_JSON,
                            "members must be a list"),
+    "members an object of one key": (lambda f: edit_json(f, lambda m: m.update(
+        members={"inca/block1": 1})), TASK_JSON,
+        r": members must be a list of 1 to 1024 members, got an object of 1 key\(s\);"),
+    "no members": (lambda f: edit_json(f, lambda m: m.update(members=[])), TASK_JSON,
+                   r": members must be a list of 1 to 1024 members, got a list of 0 item\(s\);"),
+    "hash not hex": (lambda f: edit_json(f, lambda m: m.update(weights_sha256="XYZ")),
+                     TASK_JSON, 'weights_sha256 must be 64 lowercase hex digits, got "XYZ";'),
+    "class with a tab": (lambda f: edit_json(f, lambda m: m["classes"].__setitem__(0, "c\t0")),
+                         TASK_JSON, r"classes\[0\] 'c\\t0' holds the control character U\+0009 "
+                         r"at position 1; a class name .*; rename the class in task.json, or fit "
+                         r"the task again$"),
+    "backbone layer named twice": (lambda f: edit_json(f, set_backbone(
+        layers=["stem", "stem"])), TASK_JSON, r": backbone\.layers names 'stem' more than once;"),
+    "member lists more layers than its adapter reads": (lambda f: edit_json(
+        f, lambda m: m["members"][0].update(layers=["block1", "block3"])), TASK_JSON,
+        r": members\[0\] \('inca/block1'\) lists layers 'block1', 'block3' but its 'inca' "
+        r"adapter reads 1 layer\(s\);"),
+    "pretrained not true or false": (lambda f: edit_json(
+        f, set_backbone(source=dict(SOURCE, pretrained="yes"))), TASK_JSON,
+        r': backbone\.source\.pretrained must be true or false, got "yes";'),
+    "JSON nested too deep": (lambda f: (f / TASK_JSON).write_text("[" * 100_000 + "]" * 100_000),
+                             TASK_JSON, r"the file is not valid JSON \(a number too long or "
+                             r"nesting too deep\); save the task again"),
+    "JSON number too long": (lambda f: (f / TASK_JSON).write_text(
+        '{"format_version": ' + "3" * 5000 + "}"), TASK_JSON,
+        r"the file is not valid JSON \(a number too long or nesting too deep\); save the task"),
+    "report not a fit report": (not_a_report, TASK_REPORT,
+                                r"report.json: it is not a fit report \(the report lacks "
+                                r"backbone, config, rows, candidates, chosen_members, "),
     "unknown adapter kind": (lambda f: edit_json(
         f, lambda m: m["members"][0]["spec"].update(kind="nope")), TASK_JSON,
         "unknown adapter kind 'nope'"),
@@ -248,8 +287,12 @@ def test_mixed_folder_of_an_interrupted_file_by_file_save_is_refused(bb, tmp_pat
     old = make_task(bb, seed=0).save(tmp_path / "task")
     new = make_task(bb, seed=1).save(tmp_path / "new")
     shutil.copy(new / TASK_WEIGHTS, old / TASK_WEIGHTS)
-    with pytest.raises(TaskError, match=r"adapter_model.safetensors: its sha256 differs"):
+    with pytest.raises(TaskError) as refused:
         load_task(old, backbone=bb)
+    assert str(refused.value) == (
+        f"{old / TASK_WEIGHTS}: its sha256 differs from the one task.json records, so the two "
+        "files come from different saves (an interrupted save or copy, or an edit); save the "
+        "task again (Task.save, or `inca fit --out ...`)")
 
 
 def test_good_task_round_trips_bit_exactly(bb, tmp_path, monkeypatch):
@@ -457,3 +500,66 @@ def test_values_and_names_in_messages_are_cut_short():
     assert few(["a", "b", "c"]) == "'a', 'b', 'c'"
     assert few(["a", "b", "c", "d"]) == "'a', 'b', 'c' and 1 more"
     assert few(list("abcdef")) == "'a', 'b', 'c' and 3 more"
+
+
+def test_save_creates_the_missing_parent_folders(bb, tmp_path):
+    """Kills files write_task_folder mutant 60 (planted and seen to fail)."""
+    task = make_task(bb)
+    folder = task.save(tmp_path / "runs" / "pets" / "task")
+    assert same_task(load_task(folder, backbone=bb), task)
+
+
+def test_a_list_of_names_may_be_exactly_as_long_as_its_bound(tmp_path):
+    """Kills schema Checker.names mutant 6 (planted and seen to fail)."""
+    from inca.task.schema import Checker
+
+    check = Checker(tmp_path / TASK_JSON)
+    assert check.names(["a", "b"], "layers", 2) == ["a", "b"]
+    with pytest.raises(TaskError, match=r"layers must be a list of 1 to 2 names, got a list "
+                                        r"of 3 item\(s\)"):
+        check.names(["a", "b", "c"], "layers", 2)
+
+
+PREP = {"input_size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+CANNOT = ("this task: cannot create its backbone 'nope'{how}: gone. Pass the backbone it was "
+          "trained on (backbone=..., or --backbone)")
+
+
+def test_a_backbone_that_cannot_be_created_says_whether_only_local_files_were_read(
+        monkeypatch):
+    """A spec given, or a task.json without a source: created as usual, and the message
+    says nothing of local files; a source recorded offline: it says so. Kills backbone
+    task_backbone mutants 21 and 60 and _recorded mutant 8 (each planted and seen to
+    fail)."""
+    pytest.importorskip("huggingface_hub")  # without it nothing is offline
+    from inca.errors import BackboneError
+    from inca.task.backbone import task_backbone
+
+    def gone(spec: str, **kwargs: Any) -> None:
+        raise BackboneError("gone")
+
+    monkeypatch.setattr(inca.backbones, "create_backbone", gone)
+    info = {"name": "nope", "fingerprint": "0" * 16, "preprocessing": PREP}
+    recorded = dict(info, source={"spec": "nope", "kwargs": {}, "offline": True})
+    for backbone, record, how in (("nope", info, ""), (None, info, ""),
+                                  (None, recorded, " (from local files only, as recorded)")):
+        with pytest.raises(TaskError) as refused:
+            task_backbone(record, backbone)
+        assert str(refused.value) == CANNOT.format(how=how)
+
+
+def test_a_recorded_local_folder_missing_here_is_named_whole(tmp_path, no_backbone_created):
+    """The path after ``hf:`` is taken whole, colons and all, and named in the message
+    before anything is created. Kills backbone _recorded mutants 53 and 72 and
+    task_backbone mutant 34 (each planted and seen to fail)."""
+    from inca.task.backbone import task_backbone
+
+    missing = tmp_path / "models:v2" / "vit"
+    info = {"name": "vit", "fingerprint": "0" * 16, "preprocessing": PREP,
+            "source": {"spec": f"hf:{missing}", "kwargs": {}}}
+    with pytest.raises(TaskError) as refused:
+        task_backbone(info)
+    assert str(refused.value) == (
+        f"this task: its backbone was created from {missing}, which does not exist on this "
+        "machine; pass the same weights from where they are here (backbone='hf:<folder>' or "
+        "a Backbone; --backbone, --checkpoint)")
