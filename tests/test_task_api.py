@@ -461,8 +461,10 @@ def test_predict_takes_one_image_or_many_in_every_common_form(fitted, tmp_path):
     assert task.predict(str(paths[0])) == task.predict([paths[0]])
     with pytest.raises(TaskError, match=r"got shape \(2, 20, 24, 5\)"):
         task.predict_proba([np.zeros((2, 20, 24, 5), dtype=np.uint8)])
-    with pytest.raises(TaskError, match="cannot read images from a int"):
+    with pytest.raises(TaskError) as refused:
         task.predict_proba(3)
+    assert str(refused.value) == ("cannot read images from a int: pass a path, a PIL image, a "
+                                  "NumPy array, a tensor, or a list of them")
 
 
 # -- to_module: autograd, torch.export, ONNX ------------------------------------------------
@@ -520,5 +522,28 @@ def test_a_given_backbone_is_checked_then_moved_and_a_mismatch_says_what_differs
     with pytest.raises(TaskError) as e:
         check_backbone(trained, bb, what="task 't'")
     assert "task 't' does not fit backbone" in str(e.value)
+    assert f"weights fingerprint {bb.fingerprint()} != {'0' * 16} it was trained with" in str(
+        e.value)
     assert "pretrained False != True it was trained with" in str(e.value)
     assert "revision None != 'v1' it was trained with" in str(e.value)
+
+
+def test_features_are_scored_without_a_backbone_and_from_pretrained_takes_a_dtype(tmp_path):
+    """Features extracted elsewhere (a cache, a server's batch) are scored by a task with
+    no backbone attached, on its members' device; ``from_pretrained(..., dtype=...)`` moves
+    the backbone and the members. Kills model Task._precision mutant 4 and
+    Task.from_pretrained mutant 20 (each planted and seen to fail)."""
+    from inca.features import extract_features
+
+    bb = planted_backbone()
+    task = random_task(bb)
+    x = torch.rand(3, 3, 16, 16)
+    expected = task.predict_proba(x)
+    feats = extract_features(bb, x, task.layers, None)
+    task.backbone = None
+    torch.testing.assert_close(task.proba_from_features(feats), expected)
+    folder = task.save(tmp_path / "task")
+    loaded = Task.from_pretrained(folder, bb, dtype=torch.float64)
+    assert {p.dtype for p in [*bb.parameters(), *loaded.members.parameters()]} == {
+        torch.float64}
+    torch.testing.assert_close(loaded.predict_proba(x), expected, check_dtype=False)
