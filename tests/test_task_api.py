@@ -547,3 +547,15 @@ def test_features_are_scored_without_a_backbone_and_from_pretrained_takes_a_dtyp
     assert {p.dtype for p in [*bb.parameters(), *loaded.members.parameters()]} == {
         torch.float64}
     torch.testing.assert_close(loaded.predict_proba(x), expected, check_dtype=False)
+
+
+def test_a_task_refuses_keys_that_are_not_one_per_member():
+    """Keys of another count were taken, and the task then failed to save with a bare
+    ``zip() argument 2 is longer than argument 1``; they are refused when given."""
+    bb = planted_backbone()
+    members = random_task(bb).members
+    for keys in (["a"], ["a", "b", "c"]):
+        with pytest.raises(TaskError) as refused:
+            Task(members, [["stem"], ["block3"]], CLASSES, bb.describe(), keys=keys)
+        assert str(refused.value) == (f"{len(keys)} keys were given for 2 members: give one "
+                                      "key per member (or none)")

@@ -78,6 +78,9 @@ class Task(nn.Module):
             if m.num_classes != len(classes):
                 raise TaskError(f"member {i} has {m.num_classes} outputs but {len(classes)} "
                                 "class names were given: give one name per output")
+        if keys is not None and len(keys) != len(members):
+            raise TaskError(f"{len(keys)} keys were given for {len(members)} members: give one "
+                            "key per member (or none)")
         self.members = nn.ModuleList(members).eval()
         self.member_layers = [list(ls) for ls in member_layers]
         self.classes = list(classes)
