@@ -361,9 +361,6 @@ def test_push_and_download_pass_every_option_to_the_hub(fitted, tmp_path, monkey
     assert (upload["repo_id"], upload["commit_message"], upload["revision"],
             upload["create_pr"]) == ("me/t", "first", "v2", True)
     assert upload["files"] == sorted([TASK_CARD, TASK_JSON, TASK_REPORT, TASK_WEIGHTS])
-    # uploaded from a temporary copy, named as inca's (a kill may leave it), then removed
-    assert upload["folder_path"].parent.name.startswith("inca-push-")
-    assert not upload["folder_path"].exists()
     assert sorted(upload["allow_patterns"]) == sorted(upload["delete_patterns"]) == upload[
         "files"]
     seen.clear()
@@ -383,7 +380,38 @@ def test_push_and_download_pass_every_option_to_the_hub(fitted, tmp_path, monkey
     repo, kw = seen["download"]
     assert (repo, kw["revision"], kw["token"], kw["cache_dir"]) == (
         "me/t", "r1", "t0k", tmp_path / "hf")
-    assert (kw["library_name"], kw["library_version"]) == ("inca", __version__)
+    assert kw["library_version"] == __version__
+
+
+def test_a_push_uploads_a_temporary_copy_and_a_download_names_inca(tmp_path, monkeypatch):
+    """The upload is of a temporary copy named as inca's (``inca-push-*``: what a kill
+    may leave behind), removed after; a download tells the hub it is inca's. Kills hub
+    push_task mutant 16 and task_folder mutant 24 (each planted and seen to fail)."""
+    import huggingface_hub
+
+    uploaded, downloads = [], []
+
+    class Api:
+        def __init__(self, **kw):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            pass
+
+        def upload_folder(self, *, folder_path, **kw):
+            uploaded.append((folder_path, sorted(p.name for p in folder_path.iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: downloads.append(kw) or str(tmp_path))
+    task = random_task(planted_backbone())
+    task.push_to_hub("me/t")
+    ((folder, files),) = uploaded
+    assert folder.parent.name.startswith("inca-push-") and not folder.parent.exists()
+    assert files == sorted([TASK_CARD, TASK_JSON, TASK_WEIGHTS])
+    with pytest.raises(TaskError, match="is not a task folder"):  # nothing was downloaded
+        Task.from_pretrained("me/t")
+    assert downloads[0]["library_name"] == "inca"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
