@@ -129,7 +129,7 @@ def test_a_connection_past_the_limit_is_answered_503_at_once_and_closed():
             with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
                 started = time.monotonic()
                 status, headers, body = parse(recv_all(extra, 5))  # sent no request
-                assert time.monotonic() - started < 2
+                assert time.monotonic() - started < 4  # at once, not at recv's 5 s
             assert status == "HTTP/1.1 503 Service Unavailable"
             assert headers["retry-after"] == "4" and headers["connection"] == "close"
             assert json.loads(body) == {"detail": "too many connections; retry later"}
@@ -168,7 +168,7 @@ def test_headers_trickled_past_the_deadline_get_408_and_the_connection_is_closed
     status, headers, body = parse(answer)
     assert status == "HTTP/1.1 408 Request Timeout" and headers["connection"] == "close"
     assert json.loads(body) == {"detail": "the request headers did not arrive within 0.5 s"}
-    assert 0.4 < took < 2.0  # not 4 s: the trickle did not reset the deadline
+    assert 0.4 < took < 3.5  # the trickle, 4 s long, did not push the deadline back
 
 
 class _Transport:
