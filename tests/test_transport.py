@@ -72,6 +72,7 @@ def test_serve_runs_uvicorn_with_the_configs_limits(monkeypatch):
     assert (c.host, c.port, c.timeout_keep_alive, c.timeout_graceful_shutdown) == (
         "127.0.0.2", 1234, 3, 7)
     assert issubclass(c.http, transport._Protocol) and c.http.limits is config
+    assert c.ws == "none"  # no WebSocket upgrade: _Protocol's header deadline stays valid
 
 
 # -- a real uvicorn server with the limits, in a thread -----------------------------------

@@ -94,6 +94,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
     protocol = type("LimitedH11Protocol", (_Protocol,), {"limits": config})
     _DrainingServer(uvicorn.Config(
         app, host=host, port=port, log_level=log_level, http=protocol,
+        ws="none",  # no WebSocket routes; an upgraded connection would keep the header timer
         timeout_keep_alive=config.keep_alive_s,  # type: ignore[arg-type] - a float works
         timeout_graceful_shutdown=config.drain_timeout_s)).run()  # type: ignore[arg-type]
 
