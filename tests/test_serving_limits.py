@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
-from tiny import start_serve, stop_serve
+from tiny import recv_all, start_serve, stop_serve
 
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
@@ -384,22 +384,6 @@ def predict_request(data: bytes) -> bytes:
             "Connection: close\r\nContent-Type: "
             f"multipart/form-data; boundary={b}\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode() + body
-
-
-def recv_all(s, timeout: float) -> bytes:
-    """Everything the server sends until it closes (or ``timeout`` passes)."""
-
-    s.settimeout(timeout)
-    data, deadline = b"", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = s.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def check_prediction(answer: bytes, task, digit: Image.Image) -> None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
+from tiny import recv_all
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -103,21 +104,6 @@ def running(config: ServerConfig):
         server.should_exit = True
         thread.join(10)
         sock.close()
-
-
-def recv_all(s: socket.socket, timeout: float) -> bytes:
-    """Everything the server sends until it closes (or ``timeout`` passes)."""
-    s.settimeout(timeout)
-    data, deadline = b"", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = s.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 GET = b"GET /hi HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

@@ -11,8 +11,10 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,21 @@ def save_digits_task(folder: Path) -> tuple[Path, inca.Task]:
                     lrs=(1e-2,), epochs=1, progress=False)
     task.save(folder / "digits")
     return folder / "digits", task
+
+
+def recv_all(s: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes (or ``timeout`` passes)."""
+    s.settimeout(timeout)
+    data, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def free_port() -> int:
