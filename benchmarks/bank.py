@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS, make_backbone, publish
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from inca.training import AdapterBank, FitConfig, plan_members
@@ -102,6 +103,46 @@ def copy_bandwidth(repeats: int) -> float:
     return 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), repeats) / 1e9
 
 
+MATMULS = {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default,
+           torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+
+class _RecordMatmuls(TorchDispatchMode):
+    """Every matmul a step dispatches (forward and backward), as (op, tensor layouts, other
+    arguments), to be replayed alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func in MATMULS:
+            self.calls.append((func, [(tuple(a.shape), a.stride(), a.dtype)
+                                      if isinstance(a, torch.Tensor) else a for a in args],
+                               dict(kwargs or {})))
+        return func(*args, **(kwargs or {}))
+
+
+def _like(layout: tuple) -> torch.Tensor:
+    """A random tensor of this shape, strides and dtype (strides of 0 included)."""
+    shape, stride, dtype = layout
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+    return torch.randn(size, dtype=dtype).as_strided(shape, stride)
+
+
+def matmul_floor(step, repeats: int) -> float:
+    """The least time the matmuls of one ``step()`` take: each recorded call replayed alone,
+    on tensors of its shapes and strides, at its best over ``repeats`` (seconds). Alone, its
+    operands stay in cache: a bound the step's matmuls cannot beat with this BLAS."""
+    with _RecordMatmuls() as rec:
+        step()
+    total = 0.0
+    for func, args, kwargs in rec.calls:
+        real = [_like(a) if isinstance(a, tuple) else a for a in args]
+        total += best_time(lambda f=func, a=real, k=kwargs: f(*a, **k), repeats)
+    return total
+
+
 def build_bank(s: Shape) -> tuple[AdapterBank, StackedFeats, torch.Tensor]:
     layers = [f"blocks.{i}" for i in range(s.layers)]
     config = FitConfig(layers=layers, kinds=s.kinds, lrs=s.lrs,
@@ -138,7 +179,8 @@ def measure(s: Shape, repeats: int, extraction: dict[str, float]) -> dict:
             fn()
         flops[name] = fc.get_total_flops()
     times = {"forward": best_time(forward, repeats), "train": best_time(step, repeats),
-             "optimizer": best_time(opt.step, repeats)}  # on the last step's gradients
+             "optimizer": best_time(opt.step, repeats),  # on the last step's gradients
+             "matmuls_alone": matmul_floor(step, repeats)}
     key = (s.backbone, s.input_size, s.batch)
     if key not in extraction:
         bb = make_backbone(s.backbone, input_size=s.input_size, device="cpu",
@@ -161,6 +203,56 @@ def measure(s: Shape, repeats: int, extraction: dict[str, float]) -> dict:
         "step_vs_extract": times["train"] / extraction[key],
         "flops_vs_extract": flops["train"] / extraction[(*key, "flops")],
     }
+
+
+FIT_EPOCHS = 12  # benchmarks/fit.py's default: its bank / extraction is about this many
+# epochs of steps over the batches extracted once
+
+
+def targets(rows: list[dict], peak: float) -> list[str]:
+    """Issue 19's targets against what this run measured, with the bounds that decide them."""
+    by = {r["shape"]: r for r in rows}
+    if "a" not in by:
+        return []
+    a = by["a"]
+    ta, fa = a["seconds"]["train"], a["flops"]["train"]
+    ext = a["extract_seconds"]
+    eff, kfe, mfe = a["efficiency"]["train"], a["kernel_floor_efficiency"], \
+        a["floor_efficiency"]
+    out = ["", "## Targets (issue 19) against this run", "",
+           f"- (a) training step, efficiency >= 25%: **{eff:.1%}** ("
+           + ("met" if eff >= 0.25 else
+              f"not met; its own matmuls alone, each at its best, plus AdamW alone take "
+              f"{a['kernel_floor_s'] * 1e3:.1f} ms, which allows at most {kfe:.1%}; its "
+              f"memory floor allows {mfe:.1%}; the other "
+              f"{(ta - a['kernel_floor_s']) * 1e3:.1f} ms of the step are its elementwise "
+              "work, copies and dispatch") + ").",
+           f"- (a) step / extraction of the same batch <= 0.15: **{a['step_vs_extract']:.3f}** "
+           f"({'met' if a['step_vs_extract'] <= 0.15 else 'not met'}).",
+           f"- fit.md's bank / extraction <= 0.3: {FIT_EPOCHS} epochs of (a)'s steps over "
+           f"the batches extracted once take {FIT_EPOCHS * a['step_vs_extract']:.2f} of the "
+           f"extraction; at (a)'s memory floor {FIT_EPOCHS * a['floor_s'] / ext:.2f}, at "
+           f"its kernel floor {FIT_EPOCHS * a['kernel_floor_s'] / ext:.2f}; 0.3 needs a "
+           f"step of {0.3 / FIT_EPOCHS * ext * 1e3:.1f} ms "
+           "(before validation and reading the cache)."]
+    if "d" in by:
+        d = by["d"]
+        ratio, t25 = d["seconds"]["train"] / ta, fa / (0.25 * peak * 1e9)
+        floor_d = max(d["floor_s"], d["kernel_floor_s"])
+        out.append(
+            f"- (d) step / (a) step <= 3: **{ratio:.2f}** ("
+            + ("met" if ratio <= 3 else
+               f"not met; (d) does {d['flops']['train'] / fa:.1f}x (a)'s FLOPs; its memory "
+               f"floor is {d['floor_s'] * 1e3:.0f} ms and its kernel floor "
+               f"{d['kernel_floor_s'] * 1e3:.0f} ms, {floor_d / ta:.2f}x (a)'s step; with "
+               f"(a) at its 25% target ({t25 * 1e3:.1f} ms), 3x that is "
+               f"{3 * t25 * 1e3:.0f} ms, "
+               + ("below (d)'s floor: the two targets cannot both hold on this machine"
+                  if 3 * t25 < floor_d else "above (d)'s floors")) + ").")
+    if "c" in by:
+        out.append(f"- (c) one member: {by['c']['seconds']['train'] * 1e3:.1f} ms a step "
+                   "(the target: no slower than before the issue).")
+    return out
 
 
 def main() -> None:
@@ -186,6 +278,9 @@ def main() -> None:
         r["one_token_pass_s"] = r["token_block_bytes"] / (bandwidth / 2 * 1e9)
         r["floor_s"] = r["floor_bytes"] / (bandwidth * 1e9)  # bandwidth: bytes moved / s
         r["floor_efficiency"] = r["flops"]["train"] / r["floor_s"] / 1e9 / peak
+        # the step's matmuls, each alone at its best, and AdamW alone: a floor of its kernels
+        r["kernel_floor_s"] = r["seconds"]["matmuls_alone"] + r["seconds"]["optimizer"]
+        r["kernel_floor_efficiency"] = r["flops"]["train"] / r["kernel_floor_s"] / 1e9 / peak
     ra = next((r for r in rows if r["shape"] == "a"), None)
     md = ["# The adapter bank against the machine's limits", "",
           f"{torch.get_num_threads()} threads; sgemm 2048^2: {peak:.0f} GFLOP/s (best of "
@@ -195,8 +290,10 @@ def main() -> None:
           "| shape | members | tokens (L, B, N, D) | train GFLOP | train ms | train GFLOP/s "
           "| efficiency | forward ms | forward eff. | token passes in a step's time | "
           "step / extraction | FLOPs / extraction's | optimizer ms | memory floor ms | "
-          "step / floor | efficiency at the floor |",
-          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "step / floor | efficiency at the floor | matmuls alone ms | kernel floor ms | "
+          "efficiency at the kernel floor |",
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+          "---:|---:|"]
     for r in rows:
         md.append(
             f"| ({r['shape']}) {r['what']} | {r['members']} | {tuple(r['tokens'])} | "
@@ -206,7 +303,9 @@ def main() -> None:
             f"{r['seconds']['train'] / r['one_token_pass_s']:.1f} | "
             f"{r['step_vs_extract']:.3f} | {r['flops_vs_extract']:.3f} | "
             f"{r['seconds']['optimizer'] * 1e3:.1f} | {r['floor_s'] * 1e3:.1f} | "
-            f"{r['seconds']['train'] / r['floor_s']:.2f} | {r['floor_efficiency']:.1%} |")
+            f"{r['seconds']['train'] / r['floor_s']:.2f} | {r['floor_efficiency']:.1%} | "
+            f"{r['seconds']['matmuls_alone'] * 1e3:.1f} | {r['kernel_floor_s'] * 1e3:.1f} | "
+            f"{r['kernel_floor_efficiency']:.1%} |")
     if ra is not None:
         for r in rows:
             if r["shape"] in ("c", "d"):
@@ -220,7 +319,14 @@ def main() -> None:
            f"token block, {FLOOR_PARAM_PASSES} transfers of its parameters: forward and "
            "backward reads, the gradient, AdamW's moments) at the measured copy bandwidth; "
            "'efficiency at the floor': the step's FLOPs in that time against the sgemm peak, "
-           "the most a step bound by memory traffic could show."]
+           "the most a step bound by memory traffic could show.",
+           "", "'matmuls alone': every matmul of one training step (forward and backward, "
+           "recorded as dispatched), each replayed alone on tensors of its shapes and "
+           "strides at its best time, summed: alone, its operands stay in cache, so the "
+           "step's matmuls cannot beat it with this BLAS; 'kernel floor': that plus AdamW's "
+           "step alone; 'efficiency at the kernel floor': the step's FLOPs in that time "
+           "against the sgemm peak."]
+    md += targets(rows, peak)
     publish(args.name, {"sgemm_gflop_s": peak, "sgemm_samples": peaks,
                         "copy_gb_s": bandwidth, "shapes": rows}, md, folder=args.results_dir)
 

@@ -321,7 +321,13 @@ def test_bank_benchmark_quick(tmp_path):
         for k in ("forward", "train"):  # achieved / the sgemm measured in the same run
             assert r["efficiency"][k] == pytest.approx(
                 r["flops"][k] / r["seconds"][k] / 1e9 / payload["sgemm_gflop_s"])
-    assert "(c) step / (a) step" in (tmp_path / "bank.md").read_text()
+        # the kernel floor: the step's recorded matmuls replayed alone, plus AdamW alone
+        assert r["seconds"]["matmuls_alone"] > 0
+        assert r["kernel_floor_s"] == pytest.approx(
+            r["seconds"]["matmuls_alone"] + r["seconds"]["optimizer"])
+    md = (tmp_path / "bank.md").read_text()
+    assert "(c) step / (a) step" in md and "## Targets (issue 19)" in md
+    assert "(a) training step, efficiency >= 25%" in md
 
 
 def test_faults_benchmark_quick(tmp_path):
