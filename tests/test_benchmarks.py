@@ -328,6 +328,10 @@ def test_bank_benchmark_quick(tmp_path):
     md = (tmp_path / "bank.md").read_text()
     assert "(c) step / (a) step" in md and "## Targets (issue 19)" in md
     assert "(a) training step, efficiency >= 25%" in md
+    (tmp_path / "bank.md").unlink()  # --from-json writes the same page from the numbers
+    subprocess.run([sys.executable, str(script), "--from-json", "--results-dir", str(tmp_path)],
+                   check=True, timeout=120)
+    assert (tmp_path / "bank.md").read_text() == md
 
 
 def test_faults_benchmark_quick(tmp_path):
