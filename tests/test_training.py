@@ -149,6 +149,16 @@ def test_nan_everywhere_stops_with_a_clear_error():
             FitConfig(lrs=lrs)
 
 
+def test_a_fit_config_is_plain_data_that_round_trips_through_json():
+    import json
+
+    config = FitConfig(kinds=("inca", "linear"), lrs=(1e-3, 3e-3), layers=["l1"])
+    d = config.to_dict()
+    assert d["kinds"] == ["inca", "linear"] and d["lrs"] == [1e-3, 3e-3]
+    assert set(d) == set(FitConfig.__dataclass_fields__)
+    assert FitConfig.from_dict(json.loads(json.dumps(d))) == config
+
+
 def test_open_inca_adds_classes_without_hurting_old_ones():
     torch.manual_seed(0)
     old, total = 3, 6
@@ -202,14 +212,21 @@ def test_wide_layers_get_a_narrow_attention():
     assert full.config.attn_dim == 320 and full.num_parameters() > 0.1 * 3_500_000
     assert build_adapter(spec, embed_dims={"stage": 320}, num_prefix_tokens=0,
                          num_classes=10).config.attn_dim == 320  # no backbone size given
+    # the width is counted with the member's own queries: 4 of them leave room for less
+    assert narrow_attention(320, 10, 1, 3_600_000) == 80
+    queries = build_adapter(spec, options={"inca": {"num_queries": 4}},
+                            **{**common, "backbone_params": 3_600_000})
+    assert queries.config.attn_dim == narrow_attention(320, 10, 4, 3_600_000) == 64
+    assert queries.num_parameters() <= MAX_ADAPTER_SHARE * 3_600_000
 
 
 @pytest.mark.parametrize("d, classes, queries, backbone", [
     (320, 10, 1, 3_500_000), (320, 100, 2, 5_000_000), (512, 10, 4, 9_000_000),
-    (1280, 1000, 1, 60_000_000)])
+    (1280, 1000, 1, 60_000_000), (100, 10, 1, 1_380_000)])
 def test_the_narrowed_attention_is_the_widest_that_fits(d, classes, queries, backbone):
     """Counted on the adapters themselves: the width chosen fits the budget, 16 more
-    would not (unless it is already the least, 16)."""
+    would not (unless it is already the least, 16). A width that is no multiple of 16
+    (100) still gets a multiple of 16 (96), not 16 less than the full width (84)."""
     from inca.adapters import create_adapter
 
     def params(a: int) -> int:
