@@ -73,9 +73,16 @@ def test_cached_mode_equals_streaming_mode(tmp_path):
     bb = planted_backbone()
     train = planted_data(160, 0)
     common = dict(layers=["stem", "wash"], kinds=("inca", "linear"), lrs=(3e-3,), epochs=3,
-                  batch_size=32, patience=0, progress=False)
+                  batch_size=32, patience=0, progress=False, token_grid=2)
     cached = inca.fit(bb, train, cache_dtype="float32", cache_dir=tmp_path, **common)
     streamed = inca.fit(bb, train, mode="streaming", augment=False, **common)
+    # the cache holds what the config asks: float32 tokens, pooled to a 2 x 2 grid
+    from inca.features import ActivationCache
+
+    cache = ActivationCache(tmp_path / "train")
+    assert cache.manifest["dtype"] == "float32" and cache.token_shape("stem") == (4, 16)
+    # the mode was chosen on the size of exactly these layers' tokens
+    assert cached.report.mode["cache_bytes"] == 160 * 2 * 4 * 16 * 4  # images, layers, tokens, D
     # the logistic-regression baseline needs cached features: skipped, and said why
     assert "streaming" in streamed.report.probe["skipped"]
     assert "probe not fitted: streaming" in streamed.report.to_markdown()
@@ -451,3 +458,13 @@ def test_a_validation_split_without_indices_is_refused_by_name():
     with pytest.raises(InCAError, match=r"^a validation split must carry \.indices into its "
                                         r"parent data set$"):
         fitting._indices_of(object(), planted_data(4, 0))
+
+
+def test_fit_says_which_mode_it_chose_when_it_shows_progress(tmp_path, capsys):
+    common = dict(layers=["stem"], kinds=("linear",), lrs=(1e-2,), epochs=1, num_workers=0,
+                  mode="cached", cache_dir=tmp_path)
+    inca.fit(planted_backbone(), planted_data(48, 0), progress=True, **common)
+    out = capsys.readouterr().out
+    assert re.search(r"^mode: cached \(asked for; a cache of 48 images would take ", out, re.M)
+    inca.fit(planted_backbone(), planted_data(48, 0), progress=False, **common)
+    assert "mode:" not in capsys.readouterr().out

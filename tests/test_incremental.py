@@ -58,14 +58,19 @@ def test_add_classes_from_images_keeps_old_logits_bit_for_bit(phase1, tmp_path):
 
 def test_add_classes_says_what_it_needs(phase1):
     bb, task = phase1
-    with pytest.raises(TrainingError, match="holds no class the task lacks"):
-        inca.add_classes(task, _only(planted_data(64, 3), ["c0", "c1"], "same"),
-                         progress=False)
+    same = _only(planted_data(64, 3), ["c0", "c1"], "same")
+    with pytest.raises(TrainingError, match=r"^same holds no class the task lacks \(it has 2: "
+                                            r"c0, c1\)$"):
+        inca.add_classes(task, same, progress=False)
+    del same.name  # a data set of the user's own that names itself nothing
+    with pytest.raises(TrainingError, match=r"^the data holds no class the task lacks"):
+        inca.add_classes(task, same, progress=False)
     closed = inca.fit(bb, _only(planted_data(96, 0), ["c0", "c1"], "old"),
                       layers=["block1"], kinds=("linear",), lrs=(1e-2,), epochs=1,
                       progress=False, mode="streaming")
-    with pytest.raises(TrainingError, match=r"only tasks of Open-InCA members.*linear.*"
-                                            r"--kinds open_inca"):
+    with pytest.raises(TrainingError, match=r"^only tasks of Open-InCA members can add "
+                                            r"classes; this one has linear members\. Fit one "
+                                            r"with --kinds open_inca \(kinds=\('open_inca',\)\)$"):
         inca.add_classes(closed, planted_data(64, 2), progress=False)
 
 
