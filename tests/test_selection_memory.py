@@ -265,11 +265,18 @@ def test_the_test_confusion_matrix_is_the_chosen_candidates(chosen):
                                                 candidates[chosen], 4)
     assert accuracy(confusion) == pytest.approx(tests[candidates[chosen].name])
     assert int(confusion.sum()) == 64 and len(members) == 6
+    # without the number of classes no matrix is counted; the accuracies are the same
+    again = test_accuracies(bank, res, candidates, test, 16, "32", candidates[chosen])
+    assert again == (tests, members, None)
     assert len({tests["best"], tests["ensemble"], *members}) > 2  # rows told apart
 
 
 def test_at_equal_scores_the_single_adapter_wins():
     from inca.training.selection import Candidate
+
+    accurate, sure = Candidate("best", [0], 0.9, 0.5), Candidate("ensemble", [0, 1], 0.8, 0.3)
+    assert min([sure, accurate], key=lambda c: c.key("accuracy")) is accurate
+    assert min([accurate, sure], key=lambda c: c.key("loss")) is sure
 
     single, ensemble = Candidate("best", [0], 0.9, 0.3), Candidate("ensemble", [0, 1], 0.9, 0.3)
     for select_by in ("loss", "accuracy"):

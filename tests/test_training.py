@@ -411,13 +411,16 @@ def test_early_stopping_waits_patience_epochs_and_keeps_each_best_state(monkeypa
         assert not all(torch.equal(m.state[k], last[k]) for k in last)  # it trained on
 
 
-def test_an_epochs_training_loss_is_the_mean_loss_of_its_samples():
+@pytest.mark.parametrize("batch_size, lr", [(64, 1e-2), (16, 1e-9)])
+def test_an_epochs_training_loss_is_the_mean_loss_of_its_samples(batch_size, lr):
     """One step per epoch (the batch holds every sample): epoch 1's training loss of each
-    member is its label-smoothed cross-entropy over the training set before that step."""
+    member is its label-smoothed cross-entropy over the training set before that step. In
+    4 batches of 16, 16, 16 and 2 (steps too small to move the weights) it is the same mean,
+    over every sample."""
     from inca.training.loss import bank_loss
 
-    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(1e-2,), epochs=1,
-                       batch_size=64, patience=0, label_smoothing=0.1,
+    config = FitConfig(layers=LAYERS, kinds=("inca", "linear"), lrs=(lr,), epochs=1,
+                       batch_size=batch_size, patience=0, label_smoothing=0.1,
                        adapter_options={"inca": {"dropout": 0.0}})
     bank, train = token_bank(config), token_source(50, 0)
     feats, y = next(train.batches(64))
@@ -434,6 +437,7 @@ def test_an_epochs_training_loss_is_the_mean_loss_of_its_samples():
     (1, [True, False, True], 2),
     (0, [True, False, False, False], 4),  # 0: never stop early
     (3, [True, True, True, True], 4),  # the epoch budget ends it
+    (2, [False, False, True], 2),  # a first epoch without improvement counts too
 ])
 def test_early_stopping_after_patience_epochs_without_improvement(patience, improves,
                                                                   epochs_run, monkeypatch):
@@ -451,6 +455,7 @@ def test_early_stopping_after_patience_epochs_without_improvement(patience, impr
     res = train_bank(token_bank(config), token_source(32, 0), token_source(16, 1), config,
                      progress=False)
     assert res.epochs_run == epochs_run == len(res.history)
+    assert [h["epoch"] for h in res.history] == list(range(1, epochs_run + 1))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -563,3 +568,26 @@ def test_the_probe_reads_cls_and_mean_tokens_counts_its_iterations_and_picks_by_
         out = probe.probe_baseline(source, source, None, LAYERS, linear, 3,
                                    select_by=select_by, batch_size=4)
         assert (out["best_layer"]["layer"], out["last_layer"]["layer"]) == (best, "l2")
+
+
+def test_the_probe_fits_a_seeded_sample_and_runs_small_problems_in_one_thread(monkeypatch):
+    """Over ``keep`` samples the probe fits a random ``keep`` of them, drawn from the fit's
+    seed: the same seed, the same fits. L-BFGS on a small CPU problem (features x classes
+    under 2**22) runs in one thread; a larger one in all of torch's."""
+    import inca.training.probe as probe
+
+    real = probe.pooled
+    monkeypatch.setattr(probe, "pooled", lambda *a, **k: real(*a, keep=24, **k))
+    linear = probe.probe_features(1, None)
+    train, val = token_source(64, 0), token_source(48, 1)
+    runs = [probe.probe_baseline(train, val, None, LAYERS, linear, C, select_by="loss",
+                                 batch_size=16, seed=seed) for seed in (3, 3, 4)]
+    assert [(r["train_samples"], r["val_samples"]) for r in runs] == [(24, 24)] * 3
+    assert runs[0]["per_layer"] == runs[1]["per_layer"] != runs[2]["per_layer"]
+
+    threads, real_threads = [], probe._threads
+    monkeypatch.setattr(probe, "_threads", lambda n: threads.append(n) or real_threads(n))
+    for n in (64, 2**22 // 4 // 64):  # x (n, 64), 4 classes: 2**14, then 2**22 numbers
+        x, y = torch.randn(n, 64), torch.arange(n) % 4
+        probe.fit_logistic(x, y, 4, 1e-3, max_iter=1)
+    assert threads == [1, None]
