@@ -30,6 +30,7 @@ from inca.adapters import (
     list_adapters,
     parameter_report,
 )
+from inca.adapters.base import check_tokens
 
 B, N, D, C = 3, 9, 32, 5
 LAYERS = ["blocks.1", "blocks.3"]
@@ -229,7 +230,8 @@ def test_config_classes_round_trip_and_refuse_unknown_fields():
         ("multilayer_linear", {}, "needs layers"),
         ("multilayer_linear", {"layers": ["a", "a"]}, "distinct"),
         ("multilayer_linear", {"layers": ["a", "b"], "layer_dims": [4]}, "layer_dims"),
-        ("nope", {}, "unknown adapter kind"),
+        ("nope", {}, "^unknown adapter kind 'nope'; choose one of: inca, linear, "
+                     "multilayer_linear, open_inca$"),
     ],
 )
 def test_invalid_configs_are_refused(kind, cfg, match):
@@ -628,7 +630,15 @@ def test_folded_layernorm_statistics_accumulate_16_bit_tokens_in_float32():
     (lambda: InCAConfig(norm_eps=0.0), r"norm_eps must be a number in \(0, 1\], got 0.0"),
     (lambda: InCAConfig(num_layers=0), r"num_layers must be an integer in \[1, "),
     (lambda: LinearConfig(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+    (lambda: OpenInCAConfig(dropout="1" * 60),  # a value from JSON shown cut short
+     r"dropout must be a number in \[0, 1\), got '1{36}\.\.\.$"),
+    (lambda: check_tokens(torch.zeros(B, 0, D), D), r"tokens must be \(B, N, 32\), got "
+                                                    r"\(3, 0, 32\)$"),  # no token at all
     (lambda: OpenInCAConfig(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+    (lambda: OpenInCAConfig(init_std=1000.5),
+     r"init_std must be a number in \(0, 1000\], got 1000.5$"),
+    (lambda: OpenInCAConfig(norm_eps=0.0), r"norm_eps must be a number in \(0, 1\], got 0.0$"),
+    (lambda: OpenInCAConfig(norm_eps=1.5), r"norm_eps must be a number in \(0, 1\], got 1.5$"),
     (lambda: OpenInCAConfig(class_groups=[1] * 1025),
      r"class_groups must be a list of at most 1024 sizes"),
     (lambda: InCAAdapter(D, 0), r"num_classes must be positive, got 0"),
@@ -689,6 +699,9 @@ def test_a_registered_kind_is_named_listed_and_rebuilt(monkeypatch):
     rebuilt = adapter_from_spec(spec, dtype=torch.float64)
     assert type(rebuilt) is PlainProbe and rebuilt.head.weight.dtype == torch.float64
     assert adapter_from_spec(spec, device="meta").head.weight.is_meta
+    # every parameter, the shared attention's too, is made where it is asked for
+    open_inca = adapter_from_spec(OpenInCAAdapter(D, C).spec(), device="meta")
+    assert all(p.is_meta for p in open_inca.parameters())
 
 
 def test_the_parameter_report_counts_frozen_weights_apart():

@@ -62,6 +62,9 @@ def test_add_remove_and_refuse(two_tasks, tmp_path):
     other = MultiTaskModel(planted_backbone(seed=1))
     with pytest.raises(TaskError, match="does not fit"):
         other.add_task("a", a)
+    # a task's submodule (its state_dict keys) is its name made an identifier, kept distinct
+    named = MultiTaskModel(bb, {"pets.v2": a, "pets_v2": b, "": a})
+    assert list(named.heads) == ["pets_v2", "pets_v2_1", "task"]
 
 
 def test_inca_heads_of_several_tasks_share_one_attention_pass(monkeypatch):
