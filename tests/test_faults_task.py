@@ -480,6 +480,33 @@ def test_task_json_cannot_pass_any_argument_to_the_model_loader(tmp_path, monkey
         assert created and all(kw[k] == "x" for kw in created for k in edit)
 
 
+def test_a_backbone_made_with_arguments_a_task_file_cannot_hold_must_be_given(tmp_path):
+    """A backbone created with an argument that is not JSON (listed in ``unrecorded``)
+    cannot be created again from task.json: load_task says which and asks for it, unless
+    the caller passes arguments of their own; a recorded number out of bounds is named."""
+    import re
+
+    from tiny import save_tiny_hf_vit
+
+    from inca.task.backbone import _check_kwargs
+
+    bb = inca.backbones.create_backbone(f"hf:{save_tiny_hf_vit(tmp_path / 'vit')}")
+    folder = make_task(bb, "linear", bb.layers[-1]).save(tmp_path / "task")
+    meta = json.loads((folder / TASK_JSON).read_text())
+    meta["backbone"]["source"]["unrecorded"] = ["config", "quantization"]
+    (folder / TASK_JSON).write_text(json.dumps(meta))
+    with pytest.raises(TaskError, match="^" + re.escape(
+            f"the task in {folder}: its backbone {bb.name!r} was created with arguments a "
+            "task file cannot hold (config, quantization); pass the backbone (backbone=..., "
+            "or --backbone)") + "$"):
+        load_task(folder)
+    assert load_task(folder, pretrained=False).backbone.fingerprint() == bb.fingerprint()
+    with pytest.raises(TaskError, match=r"^this task: task.json's backbone\.source\.kwargs\."
+                                        r"mlp_ratio must be a number in \[0, 16\], got "
+                                        r"'99\.5'; remove it"):
+        _check_kwargs("timm:vit_tiny", {"mlp_ratio": 99.5}, {}, "this task")
+
+
 def test_a_license_is_a_short_lowercase_identifier():
     from inca.task.schema import license_ok
 
@@ -546,6 +573,27 @@ def test_a_backbone_that_cannot_be_created_says_whether_only_local_files_were_re
         with pytest.raises(TaskError) as refused:
             task_backbone(record, backbone)
         assert str(refused.value) == CANNOT.format(how=how)
+
+
+def test_a_spec_is_created_at_the_tasks_size_on_the_device_and_dtype_asked_then_checked(
+        monkeypatch):
+    """A backbone given as a spec is created at the task's input size, on the device and
+    in the dtype asked for, and checked at once, the message naming the task."""
+    from inca.task.backbone import task_backbone
+
+    made = []
+
+    def spy(spec: str, **kwargs: Any) -> Any:
+        made.append((spec, kwargs))
+        return planted_backbone()
+
+    monkeypatch.setattr(inca.backbones, "create_backbone", spy)
+    info = {"name": "nope", "fingerprint": "0" * 16, "preprocessing": PREP}
+    with pytest.raises(TaskError, match=r"^task 't' was trained on backbone 'nope' and does "
+                                        r"not fit 'planted': weights fingerprint "):
+        task_backbone(info, "timm:other", device="meta", dtype=torch.float64, what="task 't'")
+    assert made == [("timm:other", {"device": torch.device("meta"), "dtype": torch.float64,
+                                    "input_size": 16})]
 
 
 def test_a_recorded_local_folder_missing_here_is_named_whole(tmp_path, no_backbone_created):

@@ -538,13 +538,18 @@ def test_to_module_exports_with_torch_export(module_task):
         torch.testing.assert_close(program.module()(x5), module(x5))
 
 
-def test_a_given_backbone_is_checked_then_moved_and_a_mismatch_says_what_differs(tmp_path):
+def test_a_given_backbone_is_checked_then_moved_and_a_mismatch_says_what_differs(
+        tmp_path, monkeypatch):
     from inca.task.backbone import check_backbone, task_backbone
 
     bb = make_backbone("timm-vit", tmp_path)
     info = bb.describe()
     assert task_backbone(info, bb, dtype=torch.float64) is bb  # only a dtype: still moved
     assert {p.dtype for p in bb.parameters()} == {torch.float64}
+    with monkeypatch.context() as m:  # where "auto" would be a GPU, no device: it stays put
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        assert task_backbone(info, bb, dtype=torch.float32) is bb
+    assert {(p.device.type, p.dtype) for p in bb.parameters()} == {("cpu", torch.float32)}
     trained = {**info, "fingerprint": "0" * 16,
                "source": {**info["source"], "pretrained": True, "revision": "v1"}}
     with pytest.raises(TaskError) as e:
@@ -554,6 +559,8 @@ def test_a_given_backbone_is_checked_then_moved_and_a_mismatch_says_what_differs
         e.value)
     assert "pretrained False != True it was trained with" in str(e.value)
     assert "revision None != 'v1' it was trained with" in str(e.value)
+    assert task_backbone(info, bb, device="meta") is bb  # only a device: moved too
+    assert {p.device.type for p in bb.parameters()} == {"meta"}
 
 
 def test_features_are_scored_without_a_backbone_and_from_pretrained_takes_a_dtype(tmp_path):
