@@ -85,7 +85,8 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "truncated weights, hash recomputed": (lambda f: (truncate(f), rehash(f)), TASK_WEIGHTS,
                                            "not a readable safetensors file"),
     "garbage weights": (lambda f: ((f / TASK_WEIGHTS).write_bytes(b"\xff" * 64), rehash(f)),
-                        TASK_WEIGHTS, "not a readable safetensors file"),
+                        TASK_WEIGHTS, r"not a readable safetensors file \(Error while "
+                        r"deserializing: header too large\): it is truncated or corrupted;"),
     "wrong class count": (lambda f: edit_json(f, lambda m: m.update(classes=["a", "b", "c"])),
                           TASK_JSON, "has 4 outputs but the task has 3 class names"),
     "duplicate class": (lambda f: edit_json(f, lambda m: m["classes"].__setitem__(1, "c0")),
@@ -164,6 +165,8 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
         "input_size must be an integer"),
     "not JSON": (lambda f: (f / TASK_JSON).write_text("{nope"), TASK_JSON,
                  "not valid JSON"),
+    "not UTF-8": (lambda f: (f / TASK_JSON).write_bytes(b'{"classes": "\xe9"}'), TASK_JSON,
+                  r": the file is not UTF-8 text; "),
     "JSON not an object": (lambda f: (f / TASK_JSON).write_text("[1, 2]"), TASK_JSON,
                            "top level must be a JSON object"),
     "NaN weights": (lambda f: edit_weights(f, nan_weight), TASK_WEIGHTS,
@@ -231,6 +234,8 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "normalization edited": (lambda f: edit_json(
         f, lambda m: m["backbone"]["preprocessing"].update(mean=[0.0, 0.0, 0.0])), TASK_JSON,
         EDITED),
+    "token grid edited": (lambda f: edit_json(f, lambda m: m.update(token_grid=2)), TASK_JSON,
+                          EDITED),
     "prefix tokens edited": (lambda f: edit_json(
         f, lambda m: m["backbone"].update(num_prefix_tokens=1)), TASK_JSON, EDITED),
     "adapter option edited": (lambda f: edit_json(f, set_config("init_std", 0.5)), TASK_JSON,
@@ -253,6 +258,50 @@ def test_tampered_task_is_refused_clearly_before_any_backbone(tamper, bb, tmp_pa
         load_task(folder, backbone=bb)
 
 
+def test_a_weights_file_of_the_most_bytes_its_task_can_need_is_read(bb, tmp_path):
+    """The size bound: 8 bytes a number (float64 at most), a header and a name per tensor;
+    a file of that size is read (and refused for what it holds), one byte more is not."""
+    from safetensors.torch import load_file
+
+    from inca.task import files
+
+    folder = make_task(bb).save(tmp_path / "task")
+    tensors = load_file(folder / TASK_WEIGHTS)
+    limit = (8 * sum(t.numel() for t in tensors.values()) + files._HEADER_SLACK
+             + files._HEADER_PER_TENSOR * len(tensors))
+    for size, message in ((limit, r"is not a readable safetensors file \(Error while "
+                                  r"deserializing: invalid JSON in header"),
+                          (limit + 1, f"the file is {limit + 1:,} bytes, more than the "
+                                      f"{limit:,} its task can need, so it is not this task's")):
+        (folder / TASK_WEIGHTS).write_bytes(b"\0" * size)
+        rehash(folder)
+        with pytest.raises(TaskError, match=message):
+            load_task(folder, backbone=bb)
+
+
+def test_a_read_that_races_a_save_is_tried_again_then_refused(bb, tmp_path, monkeypatch):
+    """A folder swapped by a save while it was read is read again, up to three times."""
+    from inca.task import files
+
+    folder = make_task(bb).save(tmp_path / "task")
+    real, calls = files._read_checked, []
+
+    def racing(f: Path, races: int) -> Any:
+        calls.append(f)
+        if len(calls) <= races:
+            raise files._ReadRace("swapped while it was read")
+        return real(f)
+
+    monkeypatch.setattr(files, "_read_checked", lambda f: racing(f, 2))
+    assert files.read_task_files(folder).meta["classes"] == ["c0", "c1", "c2", "c3"]
+    assert calls == [folder] * 3
+    calls.clear()
+    monkeypatch.setattr(files, "_read_checked", lambda f: racing(f, 3))
+    with pytest.raises(TaskError, match="^swapped while it was read$"):
+        files.read_task_files(folder)
+    assert calls == [folder] * 3
+
+
 def test_task_json_reformatted_by_an_editor_still_loads(bb, tmp_path):
     """Keys in another order and other indentation change nothing the weights mean."""
     task = make_task(bb, classes=["c0", "c1", "c2", "c3"])
@@ -263,7 +312,9 @@ def test_task_json_reformatted_by_an_editor_still_loads(bb, tmp_path):
             return {k: reverse(value[k]) for k in reversed(list(value))}
         return [reverse(v) for v in value] if isinstance(value, list) else value
 
-    meta = json.loads((folder / TASK_JSON).read_text())
+    text = (folder / TASK_JSON).read_text()
+    assert text.startswith('{\n  "format_version": ') and text.endswith("\n}\n")  # saved to read
+    meta = json.loads(text)
     (folder / TASK_JSON).write_text(json.dumps(reverse(meta), indent=7))
     assert same_task(load_task(folder, backbone=bb), task)
 

@@ -526,6 +526,20 @@ def test_to_module_matches_predict_and_trains_outside_inference_mode(module_task
     assert all(p.grad is None for p in task.backbone.parameters())  # the backbone is frozen
 
 
+def test_to_module_scales_pixels_in_its_own_dtype_and_names_a_wrong_shape(tmp_path):
+    """uint8 pixels are scaled and normalized in the module's dtype (float64 here: exactly
+    the float64 normalization); anything but (B, 3, H, W) is refused by its shape."""
+    from inca.errors import BackboneError
+
+    module = random_task(make_backbone("module", tmp_path)).to_module().double()
+    pixels = images(2)
+    x = (pixels.double() / 255 - module.mean) / module.std
+    assert module.mean.dtype == torch.float64 and torch.equal(module(pixels), module(x))
+    with pytest.raises(BackboneError, match=r"^expected images of shape \(B, 3, H, W\), got "
+                                            r"\(2, 1, 32, 32\)$"):
+        module(pixels[:, :1])
+
+
 def test_to_module_exports_with_torch_export(module_task):
     source, task = module_task
     module = task.to_module()
