@@ -465,7 +465,8 @@ def test_kill_between_the_renames_is_read_from_the_aside_copy(bb, tmp_path, monk
     assert not folder.exists()
     files = read_task_files(folder)
     assert files.folder == tmp_path / ".task.old"
-    assert same_task(Task.from_files(files), old)
+    restored = Task.from_files(files)
+    assert same_task(restored, old) and restored.precision == "auto"  # the default
     new.save(folder)
     assert same_task(load_task(folder, backbone=bb), new)
     assert not (tmp_path / ".task.old").exists()

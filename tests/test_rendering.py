@@ -175,12 +175,14 @@ def test_model_card_says_what_was_not_recorded_without_printing_none():
     task = _task(None, source={"spec": "dinov2_vits14", "pretrained": False, "kwargs": {}})
     del task.backbone_info["fingerprint"]
     task.metrics = {"val_accuracy": 0.5,
-                    "classes_added": [{"classes": ["fox"], "members": [{"val_accuracy": 0.75}]}]}
+                    "classes_added": [{"classes": ["fox"], "members": [{"val_accuracy": 0.75}]},
+                                      {"classes": ["owl"], "train_samples": 8}]}
     card = model_card(task)
     assert "- weights fingerprint: `?`\n" in card
     assert "- validation accuracy (chosen): 0.5000\n" in card
     assert ("- classes added after the fit: fox (? training images; validation accuracy over "
             "every class: 0.7500)\n") in card
+    assert "- classes added after the fit: owl (8 training images; " in card  # no members
     assert "None" not in card
 
 
@@ -319,6 +321,26 @@ def test_null_scores_of_the_probes_layers_come_back_as_nan():
     per_layer = FitReport.from_dict(r).probe["per_layer"]
     assert math.isnan(per_layer[0]["val_loss"]) and math.isnan(per_layer[0]["val_accuracy"])
     assert per_layer[0]["layer"] == "blocks.1" and per_layer[1:] == r["probe"]["per_layer"][1:]
+    r["rows"][0]["percent_of_backbone"] = None  # an adapter's share of a backbone of 0
+    assert math.isnan(FitReport.from_dict(r).rows[0]["percent_of_backbone"])
+
+
+def test_a_chosen_member_that_diverged_later_is_marked_both():
+    """A member dropped after its best epoch keeps that epoch, and may be chosen."""
+    r = full_report()
+    r["rows"][1]["diverged_epoch"] = 4  # inca/blocks.3/lr=0.001, in the chosen ensemble
+    text = FitReport.from_dict(r).to_markdown()
+    assert ("| inca/blocks.3/lr=0.001 **(in the chosen ensemble)** (dropped: diverged in "
+            "epoch 4) | 0.9300 |") in text
+
+
+def test_ties_on_the_selection_measure_are_broken_by_the_other():
+    from inca.task import selection_key
+
+    by = {m: sorted([(0.8, 0.3), (0.9, 0.3), (0.9, 0.2)], key=lambda s: selection_key(*s, m))
+          for m in ("loss", "accuracy")}
+    assert by == {"loss": [(0.9, 0.2), (0.9, 0.3), (0.8, 0.3)],
+                  "accuracy": [(0.9, 0.2), (0.9, 0.3), (0.8, 0.3)]}
 
 
 def _figures(report: FitReport, monkeypatch: Any, tmp_path: Any) -> list[Any]:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -414,6 +415,22 @@ def test_a_push_uploads_a_temporary_copy_and_a_download_names_inca(tmp_path, mon
     assert downloads[0]["library_name"] == "inca"
 
 
+def test_a_folder_here_or_a_path_is_never_taken_for_a_hub_repo(tmp_path, monkeypatch):
+    """``org/name`` is a hub repo only when no such folder is here and it does not look
+    like a path (``./x/y``, ``/x``, ``~/x``)."""
+    import huggingface_hub
+
+    from inca.task.hub import task_folder
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: pytest.fail(f"downloaded {repo_id}"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "me" / "t").mkdir(parents=True)
+    assert task_folder("me/t") == Path("me/t")  # a folder here
+    assert task_folder("./you/t") == Path("you/t")  # a path, though missing
+    assert task_folder(Path("you/t")) == Path("you/t")
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_files_get_ordinary_modes(fitted, tmp_path, umask):
     old = os.umask(umask)
@@ -608,3 +625,7 @@ def test_a_task_refuses_keys_that_are_not_one_per_member():
             Task(members, [["stem"], ["block3"]], CLASSES, bb.describe(), keys=keys)
         assert str(refused.value) == (f"{len(keys)} keys were given for 2 members: give one "
                                       "key per member (or none)")
+    for some, layers in ((members, [["stem"]]), ([], [])):  # layers for each, and one at least
+        with pytest.raises(TaskError, match="^a task needs at least one member, each with its "
+                                            "layers$"):
+            Task(some, layers, CLASSES, bb.describe())
