@@ -107,8 +107,8 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "unknown config field": (lambda f: edit_json(f, set_config("bogus", 1)), TASK_JSON,
                              "unknown InCAConfig field"),
     "unknown format version": (lambda f: edit_json(f, lambda m: m.update(format_version=99)),
-                               TASK_JSON, "format_version 99 is not one this inca reads.*"
-                               "upgrade inca"),
+                               TASK_JSON, r"format_version 99 is not one this inca reads "
+                               r"\(1, 2, 3\); upgrade inca to load it$"),
     "format version not a number": (
         lambda f: edit_json(f, lambda m: m.update(format_version="2")), TASK_JSON,
         "format_version"),
@@ -127,6 +127,15 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str, str]] = {
                    r": members must be a list of 1 to 1024 members, got a list of 0 item\(s\);"),
     "hash not hex": (lambda f: edit_json(f, lambda m: m.update(weights_sha256="XYZ")),
                      TASK_JSON, 'weights_sha256 must be 64 lowercase hex digits, got "XYZ";'),
+    "hash too short": (lambda f: edit_json(f, lambda m: m.update(weights_sha256="abc123")),
+                       TASK_JSON, 'weights_sha256 must be 64 lowercase hex digits, got '
+                       '"abc123";'),
+    "report hash not hex": (lambda f: edit_json(f, lambda m: m.update(report_sha256="XYZ")),
+                            TASK_JSON, 'report_sha256 must be 64 lowercase hex digits, got '
+                            '"XYZ";'),
+    "unrecorded not a list": (lambda f: edit_json(f, set_backbone(source=dict(
+        SOURCE, unrecorded="config"))), TASK_JSON,
+        r'backbone\.source\.unrecorded must be a list, got "config";'),
     "class with a tab": (lambda f: edit_json(f, lambda m: m["classes"].__setitem__(0, "c\t0")),
                          TASK_JSON, r"classes\[0\] 'c\\t0' holds the control character U\+0009 "
                          r"at position 1; a class name .*; rename the class in task.json, or fit "

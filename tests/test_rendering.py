@@ -360,13 +360,16 @@ def test_per_layer_plot_greys_the_baseline_stars_on_top_and_slants_the_layer_nam
     """The probe's line is a grey dashed baseline (not a kind's colour), the chosen members'
     stars are drawn over every line, and the layer names are slanted 45 degrees, each ending
     at its tick, in 8-point type. Kills report_render plot_layers mutants 49, 93, 124, 130
-    and 131 (each planted and seen to fail)."""
+    and 131 (each planted and seen to fail). The stars are gold."""
+    from matplotlib.colors import to_rgba
+
     ax = _figures(FitReport.from_dict(full_report()), monkeypatch, tmp_path)[0].axes[0]
     probe = {line.get_label(): line for line in ax.get_lines()}[
         "logistic regression (baseline)"]
     assert (probe.get_color(), probe.get_linestyle()) == ("gray", "--")
     (stars,) = ax.collections
     assert stars.get_zorder() > max(line.get_zorder() for line in ax.get_lines())
+    assert [tuple(c) for c in stars.get_facecolor()] == [to_rgba("gold")]
     ticks = ax.get_xticklabels()
     assert [t.get_text() for t in ticks] == LAYERS[1:]
     assert {(t.get_rotation(), t.get_ha(), t.get_fontsize()) for t in ticks} == {
@@ -378,16 +381,35 @@ def test_confusion_plot_is_sized_to_its_classes_and_writes_counts_readably(monke
     """The figure grows with the class count (3 + 0.35 inch a class, 0.85 as tall as wide)
     beside a slim colour bar; class names in 7-point type on both axes; a count is white
     only on a cell past half its row's share (exactly half: black). Kills report_render
-    plot_confusion mutants 39, 43, 68, 84 and 119 (each planted and seen to fail)."""
-    confusion = [[1, 1, 0], [0, 3, 1], [0, 0, 2]]
-    report = FitReport.from_dict(full_report(per_class={"split": "test",
-                                                        "confusion": confusion}))
+    plot_confusion mutants 39, 43, 68, 84 and 119 (each planted and seen to fail). The
+    bar is as tall as the matrix, and its scale is 0 to 1 whatever the largest share (3/4
+    here); a matrix of an older report, which did not say its split, is of the test
+    split."""
+    confusion = [[1, 1, 0], [0, 3, 1], [0, 1, 2]]
+    report = FitReport.from_dict(full_report(per_class={"confusion": confusion}))
     fig = _figures(report, monkeypatch, tmp_path)[1]
     size = 3 + 0.35 * len(CLASSES)
     assert tuple(fig.get_size_inches()) == pytest.approx((size, size * 0.85))
     ax, bar = fig.axes
     assert bar.get_position().width < 0.1 * ax.get_position().width
+    assert bar.get_position().height == pytest.approx(ax.get_position().height, rel=1e-3)
+    assert ax.images[0].get_clim() == (0, 1)
+    assert ax.get_title() == "confusion on test (ensemble)"
     assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
     assert {t.get_fontsize() for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]} == {7.0}
     assert [(t.get_text(), t.get_color()) for t in ax.texts] == [
-        ("1", "black"), ("1", "black"), ("3", "white"), ("1", "black"), ("2", "white")]
+        ("1", "black"), ("1", "black"), ("3", "white"), ("1", "black"), ("1", "black"),
+        ("2", "white")]
+
+
+def test_the_decision_reads_an_old_config_and_a_chosen_task_without_a_test_score():
+    """A config from before ``select_by`` was selection on accuracy; with no test score of
+    the chosen task (though the probe has one), the margin is on validation."""
+    from inca.task.report_render import decision
+
+    config = {"augment": "flip", "epochs": 4}
+    lines = decision(FitReport.from_dict(full_report(config=config, test_accuracy={})))
+    assert "; selected on validation accuracy (validation accuracy 94.0% on 100 " in lines[0]
+    assert lines[2] == ("Margin over the strongest baseline (logistic regression on `blocks.2`, "
+                        "the best layer by validation): +5.0 points of validation accuracy "
+                        "(94.0% against 89.0%).  ")
