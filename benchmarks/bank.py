@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS, environment, make_backbone, publish
+from fit import EPOCHS as FIT_EPOCHS  # fit.md's bank / extraction: this many epochs of steps
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -208,8 +209,6 @@ def measure(s: Shape, repeats: int, extraction: dict[str, float]) -> dict:
 
 C_BEFORE_MS = 9.9  # shape (c)'s step in bank.md's first run (commit e91f34d), before the
 # bank changes of issue 19, on this machine
-FIT_EPOCHS = 12  # benchmarks/fit.py's default: its bank / extraction is about this many
-# epochs of steps over the batches extracted once
 
 
 def targets(rows: list[dict], peak: float) -> list[str]:
@@ -263,7 +262,7 @@ def targets(rows: list[dict], peak: float) -> list[str]:
 def render(payload: dict) -> list[str]:
     """bank.md from the measurements (derived columns filled in, in place)."""
     peak, bandwidth, rows = payload["sgemm_gflop_s"], payload["copy_gb_s"], payload["shapes"]
-    peaks, repeats = payload["sgemm_samples"], payload.get("repeats", 7)  # 7: the default
+    peaks, repeats = payload["sgemm_samples"], payload["repeats"]
     for r in rows:
         r["efficiency"] = {k: v / peak for k, v in r["gflop_s"].items()}
         # time to read the token block once at the measured bandwidth (half the copy's)

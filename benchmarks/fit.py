@@ -24,13 +24,15 @@ from inca.features import extract_to_cache
 from inca.training import AdapterBank, FitConfig, plan_members, train_bank
 from inca.training.sources import CachedSource
 
+EPOCHS = 12  # the bank's epochs over the batches extracted once (bank.py's bound reads it)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="dinov2_vits14")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--train", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--kinds", default="inca,linear")
     ap.add_argument("--lrs", default="1e-3,3e-3")
     ap.add_argument("--device", default="cpu")
