@@ -108,7 +108,9 @@ def attacked(server: Server, args: argparse.Namespace, run) -> tuple[Any, dict[s
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the attack process did not start")
         time.sleep(args.settle)
+        cpu = cpu_seconds(proc.pid)
         result = run()
+        result["attacker_cpu_s"] = cpu_seconds(proc.pid) - cpu  # while measured
         out, _ = proc.communicate("stop\n", timeout=args.timeout + 30)
         return result, json.loads(out.strip().splitlines()[-1])
     finally:
@@ -129,6 +131,8 @@ def merge(phases: list[dict[str, Any]]) -> dict[str, Any]:
             "latency_ms": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99),
                            "max": pct(lat, 100)},
             "server_cpu_s": sum(p["server_cpu_s"] for p in phases),
+            "client_cpu_s": sum(p["client_cpu_s"] for p in phases),
+            "attacker_cpu_s": sum(p.get("attacker_cpu_s", 0.0) for p in phases),
             "wall_s": sum(p["wall_s"] for p in phases), "latencies_s": lat}
 
 
@@ -189,6 +193,7 @@ def main() -> None:
             for r in range(args.rounds):
                 for phase in ("alone", "attacked"):
                     cpu, t = cpu_seconds(server.proc.pid), time.perf_counter()
+                    client = time.process_time()
 
                     def run():
                         return measure(server.url, requests=per_round, **common)
@@ -200,6 +205,7 @@ def main() -> None:
                         attacks.append(got)
                     res["wall_s"] = time.perf_counter() - t
                     res["server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu
+                    res["client_cpu_s"] = time.process_time() - client
                     phases[phase].append(res)
                     load.append(os.getloadavg()[0])
                     print(f"round {r + 1} {phase}: p50 {pct(res['latencies_s'], 50):.0f} ms, "
@@ -246,7 +252,9 @@ def markdown(f: dict[str, Any], args: argparse.Namespace) -> list[str]:
         rows.append(f"| {label} | {p['requests']} | {p['ok']} | {other} | "
                     f"{p['wrong_answers']} | {ms(lat['p50'])} | {ms(lat['p90'])} | "
                     f"{ms(lat['p99'])} | {ms(lat['max'])} | "
-                    f"{p['server_cpu_s'] / p['wall_s']:.2f} |")
+                    f"{p['server_cpu_s'] / p['wall_s']:.2f} | "
+                    f"{p['client_cpu_s'] / p['wall_s']:.2f} | "
+                    f"{p['attacker_cpu_s'] / p['wall_s']:.2f} |")
     load = f["load_average_1min"]
     md = [
         f"# Serving under attack: a normal request alone and under slowloris + thin strips "
@@ -260,11 +268,12 @@ def markdown(f: dict[str, Any], args: argparse.Namespace) -> list[str]:
         f"{args.slowloris} slowloris connections, {args.strips} threads posting thin strips, "
         f"{args.big} posting {args.big_per_request} x 6300x6300 1-bit PNG(s). The machine's "
         f"cores were shared with other work (1-min load average {min(load):.1f} to "
-        f"{max(load):.1f}).",
+        f"{max(load):.1f}). Server, client and attack process share the machine's cores "
+        f"(CPU seconds per second of each phase below).",
         "",
         "| phase | requests | 200 | other answers | wrong answers | p50 ms | p90 ms | p99 ms "
-        "| max ms | server CPU s/s |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| max ms | server CPU s/s | client CPU s/s | attack process CPU s/s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         f"- p99 under attack / alone: **{f['ratio']['p99']:.2f}** (target at most "
