@@ -77,7 +77,7 @@ def test_fit_checks_options_before_any_work(tmp_path, no_work, option, message):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--token-grid", "0"], "--token-grid must be at least 1"),
     (["--checkpoint", "/no/such/weights.pth"], "no such file"),
-    (["--precision", "fp8"], "unknown precision"),
+    (["--precision", "fp8"], "precision must be one of"),
     (["--data", "fashion_mnist"], "did you mean 'fashion-mnist'"),
 ])
 def test_extract_checks_options_before_any_work(tmp_path, no_work, option, message):

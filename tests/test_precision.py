@@ -95,14 +95,26 @@ def test_precision_names():
     assert resolve_precision("auto", cpu) == "32"
     assert resolve_precision("bf16", cpu) == "bf16-mixed"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(InCAError, match="unknown precision 'bf8'"):
-        resolve_precision("bf8", cpu)
+    choices = ("precision must be one of auto, 32, bf16-mixed, 16-mixed (or 32-true, fp32, "
+               "float32, bf16, 16, fp16); got ")
+    # one check, one message, for the functions, the configs and the commands
     with pytest.raises(ConfigError := inca.training.ConfigError) as e:
+        resolve_precision("bf8", cpu)
+    assert str(e.value) == choices + "'bf8'"
+    with pytest.raises(ConfigError) as e:
         FitConfig(precision="half")
-    assert str(e.value) == "precision must be one of auto, 32, bf16-mixed, 16-mixed; got 'half'"
+    assert str(e.value) == choices + "'half'"
     assert issubclass(ConfigError, InCAError)
-    with pytest.raises(InCAError, match="precision"):
+    with pytest.raises(ConfigError) as e:
         FineTuneConfig(precision="fp8")
+    assert str(e.value) == choices + "'fp8'"
+    with pytest.raises(ConfigError) as e:
+        Precision("fp4", cpu)
+    assert str(e.value) == choices + "'fp4'"
+    # the names a function takes, a config takes too (stored under their own name)
+    assert FitConfig(precision="bf16").precision == "bf16-mixed"
+    assert FineTuneConfig(precision="fp32").precision == "32"
+    assert FitConfig().precision == FineTuneConfig().precision == "auto"
 
 
 def test_each_step_reads_the_current_weights_inside_an_outer_autocast():
@@ -372,3 +384,41 @@ def test_two_gloo_ranks_share_one_gpu_through_fit(tmp_path, monkeypatch):
     assert {r["backend"] for r in ranks} == {"gloo"}
     assert ranks[0]["val"] == ranks[1]["val"] > 0.2  # chance: 0.1
 
+
+
+def test_precision_of_keeps_one_for_its_device_and_resolves_a_name():
+    cpu = torch.device("cpu")
+    given = Precision("bf16-mixed", cpu)
+    assert Precision.of(given, "cpu") is given
+    assert Precision.of("fp32", cpu).name == "32" and Precision.of(None, cpu).name == "32"
+    other = Precision("16-mixed", "meta")  # made for another device: its name, this device
+    moved = Precision.of(other, cpu)
+    assert (moved.name, moved.device) == ("16-mixed", cpu)
+
+
+def test_the_default_precision_is_declared_once():
+    """Every function, config and command takes its default precision from
+    ``inca._choices.DEFAULT_PRECISION``, never a literal of its own."""
+    import ast
+    from pathlib import Path
+    src = Path(inca.__file__).parent
+    literal, named = [], 0
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            pairs = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                pairs += zip(args.args[len(args.args) - len(args.defaults):], args.defaults)
+                pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d]
+                pairs = [(a.arg, d) for a, d in pairs]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                    and node.value is not None:
+                pairs = [(node.target.id, node.value)]
+            for name, default in pairs:
+                if name != "precision":
+                    continue
+                if isinstance(default, ast.Constant) and default.value is not None:
+                    literal.append(f"{path.relative_to(src)}:{default.lineno}")
+                named += isinstance(default, ast.Name) and default.id == "DEFAULT_PRECISION"
+    assert named >= 15, named  # the search found the defaults
+    assert not literal, f"a precision default written as a literal: {literal}"

@@ -23,11 +23,9 @@ from contextlib import contextmanager
 
 import torch
 
-from inca._choices import PRECISIONS
+from inca._choices import DEFAULT_PRECISION, precision_name
 from inca.errors import InCAError
 
-_ALIASES = {"32-true": "32", "fp32": "32", "float32": "32", "bf16": "bf16-mixed",
-            "16": "16-mixed", "fp16": "16-mixed"}
 _DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -54,14 +52,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
     """A precision name from :data:`PRECISIONS` (``"auto"`` chosen for ``device``)."""
-    if precision is None or precision == "auto":
+    name = precision_name(precision)
+    if name == DEFAULT_PRECISION:
         if device.type != "cuda":
             return "32"
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    name = _ALIASES.get(str(precision), str(precision))
-    if name not in PRECISIONS:
-        raise InCAError(f"unknown precision {precision!r}; choose one of "
-                        f"{', '.join(PRECISIONS)} or 'auto'")
     if name == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise InCAError("this GPU has no bfloat16 support: use --precision 16-mixed")
     return name
@@ -82,10 +77,21 @@ class Precision:
         (torch.bfloat16, torch.bfloat16)
     """
 
-    def __init__(self, precision: str | None = "auto",
+    def __init__(self, precision: str | None = DEFAULT_PRECISION,
                  device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.name = resolve_precision(precision, self.device)
+
+    @classmethod
+    def of(cls, precision: str | Precision | None, device: str | torch.device) -> Precision:
+        """``precision`` as a :class:`Precision` for ``device``: one given is kept when it is
+        for that device (else its name is resolved anew for ``device``)."""
+        device = torch.device(device)
+        if isinstance(precision, Precision):
+            if precision.device == device:
+                return precision
+            precision = precision.name
+        return cls(precision, device)
 
     @property
     def mixed(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from inca._choices import DEFAULT_PRECISION
 from inca.errors import ConfigError
 
 METHODS = ("full", "last", "lora", "linear", "multilayer", "inca")
@@ -64,7 +65,7 @@ class CompareConfig:
     checkpoint_path: str | None = None
     pretrained: bool = True
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
     workdir: str | None = None
 
     def __post_init__(self) -> None:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from inca._precision import PRECISIONS, Precision, resolve_device
+from inca._choices import DEFAULT_PRECISION, precision_name
+from inca._precision import Precision, resolve_device
 from inca._progress import progress_bar
 from inca.backbones.base import Backbone, to_tokens
 from inca.data.transforms import (
@@ -82,7 +83,7 @@ class FineTuneConfig:
     lora_targets: tuple[str, ...] | None = None
     augment: str = "none"
     num_workers: int | None = None
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
 
     def __post_init__(self) -> None:
         if self.method not in FINETUNE_METHODS:
@@ -94,9 +95,7 @@ class FineTuneConfig:
         self.augment = augmentation(self.augment)
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; "
-                              f"got {self.precision!r}")
+        self.precision = precision_name(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

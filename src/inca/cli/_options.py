@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from inca._choices import BACKBONE_DTYPES, PRECISIONS
+from inca._choices import BACKBONE_DTYPES, DEFAULT_PRECISION, PRECISIONS
 from inca.errors import InCAError
 
 
@@ -77,8 +77,8 @@ Device = Annotated[str, typer.Option(
     help="auto (CUDA when available, else cpu), cpu, cuda, cuda:N",
     metavar="[auto|cpu|cuda|cuda:N]", rich_help_panel=DEVICE)]
 Precision = Annotated[str, typer.Option(
-    help="auto: bf16-mixed on a GPU, 32 on the CPU", metavar=choices(("auto", *PRECISIONS)),
-    rich_help_panel=DEVICE)]
+    help="auto: bf16-mixed on a GPU, 32 on the CPU",
+    metavar=choices((DEFAULT_PRECISION, *PRECISIONS)), rich_help_panel=DEVICE)]
 BackboneDtype = Annotated[str, typer.Option(
     help="the backbone's weights: float32 (autocast computes in 16 bits), or bfloat16 / "
          "float16 held in 16 bits (frozen, so no float32 copy is needed: faster, half the "

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from inca._choices import DEFAULT_PRECISION
 from inca.cli._app import app, friendly
 from inca.cli._options import (
     DATA,
@@ -64,7 +65,7 @@ def add_classes_cmd(
     backbone: TaskBackbone = None,
     checkpoint: TaskCheckpoint = None,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: Precision = DEFAULT_PRECISION,
     num_workers: NumWorkers = None,
 ) -> None:
     """Teach an Open-InCA task the classes of --data it lacks. The old classes' logits stay

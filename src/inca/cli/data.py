@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from inca._choices import EXTRACT_BATCH_SIZE, EXTRACT_DTYPE, EXTRACT_LAYERS
+from inca._choices import DEFAULT_PRECISION, EXTRACT_BATCH_SIZE, EXTRACT_DTYPE, EXTRACT_LAYERS
 from inca._files import human_bytes
 from inca._progress import hide_library_bars
 from inca.cli._app import app, context, friendly
@@ -118,7 +118,7 @@ def extract_cmd(
     batch_size: Annotated[int, typer.Option(help="images per backbone pass",
                                             rich_help_panel=DEVICE)] = EXTRACT_BATCH_SIZE,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: Precision = DEFAULT_PRECISION,
     backbone_dtype: BackboneDtype = "float32",
     num_workers: NumWorkers = None,
 ) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from inca._choices import DEFAULT_PRECISION
 from inca.cli._app import app, friendly
 from inca.cli._config import config_option, extra_fields
 from inca.cli._options import (
@@ -78,7 +79,7 @@ def predict_cmd(
     backbone: TaskBackbone = None,
     checkpoint: TaskCheckpoint = None,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: Precision = DEFAULT_PRECISION,
     backbone_dtype: BackboneDtype = "float32",
 ) -> None:
     """Predict labels and probabilities of images with one or more fitted tasks.
@@ -194,7 +195,7 @@ def serve_cmd(
     backbone: TaskBackbone = None,
     checkpoint: TaskCheckpoint = None,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: Precision = DEFAULT_PRECISION,
     backbone_dtype: BackboneDtype = "float32",
 ) -> None:
     """Serve tasks over HTTP: POST /predict, GET /tasks, /health, /livez, /readyz, /metrics

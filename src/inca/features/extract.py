@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from inca._choices import EXTRACT_BATCH_SIZE, EXTRACT_DTYPE, EXTRACT_LAYERS
+from inca._choices import DEFAULT_PRECISION, EXTRACT_BATCH_SIZE, EXTRACT_DTYPE, EXTRACT_LAYERS
 from inca._distributed import Dist, context
 from inca._files import FolderLock, atomic_write_json, human_bytes, remove_stale_tmp
 from inca._precision import Precision
@@ -117,7 +117,7 @@ def extract_to_cache(
     num_workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    precision: str | Precision | None = "auto",
+    precision: str | Precision | None = DEFAULT_PRECISION,
     desc: str | None = None,
 ) -> ActivationCache:
     """Extract every sample of ``dataset`` through ``backbone`` into a cache folder.
@@ -300,8 +300,7 @@ def _extract_shards(backbone: Backbone, dataset: Any, writer: CacheWriter, names
     bar = progress_bar(total=todo, initial=todo - len(pending_idx), unit="img",
                        desc=desc if not ctx.active else f"{desc} (rank 0 of {ctx.world})",
                        disable=not progress, lines_every=0.1)
-    prec = precision if isinstance(precision, Precision) else Precision(precision,
-                                                                          backbone.device)
+    prec = Precision.of(precision, backbone.device)
     to_host = HostCopier(backbone.device, getattr(torch, dtype))
     for images, y in loader:
         with prec.autocast():

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from inca._choices import DEFAULT_PRECISION
 from inca._precision import Precision
 from inca.adapters import InCAAdapter, StackedInCA, member_input
 from inca.backbones.base import Backbone
@@ -66,7 +67,7 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, backbone: Backbone,
                  tasks: Mapping[str, Task | str | Path] | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = DEFAULT_PRECISION) -> None:
         super().__init__()
         self.backbone = backbone
         self.precision = precision
@@ -79,7 +80,7 @@ class MultiTaskModel(nn.Module):
     @classmethod
     def from_paths(cls, paths: list[str | Path], backbone: Backbone | str | None = None,
                    names: list[str] | None = None, *, device: str | torch.device | None = None,
-                   dtype: torch.dtype | None = None, precision: str = "auto",
+                   dtype: torch.dtype | None = None, precision: str = DEFAULT_PRECISION,
                    **backbone_kwargs: Any) -> MultiTaskModel:
         """Load task folders onto one backbone.
 

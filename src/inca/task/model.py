@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from inca._choices import DEFAULT_PRECISION
 from inca._precision import Precision
 from inca.adapters import Adapter, ensemble_proba
 from inca.backbones.base import Backbone, Preprocessing
@@ -69,7 +70,7 @@ class Task(nn.Module):
         metrics: dict[str, Any] | None = None,
         keys: Sequence[str] | None = None,
         backbone: Backbone | None = None,
-        precision: str = "auto",
+        precision: str = DEFAULT_PRECISION,
     ) -> None:
         super().__init__()
         if not members or len(members) != len(member_layers):
@@ -288,7 +289,7 @@ class Task(nn.Module):
     save_pretrained = save  # the Hugging Face name; one writer
 
     @classmethod
-    def from_files(cls, files: TaskFiles, precision: str = "auto") -> Task:
+    def from_files(cls, files: TaskFiles, precision: str = DEFAULT_PRECISION) -> Task:
         """The task a checked folder holds (:func:`read_task_files`), members on the CPU in
         float32, no backbone attached yet."""
         meta = files.meta
@@ -305,7 +306,7 @@ class Task(nn.Module):
                         revision: str | None = None, token: str | bool | None = None,
                         cache_dir: str | Path | None = None,
                         device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, precision: str = "auto",
+                        dtype: torch.dtype | None = None, precision: str = DEFAULT_PRECISION,
                         **backbone_kwargs: Any) -> Task:
         """Load a task from a local folder, or from a Hugging Face hub repo (downloaded with
         ``huggingface_hub.snapshot_download``: its task files only, into the hub's cache).
@@ -362,7 +363,7 @@ class Task(nn.Module):
 
 def load_task(path: str | Path, backbone: Backbone | str | None = None, *,
               device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-              precision: str = "auto", **backbone_kwargs: Any) -> Task:
+              precision: str = DEFAULT_PRECISION, **backbone_kwargs: Any) -> Task:
     """Load a task folder written by :meth:`Task.save`, its fit report as ``task.report``.
 
     Everything local is checked first, before any backbone is created or moved

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from inca._choices import PRECISIONS
+from inca._choices import DEFAULT_PRECISION, precision_name
 from inca.errors import ConfigError, InCAError
 
 # the names that fields take (torch-free: `inca fit --help` lists them)
@@ -88,7 +88,7 @@ class FitConfig:
     val_fraction: float = 0.15
     adapter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     time_budget_s: float | None = None
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
 
     def __post_init__(self) -> None:
         self.kinds = tuple(self.kinds)
@@ -127,9 +127,7 @@ class FitConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"cache_dtype must be float16 or float32, got {self.cache_dtype!r}")
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; "
-                              f"got {self.precision!r}")
+        self.precision = precision_name(self.precision)
         if self.token_grid is not None and self.token_grid < 1:
             raise ConfigError(f"token_grid must be positive, got {self.token_grid}")
 

@@ -106,9 +106,7 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
 
 def bank_precision(bank: AdapterBank, precision: str | Precision | None) -> Precision:
     """``precision`` for the device the bank is on."""
-    if isinstance(precision, Precision):
-        return precision
-    return Precision(precision, next(bank.parameters()).device)
+    return Precision.of(precision, next(bank.parameters()).device)
 
 
 class ScoreSums:
@@ -153,7 +151,7 @@ class ScoreSums:
 
 @torch.no_grad()
 def evaluate(bank: AdapterBank, source: Any, batch_size: int,
-             precision: str | Precision | None = "32",
+             precision: str | Precision | None,
              ensembles: list[list[int]] | tuple = (), confusion_row: int | None = None,
              num_classes: int = 0) -> ValScores:
     """Every member's accuracy and cross-entropy on a source, then those of each ensemble
