@@ -107,6 +107,50 @@ def test_folded_float32_is_accurate_for_tokens_with_an_offset():
                                atol=1e-5 * ref.abs().max().item())
 
 
+def _graph(out: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes ``out`` was computed through."""
+    names, todo, seen = set(), [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_training_eagerly_takes_the_custom_key_gradient():
+    """The score matmul's own backward (the keys' gradient as gᵀ @ tokens, faster on CPU)
+    is autograd's gradient, and it is the one taken while the keys learn; with frozen
+    adapters the plain matmul's is (its tokens still get a gradient)."""
+    from inca.adapters._folded import _Scores
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 7, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    keys = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_Scores.apply, (tokens, keys))
+    stack = StackedInCA(2, D, C, InCAConfig(num_heads=4))
+    z = torch.randn(2, B, N, D, requires_grad=True)
+    assert "_ScoresBackward" in _graph(stack(z))
+    stack.requires_grad_(False)
+    assert "_ScoresBackward" not in _graph(stack(z)) and "BmmBackward0" in _graph(stack(z))
+
+
+def test_the_skipped_prefix_is_masked_on_the_tokens_device():
+    """The mask of the leading tokens a row skips is made where the tokens are: on the meta
+    device here, where a mask made on the CPU fails as it would next to CUDA tokens."""
+    from inca.adapters._folded import _attend, _layout, fold_keys
+
+    meta = torch.device("meta")
+    cfg = InCAConfig(num_heads=4, attend_prefix=False, num_prefix_tokens=2)
+    stack = StackedInCA(2, D, C, cfg, device=meta)
+    with torch.no_grad():
+        lay = _layout(((0, 0),), (4,), (2,), 1, meta)  # 2 adapters x 4 heads, skipping 2
+        attn, _, _ = _attend(torch.randn(1, B, N, D, device=meta),
+                             [fold_keys(stack.attention_params(), 4)], lay, 1e-6)
+    assert attn.is_meta and attn.shape == (1, B, 8, N)
+
+
 def test_open_inca_attention_equals_multihead_attention():
     adapter = _randomize(OpenInCAAdapter(D, C, OpenInCAConfig(num_heads=4),
                                          dtype=torch.float64)).eval()
@@ -267,6 +311,10 @@ def test_create_adapter_with_config_object_and_dtype():
                        dtype=torch.float64)
     assert a.config.num_heads == 2 and a.query.dtype == torch.float64
     assert a(torch.randn(B, N, D)).dtype == torch.float64
+    probe = create_adapter("multilayer_linear", embed_dim=D, num_classes=C, layers=LAYERS,
+                           dtype=torch.float64)  # its one module, the head, in that dtype
+    assert {p.dtype for p in probe.parameters()} == {torch.float64}
+    assert probe(_inputs("multilayer_linear")).dtype == torch.float64
 
 
 # -- pooling semantics ---------------------------------------------------------------------
@@ -386,6 +434,10 @@ def test_from_adapters_refuses_mixed_stacks():
         StackedInCA.from_adapters([a, InCAAdapter(D, C, InCAConfig(num_heads=4))])
     with pytest.raises(AdapterError, match="not a InCAAdapter"):
         StackedInCA.from_adapters([a, LinearProbe(D, C)])
+    double = InCAAdapter(D, C, InCAConfig(num_heads=2), dtype=torch.float64)
+    with pytest.raises(AdapterError, match=r"^adapter 1 is torch.float64 on cpu, "
+                                           r"adapter 0 torch.float32 on cpu$"):
+        StackedInCA.from_adapters([a, double])
     with pytest.raises(AdapterError, match="split evenly"):
         StackedInCA(3, D, C)(torch.randn(2, B, N, D))
     with pytest.raises(AdapterError, match="one layer in"):
@@ -406,6 +458,17 @@ def test_from_adapters_copies():
     for a, i in zip(adapters, range(2), strict=True):  # stored in parts, read back whole
         torch.testing.assert_close(stack.member_state(i)["in_proj_weight"], a.in_proj_weight,
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stack_class", [StackedInCA, StackedLinear])
+def test_unstack_gives_a_member_in_the_stacks_dtype_and_on_its_device(stack_class):
+    stack = _randomize(stack_class(3, D, C, dtype=torch.float64))
+    one = stack.unstack(1)
+    assert {p.dtype for p in one.parameters()} == {torch.float64}
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    torch.testing.assert_close(one(x), stack(x)[1], rtol=1e-12, atol=1e-12)
+    # made on the stack's device, not the default one (where a copy from meta would fail)
+    assert all(p.is_meta for p in stack_class(2, D, C, device="meta").unstack(0).parameters())
 
 
 def test_stacks_share_token_passes_with_any_layer_assignment():
@@ -629,6 +692,9 @@ def test_folded_layernorm_statistics_accumulate_16_bit_tokens_in_float32():
 @pytest.mark.parametrize("build, message", [
     (lambda: InCAConfig(norm_eps=0.0), r"norm_eps must be a number in \(0, 1\], got 0.0"),
     (lambda: InCAConfig(num_layers=0), r"num_layers must be an integer in \[1, "),
+    (lambda: InCAConfig(attn_dim=0),  # "None", the Python value that leaves it unset
+     r"attn_dim \(or None\) must be an integer in \[1, \d+\], got 0$"),
+    (lambda: InCAConfig(attend_prefix=1), r"attend_prefix must be true or false, got 1$"),
     (lambda: LinearConfig(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
     (lambda: OpenInCAConfig(dropout="1" * 60),  # a value from JSON shown cut short
      r"dropout must be a number in \[0, 1\), got '1{36}\.\.\.$"),
@@ -669,6 +735,10 @@ def test_adapter_inputs_refused_by_name_and_edges_accepted():
                            config={"layers": LAYERS})
     with pytest.raises(AdapterError, match=r"tokens of layer 'blocks.3'"):
         probe({"blocks.1": torch.randn(B, N, D), "blocks.3": torch.randn(B, N, D + 1)})
+    stack = StackedInCA.from_adapters(_adapters(2, InCAConfig(num_heads=4)))
+    one = torch.randn(B, 1, D)  # one token per image (a pooled or CLS-only input) is enough
+    for i in range(2):
+        torch.testing.assert_close(stack(one)[i], stack.unstack(i)(one), atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_acts_only_in_training_and_attention_weights_come_when_asked():
