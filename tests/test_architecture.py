@@ -58,6 +58,69 @@ def test_user_facing_errors_are_defined_in_errors_py():
     assert issubclass(inca.errors.MissingDependencyError, ImportError)  # fallbacks still work
 
 
+def _room(path: Path) -> str:
+    """A module's room: its package under ``inca`` (``training``, ``backbones`` ...), or the
+    module itself for one at the top (``_precision``)."""
+    return path.relative_to(SRC).with_suffix("").parts[0]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _owner_names(node: ast.expr) -> bool:
+    """``self.x``, ``cls.x`` and ``super().x`` reach into their own object."""
+    if isinstance(node, ast.Name):
+        return node.id in ("self", "cls")
+    return isinstance(node, ast.Call) and getattr(node.func, "id", "") == "super"
+
+
+def _private_reaches(sources: list[tuple[Path, ast.Module]]) -> list[str]:
+    """Private names one room takes from another: imported by name, or read off an object
+    (``backbone._extract``) when no module of the reading room defines that name."""
+    defined: dict[str, set[str]] = {}
+    for path, tree in sources:
+        names = defined.setdefault(_room(path), set())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+    wrong = []
+    for path, tree in sources:
+        room, where = _room(path), str(path.relative_to(SRC))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                    and node.module.startswith("inca."):
+                theirs = node.module.split(".")[1]
+                wrong += [f"{where}:{node.lineno} imports {a.name} from {node.module}"
+                          for a in node.names if _private(a.name) and theirs != room]
+            elif isinstance(node, ast.Attribute) and _private(node.attr) \
+                    and not _owner_names(node.value) and node.attr not in defined[room] \
+                    and not (isinstance(node.value, ast.Name)
+                             and node.value.id in ("torch", "os", "sys", "threading")):
+                wrong.append(f"{where}:{node.lineno} reads {ast.unparse(node)}")
+    return wrong
+
+
+def test_no_room_reaches_into_another_rooms_private_names():
+    """Fine-tuning, export and serving go through the backbone's and the task's public
+    contract (``Backbone.forward_layers``, ``trainable_copy``, ``Task.preprocess``), never
+    their hooks: a module may use a private name only in the room that defines it."""
+    sources = _sources()
+    assert not _private_reaches(sources)
+    # the check finds a reach when there is one
+    planted = ast.parse("from inca.backbones.hooks import _first_tensor\n"
+                        "def f(backbone, task):\n"
+                        "    return backbone._extract(1, 2), task._images(3)\n")
+    found = _private_reaches([*sources, (SRC / "task" / "planted.py", planted)])
+    assert [w.split(" ", 1)[1] for w in found] == [
+        "imports _first_tensor from inca.backbones.hooks", "reads backbone._extract",
+        "reads task._images"], found
+
+
 def test_helpers_are_imported_from_their_homes():
     packages = set(_packages())
     wrong = []

@@ -458,3 +458,62 @@ def test_hf_checkpoint_lacking_weights_its_layers_read_is_refused(tmp_path):
                                             r"transformers initialised them at random.*differ "
                                             r"in every process"):
         inca.create_backbone(f"hf:{folder}")
+
+
+def test_forward_layers_is_the_one_path_with_or_without_gradients(backbone):
+    """Fine-tuning and export read tokens through ``forward_layers``: ``grad=True`` keeps
+    the caller's autograd mode (gradients reach the weights), the default is extraction's
+    no-grad; the whole forward (``stop_early=False``, what tracing follows) gives the same
+    tokens as the truncated one."""
+    x = torch.randn(2, 3, SIZE, SIZE)
+    layers = backbone.layers[:2]
+    plain = backbone.forward_layers(x, layers)
+    assert list(plain) == layers and not any(t.requires_grad for t in plain.values())
+    whole = backbone.forward_layers(x, layers, stop_early=False)
+    for k in layers:
+        torch.testing.assert_close(whole[k], plain[k])
+    weight = next(backbone.model.parameters())
+    weight.requires_grad_(True)
+    try:
+        tokens = backbone.forward_layers(x, layers[-1:], grad=True)[layers[-1]]
+        tokens.square().sum().backward()
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+        weight.grad = None
+        with torch.no_grad():  # the caller's mode is kept, not turned on
+            assert not backbone.forward_layers(x, layers, grad=True)[layers[0]].requires_grad
+    finally:
+        weight.requires_grad_(False)
+        weight.grad = None
+
+
+def test_a_hook_backbones_whole_forward_runs_past_the_layers_read(tmp_path):
+    bb = make_backbone("module", tmp_path)
+    reached = []
+    last = bb.model.get_submodule(bb.layers[-1])
+    handle = last.register_forward_hook(lambda *_: reached.append(True))
+    try:
+        bb.forward_layers(torch.randn(1, 3, SIZE, SIZE), bb.layers[:1])
+        assert not reached  # stopped after the layer read
+        bb.forward_layers(torch.randn(1, 3, SIZE, SIZE), bb.layers[:1], stop_early=False)
+        assert reached  # the whole forward
+    finally:
+        handle.remove()
+
+
+def test_a_trainable_copy_is_never_hashed_unasked_nor_cached(tmp_path, monkeypatch):
+    from inca.backbones import base
+
+    bb = make_backbone("timm-vit", tmp_path)
+    fp = bb.fingerprint()
+    hashed: list[object] = []
+    real = base.weights_fingerprint
+    monkeypatch.setattr(base, "weights_fingerprint", lambda m: hashed.append(m) or real(m))
+    tuned = bb.trainable_copy()
+    tuned.to(torch.float64)  # moving or casting it hashes nothing
+    assert hashed == [] and tuned is not bb
+    before = tuned.fingerprint()
+    with torch.no_grad():
+        next(tuned.model.parameters()).add_(1.0)
+    assert tuned.fingerprint() != before  # hashed anew when asked: never a stale cache
+    assert len(hashed) == 2 and hashed[0] is tuned
+    assert bb.fingerprint() == fp and not any(p.requires_grad for p in tuned.parameters())

@@ -408,8 +408,10 @@ def test_the_default_precision_is_declared_once():
             pairs = []
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args
-                pairs += zip(args.args[len(args.args) - len(args.defaults):], args.defaults)
-                pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d]
+                positional = args.args[len(args.args) - len(args.defaults):]
+                pairs += zip(positional, args.defaults, strict=True)
+                pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults,
+                                                 strict=True) if d]
                 pairs = [(a.arg, d) for a, d in pairs]
             elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
                     and node.value is not None:

@@ -13,7 +13,7 @@ objects the optimizer holds).
 
 One stack has one learning rate: Adam-type updates are invariant to the scale of a
 gradient, so per-slice learning rates inside one tensor could not be exact. A bank with a
-learning-rate grid holds one stack per rate; :meth:`_Stacked.run` computes several stacks
+learning-rate grid holds one stack per rate; :meth:`Stacked.run` computes several stacks
 of a kind together, sharing each layer's passes over its tokens between them.
 
 Train with the *sum* of the K adapters' losses: each adapter's gradient is then exactly
@@ -47,7 +47,7 @@ from inca.adapters.inca import HeadParams, InCAAdapter, InCAConfig, inca_head
 from inca.adapters.linear import LinearConfig, LinearProbe, linear_features
 
 Tokens = torch.Tensor | Sequence[torch.Tensor]
-S = TypeVar("S", bound="_Stacked")
+S = TypeVar("S", bound="Stacked")
 
 
 def _flat(key: str) -> str:
@@ -56,7 +56,7 @@ def _flat(key: str) -> str:
     return key.replace(".", "_")
 
 
-class _Stacked(nn.Module):
+class Stacked(nn.Module):
     """What stacks of every kind share: building, (un)stacking members, the input layout."""
 
     adapter_class: ClassVar[type[Adapter]] = Adapter
@@ -211,7 +211,7 @@ class _Stacked(nn.Module):
         return f"k={len(self)}, embed_dim={self.embed_dim}, num_classes={self.num_classes}"
 
 
-class StackedInCA(_Stacked):
+class StackedInCA(Stacked):
     """K InCA adapters of the same shape, run as one batched folded attention.
 
     Args:
@@ -282,7 +282,7 @@ class StackedInCA(_Stacked):
                 for out, s in zip(outs, stacks, strict=True)]
 
 
-class StackedLinear(_Stacked):
+class StackedLinear(Stacked):
     """K linear probes of the same shape, run as one batched matmul.
 
     Input as :class:`StackedInCA`; each layer is pooled once for every probe reading it.

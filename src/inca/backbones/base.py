@@ -7,6 +7,7 @@ asked for, so a request for an early layer costs only the blocks up to it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -124,12 +125,16 @@ def weights_fingerprint(module: nn.Module) -> str:
 class Backbone(nn.Module):
     """A frozen model that returns many layers' tokens from one forward pass.
 
-    Subclasses set the attributes below in ``__init__`` and implement :meth:`_extract`;
-    this class validates requests, orders layers, freezes weights, disables autograd and
-    lays outputs out as tokens.
+    Subclasses set the attributes below in ``__init__`` and implement :meth:`_extract`
+    (and :meth:`_extract_whole` where stopping early cannot be traced); this class validates
+    requests, orders layers, freezes weights, disables autograd and lays outputs out as
+    tokens. Nothing outside ``inca.backbones`` calls those hooks: extraction, fine-tuning
+    and export all go through :meth:`forward_layers`.
 
     Attributes:
         name: the id the registry created it from, e.g. ``"timm:vit_small_patch14_dinov2"``.
+        model: the wrapped model (timm, transformers, torchvision, dinov2 or the user's own),
+            whose parameters are the backbone's.
         layers: layer names in forward order (shallow to deep).
         embed_dims: token width ``D`` of each layer.
         num_prefix_tokens: leading non-patch tokens (CLS, registers) in each layer's tokens;
@@ -149,6 +154,7 @@ class Backbone(nn.Module):
     """
 
     name: str
+    model: nn.Module
     layers: list[str]
     embed_dims: dict[str, int]
     num_prefix_tokens: int
@@ -158,11 +164,17 @@ class Backbone(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._fingerprint: str | None = None
+        self._frozen_weights = True  # False for a trainable copy: never cache its hash
 
     # -- subclass hooks --------------------------------------------------------------------
     def _extract(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
         """Return raw outputs of ``layers`` (already in forward order), stopping after the last."""
         raise NotImplementedError
+
+    def _extract_whole(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        """:meth:`_extract` through the model's whole forward, for tracing (``torch.export``
+        cannot follow a pass ended early by an exception); the same unless overridden."""
+        return self._extract(x, layers)
 
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """The model's plain forward (what a user would run without inca); for benchmarks."""
@@ -185,15 +197,28 @@ class Backbone(nn.Module):
         It names the weights, not where or how they are held: moving or casting the
         backbone (``.to(device, dtype)``) keeps it.
         """
+        if not self._frozen_weights:  # a trainable copy: its weights as they are now
+            return weights_fingerprint(self)
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self)
         return self._fingerprint
+
+    def trainable_copy(self) -> Backbone:
+        """A deep copy whose weights are to change (fine-tuning): it holds no fingerprint,
+        moving or casting it hashes nothing (seconds for a ViT-g), and :meth:`fingerprint`
+        hashes its weights as they are when asked. Its parameters stay frozen until the
+        caller unfreezes what it trains."""
+        tuned = copy.deepcopy(self)
+        tuned._fingerprint = None
+        tuned._frozen_weights = False
+        return tuned
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # Every .to() / .cuda() / .half() comes through here: fix the fingerprint on the
         # weights as they were given, before a conversion rounds them.
         params = list(self.parameters())
-        if self._fingerprint is None and params and params[0].device.type != "meta":
+        if self._frozen_weights and self._fingerprint is None and params \
+                and params[0].device.type != "meta":
             self.fingerprint()
         return super()._apply(fn, recurse)
 
@@ -261,11 +286,29 @@ class Backbone(nn.Module):
             It runs without autograd (``torch.no_grad``): the tokens are ordinary tensors
             that adapters can train on directly.
         """
+        return self.forward_layers(x, layers)
+
+    def forward_layers(
+        self, x: torch.Tensor, layers: str | Sequence[str] | None = None, *,
+        grad: bool = False, stop_early: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """``{layer: tokens (B, N, D)}`` of ``layers`` from one forward pass, in forward
+        order: the one path every use of a backbone takes (:meth:`extract` is its default).
+
+        Args:
+            x: a batch of preprocessed images ``(B, 3, H, W)``.
+            layers: which layers to return (see :meth:`resolve_layers`); all by default.
+            grad: run in the caller's autograd mode, so that gradients reach the weights
+                (fine-tuning, export); ``False`` runs under ``torch.no_grad``.
+            stop_early: end the pass after the deepest layer asked for; ``False`` runs the
+                model's whole forward, which tracing (``torch.export``) can follow.
+        """
         names = self.resolve_layers(layers)
         if x.ndim != 4 or x.shape[1] != 3:
             raise BackboneError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        with torch.no_grad():
-            raw = self._extract(x, names)
+        run = self._extract if stop_early else self._extract_whole
+        with torch.set_grad_enabled(torch.is_grad_enabled() and grad):
+            raw = run(x, names)
         return {name: to_tokens(raw[name]) for name in names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,30 @@ class HookBackbone(Backbone):
             )
         return out
 
+    def _extract_whole(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        """The hooked layers' outputs from the model's whole forward: hooks that only record
+        (no early-stop exception, which tracing cannot follow)."""
+        out: dict[str, torch.Tensor] = {}
+
+        def hook_for(layer: str):
+            def hook(_mod: nn.Module, _inp: object, output: object) -> None:
+                out[layer] = _first_tensor(output)
+
+            return hook
+
+        handles = [self.model.get_submodule(layer).register_forward_hook(hook_for(layer))
+                   for layer in layers]
+        try:
+            self._forward_fn(self.model, x)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in layers if n not in out]
+        if missing:
+            raise BackboneError(f"{self.name}: layers {missing} were not reached by the "
+                                "forward pass; are they used by the model's forward?")
+        return out
+
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         return _first_tensor(self._forward_fn(self.model, x))
 

@@ -8,7 +8,6 @@ best epoch on validation.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 from inca._choices import DEFAULT_PRECISION, precision_name
 from inca._precision import Precision, resolve_device
 from inca._progress import progress_bar
-from inca.backbones.base import Backbone, to_tokens
+from inca.backbones.base import Backbone
 from inca.data.transforms import (
     TransformedDataset,
     augmentation,
@@ -142,8 +141,7 @@ def _last_block_modules(backbone: Backbone) -> list[str]:
 def prepare(backbone: Backbone, config: FineTuneConfig) -> tuple[Backbone, list[str]]:
     """A trainable copy of ``backbone`` for ``config.method`` and the names of the
     parameters (in ``copy.model.named_parameters()``) it trains."""
-    tuned = copy.deepcopy(backbone)
-    tuned._fingerprint = None  # its weights will change: hashed from them only if asked
+    tuned = backbone.trainable_copy()  # its weights will change: hashed only if asked
     model = tuned.model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -203,25 +201,11 @@ def layer_decay_groups(backbone: Backbone, names: list[str], lr: float, decay: f
             for d, ps in sorted(groups.items())]
 
 
-def _move_unhashed(tuned: Backbone, device: torch.device) -> None:
-    """Move the copy to be trained without hashing its weights.
-
-    ``Backbone.to`` fixes a missing fingerprint before it moves the weights (seconds for a
-    ViT-g), and the copy's would be stale once training starts: a placeholder stands in
-    during the move, and the copy is left without one, computed from its weights if asked.
-    """
-    tuned._fingerprint = "unhashed: a fine-tuning copy"
-    try:
-        tuned.to(device)
-    finally:
-        tuned._fingerprint = None
-
-
 def _features(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
     """Pooled features of the deepest layer, with gradients (not ``extract``'s
     inference mode): the CLS token, or the mean of the tokens of a CNN."""
     layer = backbone.layers[-1]
-    tokens = to_tokens(backbone._extract(x, [layer])[layer])  # (B, N, D)
+    tokens = backbone.forward_layers(x, [layer], grad=True)[layer]  # (B, N, D)
     return tokens[:, 0] if backbone.num_prefix_tokens else tokens.mean(1)
 
 
@@ -273,7 +257,7 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
     config = config or FineTuneConfig()
     tuned, names = prepare(backbone, config)
     if device is not None:
-        _move_unhashed(tuned, resolve_device(device))
+        tuned.to(resolve_device(device))  # a trainable copy: moved without hashing
     device = tuned.device
     precision = Precision(config.precision, device)
     params = dict(tuned.model.named_parameters())

@@ -151,7 +151,7 @@ def to_rgb(im: Image.Image, name: str = "image") -> Image.Image:
     """8-bit RGB; deep (16-bit, int32, float) grey images scaled, not saturated."""
     try:
         if im.mode in _HIGH_BIT_MODES:
-            return Image.fromarray(_to_uint8(np.asarray(im))).convert("RGB")
+            return Image.fromarray(to_uint8(np.asarray(im))).convert("RGB")
         return im.convert("RGB")
     except _BOMB_ERRORS as e:
         raise _too_large(name, e) from None
@@ -159,7 +159,7 @@ def to_rgb(im: Image.Image, name: str = "image") -> Image.Image:
         raise ImageError(f"cannot read image {name}: {_reason(e)}") from None
 
 
-def _to_uint8(a: np.ndarray) -> np.ndarray:
+def to_uint8(a: np.ndarray) -> np.ndarray:
     """Grey values ``(H, W)`` of any depth as uint8 (see :func:`open_image` for the ranges);
     NaN and infinities become 0."""
     if a.dtype.kind == "u" and a.dtype.itemsize == 2:  # I;16*: the type's own range

@@ -190,7 +190,7 @@ class MultiTaskModel(nn.Module):
         for n in names:
             self._tasks[n].follow_backbone()  # the backbone may have been moved alone
         first = self._tasks[names[0]]
-        x = first._images_to_tensor(images)
+        x = first.preprocess(images)
         layers = self.layers(names)
         shared, alone = self._plan(tuple(names))
         prec = Precision(self.precision, self.backbone.device)

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from inca.adapters import ensemble_proba
-from inca.backbones.base import Backbone, to_tokens
-from inca.backbones.hooks import HookBackbone, _first_tensor
+from inca.backbones.base import Backbone
 from inca.errors import BackboneError
 from inca.features.tokens import reduce_tokens
 
@@ -89,39 +88,9 @@ def layer_tokens(backbone: Backbone, x: torch.Tensor, layers: list[str]
                  ) -> dict[str, torch.Tensor]:
     """``{layer: tokens (B, N, D)}`` of ``layers`` (in forward order) from one pass, in the
     caller's autograd mode; traceable (see the module's notes on hook-based backbones)."""
-    if isinstance(backbone, HookBackbone) and _tracing():
-        raw = _hooked_whole_pass(backbone, x, layers)
-    else:
-        raw = backbone._extract(x, layers)
-    return {name: to_tokens(raw[name]) for name in layers}
+    return backbone.forward_layers(x, layers, grad=True, stop_early=not _tracing())
 
 
 def _tracing() -> bool:
     return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling()
                 or torch.jit.is_tracing())
-
-
-def _hooked_whole_pass(backbone: HookBackbone, x: torch.Tensor, layers: list[str]
-                       ) -> dict[str, torch.Tensor]:
-    """The hooked layers' outputs from the model's whole forward: hooks that only record
-    (no early-stop exception, which tracing cannot follow)."""
-    out: dict[str, torch.Tensor] = {}
-
-    def hook_for(layer: str):
-        def hook(_mod: nn.Module, _inp: object, output: object) -> None:
-            out[layer] = _first_tensor(output)
-
-        return hook
-
-    handles = [backbone.model.get_submodule(layer).register_forward_hook(hook_for(layer))
-               for layer in layers]
-    try:
-        backbone._forward_fn(backbone.model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in layers if n not in out]
-    if missing:
-        raise BackboneError(f"{backbone.name}: layers {missing} were not reached by the "
-                            "forward pass; are they used by the model's forward?")
-    return out

@@ -26,7 +26,7 @@ def image_list(images: Any) -> list[Any]:
 
 def _array_image(a: np.ndarray) -> Image.Image:
     """A NumPy image ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (C in 1, 3, 4) as PIL."""
-    from inca.data.images import _to_uint8
+    from inca.data.images import to_uint8
 
     if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
         a = np.moveaxis(a, 0, -1)  # channels first, as torchvision lays them out
@@ -36,7 +36,7 @@ def _array_image(a: np.ndarray) -> Image.Image:
         raise TaskError(f"an image array must be (H, W), (H, W, C) or (C, H, W) with 1, 3 "
                         f"or 4 channels, got shape {a.shape}")
     if a.dtype != np.uint8:  # 16-bit, int or float: scaled, not clipped
-        a = _to_uint8(a)
+        a = to_uint8(a)
     return Image.fromarray(np.ascontiguousarray(a))
 
 

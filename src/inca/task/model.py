@@ -145,8 +145,10 @@ class Task(nn.Module):
         with self._precision().autocast():
             return ensemble_proba(self.members, self.member_layers, feats)
 
-    def _images_to_tensor(self, images: Any) -> torch.Tensor:
-        """Images as one batch ``(B, 3, H, W)``; see :meth:`predict_proba` for the inputs."""
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """Images as one batch ``(B, 3, H, W)``, resized and normalized as the backbone
+        expects (a tensor is taken as already preprocessed); see :meth:`predict_proba` for
+        the inputs taken."""
         if isinstance(images, torch.Tensor):
             return images if images.ndim == 4 else images.unsqueeze(0)
         from inca.data import build_transform
@@ -186,7 +188,7 @@ class Task(nn.Module):
             raise TaskError("no backbone attached: use task.attach(backbone) or "
                             "inca.load_task(path) which creates it")
         self.follow_backbone()
-        x = self._images_to_tensor(images)
+        x = self.preprocess(images)
         out = []
         for start in range(0, len(x), batch_size):
             with self._precision().autocast():

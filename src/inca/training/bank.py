@@ -20,14 +20,14 @@ from torch import nn
 
 from inca.adapters import Adapter, StackedInCA, StackedLinear, member_input
 from inca.adapters._folded import index_tensor
-from inca.adapters.stacked import _Stacked
+from inca.adapters.stacked import Stacked
 from inca.errors import TrainingError
 from inca.training.config import FitConfig
 from inca.training.factory import build_adapter
 from inca.training.plan import MemberSpec, plan_members
 from inca.training.sources import StackedFeats
 
-_STACKS: dict[str, type[_Stacked]] = {"inca": StackedInCA, "linear": StackedLinear}
+_STACKS: dict[str, type[Stacked]] = {"inca": StackedInCA, "linear": StackedLinear}
 
 
 @dataclass
@@ -36,7 +36,7 @@ class _Family:
     learning rate, and for InCA in any setting but the token LayerNorm's epsilon), sharing
     each layer's passes over its tokens."""
 
-    kind: type[_Stacked] | None  # None: a single adapter with no stacked form
+    kind: type[Stacked] | None  # None: a single adapter with no stacked form
     stacks: list[int]  # indices into AdapterBank.stacks
     layers: list[tuple[str, ...]]  # the inputs of its token block (L, B, N, D): layers, or
     # windows of adjacent layers whose tokens are joined
@@ -184,7 +184,7 @@ class AdapterBank(nn.Module):
             mask = keep[index_tensor(tuple(idx), keep.device)]  # (K_s,)
             for p in stack.parameters():
                 if p.grad is not None:
-                    m = mask.view(-1, *[1] * (p.dim() - 1)) if isinstance(stack, _Stacked) \
+                    m = mask.view(-1, *[1] * (p.dim() - 1)) if isinstance(stack, Stacked) \
                         else mask.view([1] * p.dim())
                     p.grad.copy_(torch.where(m, p.grad, 0.0))
 
@@ -192,7 +192,7 @@ class AdapterBank(nn.Module):
         """Member ``i``'s weights as a standalone adapter's state dict (copies)."""
         s, pos = self._place[i]
         stack = self.stacks[s]
-        if isinstance(stack, _Stacked):
+        if isinstance(stack, Stacked):
             return stack.member_state(pos)
         return {k: v.detach().clone() for k, v in stack.state_dict().items()}
 
@@ -200,7 +200,7 @@ class AdapterBank(nn.Module):
         """Load a standalone adapter's state dict into member ``i``."""
         s, pos = self._place[i]
         stack = self.stacks[s]
-        if isinstance(stack, _Stacked):
+        if isinstance(stack, Stacked):
             stack.load_member(pos, state)
         else:
             stack.load_state_dict(state)
@@ -210,14 +210,14 @@ class AdapterBank(nn.Module):
         whole parameter is the member's)."""
         s, pos = self._place[i]
         stack = self.stacks[s]
-        row = pos if isinstance(stack, _Stacked) else None
+        row = pos if isinstance(stack, Stacked) else None
         return [(p, row) for p in stack.parameters() if p.requires_grad]
 
     def export(self, i: int, state: dict[str, torch.Tensor] | None = None) -> Adapter:
         """A standalone copy of member ``i`` in eval mode (with ``state`` loaded if given)."""
         s, pos = self._place[i]
         stack = self.stacks[s]
-        adapter = stack.unstack(pos) if isinstance(stack, _Stacked) else copy.deepcopy(stack)
+        adapter = stack.unstack(pos) if isinstance(stack, Stacked) else copy.deepcopy(stack)
         if state is not None:
             adapter.load_state_dict(state)
         return adapter.eval()
