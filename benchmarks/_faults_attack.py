@@ -1,32 +1,29 @@
 """The outside attack's cases (issue 20; its report's H1, H2, M1, M2, M4, M6, L1-L4, L6,
-L7, L9, L10) as bad inputs of ``benchmarks/faults.py``, in its style and with its helpers.
+L7, L9, L10) as bad inputs of ``benchmarks/faults.py``, in its style and with its helpers:
+the library and CLI cases here, the HTTP cases in ``_faults_attack_http.py``.
 
-``cli_cases`` joins the CLI and library catalogue; ``http_rows`` starts an ``inca serve`` of
-its own with the default request limits (a 10 MB body, 40 MP an image: the 2 MiB limit of
-faults.py's server would refuse the 9.5 MiB task list before it is parsed) and runs the
-HTTP cases against it. The load with slow connections and strips is measured by
-``serve_load.py`` (``_attacks.py``), not here.
+``library_cases`` and ``cli_cases`` join the library and CLI catalogue, one builder for each
+of the report's findings (or each group of them, as the manifests). The load with slow
+connections and strips is measured by ``serve_load.py`` (``_attacks.py``), not here.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
-import re
 import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _faults_bench import HOST, KEY, Bench, Run, last_line, short
+from _faults_bench import Bench, Run, last_line, short
 from _faults_cases import (
     HANDLED,
-    REFUSED,
     SILENT,
     UNCLEAR,
     Case,
@@ -34,12 +31,10 @@ from _faults_cases import (
     Verdict,
     error_verdict,
     result_verdict,
-    run_cases,
     write_folder,
 )
-from _faults_http import answer_problem, http_verdict, predicted, raw_exchange, request
 from PIL import Image
-from tiny import edit_json, multipart, overwrite_inside, png, save_tiny_vit_classifier
+from tiny import edit_json, overwrite_inside, png, save_tiny_vit_classifier
 
 from inca.data import load_dataset
 
@@ -140,15 +135,21 @@ def library_cases(b: Bench) -> list[Case]:
 
 def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -> list[Case]:
     """The attack's CLI and library cases."""
-    from inca.features.cache import ActivationCache, read_manifest
-
     root = b.tmp / "attack"
+    image = root / "seven.png"  # what the `inca predict` cases predict
+    return [_thin_strip_case(b, x, ext, root), _hf_classifier_case(b, x, root, image),
+            _cache_rerun_case(b, ext, root), _kwargs_huge_case(b, x, task, root, image),
+            *_class_count_cases(b, fit, root), *_manifest_cases(b, x, ext, root),
+            *_task_edit_cases(b, x, task, root, image)]
+
+
+def _thin_strip_case(b: Bench, x: Inputs, ext: list[str], root: Path) -> Case:
+    """H1: a 100000x4 PNG in an image folder (inca extract), peak RSS against the same
+    folder without it."""
+    from inca.features.cache import ActivationCache
+
     good = {f"a/{i}.png": x.good[i] for i in range(4)} | \
         {f"b/{i}.png": x.good[4 + i] for i in range(4)}
-    cases: list[Case] = []
-
-    # H1: a 100000x4 PNG in an image folder (inca extract), peak RSS against the same
-    # folder without it
     strip_data, plain_data = root / "thin-strip", root / "thin-strip-without"
     strip_args = [*ext, "--data", str(strip_data), "--out", str(b.tmp / "out" / "thin-strip"),
                   "--num-workers", "0"]
@@ -177,13 +178,14 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
         if v.outcome == HANDLED and rss - rss0 > 512:
             return Verdict(UNCLEAR, "the strip is amplified: " + v.detail)
         return v
-    cases.append(Case("thin-strip-extract", "cli", "H1: a 100000x4 PNG (467 bytes) in an "
-                      "image folder (inca extract; peak RSS against the folder without it)",
-                      "correct result", thin_strip, b.repro(strip_args), "own"))
+    return Case("thin-strip-extract", "cli", "H1: a 100000x4 PNG (467 bytes) in an "
+                "image folder (inca extract; peak RSS against the folder without it)",
+                "correct result", thin_strip, b.repro(strip_args), "own")
 
-    # H2: a task fitted on a saved ViTForImageClassification loads in another process
+
+def _hf_classifier_case(b: Bench, x: Inputs, root: Path, image: Path) -> Case:
+    """H2: a task fitted on a saved ViTForImageClassification loads in another process."""
     cls_run = root / "hf-classifier-run"
-    image = root / "seven.png"
     cls_fit = ["fit", "--backbone", f"hf:{root / 'vit-classifier'}", "--data", "digits",
                "--limit", "60", "--device", "cpu", "--num-workers", "0", "--kinds", "linear",
                "--layers", "last", "--lrs", "1e-2", "--epochs", "1", "--mode", "cached",
@@ -204,11 +206,14 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
                            data_lost=True)
         return Verdict(HANDLED, "fitted (exit 0); loaded and predicted in another process: "
                        + short(last_line(p.stdout), 120))
-    cases.append(Case("hf-classifier-task-loads", "cli", "H2: inca fit on a saved "
-                      "ViTForImageClassification (hf:, pooler missing), then inca predict "
-                      "with its task in another process", "correct result", hf_classifier,
-                      b.repro(cls_fit) + " && " + b.repro(cls_predict), "own"))
+    return Case("hf-classifier-task-loads", "cli", "H2: inca fit on a saved "
+                "ViTForImageClassification (hf:, pooler missing), then inca predict "
+                "with its task in another process", "correct result", hf_classifier,
+                b.repro(cls_fit) + " && " + b.repro(cls_predict), "own")
 
+
+def _cache_rerun_case(b: Bench, ext: list[str], root: Path) -> Case:
+    """L10: inca extract again over a complete cache with 4 KiB overwritten inside."""
     rerun = root / "cache-overwritten-rerun"
     rerun_args = [*ext, "--data", "digits", "--limit", "40", "--layers", ",".join(b.layers[:2]),
                   "--out", str(rerun), "--batch-size", "32", "--num-workers", "0"]
@@ -216,11 +221,13 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
     def cache_rerun() -> Verdict:
         target = overwritten_cache(b, rerun)
         return error_verdict(b.cli(rerun_args), (target.name,))
-    cases.append(Case("cache-overwritten-extract-again", "cli", "L10: inca extract re-run over "
-                      "that complete cache with 4 KiB overwritten inside a shard",
-                      "clear error", cache_rerun, b.repro(rerun_args), "shared"))
+    return Case("cache-overwritten-extract-again", "cli", "L10: inca extract re-run over "
+                "that complete cache with 4 KiB overwritten inside a shard",
+                "clear error", cache_rerun, b.repro(rerun_args), "shared")
 
-    # M4: backbone.source.kwargs num_hidden_layers 100000 (inca predict, own process)
+
+def _kwargs_huge_case(b: Bench, x: Inputs, task: Path, root: Path, image: Path) -> Case:
+    """M4: backbone.source.kwargs num_hidden_layers 100000 (inca predict, own process)."""
     huge = root / "task-kwargs-huge"
     huge_args = ["predict", str(image), "--task", str(huge), "--device", "cpu"]
 
@@ -235,11 +242,13 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
         if v.outcome == HANDLED and r.seconds > 30:
             return Verdict(UNCLEAR, "refused, but slowly: " + v.detail)
         return v
-    cases.append(Case("task-kwargs-huge-layers", "cli", "M4: task.json backbone.source.kwargs "
-                      "num_hidden_layers 100000 (inca predict; refused within 30 s)",
-                      "clear error", kwargs_huge, b.repro(huge_args), "own"))
+    return Case("task-kwargs-huge-layers", "cli", "M4: task.json backbone.source.kwargs "
+                "num_hidden_layers 100000 (inca predict; refused within 30 s)",
+                "clear error", kwargs_huge, b.repro(huge_args), "own")
 
-    # M6: many small classes
+
+def _class_count_cases(b: Bench, fit: list[str], root: Path) -> list[Case]:
+    """M6: many small classes (the two cases draw their pictures from one generator)."""
     rng = np.random.default_rng(0)
 
     def tiny_pngs(classes: int, each: int) -> dict[str, bytes]:
@@ -264,45 +273,54 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
             data = json.loads((many_out / "report.json").read_text())["data"]
             v.detail += f": {data['num_train']} training / {data['num_val']} validation"
         return v
-    cases.append(Case("val-split-300x3", "cli", "M6: 300 classes x 3 images, --val-fraction "
-                      "0.001 (inca fit)", "correct result", many_classes, b.repro(many_args),
-                      "shared"))
 
     single, single_args = root / "classes-2000x1", [
         *fit, "--data", str(root / "classes-2000x1"), "--out",
         str(b.tmp / "out" / "classes-2000x1")]
-    cases.append(Case("val-split-2000x1", "cli", "M6: 2000 classes x 1 image (no split "
-                      "possible; inca fit)", "clear error",
-                      lambda: (write_folder(single, tiny_pngs(2000, 1)),
-                               error_verdict(b.cli(single_args), ("per class",)))[1],
-                      b.repro(single_args), "shared"))
+    return [Case("val-split-300x3", "cli", "M6: 300 classes x 3 images, --val-fraction "
+                 "0.001 (inca fit)", "correct result", many_classes, b.repro(many_args),
+                 "shared"),
+            Case("val-split-2000x1", "cli", "M6: 2000 classes x 1 image (no split "
+                 "possible; inca fit)", "clear error",
+                 lambda: (write_folder(single, tiny_pngs(2000, 1)),
+                          error_verdict(b.cli(single_args), ("per class",)))[1],
+                 b.repro(single_args), "shared")]
 
-    # L1-L3, L7: manifests
-    mf = root / "manifests"
-    rows = [(f"img/{c}/{i}.png", c) for c in ("cat", "dog", "fox") for i in range(8)]
-    imgs = {p: x.good[k % len(x.good)] for k, (p, _) in enumerate(rows)}
 
-    def csv_text(labels: dict[str, str], extra: list[tuple[str, str]] = ()) -> str:
+@dataclass
+class _Manifests:
+    """The manifest cases' folder: 24 images of three classes beside each manifest, run
+    through ``inca extract``."""
+
+    b: Bench
+    ext: list[str]
+    folder: Path
+    rows: list[tuple[str, str]]
+    imgs: dict[str, bytes]
+
+    def csv_text(self, labels: dict[str, str], extra: list[tuple[str, str]] = ()) -> str:
         return "path,label\n" + "".join(f"{p},{labels.get(c, c)}\n"
-                                        for p, c in [*rows, *extra])
+                                        for p, c in [*self.rows, *extra])
 
-    def manifest_args(name: str) -> list[str]:
-        return [*ext, "--data", str(mf / name), "--out", str(b.tmp / "out" / f"mf-{name}"),
-                "--num-workers", "0"]
+    def args(self, name: str) -> list[str]:
+        return [*self.ext, "--data", str(self.folder / name), "--out",
+                str(self.b.tmp / "out" / f"mf-{name}"), "--num-workers", "0"]
 
-    def manifest_error(cid: str, what: str, name: str, data: bytes,
-                       mention: tuple[str, ...]) -> Case:
-        args = manifest_args(name)
+    def error(self, cid: str, what: str, name: str, data: bytes,
+              mention: tuple[str, ...]) -> Case:
+        args, b = self.args(name), self.b
         return Case(cid, "cli", what, "clear error",
-                    lambda: (write_folder(mf, imgs | {name: data}),
+                    lambda: (write_folder(self.folder, self.imgs | {name: data}),
                              error_verdict(b.cli(args), mention))[1], b.repro(args), "shared")
 
-    def manifest_ok(cid: str, what: str, name: str, text: str, samples: int,
-                    classes: set[str], warned: str | None = None) -> Case:
-        args = manifest_args(name)
+    def ok(self, cid: str, what: str, name: str, text: str, samples: int,
+           classes: set[str], warned: str | None = None) -> Case:
+        from inca.features.cache import read_manifest
+
+        args, b = self.args(name), self.b
 
         def go() -> Verdict:
-            write_folder(mf, imgs | {name: text.encode()})
+            write_folder(self.folder, self.imgs | {name: text.encode()})
             r = b.cli(args)
 
             def check() -> str | None:
@@ -319,31 +337,40 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
             return v
         return Case(cid, "cli", what, "correct result", go, b.repro(args), "shared")
 
+
+def _manifest_cases(b: Bench, x: Inputs, ext: list[str], root: Path) -> list[Case]:
+    """L1-L3, L7: manifests (an encoding, label spellings, duplicate rows, class names)."""
+    rows = [(f"img/{c}/{i}.png", c) for c in ("cat", "dog", "fox") for i in range(8)]
+    mf = _Manifests(b, ext, root / "manifests", rows,
+                    {p: x.good[k % len(x.good)] for k, (p, _) in enumerate(rows)})
     latin1 = ("path,label\n" + "".join(f"{p},{c}\xe9\n" for p, c in rows)).encode("latin-1")
-    cases += [
-        manifest_error("manifest-latin1", "L1: a Latin-1 CSV manifest (labels with an e-acute)",
-                       "latin1.csv", latin1, ("latin1.csv", "UTF-8")),
-        manifest_ok("manifest-number-spellings", "L2: CSV labels 01, 1 and 007 (three "
-                    "classes)", "zero_padded.csv", csv_text({"cat": "01", "dog": "1",
-                                                             "fox": "007"}), 24,
-                    {"01", "1", "007"}),
-        manifest_ok("manifest-nan-inf-labels", "L2: CSV labels nan, inf and fox (class names)",
-                    "nan_label.csv", csv_text({"cat": "nan", "dog": "inf"}), 24,
-                    {"nan", "inf", "fox"}),
-        manifest_ok("manifest-duplicate-rows", "L3: a CSV manifest listing 8 of its 24 rows "
-                    "twice (each image used once, with a warning)", "dup_rows.csv",
-                    csv_text({}, rows[:8]), 24, {"cat", "dog", "fox"}, "duplicate row"),
+    cases = [
+        mf.error("manifest-latin1", "L1: a Latin-1 CSV manifest (labels with an e-acute)",
+                 "latin1.csv", latin1, ("latin1.csv", "UTF-8")),
+        mf.ok("manifest-number-spellings", "L2: CSV labels 01, 1 and 007 (three "
+              "classes)", "zero_padded.csv", mf.csv_text({"cat": "01", "dog": "1",
+                                                          "fox": "007"}), 24,
+              {"01", "1", "007"}),
+        mf.ok("manifest-nan-inf-labels", "L2: CSV labels nan, inf and fox (class names)",
+              "nan_label.csv", mf.csv_text({"cat": "nan", "dog": "inf"}), 24,
+              {"nan", "inf", "fox"}),
+        mf.ok("manifest-duplicate-rows", "L3: a CSV manifest listing 8 of its 24 rows "
+              "twice (each image used once, with a warning)", "dup_rows.csv",
+              mf.csv_text({}, rows[:8]), 24, {"cat", "dog", "fox"}, "duplicate row"),
     ]
     bad_names = [("nul", "NUL", "ca\x00t"), ("newline", "a newline", "ca\nt"),
                  ("rtl", "U+202E", "cat\u202egnp.exe"), ("4096", "4,096 characters", "c" * 4096)]
     for tag, what, name in bad_names:
         text = "".join(json.dumps({"path": p, "label": name if c == "cat" else c}) + "\n"
                        for p, c in rows).encode()
-        cases.append(manifest_error(f"class-name-{tag}", f"L7: a class name holding {what} "
-                                    "(JSON-lines manifest)", f"name-{tag}.jsonl", text,
-                                    ("rename the class",)))
+        cases.append(mf.error(f"class-name-{tag}", f"L7: a class name holding {what} "
+                              "(JSON-lines manifest)", f"name-{tag}.jsonl", text,
+                              ("rename the class",)))
+    return cases
 
-    # L7: task.json edited within the schema (inca predict)
+
+def _task_edit_cases(b: Bench, x: Inputs, task: Path, root: Path, image: Path) -> list[Case]:
+    """L7: task.json edited within the schema (inca predict)."""
     def layer_moved(m: dict[str, Any]) -> None:
         layers = m["members"][0]["layers"]
         other = next(ly for ly in b.bb.layers if ly not in layers
@@ -356,6 +383,7 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
               lambda t: edit_json(t, lambda m: m["classes"].reverse())),
              ("task-class-name-rtl", "a class name holding U+202E",
               lambda t: edit_json(t, lambda m: m["classes"].__setitem__(0, "7\u202egnp.exe")))]
+    cases = []
     for cid, what, tamper in edits:
         folder = root / "tasks" / cid
         args = ["predict", str(image), "--task", str(folder), "--device", "cpu"]
@@ -367,144 +395,4 @@ def cli_cases(b: Bench, x: Inputs, ext: list[str], fit: list[str], task: Path) -
             return error_verdict(b.cli(args), ("task.json",))
         cases.append(Case(cid, "cli", f"L7: task.json edited within the schema: {what} "
                           "(inca predict)", "clear error", go, b.repro(args), "shared"))
-
     return cases
-
-
-# -- HTTP ---------------------------------------------------------------------------------
-def http_cases(b: Bench, port: int, x: Inputs, task: Any) -> list[Case]:
-    key = {"X-API-Key": KEY}
-    seven, b64 = x.good[7], base64.b64encode(x.good[7]).decode()
-    url = f"http://{HOST}:<port>"
-
-    def answered(status: int, body: bytes, want: Any, seconds: float, bound: float) -> Verdict:
-        """200 with ``want``'s probabilities, or a clear 4xx; never a 5xx; within ``bound``."""
-        if status == 200:
-            problem = answer_problem(predicted(body)[0], want, task.classes)
-            v = Verdict(SILENT, problem) if problem else Verdict(HANDLED, "HTTP 200, "
-                                                                 "answered right")
-        else:
-            v = http_verdict(status, body, 413)
-        v.detail += f" in {seconds:.1f} s"
-        if v.outcome == HANDLED and seconds > bound:
-            return Verdict(UNCLEAR, f"over {bound:.0f} s: " + v.detail)
-        return v
-
-    def strip(size: tuple[int, int], value: int) -> Any:
-        def go() -> Verdict:
-            data = png(Image.new("L", size, value))
-            body, ctype = multipart([("strip.png", data)])
-            t = time.perf_counter()
-            status, answer = request(port, "POST", "/predict", body,
-                                     {"Content-Type": ctype} | key, timeout=120)
-            seconds = time.perf_counter() - t
-            want = task.predict_proba([data])[0] if status == 200 else None
-            return answered(status, answer, want, seconds, 20)
-        return go
-
-    def tasklist() -> Verdict:
-        body = json.dumps({"images": [b64], "tasks": ["x"] * 2_000_000}).encode()
-        gaps, stop = [], threading.Event()
-
-        def probe() -> None:
-            while not stop.is_set():
-                t = time.perf_counter()
-                try:
-                    request(port, "GET", "/livez", timeout=30)
-                except OSError:
-                    pass
-                gaps.append(time.perf_counter() - t)
-                time.sleep(0.05)
-        th = threading.Thread(target=probe, daemon=True)
-        th.start()
-        try:
-            time.sleep(0.3)
-            t = time.perf_counter()
-            status, answer = request(port, "POST", "/predict", body,
-                                     {"Content-Type": "application/json"} | key, timeout=120)
-            seconds = time.perf_counter() - t
-        finally:
-            stop.set()
-            th.join(timeout=35)
-        v = http_verdict(status, answer, 404)
-        v.detail += (f" ({len(body) / 2**20:.1f} MiB answered in {seconds:.1f} s; /livez "
-                     f"asked {len(gaps)} times meanwhile, slowest {max(gaps) * 1000:.0f} ms)")
-        if v.outcome == HANDLED and max(gaps) > 2:
-            return Verdict(UNCLEAR, "/livez stalled: " + v.detail)
-        return v
-
-    def raw(head: bytes) -> tuple[int, bytes]:
-        return raw_exchange(port, head)
-
-    body, ctype = multipart([("x.png", seven)])
-
-    def two_keys(first: str, second: str) -> tuple[int, bytes]:
-        return raw(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nX-API-Key: "
-                   f"{first}\r\nX-API-Key: {second}\r\nContent-Length: {len(body)}\r\n"
-                   "Connection: close\r\n\r\n".encode() + body)
-
-    def upper_json() -> Verdict:
-        status, answer = request(port, "POST", "/predict", json.dumps({"images": [b64]}).encode(),
-                                 {"Content-Type": "APPLICATION/JSON"} | key)
-        return answered(status, answer, task.predict_proba([seven])[0], 0, 60) \
-            if status == 200 else Verdict(REFUSED, f"HTTP {status}: {short(answer.decode())}")
-
-    def docs() -> Verdict:
-        status, page = request(port, "GET", "/docs", headers=key)
-        if status != 200:
-            return Verdict(REFUSED, f"HTTP {status} with the key")
-        text = page.decode(errors="replace")
-        scripts = re.findall(r'<script[^>]*src="([^"]+)"', text)
-        outside = [s for s in scripts if "://" in s or s.startswith("//")]
-        if outside or "cdn" in text.lower():
-            return Verdict(SILENT, f"the page loads scripts from elsewhere: {outside}")
-        fetched = [request(port, "GET", s, headers=key)[0] for s in scripts]
-        if not scripts or any(s != 200 for s in fetched):
-            return Verdict(SILENT, f"its scripts {scripts} answer {fetched}")
-        return Verdict(HANDLED, f"{len(scripts)} script(s) served by inca itself, each HTTP 200")
-
-    def case(cid: str, what: str, expect: int, send: Any, mention: tuple[str, ...] = (),
-             how: str = "") -> Case:
-        return Case(cid, "http", what, "clear error",
-                    lambda: http_verdict(*send(), expect, mention), how or f"POST {url}/predict")
-
-    return [
-        Case("http-strip-4x1000000", "http", "H1: a 4 x 1,000,000 px PNG (4 MP, 4 KB)",
-             "correct result", strip((4, 1_000_000), 40), f"POST {url}/predict"),
-        Case("http-strip-40000000x1", "http", "H1: a 40,000,000 x 1 px PNG (40 MP, 38 KB; a "
-             "500 before the fix)", "correct result", strip((40_000_000, 1), 220),
-             f"POST {url}/predict"),
-        Case("http-task-names-2M", "http", "M2: a 9.5 MiB JSON body naming 2,000,000 tasks, "
-             "/livez asked meanwhile", "clear error", tasklist, f"POST {url}/predict"),
-        Case("http-content-type-upper", "http", "L9: Content-Type APPLICATION/JSON",
-             "correct result", upper_json, f"POST {url}/predict"),
-        case("http-content-type-jsonx", "L9: Content-Type application/jsonx", 415,
-             lambda: request(port, "POST", "/predict", json.dumps({"images": [b64]}).encode(),
-                             {"Content-Type": "application/jsonx"} | key)),
-        case("http-two-keys-right-wrong", "L9: X-API-Key sent twice, the right key first", 401,
-             lambda: two_keys(KEY, KEY + "x"), ("API key",)),
-        case("http-two-keys-wrong-right", "L9: X-API-Key sent twice, the right key second",
-             401, lambda: two_keys(KEY + "x", KEY), ("API key",)),
-        case("http-two-keys-same", "L9: X-API-Key sent twice, the right key both times", 401,
-             lambda: two_keys(KEY, KEY), ("API key",)),
-        *[case(f"http-{p.strip('/').replace('/', '-')}-no-key", f"L4: GET {p} without the key "
-               "(the server has one)", 401, lambda p=p: request(port, "GET", p), ("API key",),
-               f"GET {url}{p}")
-          for p in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/health")],
-        Case("http-docs-offline", "http", "L4: GET /docs with the key: no script from a CDN, "
-             "each script it names answers", "correct result", docs, f"GET {url}/docs"),
-    ]
-
-
-def http_rows(b: Bench, x: Inputs, task_dir: Path, task: Any) -> list[dict[str, Any]]:
-    """The HTTP cases against an ``inca serve`` with the default request limits."""
-    from serve import Server
-
-    with Server([task_dir], ["--api-key", KEY, "--device", "cpu"], b.tmp / "server-attack.log",
-                180) as server:
-        try:
-            return run_cases(http_cases(b, server.port, x, task), 1, b.scrub)
-        finally:
-            if server.proc.poll() is not None:
-                print(b.scrub(server.log_tail(1500)), file=sys.stderr)
-
