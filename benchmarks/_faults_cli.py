@@ -41,17 +41,36 @@ def task_cases(b: Bench, x: Inputs, task: Path) -> list[Case]:
     image = root / "seven.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     image.write_bytes(x.good[7])
+    as_file = root / "task-is-a-file"
+    file_args = _predict(as_file, image)
+    pdir = root / "a-folder"
+    pdir_args = _predict(task, pdir)
+    return [
+        *_tamper_cases(b, task, root, image),
+        Case("task-is-a-file", "cli", "--task naming a regular file", "clear error",
+             lambda: (as_file.write_bytes(b"x"), error_verdict(
+                 b.cli(file_args), ("task-is-a-file",)))[1], b.repro(file_args), "shared"),
+        *_predict_error_cases(b, x, task, root, image),
+        Case("predict-directory", "cli", "inca predict given a folder as the image",
+             "clear error", lambda: (pdir.mkdir(exist_ok=True), error_verdict(
+                 b.cli(pdir_args), ("a-folder",)))[1], b.repro(pdir_args), "shared"),
+        *_bit_depth_cases(b, x, task, root),
+    ]
 
-    def predict(folder: Path, *images: Path) -> list[str]:
-        return ["predict", *[str(i) for i in images], "--task", str(folder), "--device", "cpu"]
 
+def _predict(folder: Path, *images: Path) -> list[str]:
+    return ["predict", *[str(i) for i in images], "--task", str(folder), "--device", "cpu"]
+
+
+def _tampers(b: Bench) -> list[tuple[str, str, Callable[[Path], Any], tuple[str, ...]]]:
+    """``(id, what, tamper of a task folder, what the error must name)``."""
     def other_weights(f: Path) -> None:
         shutil.copy(b.tmp / "tasks" / "other" / TASK_WEIGHTS, f / TASK_WEIGHTS)
 
     def set_config(field_name: str, value: Any) -> Callable[[dict[str, Any]], None]:
         return lambda m: m["members"][0]["spec"]["config"].update({field_name: value})
 
-    tampers: list[tuple[str, str, Callable[[Path], Any], tuple[str, ...]]] = [
+    return [
         ("task-wrong-class-count", "task.json lists 3 class names for 10 outputs",
          lambda f: edit_json(f, lambda m: m.update(classes=["a", "b", "c"])), (TASK_JSON,)),
         ("task-huge-num-queries", "task.json asks for num_queries 1e8",
@@ -81,10 +100,14 @@ def task_cases(b: Bench, x: Inputs, task: Path) -> list[Case]:
         ("task-unknown-backbone", "task.json names backbone 'nope:xyz' (name and source)",
          lambda f: edit_json(f, unknown_backbone), ("nope",)),
     ]
+
+
+def _tamper_cases(b: Bench, task: Path, root: Path, image: Path) -> list[Case]:
+    """Each of :func:`_tampers` on a copy of the task, through ``inca predict``."""
     cases = []
-    for cid, what, tamper, mention in tampers:
+    for cid, what, tamper, mention in _tampers(b):
         folder = root / cid
-        args = predict(folder, image)
+        args = _predict(folder, image)
 
         def go(folder: Path = folder, tamper: Callable[[Path], Any] = tamper,
                args: list[str] = args, mention: tuple[str, ...] = mention) -> Verdict:
@@ -93,18 +116,17 @@ def task_cases(b: Bench, x: Inputs, task: Path) -> list[Case]:
             return error_verdict(b.cli(args), mention)
         cases.append(Case(cid, "cli", what + " (inca predict)", "clear error", go,
                           b.repro(args), "shared"))
-    as_file = root / "task-is-a-file"
-    file_args = predict(as_file, image)
-    cases.append(Case("task-is-a-file", "cli", "--task naming a regular file", "clear error",
-                      lambda: (as_file.write_bytes(b"x"), error_verdict(
-                          b.cli(file_args), ("task-is-a-file",)))[1], b.repro(file_args),
-                      "shared"))
+    return cases
 
+
+def _predict_error_cases(b: Bench, x: Inputs, task: Path, root: Path, image: Path
+                         ) -> list[Case]:
+    """Unreadable images beside a good one through ``inca predict``."""
     def predict_error(cid: str, what: str, name: str, data: bytes | None) -> Case:
         """``name`` beside a good image: inca predict reports the one it cannot read (an
         ``error:`` line naming it, then how many failed), predicts the other, exits 1."""
         path = root / name
-        args = predict(task, path, image)
+        args = _predict(task, path, image)
 
         def go() -> Verdict:
             if data is not None:
@@ -125,25 +147,22 @@ def task_cases(b: Bench, x: Inputs, task: Path) -> list[Case]:
         return Case(cid, "cli", what + " (beside a good image)", "clear error", go,
                     b.repro(args), "shared")
 
-    cases += [predict_error("predict-bomb", "inca predict on a 12000x12000 PNG bomb",
-                            "bomb.png", x.bomb),
-              predict_error("predict-missing-image", "inca predict on a file that does not "
-                            "exist", "nowhere.png", None),
-              predict_error("predict-truncated", "inca predict on a PNG cut in half",
-                            "half.png", x.truncated)]
-    pdir = root / "a-folder"
-    pdir_args = predict(task, pdir)
-    cases.append(Case("predict-directory", "cli", "inca predict given a folder as the image",
-                      "clear error", lambda: (pdir.mkdir(exist_ok=True), error_verdict(
-                          b.cli(pdir_args), ("a-folder",)))[1], b.repro(pdir_args),
-                      "shared"))
+    return [predict_error("predict-bomb", "inca predict on a 12000x12000 PNG bomb",
+                          "bomb.png", x.bomb),
+            predict_error("predict-missing-image", "inca predict on a file that does not "
+                          "exist", "nowhere.png", None),
+            predict_error("predict-truncated", "inca predict on a PNG cut in half",
+                          "half.png", x.truncated)]
 
-    # 16-bit pictures predicted like their 8-bit twins
+
+def _bit_depth_cases(b: Bench, x: Inputs, task: Path, root: Path) -> list[Case]:
+    """16-bit pictures predicted like their 8-bit twins."""
     pairs = [("deep.png", x.deep, "deep-twin.png", x.deep_twin),
              ("dark.png", x.dark, "dark-twin.png", x.dark_twin),
              ("float.tif", x.float_tiff, "float-twin.png", x.float_twin)]
+    cases = []
     for name, data, twin, twin_data in pairs:
-        args = predict(task, root / name, root / twin)
+        args = _predict(task, root / name, root / twin)
 
         def same(name: str = name, data: bytes = data, twin: str = twin,
                  twin_data: bytes = twin_data, args: list[str] = args) -> Verdict:
@@ -218,16 +237,19 @@ def serve_cases(b: Bench, task: Path) -> list[Case]:
 
 def option_cases(b: Bench, fit: list[str]) -> list[Case]:
     """Bad options of ``inca fit``."""
-    cases = []
     base = [*fit, "--data", "digits", "--limit", "40"]
+    return _bad_value_cases(b, base) + _out_cases(b, base)
 
+
+def _bad_value_cases(b: Bench, base: list[str]) -> list[Case]:
+    """Option values out of range, unknown or malformed."""
     def opt(cid: str, extra: list[str], mention: tuple[str, ...] = (),
             what: str | None = None) -> Case:
         args = [*base, "--out", str(b.tmp / "out" / cid), *extra]
         return Case(cid, "cli", what or " ".join(extra), "clear error",
                     lambda: error_verdict(b.cli(args), mention), b.repro(args), "shared")
 
-    cases += [
+    return [
         opt("lrs-nan", ["--lrs", "nan"], ("lrs",)),
         opt("lrs-inf", ["--lrs", "inf"], ("lrs",)),
         opt("lrs-negative", ["--lrs", "-1"], ("lrs",)),
@@ -251,6 +273,11 @@ def option_cases(b: Bench, fit: list[str]) -> list[Case]:
         opt("mode-unknown", ["--mode", "turbo"], ("turbo",)),
         opt("token-grid-negative", ["--token-grid", "-1"], ("token",)),
     ]
+
+
+def _out_cases(b: Bench, base: list[str]) -> list[Case]:
+    """``--out`` where nothing can be written."""
+    cases = []
     blocker = b.tmp / "out" / "a-file"
     if os.geteuid() == 0:  # root writes anywhere: a path through a file cannot be created
         target, what = blocker / "sub", "--out under a regular file (running as root)"

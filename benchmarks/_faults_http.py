@@ -10,6 +10,7 @@ import json
 import select
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,109 +77,161 @@ def answer_problem(pred: dict[str, Any], expected: torch.Tensor, classes: list[s
     return None
 
 
-def http_cases(b: Bench, port: int, x: Inputs, task: Task) -> list[Case]:
-    key = {"X-API-Key": KEY}
-    seven = x.good[7]
-    url = f"http://{HOST}:<port>/predict"
+URL = f"http://{HOST}:<port>/predict"  # as the reproductions name the server
+WITH_KEY = {"X-API-Key": KEY}
 
-    def post_form(files: list[tuple[str, bytes]], fields: dict[str, str] | None = None,
-                  headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+
+@dataclass
+class Client:
+    """Requests to the server on ``port``, with the API key unless told otherwise."""
+
+    port: int
+
+    def form(self, files: list[tuple[str, bytes]], fields: dict[str, str] | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         body, ctype = multipart(files, fields)
-        return request(port, "POST", "/predict", body,
-                       {"Content-Type": ctype} | (key if headers is None else headers))
+        return request(self.port, "POST", "/predict", body,
+                       {"Content-Type": ctype} | (WITH_KEY if headers is None else headers))
 
-    def post_json(payload: Any, raw: bytes | None = None) -> tuple[int, bytes]:
+    def json(self, payload: Any, raw: bytes | None = None) -> tuple[int, bytes]:
         body = raw if raw is not None else json.dumps(payload).encode()
-        return request(port, "POST", "/predict", body,
-                       {"Content-Type": "application/json"} | key)
+        return request(self.port, "POST", "/predict", body,
+                       {"Content-Type": "application/json"} | WITH_KEY)
 
-    def case(cid: str, what: str, expect: int, send: Callable[[], tuple[int, bytes]],
-             mention: tuple[str, ...] = (), how: str = "") -> Case:
-        return Case(cid, "http", what, "clear error",
-                    lambda: http_verdict(*send(), expect, mention), how or f"POST {url}")
 
-    b64 = base64.b64encode(seven).decode()
-    cases = [
+def case(cid: str, what: str, expect: int, send: Callable[[], tuple[int, bytes]],
+         mention: tuple[str, ...] = (), how: str = "") -> Case:
+    """A request that must be refused clearly (``expect``: the status it should get)."""
+    return Case(cid, "http", what, "clear error",
+                lambda: http_verdict(*send(), expect, mention), how or f"POST {URL}")
+
+
+def http_cases(b: Bench, port: int, x: Inputs, task: Task) -> list[Case]:
+    c = Client(port)
+    b64 = base64.b64encode(x.good[7]).decode()
+    return (_key_cases(c, x) + _image_cases(c, x) + _json_cases(c, b64)
+            + _count_cases(c, x) + _field_cases(c, x, b64) + _protocol_cases(c)
+            + [_chunked_case(port), _deep16_case(c, x, task), _odd_name_case(c, x)])
+
+
+def _key_cases(c: Client, x: Inputs) -> list[Case]:
+    seven = x.good[7]
+    return [
         case("http-no-key", "no X-API-Key header", 401,
-             lambda: post_form([("x.png", seven)], headers={}), ("API key",)),
+             lambda: c.form([("x.png", seven)], headers={}), ("API key",)),
         case("http-wrong-key", "a wrong API key", 401,
-             lambda: post_form([("x.png", seven)], headers={"X-API-Key": KEY + "x"}),
+             lambda: c.form([("x.png", seven)], headers={"X-API-Key": KEY + "x"}),
              ("API key",)),
         case("http-empty-key", "an empty API key", 401,
-             lambda: post_form([("x.png", seven)], headers={"X-API-Key": ""}), ("API key",)),
+             lambda: c.form([("x.png", seven)], headers={"X-API-Key": ""}), ("API key",)),
         case("http-latin1-key", "an API key with a non-ASCII byte", 401,
-             lambda: post_form([("x.png", seven)], headers={"X-API-Key": KEY + "\xe9"}),
+             lambda: c.form([("x.png", seven)], headers={"X-API-Key": KEY + "\xe9"}),
              ("API key",)),
         case("http-tasks-no-key", "GET /tasks without a key", 401,
-             lambda: request(port, "GET", "/tasks"), ("API key",), "GET /tasks"),
+             lambda: request(c.port, "GET", "/tasks"), ("API key",), "GET /tasks"),
+    ]
+
+
+def _image_cases(c: Client, x: Inputs) -> list[Case]:
+    """Bombs, too many megapixels, and images that do not decode."""
+    return [
         case("http-bomb", "a 12000x12000 PNG bomb (18 KB)", 413,
-             lambda: post_form([("bomb.png", x.bomb)]), ("bomb.png",)),
+             lambda: c.form([("bomb.png", x.bomb)]), ("bomb.png",)),
         case("http-hard-bomb", "a 14000x14000 PNG bomb (over twice Pillow's limit)", 413,
-             lambda: post_form([("hard.png", x.hard_bomb)]), ("hard.png",)),
+             lambda: c.form([("hard.png", x.hard_bomb)]), ("hard.png",)),
         case("http-bombs-json", "three bombs as base64 JSON", 413,
-             lambda: post_json({"images": [base64.b64encode(x.bomb).decode()] * 3})),
+             lambda: c.json({"images": [base64.b64encode(x.bomb).decode()] * 3})),
         case("http-request-megapixels", "five 6000x6000 images (each under the image limit, "
              "180 megapixels together)", 413,
-             lambda: post_form([(f"{i}.png", big) for i, big in enumerate([png(Image.new(
+             lambda: c.form([(f"{i}.png", big) for i, big in enumerate([png(Image.new(
                  "L", (6000, 6000)))] * 5)]), ("megapixels",)),
         case("http-junk-image", "junk bytes after a PNG signature", 400,
-             lambda: post_form([("junk.png", x.corrupt)]), ("junk.png",)),
+             lambda: c.form([("junk.png", x.corrupt)]), ("junk.png",)),
         case("http-truncated-image", "a PNG cut in half", 400,
-             lambda: post_form([("half.png", x.truncated)]), ("half.png",)),
+             lambda: c.form([("half.png", x.truncated)]), ("half.png",)),
         case("http-zero-byte-image", "a zero-byte file", 400,
-             lambda: post_form([("empty.png", b"")]), ("empty.png",)),
-        case("http-bad-json", "a body that is not JSON", 400, lambda: post_json(None, b"{nope")),
+             lambda: c.form([("empty.png", b"")]), ("empty.png",)),
+    ]
+
+
+def _json_cases(c: Client, b64: str) -> list[Case]:
+    """JSON bodies that are malformed, hostile or of the wrong shape."""
+    return [
+        case("http-bad-json", "a body that is not JSON", 400, lambda: c.json(None, b"{nope")),
         case("http-deep-json", "JSON nested 100,000 levels deep", 400,
-             lambda: post_json(None, b"[" * 100_000 + b"]" * 100_000), (),
+             lambda: c.json(None, b"[" * 100_000 + b"]" * 100_000), (),
              "curl -H 'Content-Type: application/json' -H 'X-API-Key: KEY' --data-binary "
              "@deep.json http://127.0.0.1:PORT/predict  # deep.json: python -c \"print('[' * "
              "100000 + ']' * 100000)\" > deep.json"),
         case("http-huge-int-json", "top_k with 5,000 digits", 422,
-             lambda: post_json(None, b'{"images": ["' + b64.encode() + b'"], "top_k": '
-                               + b"9" * 5000 + b"}")),
+             lambda: c.json(None, b'{"images": ["' + b64.encode() + b'"], "top_k": '
+                            + b"9" * 5000 + b"}")),
         case("http-bad-base64", "an image that is not base64", 400,
-             lambda: post_json({"images": ["not base64!"]}), ("base64",)),
+             lambda: c.json({"images": ["not base64!"]}), ("base64",)),
         case("http-data-url", "a data: URL instead of base64", 400,
-             lambda: post_json({"images": ["data:image/png;base64," + b64]})),
+             lambda: c.json({"images": ["data:image/png;base64," + b64]})),
         case("http-images-not-list", '"images" a string', 422,
-             lambda: post_json({"images": b64})),
+             lambda: c.json({"images": b64})),
         case("http-image-not-string", "an image given as a number", 422,
-             lambda: post_json({"images": [7]})),
+             lambda: c.json({"images": [7]})),
         case("http-tasks-number", '"tasks" a number', 422,
-             lambda: post_json({"images": [b64], "tasks": 5})),
-        case("http-no-images", "a request without images", 400, lambda: post_json({"images": []})),
+             lambda: c.json({"images": [b64], "tasks": 5})),
+    ]
+
+
+def _count_cases(c: Client, x: Inputs) -> list[Case]:
+    """No images, or more images or parts than a request may hold."""
+    seven = x.good[7]
+    return [
+        case("http-no-images", "a request without images", 400, lambda: c.json({"images": []})),
         case("http-100k-empty-images", "100,000 empty images in JSON", 413,
-             lambda: post_json({"images": [""] * 100_000})),
+             lambda: c.json({"images": [""] * 100_000})),
         case("http-65-images", "65 images (limit 64)", 413,
-             lambda: post_form([(f"{i}.png", seven) for i in range(65)])),
+             lambda: c.form([(f"{i}.png", seven) for i in range(65)])),
         case("http-1001-parts", "1,001 multipart file parts", 400,
-             lambda: post_form([(f"{i}.png", b"") for i in range(1001)])),
+             lambda: c.form([(f"{i}.png", b"") for i in range(1001)])),
+    ]
+
+
+def _field_cases(c: Client, x: Inputs, b64: str) -> list[Case]:
+    """Bad ``top_k`` values and an unknown task."""
+    seven = x.good[7]
+    return [
         case("http-top-k-zero", "top_k=0", 422,
-             lambda: post_form([("x.png", seven)], {"top_k": "0"}), ("top_k",)),
+             lambda: c.form([("x.png", seven)], {"top_k": "0"}), ("top_k",)),
         case("http-top-k-text", "top_k=abc", 422,
-             lambda: post_form([("x.png", seven)], {"top_k": "abc"}), ("top_k",)),
+             lambda: c.form([("x.png", seven)], {"top_k": "abc"}), ("top_k",)),
         case("http-top-k-huge", "top_k=1000000000", 422,
-             lambda: post_form([("x.png", seven)], {"top_k": "1000000000"}), ("top_k",)),
+             lambda: c.form([("x.png", seven)], {"top_k": "1000000000"}), ("top_k",)),
         case("http-top-k-float", "top_k 2.5 in JSON", 422,
-             lambda: post_json({"images": [b64], "top_k": 2.5}), ("top_k",)),
+             lambda: c.json({"images": [b64], "top_k": 2.5}), ("top_k",)),
         case("http-unknown-task", "tasks=nope", 404,
-             lambda: post_form([("x.png", seven)], {"tasks": "nope"}), ("nope",)),
+             lambda: c.form([("x.png", seven)], {"tasks": "nope"}), ("nope",)),
+    ]
+
+
+def _protocol_cases(c: Client) -> list[Case]:
+    """Media types, a form without files, a wrong method, a huge announced length."""
+    port = c.port
+    return [
         case("http-text-content-type", "Content-Type text/plain", 415,
              lambda: request(port, "POST", "/predict", b"hello",
-                             {"Content-Type": "text/plain"} | key)),
+                             {"Content-Type": "text/plain"} | WITH_KEY)),
         case("http-no-boundary", "multipart/form-data without a boundary", 400,
              lambda: request(port, "POST", "/predict", b"--x\r\n\r\n",
-                             {"Content-Type": "multipart/form-data"} | key)),
+                             {"Content-Type": "multipart/form-data"} | WITH_KEY)),
         case("http-files-as-text", "'files' sent as a text field", 422,
-             lambda: post_form([], {"files": "not a file"}), ("files",)),
+             lambda: c.form([], {"files": "not a file"}), ("files",)),
         case("http-get-predict", "GET /predict", 405,
-             lambda: request(port, "GET", "/predict", headers=key), (), f"GET {url}"),
+             lambda: request(port, "GET", "/predict", headers=WITH_KEY), (), f"GET {URL}"),
         case("http-content-length-huge", "Content-Length: 10^9 announced", 413,
              lambda: raw_exchange(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
                                   b"application/json\r\nX-API-Key: " + KEY.encode()
                                   + b"\r\nContent-Length: 1000000000\r\n\r\n"), ()),
     ]
 
+
+def _chunked_case(port: int) -> Case:
     def chunked() -> Verdict:
         limit = 2 * 2**20
         with socket.create_connection((HOST, port), timeout=30) as s:
@@ -199,32 +252,35 @@ def http_cases(b: Bench, port: int, x: Inputs, task: Task) -> list[Case]:
                            + v.detail)
         v.detail += f" (answered while the client was sending: {sent / 2**20:.1f} MiB sent)"
         return v
-    cases.append(Case("http-chunked-oversize", "http", "a chunked body growing past the "
-                      "2 MiB limit", "clear error", chunked, f"POST {url} (chunked)"))
+    return Case("http-chunked-oversize", "http", "a chunked body growing past the "
+                "2 MiB limit", "clear error", chunked, f"POST {URL} (chunked)")
 
+
+def _deep16_case(c: Client, x: Inputs, task: Task) -> Case:
     def deep16() -> Verdict:
-        status, body = post_form([("deep.png", x.deep)], {"top_k": "3"})
+        status, body = c.form([("deep.png", x.deep)], {"top_k": "3"})
         if status != 200:
             return Verdict(REFUSED, f"HTTP {status}: {short(body.decode(errors='replace'))}")
         want = task.predict_proba([x.deep_twin])[0]
         problem = answer_problem(predicted(body)[0], want, task.classes)
         return Verdict(SILENT, problem) if problem else Verdict(HANDLED, "predicted like the "
                                                                          "8-bit twin")
-    cases.append(Case("http-16-bit", "http", "a 16-bit PNG: predicted like the 8-bit twin",
-                      "correct result", deep16, f"POST {url}"))
+    return Case("http-16-bit", "http", "a 16-bit PNG: predicted like the 8-bit twin",
+                "correct result", deep16, f"POST {URL}")
 
+
+def _odd_name_case(c: Client, x: Inputs) -> Case:
     def odd_name() -> Verdict:
         name = "a\x01\x1b[31m" + "n" * 500 + ".png"
-        status, body = post_form([(name, seven)])
+        status, body = c.form([(name, x.good[7])])
         if status != 200:
             return Verdict(REFUSED, f"HTTP {status}: {short(body.decode(errors='replace'))}")
         label = predicted(body)[0]["image"]
-        if len(label) > 200 or any(ord(c) < 32 for c in label):
+        if len(label) > 200 or any(ord(ch) < 32 for ch in label):
             return Verdict(SILENT, f"echoed the name unsanitised ({len(label)} characters)")
         return Verdict(HANDLED, f"answered; name echoed as {len(label)} safe characters")
-    cases.append(Case("http-hostile-filename", "http", "a 506-character file name with control "
-                      "characters", "correct result", odd_name, f"POST {url}"))
-    return cases
+    return Case("http-hostile-filename", "http", "a 506-character file name with control "
+                "characters", "correct result", odd_name, f"POST {URL}")
 
 
 def read_response(s: socket.socket, timeout: float = 30) -> tuple[int, bytes]:

@@ -34,8 +34,13 @@ def folder_cases(b: Bench, x: Inputs, ext: list[str]) -> list[Case]:
     root = b.tmp / "inputs"
     good = {f"a/{i}.png": x.good[i] for i in range(4)} | \
         {f"b/{i}.png": x.good[4 + i] for i in range(4)}
-    cases = []
+    return (_folder_error_cases(b, x, ext, root, good)
+            + _folder_result_cases(b, x, ext, root, good) + [_deep_folder_case(b, x, ext, root)])
 
+
+def _folder_error_cases(b: Bench, x: Inputs, ext: list[str], root: Path,
+                        good: dict[str, bytes]) -> list[Case]:
+    """Folders that must be refused clearly."""
     def extract_error(cid: str, what: str, files: dict[str, bytes], mention: tuple[str, ...],
                       extra: tuple[str, ...] = ("--num-workers", "0"), *,
                       alone: bool = False, own: bool = False) -> Case:
@@ -49,7 +54,10 @@ def folder_cases(b: Bench, x: Inputs, ext: list[str]) -> list[Case]:
         return Case(cid, "cli", what, "clear error", go, b.repro(args),
                     "own" if own else "shared")
 
-    cases += [
+    gone = root / "no-such-folder"
+    gone_args = [*ext, "--data", str(gone), "--out", str(b.tmp / "out" / "gone"),
+                 "--num-workers", "0"]
+    return [
         extract_error("corrupt-image", "an image folder with random bytes named bad.png",
                       {"a/bad.png": x.corrupt}, ("bad.png",)),
         extract_error("truncated-png", "an image folder with a PNG cut in half (half.png)",
@@ -70,52 +78,49 @@ def folder_cases(b: Bench, x: Inputs, ext: list[str]) -> list[Case]:
         extract_error("one-class", "a data folder with a single class folder",
                       {"a/0.png": x.good[0], "a/1.png": x.good[1]}, ("2 classes",),
                       alone=True),
+        Case("folder-missing", "cli", "--data naming a folder that does not exist",
+             "clear error", lambda: error_verdict(b.cli(gone_args), ("no-such-folder",)),
+             b.repro(gone_args), "shared"),
     ]
-    gone = root / "no-such-folder"
-    gone_args = [*ext, "--data", str(gone), "--out", str(b.tmp / "out" / "gone"),
-                 "--num-workers", "0"]
-    cases.append(Case("folder-missing", "cli", "--data naming a folder that does not exist",
-                      "clear error", lambda: error_verdict(b.cli(gone_args), ("no-such-folder",)),
-                      b.repro(gone_args), "shared"))
 
-    # correct results
-    def extract_ok(cid: str, what: str, files: dict[str, bytes], base: dict[str, bytes],
-                   check: Callable[[Path, Run], str | None],
-                   extra: tuple[str, ...] = ("--num-workers", "0")) -> Case:
-        data, out = root / cid, b.tmp / "out" / cid
-        args = [*ext, "--data", str(data), "--out", str(out), *extra]
 
-        def go() -> Verdict:
-            write_folder(data, base | files)
-            r = b.cli(args)
-            return result_verdict(r, lambda: check(out, r))
-        return Case(cid, "cli", what, "correct result", go, b.repro(args), "shared")
+def _extract_ok(b: Bench, ext: list[str], root: Path, cid: str, what: str,
+                files: dict[str, bytes], base: dict[str, bytes],
+                check: Callable[[Path, Run], str | None],
+                extra: tuple[str, ...] = ("--num-workers", "0")) -> Case:
+    """``files`` added to ``base``, extracted: ``check(out, run)`` says what is wrong."""
+    data, out = root / cid, b.tmp / "out" / cid
+    args = [*ext, "--data", str(data), "--out", str(out), *extra]
 
-    def samples(n: int, classes: list[str] | None = None) -> Callable[[Path, Run], str | None]:
-        def check(out: Path, r: Run) -> str | None:
-            m = read_manifest(out)
-            if m["num_samples"] != n:
-                return f"{m['num_samples']} samples extracted, expected {n}"
-            if classes is not None and m["classes"] != classes:
-                return f"classes {m['classes']}, expected {classes}"
-            return None
-        return check
+    def go() -> Verdict:
+        write_folder(data, base | files)
+        r = b.cli(args)
+        return result_verdict(r, lambda: check(out, r))
+    return Case(cid, "cli", what, "correct result", go, b.repro(args), "shared")
 
+
+def _samples(n: int, classes: list[str] | None = None) -> Callable[[Path, Run], str | None]:
+    """A check: the cache holds ``n`` samples (of ``classes``, where given)."""
+    def check(out: Path, r: Run) -> str | None:
+        m = read_manifest(out)
+        if m["num_samples"] != n:
+            return f"{m['num_samples']} samples extracted, expected {n}"
+        if classes is not None and m["classes"] != classes:
+            return f"classes {m['classes']}, expected {classes}"
+        return None
+    return check
+
+
+def _folder_result_cases(b: Bench, x: Inputs, ext: list[str], root: Path,
+                         good: dict[str, bytes]) -> list[Case]:
+    """Folders with a correct result: bad files skipped, hidden files ignored, odd modes."""
     bad = {"a/bad.png": x.corrupt, "a/half.png": x.truncated, "b/empty.png": b"",
            "a/bomb.png": x.bomb, "a/hard.png": x.hard_bomb, "b/notes.jpg": b"notes\n"}
-    cases.append(extract_ok("skip-unreadable", "the six bad files above with "
-                            "--skip-unreadable (8 good images)", bad, good, samples(8),
-                            ("--num-workers", "0", "--skip-unreadable")))
-    cases.append(extract_ok("jpeg-named-png", "a JPEG file named .png", {"b/photo.png": x.jpeg},
-                            good, samples(9)))
     hidden = {"a/.ipynb_checkpoints/0-checkpoint.png": x.good[0],
               "a/.ipynb_checkpoints/notes-checkpoint.png": b"junk",
               "a/.DS_Store": b"\0\0\0\1Bud1junk", "b/._3.png": b"\0\5\26\7AppleDouble junk",
               "b/.hidden.png": x.good[5], ".ipynb_checkpoints/a/x.png": x.good[1],
               ".Trash/c/y.png": x.good[2]}
-    cases.append(extract_ok("hidden-files", ".ipynb_checkpoints/, .DS_Store, ._x.png, "
-                            ".hidden.png in class folders, hidden top-level folders", hidden,
-                            good, samples(8, ["a", "b"])))
     odd = {"a/cmyk.jpg": encoded(x.digits[0].convert("CMYK"), "JPEG"),
            "a/palette.png": png(x.digits[1].convert("P"), transparency=0),
            "a/la.png": png(x.digits[2].convert("LA")),
@@ -124,11 +129,23 @@ def folder_cases(b: Bench, x: Inputs, ext: list[str]) -> list[Case]:
            "b/strip.png": png(Image.new("L", (3000, 2), 100)),
            "b/anim.gif": encoded(x.digits[4].convert("P"), "GIF", save_all=True,
                                  append_images=[x.digits[5].convert("P")])}
-    cases.append(extract_ok("unusual-modes", "CMYK JPEG, palette PNG with transparency, LA, "
-                            "RGBA, 1x1 and 3000x2 images, an animated GIF", odd, good,
-                            samples(15)))
+    return [
+        _extract_ok(b, ext, root, "skip-unreadable", "the six bad files above with "
+                    "--skip-unreadable (8 good images)", bad, good, _samples(8),
+                    ("--num-workers", "0", "--skip-unreadable")),
+        _extract_ok(b, ext, root, "jpeg-named-png", "a JPEG file named .png",
+                    {"b/photo.png": x.jpeg}, good, _samples(9)),
+        _extract_ok(b, ext, root, "hidden-files", ".ipynb_checkpoints/, .DS_Store, ._x.png, "
+                    ".hidden.png in class folders, hidden top-level folders", hidden,
+                    good, _samples(8, ["a", "b"])),
+        _extract_ok(b, ext, root, "unusual-modes", "CMYK JPEG, palette PNG with transparency, "
+                    "LA, RGBA, 1x1 and 3000x2 images, an animated GIF", odd, good,
+                    _samples(15)),
+    ]
 
-    # 16-bit images: the cache of a 16-bit folder equals the cache of its 8-bit twin
+
+def _deep_folder_case(b: Bench, x: Inputs, ext: list[str], root: Path) -> Case:
+    """16-bit images: the cache of a 16-bit folder equals the cache of its 8-bit twin."""
     deep_data, twin_data = root / "deep16", root / "deep16-twin"
     deep_args = [*ext, "--data", str(deep_data), "--out", str(b.tmp / "out" / "deep16"),
                  "--num-workers", "0"]
@@ -151,10 +168,9 @@ def folder_cases(b: Bench, x: Inputs, ext: list[str]) -> list[Case]:
                                         cache_arrays(b.tmp / "out" / "deep16-twin"))
             return None if diff == 0 else f"tokens differ from the 8-bit twin's by {diff:.3g}"
         return result_verdict(r, check)
-    cases.append(Case("png-16-bit", "cli", "a folder of 16-bit grey PNGs: tokens must equal "
-                      "those of the same pictures in 8 bits", "correct result", deep,
-                      b.repro(deep_args), "shared"))
-    return cases
+    return Case("png-16-bit", "cli", "a folder of 16-bit grey PNGs: tokens must equal "
+                "those of the same pictures in 8 bits", "correct result", deep,
+                b.repro(deep_args), "shared")
 
 
 def split_cases(b: Bench, x: Inputs, fit: list[str]) -> list[Case]:

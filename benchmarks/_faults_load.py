@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,47 +63,56 @@ print(json.dumps(stats), flush=True)
 '''
 
 
+@dataclass
+class Tally:
+    """The requests a phase has left to send, and what their answers were."""
+
+    todo: Iterator[int]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    lat: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    wrong: list[str] = field(default_factory=list)
+
+    def take(self) -> int | None:
+        with self.lock:
+            return next(self.todo, None)
+
+
+def client(tally: Tally, url: str, images: list[bytes], expected: torch.Tensor,
+           classes: list[str], timeout: float) -> None:
+    """One client thread: one-image requests until none is left, each answer checked."""
+    import httpx
+
+    with httpx.Client(timeout=timeout, headers={"X-API-Key": KEY}) as c:
+        while (i := tally.take()) is not None:
+            k = i % len(images)
+            t = time.perf_counter()
+            try:
+                r = c.post(url, files=[("files", (f"{k}.png", images[k], "image/png"))],
+                           data={"top_k": "3"})
+                dt = time.perf_counter() - t
+                problem = None if r.status_code == 200 else \
+                    f"HTTP {r.status_code}: {r.text[:200]}"
+                answer = None if problem else answer_problem(r.json()["predictions"][0],
+                                                             expected[k], classes)
+            except Exception as e:  # noqa: BLE001 - counted as an error
+                dt, problem, answer = time.perf_counter() - t, f"{type(e).__name__}: {e}", None
+            with tally.lock:
+                if problem:
+                    tally.errors.append(problem)
+                else:
+                    tally.lat.append(dt)
+                    if answer:
+                        tally.wrong.append(f"image {k}: {answer}")
+
+
 def load_phase(b: Bench, port: int, images: list[bytes], expected: torch.Tensor,
                classes: list[str], *, requests: int, clients: int, bomb_clients: int,
                bomb_file: Path, bomb_ctype: str, timeout: float) -> dict[str, Any]:
     """``requests`` one-image POSTs from ``clients`` threads (with ``bomb_clients`` threads
     of another process posting bombs meanwhile); latency of each, errors, wrong answers."""
-    import httpx
-
     url = f"http://{HOST}:{port}/predict"
-    lock = threading.Lock()
-    todo = iter(range(requests))
-    lat: list[float] = []
-    errors: list[str] = []
-    wrong: list[str] = []
-
-    def take() -> int | None:
-        with lock:
-            return next(todo, None)
-
-    def client() -> None:
-        with httpx.Client(timeout=timeout, headers={"X-API-Key": KEY}) as c:
-            while (i := take()) is not None:
-                k = i % len(images)
-                t = time.perf_counter()
-                try:
-                    r = c.post(url, files=[("files", (f"{k}.png", images[k], "image/png"))],
-                               data={"top_k": "3"})
-                    dt = time.perf_counter() - t
-                    problem = None if r.status_code == 200 else \
-                        f"HTTP {r.status_code}: {r.text[:200]}"
-                    answer = None if problem else answer_problem(r.json()["predictions"][0],
-                                                                 expected[k], classes)
-                except Exception as e:  # noqa: BLE001 - counted as an error
-                    dt, problem, answer = time.perf_counter() - t, f"{type(e).__name__}: {e}", None
-                with lock:
-                    if problem:
-                        errors.append(problem)
-                    else:
-                        lat.append(dt)
-                        if answer:
-                            wrong.append(f"image {k}: {answer}")
-
+    tally = Tally(iter(range(requests)))
     bomber = None
     if bomb_clients:  # the bombs are flowing before the measured requests start
         cfg = {"body": str(bomb_file), "ctype": bomb_ctype, "url": url, "key": KEY,
@@ -111,7 +122,9 @@ def load_phase(b: Bench, port: int, images: list[bytes], expected: torch.Tensor,
     try:
         if bomber is not None and wait_line(bomber, b"ready", 60) is None:
             raise RuntimeError("the bomber did not start")
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        threads = [threading.Thread(target=client, daemon=True,
+                                    args=(tally, url, images, expected, classes, timeout))
+                   for _ in range(clients)]
         t0 = time.perf_counter()
         for th in threads:
             th.start()
@@ -125,6 +138,7 @@ def load_phase(b: Bench, port: int, images: list[bytes], expected: torch.Tensor,
     finally:
         if bomber is not None:
             b.end(bomber)
+    lat, errors, wrong = tally.lat, tally.errors, tally.wrong
     return {"requests": requests, "ok": len(lat), "errors": len(errors),
             "wrong_answers": len(wrong), "error_examples": errors[:3],
             "wrong_examples": wrong[:3], "wall_s": wall, "latencies_s": lat,

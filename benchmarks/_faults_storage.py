@@ -43,9 +43,13 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
     """A full disk, a slow disk with a second writer, damaged caches."""
     root = b.tmp / "storage"
     layers = ",".join(b.layers[:2])
-    cases = []
+    return [_disk_full_case(b, ext, root, layers), _save_full_case(b, fit, root),
+            _no_report_case(b, fit, root), *_second_writer_cases(b, ext, fit, root, layers),
+            *_damaged_cache_cases(b, ext, root, layers)]
 
-    # full disk mid-extraction, then the same command once space is back
+
+def _disk_full_case(b: Bench, ext: list[str], root: Path, layers: str) -> Case:
+    """A full disk mid-extraction, then the same command once space is back."""
     full, clean = root / "full", root / "full-clean"
     full_args = [*ext, "--data", "digits", "--limit", "320", "--layers", layers, "--out",
                  str(full), "--batch-size", "32", "--num-workers", "0"]
@@ -71,12 +75,13 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
         v.detail += (f" | the same command once space was back resumed, keeping the "
                      f"{len(kept)} files of shard 0; cache equals a clean one")
         return v
-    cases.append(Case("disk-full-extract", "cli", "the disk fills during extraction (fsync "
-                      "of shard 1's files fails with ENOSPC), then space is freed and the "
-                      "command re-run", "clear error", disk_full, b.repro(full_args, patch),
-                      "own"))
+    return Case("disk-full-extract", "cli", "the disk fills during extraction (fsync "
+                "of shard 1's files fails with ENOSPC), then space is freed and the "
+                "command re-run", "clear error", disk_full, b.repro(full_args, patch), "own")
 
-    # full disk while fit saves its task over an older one
+
+def _save_full_case(b: Bench, fit: list[str], root: Path) -> Case:
+    """A full disk while fit saves its task over an older one."""
     run = root / "fit-full"
     fargs = [*fit, "--data", "digits", "--limit", "60", "--out", str(run)]
     patch2 = "enospc-path:.task.new-"
@@ -101,11 +106,13 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
             v = Verdict(UNCLEAR if kept else SILENT, v.detail + f" | old task kept: {kept}, "
                         f"left behind: {left}", data_lost=not kept)
         return v
-    cases.append(Case("disk-full-task-save", "cli", "the disk fills while inca fit saves its "
-                      "task over an older one (old task must stay intact)", "clear error",
-                      save_full, b.repro(again, patch2), "own"))
+    return Case("disk-full-task-save", "cli", "the disk fills while inca fit saves its "
+                "task over an older one (old task must stay intact)", "clear error",
+                save_full, b.repro(again, patch2), "own")
 
-    # a run killed between saving its task and writing its report, run again
+
+def _no_report_case(b: Bench, fit: list[str], root: Path) -> Case:
+    """A run killed between saving its task and writing its report, run again."""
     unfinished = root / "fit-unfinished"
     uargs = [*fit, "--data", "digits", "--limit", "60", "--out", str(unfinished)]
 
@@ -124,12 +131,16 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
             diff = task_diff(Task.from_files(read_task_files(unfinished / "task")), saved)
             return None if diff <= 1e-4 else f"the task differs from the first run's by {diff}"
         return result_verdict(r, check)
-    cases.append(Case("fit-rerun-without-report", "cli", "inca fit run again on its run folder "
-                      "whose task was saved but whose report was not (a kill between the two): "
-                      "the same command should finish the run", "correct result", no_report,
-                      b.repro(uargs), "shared"))
+    return Case("fit-rerun-without-report", "cli", "inca fit run again on its run folder "
+                "whose task was saved but whose report was not (a kill between the two): "
+                "the same command should finish the run", "correct result", no_report,
+                b.repro(uargs), "shared")
 
-    # a second writer while the first one holds the folder (its disk stalled)
+
+def _second_writer_cases(b: Bench, ext: list[str], fit: list[str], root: Path,
+                         layers: str) -> list[Case]:
+    """A second writer while the first one holds the folder (its disk stalled)."""
+    cases = []
     for cid, what, cmd, out in (
             ("second-extract-writer", "a second inca extract into a cache folder another "
              "process is writing", [*ext, "--data", "digits", "--limit", "600", "--layers",
@@ -139,49 +150,56 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
              "fitting into", [*fit, "--data", "digits", "--limit", "600"],
              root / "shared-run")):
         args = [*cmd, "--out", str(out)]
-
-        def second(args: list[str] = args, out: Path = out) -> Verdict:
-            log, go = out.parent / f"{out.name}-first.log", out.parent / f"{out.name}.go"
-            lock = out.parent / f".{out.name}.lock"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "wb") as f:
-                first = b.spawn([sys.executable, str(b.wrapper), *args], stdout=f,
-                                stderr=subprocess.STDOUT,
-                                env=b.env({"FAULTS_FSYNC": f"stall:{go}"}))
-                try:
-                    deadline = time.monotonic() + 180
-                    while first.poll() is None and time.monotonic() < deadline and not (
-                            lock.exists() and lock.read_text().strip()):
-                        time.sleep(0.02)
-                    holding = first.poll() is None
-                    r = b.cli(args)  # this process is not the first writer: locks apply
-                    go.touch()
-                    first.wait(timeout=300)
-                finally:
-                    go.touch()
-                    b.end(first)
-            if not holding:
-                raise RuntimeError("the first writer never held its folder:\n"
-                                   + log.read_text(errors="replace")[-2000:])
-            v = error_verdict(r, ("in use",))
-            if first.returncode != 0:
-                return Verdict(SILENT, "the first writer failed: "
-                               + short(last_line(log.read_text(errors="replace"))),
-                               data_lost=True)
-            try:  # and what it wrote reads back
-                if (out / "manifest.json").exists():
-                    size = f"{len(ActivationCache(out))} samples"
-                else:
-                    size = f"task of {len(read_task_files(out / 'task').meta['members'])} member(s)"
-            except InCAError as e:
-                return Verdict(SILENT, f"the first writer's output does not read back: {e}",
-                               data_lost=True)
-            v.detail += f" | the first writer then finished: exit 0, {size}"
-            return v
         cases.append(Case(cid, "cli", what + " (its disk stalled: fsync waits)",
-                          "clear error", second, b.repro(args), "own"))
+                          "clear error", lambda args=args, out=out: _second_writer(b, args, out),
+                          b.repro(args), "own"))
+    return cases
 
-    # damaged complete caches
+
+def _second_writer(b: Bench, args: list[str], out: Path) -> Verdict:
+    """``inca ARGS`` run while a first writer of the same command holds ``out`` (its fsyncs
+    wait): refused clearly, and the first writer then finishes."""
+    log, go = out.parent / f"{out.name}-first.log", out.parent / f"{out.name}.go"
+    lock = out.parent / f".{out.name}.lock"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as f:
+        first = b.spawn([sys.executable, str(b.wrapper), *args], stdout=f,
+                        stderr=subprocess.STDOUT,
+                        env=b.env({"FAULTS_FSYNC": f"stall:{go}"}))
+        try:
+            deadline = time.monotonic() + 180
+            while first.poll() is None and time.monotonic() < deadline and not (
+                    lock.exists() and lock.read_text().strip()):
+                time.sleep(0.02)
+            holding = first.poll() is None
+            r = b.cli(args)  # this process is not the first writer: locks apply
+            go.touch()
+            first.wait(timeout=300)
+        finally:
+            go.touch()
+            b.end(first)
+    if not holding:
+        raise RuntimeError("the first writer never held its folder:\n"
+                           + log.read_text(errors="replace")[-2000:])
+    v = error_verdict(r, ("in use",))
+    if first.returncode != 0:
+        return Verdict(SILENT, "the first writer failed: "
+                       + short(last_line(log.read_text(errors="replace"))),
+                       data_lost=True)
+    try:  # and what it wrote reads back
+        if (out / "manifest.json").exists():
+            size = f"{len(ActivationCache(out))} samples"
+        else:
+            size = f"task of {len(read_task_files(out / 'task').meta['members'])} member(s)"
+    except InCAError as e:
+        return Verdict(SILENT, f"the first writer's output does not read back: {e}",
+                       data_lost=True)
+    v.detail += f" | the first writer then finished: exit 0, {size}"
+    return v
+
+
+def _damaged_cache_cases(b: Bench, ext: list[str], root: Path, layers: str) -> list[Case]:
+    """Damaged complete caches, extracted into again."""
     def damaged(cid: str, what: str, damage: Callable[[Path], Any]) -> Case:
         folder = root / cid
         args = [*ext, "--data", "digits", "--limit", "40", "--layers", layers, "--out",
@@ -207,7 +225,7 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
     def first_layer(folder: Path) -> Path:
         return folder / "shards" / "00000" / (b.layers[0].replace("/", "_") + ".npy")
 
-    cases += [
+    return [
         damaged("cache-manifest-garbage", "a cache whose manifest.json is not JSON",
                 lambda f: (f / "manifest.json").write_text("{garbage")),
         damaged("cache-labels-deleted", "a complete cache whose shard 0 labels.npy was deleted",
@@ -215,4 +233,3 @@ def storage_cases(b: Bench, ext: list[str], fit: list[str]) -> list[Case]:
         damaged("cache-shard-truncated", "a complete cache whose shard 0 token file was cut "
                 "in half", lambda f: truncate(first_layer(f))),
     ]
-    return cases
