@@ -27,7 +27,7 @@ from inca.training.sources import CachedSource
 EPOCHS = 12  # the bank's epochs over the batches extracted once (bank.py's bound reads it)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="dinov2_vits14")
     ap.add_argument("--data", default="fashion-mnist")
@@ -39,8 +39,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--random-weights", action="store_true",
                     help="same architecture, untrained (timings only; accuracy meaningless)")
-    args = ap.parse_args()
+    return ap
 
+
+def main() -> None:
+    args = parser().parse_args()
     device = torch.device(args.device)
     bb = make_backbone(args.backbone, input_size=None, device=device,
                        random_weights=args.random_weights)
@@ -48,6 +51,17 @@ def main() -> None:
     config = FitConfig(kinds=tuple(args.kinds.split(",")),
                        lrs=tuple(float(v) for v in args.lrs.split(",")),
                        epochs=args.epochs, batch_size=args.batch_size, patience=0)
+    payload = summarize(bb, data, args, measure(bb, data, config, device))
+    md = to_markdown(payload, args.data, len(bb.layers))
+    suffix = "" if device.type == "cpu" else f"-{device.type}"
+    path = write_results(f"fit{suffix}", payload, "\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {path}")
+
+
+def measure(bb, data, config: FitConfig, device: torch.device) -> dict:
+    """(a) extraction of every layer into a cache, (b) the whole bank trained on it, (c) one
+    adapter trained alone: seconds and memory of each, and what the bank chose."""
     train_part, val_part = split_train_val(data, config.val_fraction, config.seed)
     layers = bb.layers
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -82,14 +96,23 @@ def main() -> None:
         best = max(range(len(specs)), key=lambda i: result.members[i].val_accuracy)
         one = [s for s in specs if s.kind == "inca"][len(layers) // 2 * len(config.lrs)]
         _, _, one_s, mem_c, _, _ = run([one])
+    return {"specs": specs, "result": result, "best": best, "one": one, "n_train": n_train,
+            "n_val": n_val, "extract_s": extract_s, "bank_s": bank_s, "one_s": one_s,
+            "mem_a": mem_a, "mem_b": mem_b, "mem_c": mem_c}
 
+
+def summarize(bb, data, args: argparse.Namespace, m: dict) -> dict:
+    """fit.json's payload from :func:`measure`'s figures."""
+    specs, one, extract_s, bank_s, one_s = m["specs"], m["one"], m["extract_s"], \
+        m["bank_s"], m["one_s"]
+    mem_a, mem_b, mem_c = m["mem_a"], m["mem_b"], m["mem_c"]
     k = len(specs)
-    rows = [{"key": s.key, "val_accuracy": m.val_accuracy}
-            for s, m in zip(specs, result.members, strict=True)]
-    payload = {
+    rows = [{"key": s.key, "val_accuracy": r.val_accuracy}
+            for s, r in zip(specs, m["result"].members, strict=True)]
+    return {
         "benchmark": "fit", "command": command_line(), "environment": environment(),
         "backbone": bb.name, "input_size": bb.preprocessing.input_size,
-        "samples": len(data), "train": n_train, "val": n_val, "epochs": args.epochs,
+        "samples": len(data), "train": m["n_train"], "val": m["n_val"], "epochs": args.epochs,
         "adapters_in_bank": k,
         "extract": {"seconds": extract_s, "peak_rss_mib": mem_a.peak_rss_mib,
                     "rss_growth_mib": mem_a.growth_mib,
@@ -103,31 +126,39 @@ def main() -> None:
         "bank_over_extract": bank_s / extract_s,
         "bank_over_one_adapter": bank_s / one_s,
         "target_bank_over_one_adapter": k / 3,
-        "best": rows[best],
+        "best": rows[m["best"]],
         "accuracy": rows,
     }
-    env = payload["environment"]
-    md = [
-        f"# Fit cost: {bb.name} at {bb.preprocessing.input_size} px on {args.data}, "
+
+
+def to_markdown(payload: dict, data_name: str, n_layers: int) -> list[str]:
+    """fit.md's lines (``data_name``: the data set; ``n_layers``: the layers extracted)."""
+    env, k, rows = payload["environment"], payload["adapters_in_bank"], payload["accuracy"]
+    ext, bank, one = payload["extract"], payload["bank"], payload["one_adapter"]
+    extract_s, bank_s, one_s = ext["seconds"], bank["seconds"], one["seconds"]
+    best = payload["best"]
+    return [
+        f"# Fit cost: {payload['backbone']} at {payload['input_size']} px on {data_name}, "
         f"{env['device']}",
         "",
         f"Command: `{payload['command']}`  ",
         f"torch {env['torch']}, {env['cpu_threads']} threads"
-        f"{'; random weights (timings only)' if args.random_weights else ''}; {n_train} train / "
-        f"{n_val} val samples, {args.epochs} epochs, {k} adapters in the bank.",
+        f"{'; random weights (timings only)' if payload['random_weights'] else ''}; "
+        f"{payload['train']} train / {payload['val']} val samples, {payload['epochs']} "
+        f"epochs, {k} adapters in the bank.",
         "",
         "| phase | wall s | peak RSS MiB | RSS growth MiB | CUDA max allocated MiB |",
         "|---|---:|---:|---:|---:|",
-        f"| (a) extraction, {len(layers)} layers | {extract_s:.1f} | {mem_a.peak_rss_mib:.0f} | "
-        f"{mem_a.growth_mib:.0f} | {_mib(mem_a.cuda_peak_mib)} |",
-        f"| (b) bank of {k} adapters | {bank_s:.1f} | {mem_b.peak_rss_mib:.0f} | "
-        f"{mem_b.growth_mib:.0f} | {_mib(mem_b.cuda_peak_mib)} |",
-        f"| (c) one adapter ({one.key}) | {one_s:.1f} | {mem_c.peak_rss_mib:.0f} | "
-        f"{mem_c.growth_mib:.0f} | {_mib(mem_c.cuda_peak_mib)} |",
+        f"| (a) extraction, {n_layers} layers | {extract_s:.1f} | {ext['peak_rss_mib']:.0f} | "
+        f"{ext['rss_growth_mib']:.0f} | {_mib(ext['cuda_max_allocated_mib'])} |",
+        f"| (b) bank of {k} adapters | {bank_s:.1f} | {bank['peak_rss_mib']:.0f} | "
+        f"{bank['rss_growth_mib']:.0f} | {_mib(bank['cuda_max_allocated_mib'])} |",
+        f"| (c) one adapter ({one['key']}) | {one_s:.1f} | {one['peak_rss_mib']:.0f} | "
+        f"{one['rss_growth_mib']:.0f} | {_mib(one['cuda_max_allocated_mib'])} |",
         "",
         f"- bank / extraction: **{bank_s / extract_s:.2f}** (target < 1)",
         f"- bank / one adapter: **{bank_s / one_s:.2f}** for K={k} (target <= K/3 = {k / 3:.1f})",
-        f"- best adapter: {rows[best]['key']} at {rows[best]['val_accuracy']:.4f} val accuracy",
+        f"- best adapter: {best['key']} at {best['val_accuracy']:.4f} val accuracy",
         "- On a CPU the cache is read in this process (memory-mapped): the RSS of (b) and (c) "
         "counts the cache's pages mapped by those reads, file pages the kernel drops under "
         "memory pressure, not memory held by the bank.",
@@ -137,10 +168,6 @@ def main() -> None:
         *[f"| {r['key']} | {r['val_accuracy']:.4f} |" for r in rows],
         "",
     ]
-    suffix = "" if device.type == "cpu" else f"-{device.type}"
-    path = write_results(f"fit{suffix}", payload, "\n".join(md))
-    print("\n".join(md))
-    print(f"wrote {path}")
 
 
 def _mib(v: float | None) -> str:

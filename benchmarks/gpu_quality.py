@@ -242,7 +242,7 @@ def to_markdown(payload: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepare", action="store_true", help="write the assets and stop")
     ap.add_argument("--assets", type=Path, default=ASSETS)
@@ -272,6 +272,11 @@ def main() -> None:
     ap.add_argument("--name", default="gpu-quality", help="results file name")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--progress", action="store_true")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     unknown = set(args.methods.split(",")) - {"inca", "full", "axes"}
     if unknown:
@@ -288,7 +293,6 @@ def main() -> None:
                          train.name)
     test = ArrayDataset(test.images[:args.test], test.targets[:args.test], test.classes,
                         test.name)
-    runners = {"inca": run_inca, "full": run_full}
     payload = {
         "benchmark": "gpu-quality", "command": command_line(), "environment": environment(),
         "device": environment()["device"], "input_size": args.input_size,
@@ -296,32 +300,46 @@ def main() -> None:
         "batch_size": args.batch_size, "inca_mode": args.mode, "layers": args.layers, "runs": [],
         "gaps": {},
     }
-    methods = args.methods.split(",")
-    # every precision's runs first; the axes run last, as time allows
-    plan = [(m, p) for p in args.precisions.split(",") for m in methods if m != "axes"]
-    if "axes" in methods:
-        plan.append(("axes", args.axes_precision))
     path = None
-    for method, precision in plan:
-        if method == "axes":
-            full = next((r for r in payload["runs"] if r["method"] == "full"
-                         and r["precision"] == precision), None)
-            budget = args.axes_budget_s or (full["train_s"] if full else None)
-            if budget is None:
-                print(f"axes {precision}: skipped (no full run of that precision to match, "
-                      "and no --axes-budget-s)", flush=True)
-                continue
-            print(f"axes {precision} (budget {budget:.1f} s) ...", flush=True)
-            run = run_axes(backbone, train, test, precision, args, device, budget)
-        else:
-            print(f"{method} {precision} ...", flush=True)
-            run = runners[method](backbone, train, test, precision, args, device)
+    for method, precision in plan(args):
+        run = run_one(method, precision, backbone, train, test, args, device, payload["runs"])
+        if run is None:
+            continue
         print(run, flush=True)
         payload["runs"].append(run)
         payload["gaps"] = gaps(payload["runs"], len(test))
         # written after each run: a later failure loses nothing measured
         path = write_results(args.name, payload, to_markdown(payload), args.results_dir)
     print(f"wrote {path}")
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(method, precision)`` in the order they run: every precision's runs first; the
+    axes run last, as time allows."""
+    methods = args.methods.split(",")
+    runs = [(m, p) for p in args.precisions.split(",") for m in methods if m != "axes"]
+    if "axes" in methods:
+        runs.append(("axes", args.axes_precision))
+    return runs
+
+
+def run_one(method: str, precision: str, backbone, train, test, args: argparse.Namespace,
+            device, done: list[dict]) -> dict | None:
+    """One run of the plan (``done``: the runs before it); ``None`` for an axes run with no
+    time budget to match."""
+    if method == "axes":
+        full = next((r for r in done if r["method"] == "full"
+                     and r["precision"] == precision), None)
+        budget = args.axes_budget_s or (full["train_s"] if full else None)
+        if budget is None:
+            print(f"axes {precision}: skipped (no full run of that precision to match, "
+                  "and no --axes-budget-s)", flush=True)
+            return None
+        print(f"axes {precision} (budget {budget:.1f} s) ...", flush=True)
+        return run_axes(backbone, train, test, precision, args, device, budget)
+    print(f"{method} {precision} ...", flush=True)
+    runners = {"inca": run_inca, "full": run_full}
+    return runners[method](backbone, train, test, precision, args, device)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from _common import command_line, environment, make_backbone, timed, write_results
@@ -44,7 +46,7 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="dinov2_vits14")
     ap.add_argument("--input-size", type=int, default=112)
@@ -57,40 +59,47 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--random-weights", action="store_true",
                     help="same architecture, untrained (no offline asset needed)")
-    args = ap.parse_args()
+    return ap
 
-    counts = sorted({int(v) for v in args.tasks.split(",")})
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    bb = make_backbone(args.backbone, input_size=args.input_size, device=device,
-                       random_weights=args.random_weights)
+
+def make_tasks(bb, n: int, num_classes: int, device: torch.device) -> dict[str, Task]:
+    """``n`` tasks of untrained InCA heads, task ``i`` on the layer ``LAYER_ORDER`` gives."""
     blocks = [ly for ly in bb.layers if ly.startswith("blocks.")] or list(bb.layers)
     info = bb.describe()
     dim = next(iter(bb.embed_dims.values()))
-    classes = [f"class{i}" for i in range(args.num_classes)]
+    classes = [f"class{i}" for i in range(num_classes)]
 
     torch.manual_seed(0)
     tasks: dict[str, Task] = {}
-    for i in range(max(counts)):
+    for i in range(n):
         depth = LAYER_ORDER[i % len(LAYER_ORDER)] * len(blocks) // 12
         layer = blocks[min(depth, len(blocks) - 1)]
         head = create_adapter("inca", embed_dim=bb.embed_dims.get(layer, dim),
-                              num_classes=args.num_classes, device=device)
+                              num_classes=num_classes, device=device)
         tasks[f"task{i}"] = Task([head], [[layer]], classes, info, backbone=bb)
-    names = list(tasks)
+    return tasks
 
-    s = bb.preprocessing.input_size
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(args.batch_size, 3, s, s, generator=gen).to(device)
-               for _ in range(args.batches)]
-    n_images = args.batch_size * args.batches
 
-    def shared_run(model: MultiTaskModel):
+@dataclass
+class Setup:
+    """What the measurement of every task count shares."""
+
+    bb: Any
+    tasks: dict[str, Task]
+    batches: list[torch.Tensor]
+    args: argparse.Namespace
+    sync: Any
+    models: list  # separate models: the original backbone plus the deep copies made so far
+
+    def shared_run(self, model: MultiTaskModel):
         def run():
-            return [model.predict_proba(x, batch_size=args.batch_size) for x in batches]
+            return [model.predict_proba(x, batch_size=self.args.batch_size)
+                    for x in self.batches]
         return run
 
-    def separate_run(models: list, selected: list[str]):
+    def separate_run(self, models: list, selected: list[str]):
+        tasks, batches = self.tasks, self.batches
+
         @torch.no_grad()
         def run():
             out = []
@@ -101,8 +110,22 @@ def main() -> None:
             return out
         return run
 
+
+def main() -> None:
+    args = parser().parse_args()
+    counts = sorted({int(v) for v in args.tasks.split(",")})
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    bb = make_backbone(args.backbone, input_size=args.input_size, device=device,
+                       random_weights=args.random_weights)
+    tasks = make_tasks(bb, max(counts), args.num_classes, device)
+    s = bb.preprocessing.input_size
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(args.batch_size, 3, s, s, generator=gen).to(device)
+               for _ in range(args.batches)]
+    setup = Setup(bb, tasks, batches, args, sync, [bb])
     # Warm-up (allocator, kernels) on the largest shared model.
-    shared_run(MultiTaskModel(bb, tasks))()
+    setup.shared_run(MultiTaskModel(bb, tasks))()
 
     backbone_bytes = _param_bytes(bb)
     rss_one_backbone = rss_bytes()
@@ -110,82 +133,105 @@ def main() -> None:
     shared_peak = {}
     for t in counts:
         with PeakMemory() as mem:
-            shared_run(MultiTaskModel(bb, {n: tasks[n] for n in names[:t]}))()
+            setup.shared_run(MultiTaskModel(bb, {n: tasks[n] for n in list(tasks)[:t]}))()
         shared_peak[t] = mem.peak
-    models = [bb]  # separate models: the original backbone plus deep copies
-    rows = []
-    for t in counts:
-        selected = names[:t]
-        model = MultiTaskModel(bb, {n: tasks[n] for n in selected})
-        run = shared_run(model)
-        with PeakMemory() as mem_sep:
-            while len(models) < t:
-                models.append(copy.deepcopy(bb))
-            sep = separate_run(models[:t], selected)
-            sep()  # warm-up of the new copies
-        layers = model.layers()
+    rows = [measure(setup, t, backbone_bytes, shared_peak[t] - rss_one_backbone,
+                    rss_one_backbone) for t in counts]
+    payload = summarize(bb, args, rows, backbone_bytes)
+    md = to_markdown(payload)
+    suffix = "" if device.type == "cpu" else f"-{device.type}"
+    path = write_results(f"multitask{suffix}", payload, "\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {path}")
 
-        @torch.no_grad()
-        def backbone_only(layers=layers):
-            for x in batches:
-                bb.extract(x, layers)
 
-        # Interleave so drifts in machine speed hit all alike.
-        t_shared, t_sep, t_pass = [], [], []
-        for _ in range(args.repeats):
-            t_shared += timed(run, 1, sync)
-            t_sep += timed(sep, 1, sync)
-            t_pass += timed(backbone_only, 1, sync)
-        a, b = run(), sep()
-        max_diff = max(float((a[i][n] - b[i][n]).abs().max())
-                       for i in range(len(batches)) for n in selected)
-        shared_s, sep_s = statistics.median(t_shared), statistics.median(t_sep)
-        pass_s = statistics.median(t_pass)
-        head_bytes = sum(_param_bytes(m) for n in selected for m in tasks[n].members)
-        rows.append({
-            "tasks": t,
-            "layers": layers,
-            "deepest": layers[-1],
-            "shared_s": shared_s,
-            "separate_s": sep_s,
-            "shared_backbone_pass_s": pass_s,
-            "shared_heads_fraction": max(0.0, 1 - pass_s / shared_s),
-            "shared_images_per_s": n_images / shared_s,
-            "separate_images_per_s": n_images / sep_s,
-            "shared_params_mib": (backbone_bytes + head_bytes) / 2**20,
-            "separate_params_mib": (t * backbone_bytes + head_bytes) / 2**20,
-            "heads_params_mib": head_bytes / 2**20,
-            "shared_rss_growth_mib": (shared_peak[t] - rss_one_backbone) / 2**20,
-            "separate_rss_growth_mib": (mem_sep.peak - rss_one_backbone) / 2**20,
-            "max_abs_diff_shared_vs_separate": max_diff,
-        })
+def measure(setup: Setup, t: int, backbone_bytes: int, shared_growth: int,
+            rss_one_backbone: int) -> dict:
+    """``t`` tasks shared on one pass and separate (one backbone copy each), interleaved."""
+    bb, tasks, batches, args, sync = setup.bb, setup.tasks, setup.batches, setup.args, \
+        setup.sync
+    selected = list(tasks)[:t]
+    model = MultiTaskModel(bb, {n: tasks[n] for n in selected})
+    run = setup.shared_run(model)
+    with PeakMemory() as mem_sep:
+        while len(setup.models) < t:
+            setup.models.append(copy.deepcopy(bb))
+        sep = setup.separate_run(setup.models[:t], selected)
+        sep()  # warm-up of the new copies
+    layers = model.layers()
+
+    @torch.no_grad()
+    def backbone_only(layers=layers):
+        for x in batches:
+            bb.extract(x, layers)
+
+    # Interleave so drifts in machine speed hit all alike.
+    t_shared, t_sep, t_pass = [], [], []
+    for _ in range(args.repeats):
+        t_shared += timed(run, 1, sync)
+        t_sep += timed(sep, 1, sync)
+        t_pass += timed(backbone_only, 1, sync)
+    a, b = run(), sep()
+    max_diff = max(float((a[i][n] - b[i][n]).abs().max())
+                   for i in range(len(batches)) for n in selected)
+    shared_s, sep_s = statistics.median(t_shared), statistics.median(t_sep)
+    pass_s = statistics.median(t_pass)
+    head_bytes = sum(_param_bytes(m) for n in selected for m in tasks[n].members)
+    n_images = args.batch_size * args.batches
+    return {
+        "tasks": t,
+        "layers": layers,
+        "deepest": layers[-1],
+        "shared_s": shared_s,
+        "separate_s": sep_s,
+        "shared_backbone_pass_s": pass_s,
+        "shared_heads_fraction": max(0.0, 1 - pass_s / shared_s),
+        "shared_images_per_s": n_images / shared_s,
+        "separate_images_per_s": n_images / sep_s,
+        "shared_params_mib": (backbone_bytes + head_bytes) / 2**20,
+        "separate_params_mib": (t * backbone_bytes + head_bytes) / 2**20,
+        "heads_params_mib": head_bytes / 2**20,
+        "shared_rss_growth_mib": shared_growth / 2**20,
+        "separate_rss_growth_mib": (mem_sep.peak - rss_one_backbone) / 2**20,
+        "max_abs_diff_shared_vs_separate": max_diff,
+    }
+
+
+def summarize(bb, args: argparse.Namespace, rows: list[dict], backbone_bytes: int) -> dict:
+    """multitask.json's payload: the rows, each against one task, and the target."""
     base = rows[0]["shared_images_per_s"]
     for r in rows:
         r["shared_ratio_to_1"] = r["shared_images_per_s"] / base
         r["shared_over_separate"] = r["shared_images_per_s"] / r["separate_images_per_s"]
     top = rows[-1]
-    met = top["shared_ratio_to_1"] >= TARGET
-    max_diff_all = max(r["max_abs_diff_shared_vs_separate"] for r in rows)
-
-    payload = {
+    return {
         "benchmark": "multitask", "command": command_line(), "environment": environment(),
-        "backbone": bb.name, "input_size": s, "random_weights": args.random_weights,
-        "images_per_measurement": n_images, "batch_size": args.batch_size,
+        "backbone": bb.name, "input_size": bb.preprocessing.input_size,
+        "random_weights": args.random_weights,
+        "images_per_measurement": args.batch_size * args.batches, "batch_size": args.batch_size,
         "repeats": args.repeats, "backbone_params_mib": backbone_bytes / 2**20,
         "head": "inca adapter, untrained, one layer per task",
         "separate_pass": "each copy runs to its own task's layer (early stop): a lower "
                          "bound on a fine-tuned copy's cost",
         "target_shared_ratio": TARGET, "target_tasks": top["tasks"],
-        "target_met": met, "rows": rows,
+        "target_met": top["shared_ratio_to_1"] >= TARGET, "rows": rows,
     }
-    env = payload["environment"]
-    md = [
-        f"# Many tasks on one pass: {bb.name} at {s} px, {env['device']}",
+
+
+def to_markdown(payload: dict) -> list[str]:
+    """multitask.md's lines."""
+    env, rows = payload["environment"], payload["rows"]
+    top, met = rows[-1], payload["target_met"]
+    max_diff_all = max(r["max_abs_diff_shared_vs_separate"] for r in rows)
+    return [
+        f"# Many tasks on one pass: {payload['backbone']} at {payload['input_size']} px, "
+        f"{env['device']}",
         "",
         f"Command: `{payload['command']}`  ",
         f"torch {env['torch']}, {env['cpu_threads']} threads"
-        f"{'; random weights' if args.random_weights else ''}; {n_images} images per "
-        f"measurement (batch {args.batch_size}), median of {args.repeats}, shared and "
+        f"{'; random weights' if payload['random_weights'] else ''}; "
+        f"{payload['images_per_measurement']} images per measurement (batch "
+        f"{payload['batch_size']}), median of {payload['repeats']}, shared and "
         "separate interleaved. Heads: untrained InCA adapters, one layer each; task 0 reads "
         f"the deepest block ({rows[0]['deepest']}).",
         "",
@@ -203,7 +249,7 @@ def main() -> None:
         "",
         f"- target: shared images/s for {top['tasks']} tasks >= {TARGET} x 1 task: "
         f"**{top['shared_ratio_to_1']:.3f}** ({'met' if met else 'NOT met'})",
-        f"- one backbone: {backbone_bytes / 2**20:.1f} MiB of parameters; one head: "
+        f"- one backbone: {payload['backbone_params_mib']:.1f} MiB of parameters; one head: "
         f"{rows[0]['heads_params_mib'] * 1024:.0f} KiB",
         "- separate: the original backbone plus deep copies (as fine-tuned copies would be), "
         "each running up to its own task's layer, a lower bound on a fine-tuned copy's cost.",
@@ -214,10 +260,6 @@ def main() -> None:
         f"- shared and separate predictions agree to {max_diff_all:.1e} (max abs difference).",
         "",
     ]
-    suffix = "" if device.type == "cpu" else f"-{device.type}"
-    path = write_results(f"multitask{suffix}", payload, "\n".join(md))
-    print("\n".join(md))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

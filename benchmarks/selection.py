@@ -27,14 +27,27 @@ from inca.data import load_dataset
 RULES = ("accuracy", "loss")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=1500)
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--backbone", default="dinov2_vits14")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    runs = fit_all(args)
+    env = environment()
+    summary = summarize(runs)
+    publish("selection", {"runs": runs, "summary": summary},
+            to_markdown(runs, summary, args, env), env)
+
+
+def fit_all(args: argparse.Namespace) -> list[dict]:
+    """One fit per seed and rule, all from one extraction: what each chose, and the oracle."""
     bb = inca.create_backbone(args.backbone)
     train = load_dataset("fashion-mnist", limit=args.train)
     test = load_dataset("fashion-mnist", split="test", limit=args.test)
@@ -56,13 +69,22 @@ def main() -> None:
                        "num_val": rep.data["num_val"], "adapters": len(rep.rows)}
                 runs.append(run)
                 print(run, flush=True)
-    env = environment()
+    return runs
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Each rule's means over the seeds."""
     summary = {}
     for rule in RULES:
         rs = [r for r in runs if r["select_by"] == rule]
         summary[rule] = {k: statistics.fmean(r[k] for r in rs)
                          for k in ("chosen_val_accuracy", "chosen_test_accuracy",
                                    "ensemble_test_accuracy", "oracle_test_accuracy")}
+    return summary
+
+
+def to_markdown(runs: list[dict], summary: dict, args: argparse.Namespace, env: dict
+                ) -> list[str]:
     md = ["# Selection on validation: accuracy or loss", "", f"Command: `{command_line()}`  ",
           f"{args.backbone} at 112 px, Fashion-MNIST {args.train} training images "
           f"({runs[0]['num_val']} of them for validation) / {args.test} test, {args.epochs} "
@@ -83,7 +105,7 @@ def main() -> None:
         md.append(f"| {rule} | {100 * s['chosen_val_accuracy']:.1f}% | "
                   f"{100 * s['chosen_test_accuracy']:.1f}% | "
                   f"{100 * s['ensemble_test_accuracy']:.1f}% |")
-    publish("selection", {"runs": runs, "summary": summary}, md, env)
+    return md
 
 
 if __name__ == "__main__":

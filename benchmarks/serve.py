@@ -208,7 +208,7 @@ def load(url: str, images: list[bytes], *, requests: int, clients: int, per_requ
     }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="dinov2_vits14",
                     help="a backbone `inca serve` can re-create offline from its name")
@@ -224,45 +224,63 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=240.0,
                     help="stop sending new requests after this many seconds per run")
     ap.add_argument("--startup-timeout", type=float, default=180.0)
-    args = ap.parse_args()
+    return ap
 
+
+def main() -> None:
+    args = parser().parse_args()
     images = png_images(32)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tasks = make_tasks(tmp / "tasks", args.backbone, args.input_size)
         for batching in (True, False):
-            options = ["--max-batch", str(args.max_batch), "--max-wait-ms",
-                       str(args.max_wait_ms), "--batching" if batching else "--no-batching"]
-            label = "on" if batching else "off"
-            print(f"batching {label}: starting the server", flush=True)
-            with Server(tasks, options, tmp / f"server-{label}.log",
-                        args.startup_timeout) as server:
-                common = dict(per_request=args.images_per_request, top_k=args.top_k,
-                              timeout=args.timeout, time_limit=args.time_limit)
-                warm = load(server.url, images, requests=args.warmup,
-                            clients=min(args.clients, args.warmup), **common)
-                before = server.health()["batches_run"]
-                result = load(server.url, images, requests=args.requests,
-                              clients=args.clients, **common)
-                passes = server.health()["batches_run"] - before
-                peak_rss = server.peak_rss_mib()
-            result.update({
-                "batching": batching, "server_options": options,
-                "warmup_errors": warm["errors"], "backbone_passes": passes,
-                "server_peak_rss_mib": peak_rss,
-                "mean_images_per_pass": (result["ok"] * args.images_per_request / passes
-                                         if passes else None),
-            })
-            runs.append(result)
-            lat = result["latency_ms"]
-            print(f"batching {label}: {result['requests_per_s']:.1f} req/s, p50 "
-                  f"{lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, {result['errors']} errors",
-                  flush=True)
+            runs.append(serve_and_load(tasks, images, args, batching, tmp))
+    payload = summarize(tasks, runs, args)
+    md = to_markdown(payload, args)
+    path = write_results("serve", payload, "\n".join(md))
+    print("\n".join(md))
+    print(f"wrote {path}")
 
+
+def serve_and_load(tasks: list[Path], images: list[bytes], args: argparse.Namespace,
+                   batching: bool, tmp: Path) -> dict[str, Any]:
+    """One server (batching on or off): warm-up requests, then the measured load."""
+    options = ["--max-batch", str(args.max_batch), "--max-wait-ms",
+               str(args.max_wait_ms), "--batching" if batching else "--no-batching"]
+    label = "on" if batching else "off"
+    print(f"batching {label}: starting the server", flush=True)
+    with Server(tasks, options, tmp / f"server-{label}.log",
+                args.startup_timeout) as server:
+        common = dict(per_request=args.images_per_request, top_k=args.top_k,
+                      timeout=args.timeout, time_limit=args.time_limit)
+        warm = load(server.url, images, requests=args.warmup,
+                    clients=min(args.clients, args.warmup), **common)
+        before = server.health()["batches_run"]
+        result = load(server.url, images, requests=args.requests,
+                      clients=args.clients, **common)
+        passes = server.health()["batches_run"] - before
+        peak_rss = server.peak_rss_mib()
+    result.update({
+        "batching": batching, "server_options": options,
+        "warmup_errors": warm["errors"], "backbone_passes": passes,
+        "server_peak_rss_mib": peak_rss,
+        "mean_images_per_pass": (result["ok"] * args.images_per_request / passes
+                                 if passes else None),
+    })
+    lat = result["latency_ms"]
+    print(f"batching {label}: {result['requests_per_s']:.1f} req/s, p50 "
+          f"{lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, {result['errors']} errors",
+          flush=True)
+    return result
+
+
+def summarize(tasks: list[Path], runs: list[dict[str, Any]], args: argparse.Namespace
+              ) -> dict[str, Any]:
+    """serve.json's payload: the two runs and batching's speed-up."""
     on, off = runs
     speedup = on["requests_per_s"] / off["requests_per_s"] if off["requests_per_s"] else None
-    payload = {
+    return {
         "benchmark": "serve", "command": command_line(), "environment": environment(),
         "backbone": args.backbone, "input_size": args.input_size,
         "tasks": [p.name for p in tasks], "requests": args.requests, "clients": args.clients,
@@ -270,12 +288,17 @@ def main() -> None:
         "image": "28x28 grayscale PNG, random pixels, multipart field 'files'",
         "address": HOST, "batching_speedup_requests_per_s": speedup, "runs": runs,
     }
-    env = payload["environment"]
 
-    def ms(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.0f}"
 
-    md = [
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
+def to_markdown(payload: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """serve.md's lines (``args``: the warm-up and the server's batching options)."""
+    env, runs = payload["environment"], payload["runs"]
+    speedup = payload["batching_speedup_requests_per_s"]
+    return [
         f"# Serving: `inca serve` on loopback, {args.backbone} at {args.input_size} px, "
         f"{env['device']}",
         "",
@@ -290,19 +313,16 @@ def main() -> None:
         "passes | images/pass | errors | server peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *[f"| {'on' if r['batching'] else 'off'} | {r['requests_per_s']:.1f} | "
-          f"{r['images_per_s']:.1f} | {ms(r['latency_ms']['p50'])} | "
-          f"{ms(r['latency_ms']['p90'])} | {ms(r['latency_ms']['p99'])} | "
-          f"{ms(r['latency_ms']['max'])} | {r['backbone_passes']} | "
+          f"{r['images_per_s']:.1f} | {_ms(r['latency_ms']['p50'])} | "
+          f"{_ms(r['latency_ms']['p90'])} | {_ms(r['latency_ms']['p99'])} | "
+          f"{_ms(r['latency_ms']['max'])} | {r['backbone_passes']} | "
           f"{(r['mean_images_per_pass'] or 0):.1f} | {r['errors']} | "
-          f"{ms(r['server_peak_rss_mib'])} |" for r in runs],
+          f"{_ms(r['server_peak_rss_mib'])} |" for r in runs],
         "",
         f"- batching on / off, requests/s: **{speedup:.2f}**" if speedup else
         "- batching on / off: n/a",
         "",
     ]
-    path = write_results("serve", payload, "\n".join(md))
-    print("\n".join(md))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

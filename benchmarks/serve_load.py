@@ -156,7 +156,7 @@ def merge_attacks(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="dinov2_vits14")
     ap.add_argument("--input-size", type=int, default=112)
@@ -175,8 +175,11 @@ def main() -> None:
     ap.add_argument("--server-option", action="append", default=[],
                     help="passed to inca serve (repeat; e.g. --server-option=--decode-threads=1)")
     ap.add_argument("--name", default="serve-load", help="results file name")
-    args = ap.parse_args()
+    return ap
 
+
+def main() -> None:
+    args = parser().parse_args()
     images = png_images(32)
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,40 +187,61 @@ def main() -> None:
         tasks = make_tasks(tmp / "tasks", args.backbone, args.input_size)
         expected = expected_answers(tasks, images, args)
         with Server(tasks, args.server_option, tmp / "server.log", 180) as server:
-            common = dict(images=images, expected=expected, clients=args.clients,
-                          timeout=args.timeout)
-            measure(server.url, requests=10, **common)  # warm-up
-            phases: dict[str, list[dict[str, Any]]] = {"alone": [], "attacked": []}
-            attacks = []
-            per_round = max(1, args.requests // args.rounds)
-            for r in range(args.rounds):
-                for phase in ("alone", "attacked"):
-                    cpu, t = cpu_seconds(server.proc.pid), time.perf_counter()
-                    client = time.process_time()
-
-                    def run():
-                        return measure(server.url, requests=per_round, **common)
-
-                    if phase == "alone":
-                        res = run()
-                    else:
-                        res, got = attacked(server, args, run)
-                        attacks.append(got)
-                    res["wall_s"] = time.perf_counter() - t
-                    res["server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu
-                    res["client_cpu_s"] = time.process_time() - client
-                    phases[phase].append(res)
-                    load.append(os.getloadavg()[0])
-                    print(f"round {r + 1} {phase}: p50 {pct(res['latencies_s'], 50):.0f} ms, "
-                          f"p99 {pct(res['latencies_s'], 99):.0f} ms, {res['status']}, "
-                          f"{len(res['wrong'])} wrong", flush=True)
+            phases, attacks = run_rounds(server, images, expected, args, load)
             alive = server.proc.poll() is None
             peak_rss = server.peak_rss_mib()
             log = server.log_tail(100_000)
+    fields = summarize(phases, attacks, args, load, alive, peak_rss, log)
+    md = markdown(fields, args)
+    print("\n".join(md))
+    publish(args.name, fields, md)
+
+
+def run_rounds(server: Server, images: list[bytes], expected: dict[str, torch.Tensor],
+               args: argparse.Namespace, load: list[float]
+               ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """A warm-up, then ``args.rounds`` alternations of a phase alone and one attacked:
+    each phase's measurements, and what each attack got (``load``: the 1-min load average
+    after each phase, appended)."""
+    common = dict(images=images, expected=expected, clients=args.clients,
+                  timeout=args.timeout)
+    measure(server.url, requests=10, **common)  # warm-up
+    phases: dict[str, list[dict[str, Any]]] = {"alone": [], "attacked": []}
+    attacks = []
+    per_round = max(1, args.requests // args.rounds)
+    for r in range(args.rounds):
+        for phase in ("alone", "attacked"):
+            cpu, t = cpu_seconds(server.proc.pid), time.perf_counter()
+            client = time.process_time()
+
+            def run():
+                return measure(server.url, requests=per_round, **common)
+
+            if phase == "alone":
+                res = run()
+            else:
+                res, got = attacked(server, args, run)
+                attacks.append(got)
+            res["wall_s"] = time.perf_counter() - t
+            res["server_cpu_s"] = cpu_seconds(server.proc.pid) - cpu
+            res["client_cpu_s"] = time.process_time() - client
+            phases[phase].append(res)
+            load.append(os.getloadavg()[0])
+            print(f"round {r + 1} {phase}: p50 {pct(res['latencies_s'], 50):.0f} ms, "
+                  f"p99 {pct(res['latencies_s'], 99):.0f} ms, {res['status']}, "
+                  f"{len(res['wrong'])} wrong", flush=True)
+    return phases, attacks
+
+
+def summarize(phases: dict[str, list[dict[str, Any]]], attacks: list[dict[str, Any]],
+              args: argparse.Namespace, load: list[float], alive: bool,
+              peak_rss: float | None, log: str) -> dict[str, Any]:
+    """The fields of <name>.json: each phase merged over the rounds, their ratio, the
+    attacks, and the server's state at the end."""
     result = {name: merge(runs) for name, runs in phases.items()}
     alone, under = result["alone"]["latency_ms"], result["attacked"]["latency_ms"]
     ratio = {q: under[q] / alone[q] for q in ("p50", "p99")}
-    fields = {
+    return {
         "backbone": args.backbone, "input_size": args.input_size, "clients": args.clients,
         "requests_per_phase": args.requests, "rounds": args.rounds,
         "request": "one 28x28 grayscale PNG, random pixels, multipart field 'files'",
@@ -231,32 +255,18 @@ def main() -> None:
         "server_peak_rss_mib": peak_rss, "server_log_tracebacks": log.count("Traceback"),
         "phases": result, "attacks_got": merge_attacks(attacks),
     }
-    md = markdown(fields, args)
-    print("\n".join(md))
-    publish(args.name, fields, md)
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
 
 
 def markdown(f: dict[str, Any], args: argparse.Namespace) -> list[str]:
     from _common import command_line, environment
 
     env = environment()
-
-    def ms(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.0f}"
-
-    rows = []
-    for name, label in (("alone", "alone"), ("attacked", "under attack")):
-        p = f["phases"][name]
-        lat = p["latency_ms"]
-        other = {k: v for k, v in p["status"].items() if k != "200"} or "none"
-        rows.append(f"| {label} | {p['requests']} | {p['ok']} | {other} | "
-                    f"{p['wrong_answers']} | {ms(lat['p50'])} | {ms(lat['p90'])} | "
-                    f"{ms(lat['p99'])} | {ms(lat['max'])} | "
-                    f"{p['server_cpu_s'] / p['wall_s']:.2f} | "
-                    f"{p['client_cpu_s'] / p['wall_s']:.2f} | "
-                    f"{p['attacker_cpu_s'] / p['wall_s']:.2f} |")
     load = f["load_average_1min"]
-    md = [
+    return [
         f"# Serving under attack: a normal request alone and under slowloris + thin strips "
         f"+ 40 MP images, {args.backbone} at {args.input_size} px, {env['device']}",
         "",
@@ -274,13 +284,13 @@ def markdown(f: dict[str, Any], args: argparse.Namespace) -> list[str]:
         "| phase | requests | 200 | other answers | wrong answers | p50 ms | p90 ms | p99 ms "
         "| max ms | server CPU s/s | client CPU s/s | attack process CPU s/s |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
+        *_phase_rows(f["phases"]),
         "",
         f"- p99 under attack / alone: **{f['ratio']['p99']:.2f}** (target at most "
         f"{TARGET:g}: {'met' if f['target_met'] else 'not met'}); p50: "
         f"{f['ratio']['p50']:.2f}.",
         f"- server alive at the end: {f['server_alive']}; tracebacks in its log: "
-        f"{f['server_log_tracebacks']}; peak RSS {ms(f['server_peak_rss_mib'])} MiB.",
+        f"{f['server_log_tracebacks']}; peak RSS {_ms(f['server_peak_rss_mib'])} MiB.",
         "",
         "Attacks during the attacked phases (a slow connection's time runs from its "
         "opening to the server's answer; those still open when a phase ended are counted "
@@ -289,11 +299,27 @@ def markdown(f: dict[str, Any], args: argparse.Namespace) -> list[str]:
         "| attack | requests or connections ended | answers | p50 ms | max ms | still open "
         "at the end | the oldest of those, s |",
         "|---|---:|---|---:|---:|---:|---:|",
-        *[f"| {kind} | {a['count']} | {a['status'] or '-'} | {ms(a['latency_ms']['p50'])} | "
-          f"{ms(a['latency_ms']['max'])} | {a['open_at_end']} | "
+        *[f"| {kind} | {a['count']} | {a['status'] or '-'} | {_ms(a['latency_ms']['p50'])} | "
+          f"{_ms(a['latency_ms']['max'])} | {a['open_at_end']} | "
           f"{a['oldest_open_s']:.1f} |" for kind, a in f["attacks_got"].items()],
     ]
-    return md
+
+
+def _phase_rows(phases: dict[str, Any]) -> list[str]:
+    """A table row per phase: answers, latency percentiles, the CPU of server, client and
+    attack process."""
+    rows = []
+    for name, label in (("alone", "alone"), ("attacked", "under attack")):
+        p = phases[name]
+        lat = p["latency_ms"]
+        other = {k: v for k, v in p["status"].items() if k != "200"} or "none"
+        rows.append(f"| {label} | {p['requests']} | {p['ok']} | {other} | "
+                    f"{p['wrong_answers']} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
+                    f"{_ms(lat['p99'])} | {_ms(lat['max'])} | "
+                    f"{p['server_cpu_s'] / p['wall_s']:.2f} | "
+                    f"{p['client_cpu_s'] / p['wall_s']:.2f} | "
+                    f"{p['attacker_cpu_s'] / p['wall_s']:.2f} |")
+    return rows
 
 
 if __name__ == "__main__":
