@@ -261,8 +261,13 @@ def targets(rows: list[dict], peak: float) -> list[str]:
 
 def render(payload: dict) -> list[str]:
     """bank.md from the measurements (derived columns filled in, in place)."""
-    peak, bandwidth, rows = payload["sgemm_gflop_s"], payload["copy_gb_s"], payload["shapes"]
-    peaks, repeats = payload["sgemm_samples"], payload["repeats"]
+    peak, rows = payload["sgemm_gflop_s"], payload["shapes"]
+    derive(rows, peak, payload["copy_gb_s"])
+    return table(payload) + relative_steps(rows) + NOTES + targets(rows, peak)
+
+
+def derive(rows: list[dict], peak: float, bandwidth: float) -> None:
+    """Each row's efficiencies and floors, from the peak and bandwidth of its run."""
     for r in rows:
         r["efficiency"] = {k: v / peak for k, v in r["gflop_s"].items()}
         # time to read the token block once at the measured bandwidth (half the copy's)
@@ -272,7 +277,12 @@ def render(payload: dict) -> list[str]:
         # the step's matmuls, each alone at its best, and AdamW alone: a floor of its kernels
         r["kernel_floor_s"] = r["seconds"]["matmuls_alone"] + r["seconds"]["optimizer"]
         r["kernel_floor_efficiency"] = r["flops"]["train"] / r["kernel_floor_s"] / 1e9 / peak
-    ra = next((r for r in rows if r["shape"] == "a"), None)
+
+
+def table(payload: dict) -> list[str]:
+    """The title, the machine's limits, and a row per shape."""
+    peak, bandwidth, rows = payload["sgemm_gflop_s"], payload["copy_gb_s"], payload["shapes"]
+    peaks, repeats = payload["sgemm_samples"], payload["repeats"]
     md = ["# The adapter bank against the machine's limits", "",
           f"{payload['environment']['cpu_threads']} threads; sgemm 2048^2: {peak:.0f} GFLOP/s "
           "(best of "
@@ -298,27 +308,35 @@ def render(payload: dict) -> list[str]:
             f"{r['seconds']['train'] / r['floor_s']:.2f} | {r['floor_efficiency']:.1%} | "
             f"{r['seconds']['matmuls_alone'] * 1e3:.1f} | {r['kernel_floor_s'] * 1e3:.1f} | "
             f"{r['kernel_floor_efficiency']:.1%} |")
-    if ra is not None:
-        for r in rows:
-            if r["shape"] in ("c", "d"):
-                md.append(f"\n({r['shape']}) step / (a) step: "
-                          f"{r['seconds']['train'] / ra['seconds']['train']:.2f} "
-                          f"(its FLOPs / (a)'s: {r['flops']['train'] / ra['flops']['train']:.2f})")
-    md += ["", "'token passes in a step's time': the step's time divided by the time to read "
-           "its float32 token block once at the measured bandwidth (a bound on what a "
-           "bandwidth-limited step can reach).",
-           "", f"'memory floor': the least a step can move ({FLOOR_TOKEN_PASSES} reads of its "
-           f"token block, {FLOOR_PARAM_PASSES} transfers of its parameters: forward and "
-           "backward reads, the gradient, AdamW's moments) at the measured copy bandwidth; "
-           "'efficiency at the floor': the step's FLOPs in that time against the sgemm peak, "
-           "the most a step bound by memory traffic could show.",
-           "", "'matmuls alone': every matmul of one training step (forward and backward, "
-           "recorded as dispatched), each replayed alone on tensors of its shapes and "
-           "strides at its best time, summed: alone, its operands stay in cache, so the "
-           "step's matmuls cannot beat it with this BLAS; 'kernel floor': that plus AdamW's "
-           "step alone; 'efficiency at the kernel floor': the step's FLOPs in that time "
-           "against the sgemm peak."]
-    return md + targets(rows, peak)
+    return md
+
+
+def relative_steps(rows: list[dict]) -> list[str]:
+    """Shapes (c) and (d) against (a): steps and FLOPs."""
+    ra = next((r for r in rows if r["shape"] == "a"), None)
+    if ra is None:
+        return []
+    return [f"\n({r['shape']}) step / (a) step: "
+            f"{r['seconds']['train'] / ra['seconds']['train']:.2f} "
+            f"(its FLOPs / (a)'s: {r['flops']['train'] / ra['flops']['train']:.2f})"
+            for r in rows if r["shape"] in ("c", "d")]
+
+
+NOTES = [
+    "", "'token passes in a step's time': the step's time divided by the time to read "
+    "its float32 token block once at the measured bandwidth (a bound on what a "
+    "bandwidth-limited step can reach).",
+    "", f"'memory floor': the least a step can move ({FLOOR_TOKEN_PASSES} reads of its "
+    f"token block, {FLOOR_PARAM_PASSES} transfers of its parameters: forward and "
+    "backward reads, the gradient, AdamW's moments) at the measured copy bandwidth; "
+    "'efficiency at the floor': the step's FLOPs in that time against the sgemm peak, "
+    "the most a step bound by memory traffic could show.",
+    "", "'matmuls alone': every matmul of one training step (forward and backward, "
+    "recorded as dispatched), each replayed alone on tensors of its shapes and "
+    "strides at its best time, summed: alone, its operands stay in cache, so the "
+    "step's matmuls cannot beat it with this BLAS; 'kernel floor': that plus AdamW's "
+    "step alone; 'efficiency at the kernel floor': the step's FLOPs in that time "
+    "against the sgemm peak."]
 
 
 def main() -> None:

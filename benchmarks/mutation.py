@@ -141,11 +141,17 @@ def pct(x: float | None) -> str:
 def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0) -> None:
     from _common import publish
 
-    from inca.task.report_render import wilson_interval
-
     results, triage = read_results(), read_triage()
     if not results:
         raise SystemExit("no mutmut results in mutants/: run without --summary-only first")
+    fields = summary(results, triage, tests, notes, sample, seed)
+    publish("mutation", fields, to_markdown(fields))
+
+
+def tally(results: dict[str, dict[str, str]], triage: dict[str, tuple[str, str]]
+          ) -> tuple[list[dict], list[dict], list[dict], Counter, Counter]:
+    """``(modules run, modules not run, survivors, status totals, equivalent survivors by
+    status)``: each survivor with its triage and its diff."""
     modules, not_run, survivors, total = [], [], [], Counter()
     equivalent = Counter()
     for source, statuses in results.items():
@@ -165,6 +171,16 @@ def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0
                 survivors.append({"mutant": name, "module": source, "status": status,
                                   "explained": kind, "why": why,
                                   "diff": diff_of(name, source)})
+    return modules, not_run, survivors, total, equivalent
+
+
+def summary(results: dict[str, dict[str, str]], triage: dict[str, tuple[str, str]],
+            tests: list[str], notes: list[str], sample: int, seed: int) -> dict:
+    """mutation.json's fields: the scores (raw, without the equivalent mutants, with the
+    survivors killed since), the totals, each module and each survivor."""
+    from inca.task.report_render import wilson_interval
+
+    modules, not_run, survivors, total, equivalent = tally(results, triage)
     raw = score(total)
     adjusted = score(total - equivalent)
     killed_after = sum(1 for sv in survivors if sv["explained"] == "killed")
@@ -176,10 +192,7 @@ def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0
     n_run = sum(total[s] for s in DETECTED + UNDETECTED)
     population = sum(len(v) for v in results.values())
     low, high = wilson_interval(sum(total[s] for s in DETECTED) / max(n_run, 1), n_run)
-    sampling = (f"a uniform random sample of {n_run} of the scope's {population} mutants "
-                f"(seed {seed}): the score estimates the whole scope's, 95% Wilson interval "
-                f"{pct(low)} to {pct(high)}" if sample else "")
-    fields = {
+    return {
         "sample": {"mutants": n_run, "population": population, "seed": seed,
                    "interval_95": [low, high]} if sample else None,
         "scope": "src/inca/{training,adapters,runtime,task}",
@@ -191,33 +204,63 @@ def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0
         "unexplained_survivors": len(unexplained),
         "modules": modules, "not_run": not_run, "survivors": survivors, "notes": notes,
     }
+
+
+def to_markdown(f: dict) -> list[str]:
+    """mutation.md's lines from :func:`summary`'s fields."""
+    return _scores_md(f) + _survivors_md(f["survivors"]) + _not_run_md(f) + [
+        "", "Tests selected: " + ", ".join(f"`{t}`" for t in f["tests"]) + ".",
+        *[f"\n{n}" for n in f["notes"]]]
+
+
+def _scores_md(f: dict) -> list[str]:
+    """The title, the scores, and a row per module."""
+    sample, totals, modules = f["sample"], f["totals"], f["modules"]
+    n_run = sum(totals.get(s, 0) for s in DETECTED + UNDETECTED)
+    sampling = (f"a uniform random sample of {n_run} of the scope's {sample['population']} "
+                f"mutants (seed {sample['seed']}): the score estimates the whole scope's, 95% "
+                f"Wilson interval {pct(sample['interval_95'][0])} to "
+                f"{pct(sample['interval_95'][1])}" if sample else "")
     md = ["# Mutation testing: training/, adapters/, runtime/, task/", "",
           "mutmut 3 (`make mutation`, `benchmarks/mutation.py`): every function of the four "
           "rooms mutated; each mutant run against the selected tests that reach its function. "
           "Score = detected / (detected + undetected); detected = killed, timed out or "
           "crashed; undetected = survived or reached by no selected test.", "",
-          f"**Score: {pct(raw)}** over {len(modules)} module(s) "
+          f"**Score: {pct(f['score'])}** over {len(modules)} module(s) "
           f"({n_run} mutants{'; ' + sampling if sampling else ''}); "
-          f"{pct(adjusted)} without the {sum(equivalent.values())} equivalent mutant(s) "
-          f"explained below; {killed_after} survivor(s) killed since by new tests (each "
-          f"checked against its mutant), making {pct(after_score)} without the equivalent "
-          f"ones; {len(unexplained)} survivor(s) not yet triaged.", "",
+          f"{pct(f['score_excluding_equivalent'])} without the {f['equivalent']} equivalent "
+          f"mutant(s) explained below; {f['killed_since_by_new_tests']} survivor(s) killed "
+          "since by new tests (each checked against its mutant), making "
+          f"{pct(f['score_with_new_tests_excluding_equivalent'])} without the equivalent "
+          f"ones; {f['unexplained_survivors']} survivor(s) not yet triaged.", "",
           "| module | mutants | killed | timeout | survived | no tests | not run | score |",
           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in modules:
         md.append(f"| `{m['module']}` | {m['mutants']} | {m.get('killed', 0)} | "
                   f"{m.get('timeout', 0)} | {m.get('survived', 0)} | "
                   f"{m.get('no tests', 0)} | {m.get('not checked', 0)} | {pct(m['score'])} |")
-    md += ["", "## Survivors", ""]
+    return md
+
+
+def _survivors_md(survivors: list[dict]) -> list[str]:
+    """Each survivor: its status, its triage, its diff."""
+    md = ["", "## Survivors", ""]
     if not survivors:
         md.append("None.")
     for s in survivors:
         md += [f"- `{s['mutant']}` ({s['status']}, {s['explained']})"
                + (f": {s['why']}" if s["why"] else ""), "", "  ```diff",
                *[f"  {line}" for line in s["diff"].splitlines()], "  ```", ""]
-    md += ["## Not run", ""]
+    return md
+
+
+def _not_run_md(f: dict) -> list[str]:
+    """What was not run: the rest of a sample, or the modules not run."""
+    sample, not_run = f["sample"], f["not_run"]
+    md = ["## Not run", ""]
     if sample:
-        md.append(f"The other {population - n_run} mutants were not run (a sample)"
+        md.append(f"The other {sample['population'] - sample['mutants']} mutants were not run "
+                  "(a sample)"
                   + ("; modules none of whose mutants was drawn: "
                      + ", ".join(f"`{m['module']}`" for m in not_run) if not_run else "")
                   + ".")
@@ -227,9 +270,7 @@ def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0
         md += [f"- `{m['module']}` ({m['mutants']} mutants)" for m in not_run]
     else:
         md.append("Every module of the four rooms was run.")
-    md += ["", "Tests selected: " + ", ".join(f"`{t}`" for t in tests) + ".",
-           *[f"\n{n}" for n in notes]]
-    publish("mutation", fields, md)
+    return md
 
 
 def main() -> None:
