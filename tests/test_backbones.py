@@ -517,3 +517,26 @@ def test_a_trainable_copy_is_never_hashed_unasked_nor_cached(tmp_path, monkeypat
     assert tuned.fingerprint() != before  # hashed anew when asked: never a stale cache
     assert len(hashed) == 2 and hashed[0] is tuned
     assert bb.fingerprint() == fp and not any(p.requires_grad for p in tuned.parameters())
+
+
+def test_each_source_names_its_hub_weights_for_the_task_record(tmp_path):
+    """A task file records where pretrained weights came from: the source says (timm: its
+    pretrained config's repo; transformers: the repo and the commit it loaded)."""
+    from inca.backbones.registry import source_record
+
+    timm_bb = make_backbone("timm-vit", tmp_path)
+    timm_bb.model.pretrained_cfg = {"hf_hub_id": "timm/tiny.test"}
+    rec = source_record("timm:vit_tiny_test", {}, timm_bb)
+    assert (rec["hub_id"], rec["revision"]) == ("timm/tiny.test", None)
+    assert "revision" not in rec["kwargs"] and rec["pretrained"] is True
+
+    hf_bb = make_backbone("hf", tmp_path)
+    hf_bb.name = "hf:org/tiny-vit"
+    hf_bb.model.config._commit_hash = "c0ffee"
+    rec = source_record("hf:org/tiny-vit", {}, hf_bb)
+    assert (rec["hub_id"], rec["revision"], rec["kwargs"]["revision"]) == (
+        "org/tiny-vit", "c0ffee", "c0ffee")  # pinned on re-creation
+    rec = source_record("hf:org/tiny-vit", {"revision": "v2"}, hf_bb)
+    assert rec["revision"] == "v2"  # the one asked for wins
+    rec = source_record("hf:org/tiny-vit", {"pretrained": False}, hf_bb)
+    assert (rec["hub_id"], rec["revision"], rec["offline"]) == (None, None, True)

@@ -222,6 +222,11 @@ class Backbone(nn.Module):
             self.fingerprint()
         return super()._apply(fn, recurse)
 
+    def hub_weights(self) -> tuple[str | None, str | None]:
+        """Where its pretrained weights came from on a model hub: ``(repo id, commit)``,
+        each ``None`` when unknown. Each source answers for itself; task files record it."""
+        return None, None
+
     def resolve_layers(self, layers: str | Sequence[str] | None) -> list[str]:
         """Turn a request into layer names in forward order.
 

@@ -48,10 +48,19 @@ def _hf_preprocessing(path: str, config: Any, input_size: int | None,
     return Preprocessing(input_size=input_size or int(size), mean=mean, std=std)
 
 
+class HFBackbone(HookBackbone):
+    """A transformers model read through forward hooks."""
+
+    def hub_weights(self) -> tuple[str | None, str | None]:
+        """The model's hub id and the commit transformers loaded (``None`` for a folder)."""
+        commit = getattr(getattr(self.model, "config", None), "_commit_hash", None)
+        return self.name.partition(":")[2], commit
+
+
 def create_hf_backbone(
     id_or_path: str, *, pretrained: bool = True, input_size: int | None = None,
     checkpoint_path: str | None = None, **kwargs: Any
-) -> HookBackbone:
+) -> HFBackbone:
     """Load a transformers vision model (``AutoModel``) and wrap its encoder blocks.
 
     Args:
@@ -105,7 +114,7 @@ def create_hf_backbone(
         kw = {"interpolate_pos_encoding": True} if _takes_interp(m) else {}
         return m(pixel_values=x, **kw)
 
-    bb = HookBackbone(
+    bb = HFBackbone(
         model, layers, name=f"hf:{id_or_path}", preprocessing=prep, forward_fn=forward_fn
     )
     n_tokens = bb.token_shape(layers[0])[0]

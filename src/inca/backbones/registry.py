@@ -107,17 +107,12 @@ def source_record(spec: str, kwargs: dict[str, Any], backbone: Backbone) -> dict
     if sep:
         kwargs.setdefault("pretrained", True)  # every source's default, recorded explicitly
     pretrained = bool(kwargs.get("pretrained", True))
-    model = getattr(backbone, "model", None)
     hub_id = revision = None
     if sep and pretrained and not local and not kwargs.get("checkpoint_path"):
-        if prefix == "hf":
-            hub_id = rest
-            revision = kwargs.get("revision") or getattr(getattr(model, "config", None),
-                                                         "_commit_hash", None)
-            if revision:
-                kwargs["revision"] = revision
-        elif prefix == "timm":
-            hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
+        hub_id, revision = backbone.hub_weights()  # each source knows its own
+        revision = kwargs.get("revision") or revision
+        if revision:
+            kwargs["revision"] = revision
     recorded = {k: v for k, v in kwargs.items() if _is_json(v)}
     return {
         "spec": f"{prefix}:{rest}" if sep else spec,

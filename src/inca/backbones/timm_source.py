@@ -117,6 +117,10 @@ class TimmBackbone(Backbone):
             kwargs.update(return_prefix_tokens=self._claimed_prefix > 0, output_fmt="NLC")
         return self.model.forward_intermediates(x, **kwargs)
 
+    def hub_weights(self) -> tuple[str | None, str | None]:
+        """The Hugging Face repo timm's pretrained config names (timm pins no commit)."""
+        return (getattr(self.model, "pretrained_cfg", None) or {}).get("hf_hub_id"), None
+
     def _extract(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
         outs = self._raw(x, [self.layers.index(n) for n in layers])
         result = {}
