@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import RESULTS, command_line, environment, write_results
-from _gpu_report import TARGETS, _fullft_cell, ratios, to_markdown  # noqa: F401 - its page
+from _gpu_report import to_markdown
 
 import inca
 from inca._memory import PeakMemory

@@ -27,14 +27,23 @@ def gpu(monkeypatch):
     return importlib.import_module("gpu")
 
 
-def test_gpu_ratios_pair_like_with_like(gpu):
+@pytest.fixture
+def gpu_report(monkeypatch):
+    """benchmarks/_gpu_report.py: gpu.py's targets, ratios and page."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("_gpu_report")
+
+
+def test_gpu_ratios_pair_like_with_like(gpu_report):
     """Review F5: the pure-bf16 InCA step was divided by the slower autocast forward."""
     m = {"forward_bf16_img_s": 100.0, "forward_pure_bf16_img_s": 150.0,
          "extract_all_bf16_img_s": 95.0, "fullft_bf16_img_s": 20.0,
          "inca_stream_bf16_img_s": 80.0, "inca_stream_pure_bf16_img_s": 120.0,
          "fullft_bf16_peak_gib": 10.0, "inca_stream_bf16_peak_gib": 3.0,
          "inca_stream_pure_bf16_peak_gib": 2.0}
-    r = gpu.ratios(m)
+    r = gpu_report.ratios(m)
     assert r["inca_vs_forward"] == pytest.approx(0.8)  # autocast / autocast
     assert r["inca_vs_forward_pure_bf16"] == pytest.approx(0.8)  # pure bf16 / pure bf16
     assert r["extract_vs_forward"] == pytest.approx(0.95)
@@ -42,9 +51,9 @@ def test_gpu_ratios_pair_like_with_like(gpu):
     assert r["inca_pure_bf16_vs_fullft"] == pytest.approx(6.0)
     assert r["inca_vs_fullft_memory"] == pytest.approx(0.3)
     assert r["inca_pure_bf16_vs_fullft_memory"] == pytest.approx(0.2)
-    assert set(r) == set(gpu.TARGETS)
+    assert set(r) == set(gpu_report.TARGETS)
     skipped = {k: v for k, v in m.items() if not k.startswith("fullft")}
-    assert set(gpu.ratios(skipped)) == {"inca_vs_forward", "inca_vs_forward_pure_bf16",
+    assert set(gpu_report.ratios(skipped)) == {"inca_vs_forward", "inca_vs_forward_pure_bf16",
                                         "extract_vs_forward"}
 
 
@@ -102,8 +111,8 @@ class _FakeClock:
         return None
 
 
-def test_gpu_full_finetuning_measured_when_it_fits_without_the_frozen_original(gpu,
-                                                                              monkeypatch):
+def test_gpu_full_finetuning_measured_when_it_fits_without_the_frozen_original(
+        gpu, gpu_report, monkeypatch):
     """Review F4 and F9: the frozen original leaves the device while fine-tuning is
     measured; the step is measured when its estimate fits, an OOM is recorded."""
     monkeypatch.setattr(gpu, "fullft_estimate_gib", lambda bb, batch: 40.0)
@@ -128,7 +137,7 @@ def test_gpu_full_finetuning_measured_when_it_fits_without_the_frozen_original(g
     monkeypatch.setattr(gpu, "_fullft", oom)
     out = gpu.measure_fullft(bb, x, None, None, 2, _FakeClock(free=130.0))
     assert out["fullft_error"].startswith("CUDA out of memory") and bb.device == "cuda:0"
-    assert "out of memory" in gpu._fullft_cell(out)
+    assert "out of memory" in gpu_report._fullft_cell(out)
 
 
 def test_gpu_end_to_end_streams_at_every_size_and_frees_each_run(gpu, monkeypatch):

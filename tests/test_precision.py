@@ -424,3 +424,24 @@ def test_the_default_precision_is_declared_once():
                 named += isinstance(default, ast.Name) and default.id == "DEFAULT_PRECISION"
     assert named >= 15, named  # the search found the defaults
     assert not literal, f"a precision default written as a literal: {literal}"
+
+
+def test_the_precision_owns_backward_and_step():
+    """``Precision.stepper``: gradients cleared, backward, the hook only when a scaler is in
+    use, the step; under float16 a step whose gradient overflowed is skipped."""
+    w = torch.nn.Parameter(torch.ones(3))
+    calls: list[str] = []
+    step = Precision("32", "cpu").stepper(torch.optim.SGD([w], lr=0.1))
+    w.grad = torch.full((3,), 100.0)  # stale: must be cleared, not added to
+    step((w * w).sum(), lambda: calls.append("hook"))
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.8))  # 1 - 0.1 * 2
+    assert calls == []  # no scaler in float32
+    w16 = torch.nn.Parameter(torch.ones(3))
+    step16 = Precision("16-mixed", "cpu").stepper(torch.optim.SGD([w16], lr=0.1))
+    assert step16.scaler.is_enabled()
+    step16((w16 * w16).sum(), lambda: calls.append("hook"))
+    torch.testing.assert_close(w16.detach(), torch.full((3,), 0.8))  # unscaled before the step
+    scale = step16.scaler.get_scale()
+    step16((w16 * float("inf")).sum(), lambda: calls.append("hook"))
+    torch.testing.assert_close(w16.detach(), torch.full((3,), 0.8))  # overflow: skipped
+    assert calls == ["hook", "hook"] and step16.scaler.get_scale() < scale

@@ -18,7 +18,7 @@ weights, whether or not the caller wrapped inca in an autocast region of its own
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -114,5 +114,38 @@ class Precision:
         """A gradient scaler, enabled for ``"16-mixed"`` only (bfloat16 needs none)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.name == "16-mixed")
 
+    def stepper(self, optimizer: torch.optim.Optimizer) -> Stepper:
+        """One training run's backward and optimizer step in this precision (its own
+        gradient scaler): what the bank loop and fine-tuning call after each forward."""
+        return Stepper(optimizer, self.grad_scaler())
+
     def __repr__(self) -> str:
         return f"Precision({self.name!r}, device={str(self.device)!r})"
+
+
+class Stepper:
+    """Backward and optimizer step of one training run, as its precision needs them: the
+    gradients cleared, the loss's backward (scaled for float16), the step (for float16
+    skipped when a gradient overflowed, the scale then lowered).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> step = Precision("32", "cpu").stepper(torch.optim.SGD([w], lr=0.5))
+        >>> step((w * w).sum())
+        >>> w.detach()
+        tensor([0., 0.])
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def __call__(self, loss: torch.Tensor,
+                 before_scaled_step: Callable[[], None] | None = None) -> None:
+        """``loss``'s backward and the step; ``before_scaled_step`` runs between them when
+        a scaler is in use (e.g. to zero gradients that must not stop the others' step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if before_scaled_step is not None and self.scaler.is_enabled():
+            before_scaled_step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()

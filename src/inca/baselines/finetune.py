@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from inca._choices import DEFAULT_PRECISION, precision_name
-from inca._precision import Precision, resolve_device
+from inca._precision import Precision, Stepper, resolve_device
 from inca._progress import progress_bar
 from inca.backbones.base import Backbone
 from inca.data.transforms import (
@@ -274,11 +274,10 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
     bar = progress_bar(total=len(loaders.train) * config.epochs,
                        desc=f"fine-tune ({config.method})", unit="step", disable=not progress)
     start = time.perf_counter()
-    scaler = precision.grad_scaler()
+    step = precision.stepper(optimizer)
     for epoch in range(config.epochs):
         _set_mode(tuned, config, True)
-        epoch_loss = _epoch(tuned, head, loaders.train, optimizer, schedule, scaler, precision,
-                            config, bar)
+        epoch_loss = _epoch(tuned, head, loaders.train, step, schedule, precision, config, bar)
         if not math.isfinite(epoch_loss):
             raise TrainingError(f"{config.method} fine-tuning: the loss became {epoch_loss} "
                                 f"at epoch {epoch + 1}; lower the learning rates")
@@ -305,9 +304,9 @@ def finetune(backbone: Backbone, train: Any, val: Any, test: Any = None,
                           tuned, head)
 
 
-def _epoch(tuned: Backbone, head: nn.Module, loader: DataLoader,
-           optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
-           scaler: Any, precision: Precision, config: FineTuneConfig, bar: Any) -> float:
+def _epoch(tuned: Backbone, head: nn.Module, loader: DataLoader, step: Stepper,
+           schedule: torch.optim.lr_scheduler.LambdaLR, precision: Precision,
+           config: FineTuneConfig, bar: Any) -> float:
     """One pass over the training data: each step's forward and loss in its autocast
     region, then the scaled backward and step. Returns the mean training loss (the epoch's
     one wait for the device)."""
@@ -318,10 +317,7 @@ def _epoch(tuned: Backbone, head: nn.Module, loader: DataLoader,
         with precision.autocast():
             logits = head(_features(tuned, x))
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        step(loss)
         schedule.step()
         loss_sum += loss.detach()
         bar.update(1)

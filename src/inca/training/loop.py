@@ -280,7 +280,8 @@ def train_bank(
 
 class _Steps:
     """The optimization of one :func:`train_bank` run: the bank (in DDP under torchrun),
-    AdamW, the gradient scaler, the learning-rate schedule, and an epoch of steps."""
+    AdamW and its precision's stepper (backward and step), the learning-rate schedule, and
+    an epoch of steps."""
 
     def __init__(self, bank: AdapterBank, train: Any, config: FitConfig,
                  prec: Precision) -> None:
@@ -293,7 +294,7 @@ class _Steps:
             bank, device_ids=None)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.optimizer = _adamw(bank.param_groups(), config.weight_decay)
-        self.scaler = prec.grad_scaler()
+        self.step = prec.stepper(self.optimizer)
         # the single-process batch sizes, which the ranks' parts add up to
         self.sizes = [len(b) for b in batch_order(len(train), config.batch_size)
                       if not ctx.active or len(b) >= ctx.world]
@@ -307,7 +308,7 @@ class _Steps:
     def epoch(self, bar: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass over the training data. Returns each member's mean training loss and
         whether it is still finite, on the host (the epoch's one wait for the device)."""
-        ctx, config, scaler = self.ctx, self.config, self.scaler
+        ctx, config = self.ctx, self.config
         self.bank.train()
         loss_sum, seen = torch.zeros(len(self.bank.keys), device=self.active.device), 0
         for step, (feats, y) in enumerate(self.train.batches(
@@ -322,15 +323,10 @@ class _Steps:
             if ctx.active:  # DDP averages over ranks: weigh each part by its share
                 losses = losses * (len(y) * ctx.world / self.sizes[step])
             losses = torch.where(self.active, losses, 0.0)
-            self.optimizer.zero_grad(set_to_none=True)
-            # members are independent: each gets its own gradient from the sum
-            scaler.scale(losses.sum()).backward()
-            if scaler.is_enabled():
-                # A member whose own weights are no longer finite still gets NaN gradients
-                # (0 * inf); a float16 gradient scaler would skip every member's step for it.
-                self.bank.mask_grads(self.active)
-            scaler.step(self.optimizer)
-            scaler.update()
+            # Members are independent: each gets its own gradient from the sum. A member
+            # whose own weights are no longer finite still gets NaN gradients (0 * inf); a
+            # float16 gradient scaler would skip every member's step for it: masked first.
+            self.step(losses.sum(), lambda: self.bank.mask_grads(self.active))
             self.schedule.step()
             loss_sum += losses.detach() * (self.sizes[step] / ctx.world if ctx.active
                                            else len(y))
