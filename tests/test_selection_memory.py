@@ -77,9 +77,9 @@ def _train_recording(monkeypatch, config):
     calls = []
     real = loop.evaluate
 
-    def recording(bank, source, batch_size, precision="32", ensembles=()):
+    def recording(bank, source, batch_size, precision="32", ensembles=(), **kw):
         calls.append((_old_evaluate(bank, source, batch_size, precision), list(ensembles)))
-        return real(bank, source, batch_size, precision, ensembles)
+        return real(bank, source, batch_size, precision, ensembles, **kw)
 
     monkeypatch.setattr(loop, "evaluate", recording)
     bank, val = token_bank(config), token_source(64, 1)

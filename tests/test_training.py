@@ -383,6 +383,7 @@ def test_early_stopping_waits_patience_epochs_and_keeps_each_best_state(monkeypa
     """Training stops after ``patience`` epochs in which no member improved on validation
     (scripted here), and each member keeps its state from its own best epoch."""
     import inca.training.loop as loop
+    from inca.training.evaluation import ValScores
 
     # validation losses per epoch (rows) of the 3 members: the last improvement is member
     # 1's in epoch 3; after `patience` epochs without one, every member would improve again
@@ -391,10 +392,10 @@ def test_early_stopping_waits_patience_epochs_and_keeps_each_best_state(monkeypa
                           dtype=torch.float64)
     states = []  # every member's weights as each epoch is scored
 
-    def scripted(bank, source, batch_size, precision="32", ensembles=()):
+    def scripted(bank, source, batch_size, precision="32", ensembles=(), **_):
         assert not ensembles  # ensemble_k=1: no ensemble is scored
         states.append([bank.member_state(i) for i in range(len(bank.keys))])
-        return loop.ValScores(torch.full((3,), 0.5), script[len(states) - 1], 64)
+        return ValScores(torch.full((3,), 0.5), script[len(states) - 1], 64)
 
     monkeypatch.setattr(loop, "evaluate", scripted)
     config = FitConfig(layers=LAYERS, kinds=("linear",), lrs=(1e-2,), epochs=10,

@@ -12,12 +12,14 @@ LAYERS = ["l0", "l1", "l2"]
 D, N, C = 16, 9, 4
 
 
-def token_source(n: int, seed: int, classes: int = C, signal_layer: str = "l1") -> MemorySource:
+def token_source(n: int, seed: int, classes: int = C, signal_layer: str = "l1",
+                 strength: float = 2.0) -> MemorySource:
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=g)
     feats = {k: torch.randn(n, N, D, generator=g) for k in LAYERS}
     # the label is a bump on some channels of every token of one layer
-    feats[signal_layer][:, :, :classes] += 2.0 * torch.nn.functional.one_hot(y, classes)[:, None]
+    feats[signal_layer][:, :, :classes] += strength * torch.nn.functional.one_hot(
+        y, classes)[:, None]
     return MemorySource(feats, y)
 
 

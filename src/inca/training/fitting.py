@@ -29,7 +29,12 @@ from inca.training.mode import ModeChoice, choose_mode
 from inca.training.plan import MemberSpec
 from inca.training.probe import probe_baseline, probe_features
 from inca.training.report import build_report
-from inca.training.scoring import accuracy, task_confusion, test_accuracies
+from inca.training.scoring import (
+    accuracy,
+    task_confusion,
+    test_accuracies,
+    validation_confusion,
+)
 from inca.training.selection import Candidate, best_member, soups, top_k_ensemble
 from inca.training.sources import CachedSource, StreamingSource
 
@@ -259,10 +264,11 @@ def _evaluate(task: Task, bank: AdapterBank, result: BankResult, candidates: lis
               classes: list[str], backbone: Backbone, config: FitConfig, precision: Precision
               ) -> tuple[dict[str, float], list[float] | None, dict[str, Any]]:
     """Test accuracies of every candidate and of the linear-probe baseline, every member's,
-    and the chosen task's confusion matrix (on test, else on validation)."""
+    and the chosen task's confusion matrix (on test, else on validation: from what training
+    kept, unless a soup was chosen)."""
     if test_src is None:
-        return {}, None, {"split": "validation", "confusion": task_confusion(
-            task, val_src, config.batch_size, len(classes)).tolist()}
+        return {}, None, {"split": "validation", "confusion": validation_confusion(
+            task, result, chosen, val_src, config.batch_size, len(classes)).tolist()}
     tests, member_tests, confusion = test_accuracies(
         bank, result, candidates, test_src, config.batch_size, precision, chosen, len(classes))
     if baseline is not None:

@@ -18,6 +18,7 @@ from inca.errors import TrainingError
 from inca.task import selection_key
 from inca.training.bank import AdapterBank
 from inca.training.config import FitConfig
+from inca.training.evaluation import Predictions, bank_precision, evaluate
 from inca.training.loss import bank_loss
 from inca.training.schedule import cosine_with_warmup
 from inca.training.sources import batch_order
@@ -42,7 +43,10 @@ class BankResult:
     ``ensembles`` holds the validation ``(accuracy, loss)`` of the top-j members' averaged
     best-epoch probabilities, keyed by their indices, for every j up to
     ``config.ensemble_k`` (the ranking of :func:`ensemble_members`): what the top-k
-    ensemble needs, without keeping any member's probabilities.
+    ensemble needs, without keeping any member's probabilities. ``predictions`` holds
+    their argmax on validation (each member's at its best epoch, and those ensembles'), for
+    the chosen one's confusion matrix without another pass; ``None`` when a pass did not
+    keep them.
     """
 
     members: list[MemberResult]
@@ -50,22 +54,7 @@ class BankResult:
     epochs_run: int
     train_seconds: float
     ensembles: dict[tuple[int, ...], tuple[float, float]] = field(default_factory=dict)
-
-
-@dataclass
-class ValScores:
-    """Scores from one validation pass: each member's, then each ensemble's asked for."""
-
-    accuracy: torch.Tensor  # (R,) float32: correct / seen, as a float32 mean of hits
-    loss: torch.Tensor  # (R,) float64: mean cross-entropy of the probabilities
-    seen: int
-    confusion: torch.Tensor | None = None  # (C, C) long, rows true, of the row asked for
-
-
-def count_confusion(confusion: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> None:
-    """Add a batch's (true, predicted) pairs to ``confusion`` ``(C, C)``, rows true."""
-    c = confusion.shape[0]
-    confusion += torch.bincount(y * c + pred, minlength=c * c).view(c, c).to(confusion)
+    predictions: Predictions | None = field(default=None, repr=False)
 
 
 def rank_members(members: list[MemberResult], select_by: str = "loss") -> list[int]:
@@ -104,105 +93,37 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
     return all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
-def bank_precision(bank: AdapterBank, precision: str | Precision | None) -> Precision:
-    """``precision`` for the device the bank is on."""
-    return Precision.of(precision, next(bank.parameters()).device)
-
-
-class ScoreSums:
-    """Hits and summed cross-entropy of rows of probabilities, accumulated batch by batch
-    on the device (nothing that grows with the data is kept, and no wait for the device),
-    summed over the ranks at the end."""
-
-    def __init__(self, rows: int, device: torch.device | str,
-                 confusion_row: int | None = None, num_classes: int = 0) -> None:
-        self.hits = torch.zeros(rows, dtype=torch.long, device=device)
-        self.nll = torch.zeros(rows, dtype=torch.float64, device=device)
-        self.seen = 0
-        self.row = confusion_row  # whose confusion matrix is counted too
-        self.confusion = None if confusion_row is None else torch.zeros(
-            num_classes, num_classes, dtype=torch.long, device=device)
-
-    def add(self, probs: torch.Tensor, y: torch.Tensor, first: int = 0) -> None:
-        """One batch: probabilities ``(R, B, C)`` (float32) of rows ``first..first + R``,
-        and the labels ``(B,)``; the samples count once, with the batch's first rows."""
-        y = y.to(probs.device).long()
-        rows = slice(first, first + probs.shape[0])
-        pred = probs.argmax(-1)
-        self.hits[rows] += (pred == y).sum(-1)
-        if self.confusion is not None and rows.start <= self.row < rows.stop:
-            count_confusion(self.confusion, y, pred[self.row - first])
-        p = probs.gather(-1, y.expand(probs.shape[0], -1).unsqueeze(-1)).squeeze(-1)
-        self.nll[rows] -= p.clamp_min(1e-12).log().double().sum(-1)
-        self.seen += len(y) if first == 0 else 0
-
-    def result(self) -> ValScores:
-        """Accuracy and mean cross-entropy over every rank's share (one wait for the device)."""
-        sums = context().all_sum(torch.cat([
-            self.hits.double(), self.nll,
-            torch.tensor([self.seen], dtype=torch.float64, device=self.nll.device)])).cpu()
-        rows = len(self.hits)
-        seen = int(sums[-1])
-        # the float32 mean of 0/1 hits, as the accuracy always was; the loss in float64
-        acc = sums[:rows].float() / max(seen, 1)
-        confusion = None if self.confusion is None else context().all_sum(self.confusion).cpu()
-        return ValScores(acc, sums[rows:2 * rows] / max(seen, 1), seen, confusion)
-
-
-@torch.no_grad()
-def evaluate(bank: AdapterBank, source: Any, batch_size: int,
-             precision: str | Precision | None,
-             ensembles: list[list[int]] | tuple = (), confusion_row: int | None = None,
-             num_classes: int = 0) -> ValScores:
-    """Every member's accuracy and cross-entropy on a source, then those of each ensemble
-    in ``ensembles`` (member indices; their probabilities averaged), from one pass; with
-    ``confusion_row`` (an index into those rows), that row's confusion matrix too.
-
-    Scores are summed batch by batch: memory does not grow with the source, the members or
-    the classes beyond one batch of probabilities ``(K, B, C)``. Under ``torchrun`` each
-    rank scores a share and the sums are added over the ranks."""
-    prec = bank_precision(bank, precision)
-    was_training = bank.training
-    bank.eval()
-    groups = [list(g) for g in ensembles]
-    k = len(bank.keys)
-    sums = ScoreSums(k + len(groups), next(bank.parameters()).device, confusion_row,
-                     num_classes)
-    for feats, y in source.batches(batch_size, part="share"):
-        with prec.autocast():
-            logits = bank.logits(feats)
-        probs = logits.float().softmax(-1)  # (K, B, C)
-        del logits
-        sums.add(probs, y)
-        if groups:
-            sums.add(torch.stack([probs[g].mean(0) for g in groups]), y, first=k)
-    bank.train(was_training)
-    return sums.result()
-
-
 def _score_ensembles(bank: AdapterBank, val: Any, config: FitConfig, prec: Precision,
                      results: list[MemberResult], scored: dict[tuple[int, ...], tuple],
-                     last_epoch: int) -> dict[tuple[int, ...], tuple[float, float]]:
+                     last_epoch: int, kept: Predictions | None
+                     ) -> dict[tuple[int, ...], tuple[float, float]]:
     """The top-j ensembles (j = 1..``ensemble_k``) of the members' best epochs. One member
     is its own scores; the others are taken from the last epoch's pass when it scored them
     with every member at its best epoch, else from one more pass with the members' best
-    states loaded (and their current ones put back after)."""
+    states loaded (and their current ones put back after). ``kept`` gets the predictions
+    of those ensembles, from the same pass as their scores."""
     top = ensemble_members(results, config.ensemble_k, config.select_by)
     out = {tuple(top[:1]): (results[top[0]].val_accuracy, results[top[0]].val_loss)} \
         if top else {}
     prefixes = [tuple(top[:j]) for j in range(2, len(top) + 1)]
     if not prefixes or (all(results[i].best_epoch == last_epoch for i in top)
                         and all(p in scored for p in prefixes)):
+        if kept is not None:  # the last epoch's pass: its predictions are kept's
+            kept.ensembles = {p: kept.ensembles[p] for p in prefixes}
         return out | {p: scored[p] for p in prefixes}
     current = {i: bank.member_state(i) for i in top}
     for i in top:
         bank.load_member(i, results[i].state)
     try:
-        s = evaluate(bank, val, config.batch_size, prec, [list(p) for p in prefixes])
+        s = evaluate(bank, val, config.batch_size, prec, [list(p) for p in prefixes],
+                     keep_predictions=kept is not None)
     finally:
         for i, state in current.items():
             bank.load_member(i, state)
     k = len(results)
+    if kept is not None:
+        this = Predictions.of_pass(s, k, [list(p) for p in prefixes])
+        kept.ensembles = {} if this is None else this.ensembles
     return out | {p: (float(s.accuracy[k + j]), float(s.loss[k + j]))
                   for j, p in enumerate(prefixes)}
 
@@ -245,6 +166,7 @@ def train_bank(
     history: list[dict[str, Any]] = []
     epochs, stale, epoch = config.epochs, 0, 0  # epochs: at most; a time budget may fix it
     scored: dict[tuple[int, ...], tuple[float, float]] = {}
+    kept: Predictions | None = None  # validation predictions: see BankResult
     start = time.perf_counter()
     bar = progress_bar(total=steps.per_epoch * epochs, unit="step",
                        desc=f"train {len(bank.keys)} adapters", disable=not progress)
@@ -257,8 +179,9 @@ def train_bank(
         for i in (~alive).nonzero().flatten().tolist():
             if results[i].diverged_epoch is None:
                 _drop(bank, steps.optimizer, results[i], i, epoch)
-        accs, nll, scored = _score_epoch(bank, val, config, prec, results)
-        improved = _keep_best(bank, results, accs, nll, epoch, config.select_by)
+        accs, nll, scored, seen = _score_epoch(bank, val, config, prec, results)
+        kept = _follow(kept, seen, epoch)
+        improved = _keep_best(bank, results, accs, nll, epoch, config.select_by, kept, seen)
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss.tolist(),
                         "val_accuracy": accs.tolist(), "val_loss": nll.tolist()})
         # the selection's own measure, which only improves (an accuracy at the best loss
@@ -274,8 +197,9 @@ def train_bank(
         if (config.patience and stale >= config.patience) or epoch + 1 >= epochs:
             break
     bar.close()
-    ensembles = _score_ensembles(bank, val, config, prec, results, scored, epoch)
-    return BankResult(results, history, epoch + 1, time.perf_counter() - start, ensembles)
+    ensembles = _score_ensembles(bank, val, config, prec, results, scored, epoch, kept)
+    return BankResult(results, history, epoch + 1, time.perf_counter() - start, ensembles,
+                      kept)
 
 
 class _Steps:
@@ -350,23 +274,41 @@ class _Steps:
 
 def _score_epoch(bank: AdapterBank, val: Any, config: FitConfig, prec: Precision,
                  results: list[MemberResult]
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict[tuple[int, ...], tuple]]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[tuple[int, ...], tuple],
+                            Predictions | None]:
     """Every member's validation accuracy and loss after an epoch, and those of the
     ensembles that the top-k ensemble would be if this epoch were every top member's best
-    (kept if it is; see :func:`_score_ensembles`), from one pass."""
+    (kept if it is; see :func:`_score_ensembles`), and every one's predictions, from one
+    pass."""
     guess = ensemble_members(results, config.ensemble_k, config.select_by)
     guesses = [guess[:j] for j in range(2, len(guess) + 1)]
-    scores = evaluate(bank, val, config.batch_size, prec, guesses)
+    scores = evaluate(bank, val, config.batch_size, prec, guesses, keep_predictions=True)
     k = len(results)
     scored = {tuple(g): (float(scores.accuracy[k + j]), float(scores.loss[k + j]))
               for j, g in enumerate(guesses)}
-    return scores.accuracy[:k], scores.loss[:k], scored
+    return (scores.accuracy[:k], scores.loss[:k], scored,
+            Predictions.of_pass(scores, k, guesses))
+
+
+def _follow(kept: Predictions | None, seen: Predictions | None, epoch: int
+            ) -> Predictions | None:
+    """The validation predictions after an epoch's pass (``seen``): the first pass's, later
+    with the ensembles' of the latest pass (a member's row changes with its best epoch:
+    :func:`_keep_best`); none after a pass that kept none."""
+    if seen is None or (kept is None and epoch > 0):
+        return None
+    if kept is None:
+        return seen
+    # copies: the pass's (K + E, N) predictions are not held for E rows
+    kept.ensembles = {p: pred.clone() for p, pred in seen.ensembles.items()}
+    return kept
 
 
 def _keep_best(bank: AdapterBank, results: list[MemberResult], accs: torch.Tensor,
-               nll: torch.Tensor, epoch: int, select_by: str) -> bool:
-    """Record the members whose validation improved this epoch, with a copy of their state;
-    whether any did."""
+               nll: torch.Tensor, epoch: int, select_by: str,
+               kept: Predictions | None = None, seen: Predictions | None = None) -> bool:
+    """Record the members whose validation improved this epoch, with a copy of their state
+    (and their predictions of this pass, ``seen``, in ``kept``); whether any did."""
     improved = False
     for i, r in enumerate(results):
         if r.diverged_epoch is not None:
@@ -376,6 +318,8 @@ def _keep_best(bank: AdapterBank, results: list[MemberResult], accs: torch.Tenso
                 < selection_key(r.val_accuracy, r.val_loss, select_by)):
             r.val_accuracy, r.val_loss, r.best_epoch = acc, loss, epoch
             r.state = bank.member_state(i)
+            if kept is not None and seen is not None:
+                kept.members[i] = seen.members[i]
             improved = True
     return improved
 

@@ -11,7 +11,8 @@ from inca._distributed import context
 from inca._precision import Precision
 from inca.task import Task
 from inca.training.bank import AdapterBank
-from inca.training.loop import BankResult, count_confusion, evaluate
+from inca.training.evaluation import count_confusion, evaluate
+from inca.training.loop import BankResult
 from inca.training.selection import Candidate
 
 
@@ -23,6 +24,18 @@ def task_confusion(task: Task, source: Any, batch_size: int, num_classes: int
     for feats, y in source.batches(batch_size, part="share"):
         count_confusion(confusion, y.cpu(), task.proba_from_features(feats).argmax(-1).cpu())
     return context().all_sum(confusion)
+
+
+def validation_confusion(task: Task, result: BankResult, chosen: Candidate, source: Any,
+                         batch_size: int, num_classes: int) -> torch.Tensor:
+    """The chosen candidate's confusion matrix on validation: a member's or an ensemble's
+    from the predictions that training kept (no other pass over the data, which in
+    streaming mode would run the backbone again), a soup's (averaged weights, never scored
+    by the bank) from a pass of its own, as :func:`task_confusion`."""
+    kept = result.predictions
+    matrix = None if chosen.states or kept is None else kept.confusion(
+        chosen.member_indices, num_classes)
+    return task_confusion(task, source, batch_size, num_classes) if matrix is None else matrix
 
 
 def accuracy(confusion: torch.Tensor) -> float:

@@ -12,7 +12,8 @@ from inca.adapters import member_input
 from inca.errors import TrainingError
 from inca.task import selection_key
 from inca.training.bank import AdapterBank
-from inca.training.loop import BankResult, ScoreSums, ensemble_members, rank_members
+from inca.training.evaluation import ScoreSums
+from inca.training.loop import BankResult, ensemble_members, rank_members
 
 
 @dataclass
