@@ -63,6 +63,32 @@ if context().is_main:
                  for r in rep.rows}}}}))
 """
 
+# without a test split: the chosen task's confusion matrix on validation, counted by each
+# rank on its share from the predictions kept in training, and summed over the ranks; the
+# top-3 ensemble chosen (scored best) when asked
+_FIT_VAL = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import inca
+import inca.training.fitting as fitting
+from tiny import make_backbone
+from inca.data import load_dataset
+from inca._distributed import context
+from inca.training.selection import Candidate
+if {ensemble}:
+    real = fitting.top_k_ensemble
+    fitting.top_k_ensemble = lambda *a: Candidate("ensemble", real(*a).member_indices, 1., 0.)
+bb = make_backbone("module", Path({tmp!r}))
+task = inca.fit(bb, load_dataset("digits", limit=160), kinds=("inca", "linear"),
+                lrs=(3e-3, 1e-2), epochs=3, batch_size=16, patience=0, ensemble_k=3,
+                cache_dir={cache!r}, progress=False, num_workers=0, device="cpu")
+if context().is_main:
+    rep = task.report
+    Path({out!r}).write_text(json.dumps({{"chosen": rep.chosen, "num_val":
+        rep.data["num_val"], "per_class": rep.per_class}}))
+"""
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -120,6 +146,27 @@ def test_two_ranks_train_and_select_as_one_process(tmp_path):
         assert two["rows"][key][0] == pytest.approx(acc, abs=1e-9), key
         assert two["rows"][key][1] == pytest.approx(loss, rel=1e-4), key
         assert two["rows"][key][2] == pytest.approx(test, abs=1e-9), key
+
+
+@pytest.mark.slow  # make test runs it; plain pytest skips it
+@pytest.mark.parametrize("chosen", ["best", "ensemble"])
+def test_two_ranks_count_the_validation_confusion_of_one_process(tmp_path, chosen):
+    """Without a test split, each rank counts the chosen task's matrix on its share of
+    validation; summed over the ranks it is the single process's, of every image once."""
+    args = dict(tests=TESTS, tmp=str(tmp_path), ensemble=chosen == "ensemble")
+    res = torchrun(_FIT_VAL.format(cache=str(tmp_path / "c2"), out=str(tmp_path / "two.json"),
+                                   **args), timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    subprocess.run([sys.executable, "-c", _FIT_VAL.format(
+        cache=str(tmp_path / "c1"), out=str(tmp_path / "one.json"), **args)],
+        check=True, env=env, timeout=180)
+    two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
+    assert two["per_class"]["split"] == "validation"
+    assert two["chosen"] == one["chosen"] == chosen and two["per_class"] == one["per_class"]
+    assert sum(map(sum, two["per_class"]["confusion"])) == two["num_val"]
 
 
 class _FakeCuda:
