@@ -13,6 +13,7 @@ import torch
 from inca._distributed import context
 from inca._precision import Precision
 from inca.training.bank import AdapterBank
+from inca.training.sources import batch_order
 
 
 @dataclass
@@ -137,10 +138,10 @@ def evaluate(bank: AdapterBank, source: Any, batch_size: int,
     bank.eval()
     groups = [list(g) for g in ensembles]
     k = len(bank.keys)
-    sums = ScoreSums(k + len(groups), next(bank.parameters()).device, confusion_row,
-                     num_classes)
-    preds: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
+    device = next(bank.parameters()).device
+    sums = ScoreSums(k + len(groups), device, confusion_row, num_classes)
+    kept = _PassPredictions(k + len(groups), source, batch_size, device) \
+        if keep_predictions else None
     for feats, y in source.batches(batch_size, part="share"):
         with prec.autocast():
             logits = bank.logits(feats)
@@ -149,15 +150,32 @@ def evaluate(bank: AdapterBank, source: Any, batch_size: int,
         rows = [sums.add(probs, y)]
         if groups:
             rows.append(sums.add(torch.stack([probs[g].mean(0) for g in groups]), y, first=k))
-        if keep_predictions:
-            preds.append(torch.cat(rows).int())
-            labels.append(y.to(probs.device).int())
+        if kept is not None:
+            kept.add(torch.cat(rows), y)
     bank.train(was_training)
     scores = sums.result()
-    if keep_predictions:
-        device = next(bank.parameters()).device
-        scores.predictions = torch.cat(preds, 1) if preds else torch.zeros(
-            k + len(groups), 0, dtype=torch.int32, device=device)
-        scores.labels = torch.cat(labels) if labels else torch.zeros(
-            0, dtype=torch.int32, device=device)
+    if kept is not None:
+        scores.predictions, scores.labels = kept.result()
     return scores
+
+
+class _PassPredictions:
+    """A pass's predictions ``(R, N)`` and labels ``(N,)`` (int32), written batch by batch
+    into tensors of this rank's share's size, allocated once. Kept as a list of one small
+    tensor per batch, living between each batch's large ones, they made the selection's
+    peak resident memory grow 0.56 GB from 2,000 to 20,000 validation samples at 100
+    members x 1,000 classes (``tests/test_selection_memory.py``); allocated once, 16 MB."""
+
+    def __init__(self, rows: int, source: Any, batch_size: int, device: torch.device) -> None:
+        n = sum(len(b) for b in batch_order(len(source), batch_size, part="share"))
+        self.predictions = torch.empty(rows, n, dtype=torch.int32, device=device)
+        self.labels = torch.empty(n, dtype=torch.int32, device=device)
+        self.seen = 0
+
+    def add(self, pred: torch.Tensor, y: torch.Tensor) -> None:
+        at, self.seen = self.seen, self.seen + len(y)
+        self.predictions[:, at:self.seen] = pred
+        self.labels[at:self.seen] = y
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.predictions[:, :self.seen], self.labels[:self.seen]
