@@ -38,3 +38,14 @@ def two_tasks():
     a = inca.fit(bb, planted_data(96, 0), layers=["stem"], **common)
     b = inca.fit(bb, planted_data(96, 1), layers=["block1"], ensemble_k=1, **common)
     return bb, a, b
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """The modules whose weights get hashed (``weights_fingerprint`` calls), in order."""
+    from inca.backbones import base
+
+    hashed: list[object] = []
+    real = base.weights_fingerprint
+    monkeypatch.setattr(base, "weights_fingerprint", lambda m: hashed.append(m) or real(m))
+    return hashed

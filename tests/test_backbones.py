@@ -500,14 +500,11 @@ def test_a_hook_backbones_whole_forward_runs_past_the_layers_read(tmp_path):
         handle.remove()
 
 
-def test_a_trainable_copy_is_never_hashed_unasked_nor_cached(tmp_path, monkeypatch):
-    from inca.backbones import base
-
+def test_a_trainable_copy_is_never_hashed_unasked_nor_cached(tmp_path, hashes):
     bb = make_backbone("timm-vit", tmp_path)
     fp = bb.fingerprint()
-    hashed: list[object] = []
-    real = base.weights_fingerprint
-    monkeypatch.setattr(base, "weights_fingerprint", lambda m: hashed.append(m) or real(m))
+    hashed = hashes
+    hashed.clear()
     tuned = bb.trainable_copy()
     tuned.to(torch.float64)  # moving or casting it hashes nothing
     assert hashed == [] and tuned is not bb

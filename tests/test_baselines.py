@@ -101,16 +101,13 @@ def test_layer_wise_learning_rate_decay(tmp_path):
         FineTuneConfig(layer_decay=1.5)
 
 
-def test_the_copy_to_train_is_not_hashed(tmp_path, monkeypatch):
+def test_the_copy_to_train_is_not_hashed(tmp_path, hashes):
     # Moving the copy (device=...) must not hash its weights: the hash costs seconds for a
     # large ViT and is stale once training starts. The caller's fingerprint stays as it was.
-    from inca.backbones import base
-
     bb = _backbone("timm-vit", tmp_path)
     fp = bb.fingerprint()
-    hashed: list[object] = []
-    real = base.weights_fingerprint
-    monkeypatch.setattr(base, "weights_fingerprint", lambda m: hashed.append(m) or real(m))
+    hashed = hashes
+    hashed.clear()
     train, test = _data(bb)
     res = finetune(bb, train, test, None, FineTuneConfig(method="last", epochs=1,
                                                           batch_size=16),
