@@ -48,6 +48,8 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
 # adjusted score); "accepted": a real difference these tests cannot see (on one CPU
 # process), counted as a survivor; "removed": the code it mutated is gone.
 TRIAGE = ROOT / "benchmarks" / "mutation_triage.tsv"
+RETRIAGED = ("The survivors' verdicts were read again from the triage file after the run "
+             "(`python benchmarks/mutation.py --retriage`): no mutant was run again.")
 VERDICTS = ("killed", "equivalent", "accepted", "removed")
 
 
@@ -149,11 +151,10 @@ def summarize(tests: list[str], notes: list[str], sample: int = 0, seed: int = 0
 
 
 def tally(results: dict[str, dict[str, str]], triage: dict[str, tuple[str, str]]
-          ) -> tuple[list[dict], list[dict], list[dict], Counter, Counter]:
-    """``(modules run, modules not run, survivors, status totals, equivalent survivors by
-    status)``: each survivor with its triage and its diff."""
+          ) -> tuple[list[dict], list[dict], list[dict], Counter]:
+    """``(modules run, modules not run, survivors, status totals)``: each survivor with its
+    triage and its diff."""
     modules, not_run, survivors, total = [], [], [], Counter()
-    equivalent = Counter()
     for source, statuses in results.items():
         counts = Counter(statuses.values())
         checked = sum(n for s, n in counts.items() if s != "not checked")
@@ -166,12 +167,37 @@ def tally(results: dict[str, dict[str, str]], triage: dict[str, tuple[str, str]]
         for name, status in sorted(statuses.items()):
             if status in UNDETECTED:
                 kind, why = triage.get(name, ("unexplained", ""))
-                if kind == "equivalent":
-                    equivalent[status] += 1
                 survivors.append({"mutant": name, "module": source, "status": status,
                                   "explained": kind, "why": why,
                                   "diff": diff_of(name, source)})
-    return modules, not_run, survivors, total, equivalent
+    return modules, not_run, survivors, total
+
+
+def triaged_scores(total: Counter, survivors: list[dict]) -> dict:
+    """The fields that follow from the survivors' triage: the score without the equivalent
+    mutants, and with the survivors killed since by new tests counted as killed."""
+    equivalent = Counter(s["status"] for s in survivors if s["explained"] == "equivalent")
+    killed_after = sum(1 for sv in survivors if sv["explained"] == "killed")
+    after = total - equivalent
+    after["killed"] += killed_after
+    after["survived"] -= killed_after
+    return {"score_excluding_equivalent": score(total - equivalent),
+            "killed_since_by_new_tests": killed_after,
+            "score_with_new_tests_excluding_equivalent": score(after),
+            "equivalent": sum(equivalent.values()),
+            "unexplained_survivors": sum(1 for s in survivors
+                                         if s["explained"] == "unexplained")}
+
+
+def retriage(payload: dict, triage: dict[str, tuple[str, str]]) -> dict:
+    """A results payload with each survivor's verdict read again from ``triage`` and the
+    scores that follow from them (the mutants are not run again)."""
+    survivors = [{**s, "explained": triage.get(s["mutant"], ("unexplained", ""))[0],
+                  "why": triage.get(s["mutant"], ("unexplained", ""))[1]}
+                 for s in payload["survivors"]]
+    notes = [n for n in payload["notes"] if not n.startswith(RETRIAGED)]
+    return {**payload, "survivors": survivors, "notes": [*notes, RETRIAGED],
+            **triaged_scores(Counter(payload["totals"]), survivors)}
 
 
 def summary(results: dict[str, dict[str, str]], triage: dict[str, tuple[str, str]],
@@ -180,15 +206,7 @@ def summary(results: dict[str, dict[str, str]], triage: dict[str, tuple[str, str
     survivors killed since), the totals, each module and each survivor."""
     from inca.task.report_render import wilson_interval
 
-    modules, not_run, survivors, total, equivalent = tally(results, triage)
-    raw = score(total)
-    adjusted = score(total - equivalent)
-    killed_after = sum(1 for sv in survivors if sv["explained"] == "killed")
-    after = total - equivalent
-    after["killed"] += killed_after
-    after["survived"] -= killed_after
-    after_score = score(after)
-    unexplained = [s for s in survivors if s["explained"] == "unexplained"]
+    modules, not_run, survivors, total = tally(results, triage)
     n_run = sum(total[s] for s in DETECTED + UNDETECTED)
     population = sum(len(v) for v in results.values())
     low, high = wilson_interval(sum(total[s] for s in DETECTED) / max(n_run, 1), n_run)
@@ -197,11 +215,7 @@ def summary(results: dict[str, dict[str, str]], triage: dict[str, tuple[str, str
                    "interval_95": [low, high]} if sample else None,
         "scope": "src/inca/{training,adapters,runtime,task}",
         "tests": tests,
-        "score": raw, "score_excluding_equivalent": adjusted,
-        "killed_since_by_new_tests": killed_after,
-        "score_with_new_tests_excluding_equivalent": after_score,
-        "totals": dict(total), "equivalent": sum(equivalent.values()),
-        "unexplained_survivors": len(unexplained),
+        "score": score(total), **triaged_scores(total, survivors), "totals": dict(total),
         "modules": modules, "not_run": not_run, "survivors": survivors, "notes": notes,
     }
 
@@ -287,8 +301,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the sample's seed")
     ap.add_argument("--note", action="append", default=[],
                     help="a line for the results (how a run was made)")
+    ap.add_argument("--retriage", action="store_true",
+                    help="re-read the triage file into the committed results: each "
+                         "survivor's verdict and the scores that follow (no mutant run)")
     ap.add_argument("--run-mutmut", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.retriage:
+        from _common import RESULTS, write_results
+
+        payload = retriage(json.loads((RESULTS / "mutation.json").read_text()), read_triage())
+        write_results("mutation", payload, "\n".join(to_markdown(payload)) + "\n", RESULTS)
+        return
     globs = [mutant_glob(p) for p in args.mutate]
     if args.run_mutmut:  # the child: nothing of inca imported before mutmut sets sys.path
         run_mutmut(globs, args.tests, args.max_children, args.sample, args.seed)

@@ -384,3 +384,26 @@ def test_the_mutation_triage_names_real_tests_and_refuses_a_bad_line(monkeypatch
         bad.write_text(line)
         with pytest.raises(SystemExit, match="triage.tsv:"):
             mutation.read_triage(bad)
+
+
+def test_mutation_results_retriaged_from_the_triage_file(monkeypatch):
+    """``mutation.py --retriage``: each survivor's verdict read again, and the scores that
+    follow from them; the raw score and the totals stay those of the run."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mutation = importlib.import_module("mutation")
+    run = {"score": 0.7, "totals": {"killed": 7, "survived": 3}, "notes": ["as run"],
+           "survivors": [{"mutant": m, "status": "survived", "explained": "unexplained",
+                          "why": ""} for m in ("a", "b", "c")]}
+    triage = {"a": ("killed", "tests/x.py::test_a"), "b": ("equivalent", "same value")}
+    out = mutation.retriage(run, triage)
+    assert [(s["explained"], s["why"]) for s in out["survivors"]] == [
+        ("killed", "tests/x.py::test_a"), ("equivalent", "same value"), ("unexplained", "")]
+    assert out["score"] == 0.7 and out["totals"] == run["totals"]
+    assert out["score_excluding_equivalent"] == pytest.approx(7 / 9)
+    assert out["score_with_new_tests_excluding_equivalent"] == pytest.approx(8 / 9)
+    assert (out["equivalent"], out["killed_since_by_new_tests"],
+            out["unexplained_survivors"]) == (1, 1, 1)
+    again = mutation.retriage(out, triage)  # said once however often it is re-read
+    assert again["notes"] == ["as run", mutation.RETRIAGED] and again == out
