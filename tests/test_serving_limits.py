@@ -600,3 +600,18 @@ def test_once_the_body_is_in_the_body_deadline_no_longer_applies():
                                  metrics=server_module._Metrics())
     asyncio.run(guard({"type": "http", "path": "/x", "headers": []}, receive, send))
     assert [m.get("status") for m in sent] == [200, None] and sent[1]["body"] == b"done"
+
+
+def test_expensive_images_get_half_the_cores_by_default(monkeypatch):
+    """The decode pool for expensive images defaults to half the cores the process may run
+    on (at least one), leaving the backbone pass the rest; `inca serve` shows that default."""
+    import os
+
+    from inca.cli.predict import _serve_default
+    from inca.runtime.config import ServerConfig
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert ServerConfig().decode_threads == 8 == _serve_default("decode_threads")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert ServerConfig().decode_threads == 1
+    assert ServerConfig(decode_threads=3).decode_threads == 3  # asked for: kept
