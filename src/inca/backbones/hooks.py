@@ -81,9 +81,19 @@ class HookBackbone(Backbone):
         return {k: int(v.shape[-1]) for k, v in self.extract(x, self.layers).items()}
 
     def _extract(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        return self._hooked_pass(x, layers, stop_early=True)
+
+    def _extract_whole(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        """The hooked layers' outputs from the model's whole forward: hooks that only record
+        (no early-stop exception, which tracing cannot follow)."""
+        return self._hooked_pass(x, layers, stop_early=False)
+
+    def _hooked_pass(self, x: torch.Tensor, layers: list[str], stop_early: bool
+                     ) -> dict[str, torch.Tensor]:
+        """The outputs of ``layers`` recorded by forward hooks; with ``stop_early``, the
+        deepest one's hook ends the pass."""
         out: dict[str, torch.Tensor] = {}
-        last = layers[-1]
-        handles = []
+        last = layers[-1] if stop_early else None
 
         def make_hook(layer: str):
             def hook(_mod: nn.Module, _inp: object, output: object) -> None:
@@ -93,6 +103,7 @@ class HookBackbone(Backbone):
 
             return hook
 
+        handles = []
         for layer in layers:
             # Looked up by name at every call: a wrapper (e.g. LoRA) may have replaced it.
             module = self.model.get_submodule(layer)
@@ -110,30 +121,6 @@ class HookBackbone(Backbone):
                 f"{self.name}: layers {missing} were not reached by the forward pass; "
                 "are they used by the model's forward?"
             )
-        return out
-
-    def _extract_whole(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
-        """The hooked layers' outputs from the model's whole forward: hooks that only record
-        (no early-stop exception, which tracing cannot follow)."""
-        out: dict[str, torch.Tensor] = {}
-
-        def hook_for(layer: str):
-            def hook(_mod: nn.Module, _inp: object, output: object) -> None:
-                out[layer] = _first_tensor(output)
-
-            return hook
-
-        handles = [self.model.get_submodule(layer).register_forward_hook(hook_for(layer))
-                   for layer in layers]
-        try:
-            self._forward_fn(self.model, x)
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [n for n in layers if n not in out]
-        if missing:
-            raise BackboneError(f"{self.name}: layers {missing} were not reached by the "
-                                "forward pass; are they used by the model's forward?")
         return out
 
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:

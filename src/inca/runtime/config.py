@@ -57,7 +57,7 @@ class ServerConfig:
         decode_threads: threads that decode expensive images (a bounded pool, so they
             cannot take every core from the backbone pass); by default half the cores this
             process may run on, at least one (on 2 cores, 2 threads let a normal request's
-            p99 under attack grow to 2.97x its p99 alone, 1 thread to 2.23x:
+            p99 under attack grow to 2.97x its p99 alone, 1 thread to 2.2-2.3x:
             ``benchmarks/serve_load.py``).
         max_decode_waiting: most requests waiting for a decode thread (in each of the two
             lanes); more get 503 with ``Retry-After`` (back-pressure).
@@ -122,4 +122,3 @@ class ServerConfig:
                 "the API key must be printable ASCII without leading or trailing spaces (HTTP "
                 "headers cannot carry anything else, so no client could send it); choose "
                 "another key, e.g. python -c 'import secrets; print(secrets.token_urlsafe())'")
-
